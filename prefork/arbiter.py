@@ -1,0 +1,248 @@
+"""The master: owns the listeners, forks workers, keeps their number, stops them.
+
+How it works: the master binds every listener before forking and keeps them
+open for its whole life (workers only borrow them). Its signal handlers only
+append to ``sig_queue``; ``signal.set_wakeup_fd`` wakes the main loop, which
+reaps dead workers, acts on the queued signals and forks replacements.
+
+Signals:
+- TERM: graceful stop. Close the listeners at once (new connections are
+  refused, not queued and reset later), TERM the workers, wait up to
+  ``graceful_timeout`` for their connections to finish, KILL the rest, exit 0.
+- INT, QUIT: fast stop. Close the listeners, QUIT the workers, KILL what is
+  left after ``FAST_STOP_TIMEOUT``, exit 0.
+- TTIN, TTOU: one worker more, one fewer (never fewer than one).
+- CHLD: reap and replace.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import time
+from collections import deque
+from types import FrameType
+
+from prefork.config import Config
+from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, WorkerBootError
+from prefork.handlers import BUILTIN
+from prefork.log import get_logger
+from prefork.sock import Listener, close_listeners, create_listeners
+from prefork.workers import WORKER_CLASSES
+
+FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
+LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
+HANDLED_SIGNALS = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
+)
+
+
+class Arbiter:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.log = get_logger()
+        self.worker_class = WORKER_CLASSES[config.worker_class]
+        self.handler = BUILTIN[config.handler]
+        self.num_workers = config.workers
+        self.listeners: list[Listener] = []
+        self.workers: dict[int, int] = {}  # pid -> age
+        self.worker_age = 0
+        self.sig_queue: deque[int] = deque()
+        self.wakeup_r = -1
+        self.wakeup_w = -1
+        self.pid = os.getpid()
+
+    # -- set-up ---------------------------------------------------------------
+
+    def start(self) -> None:
+        """Bind every listener (raises BindError), then take over signals."""
+        self.listeners = create_listeners(
+            self.config.binds, self.config.backlog, self.config.unix_mode
+        )
+        for listener in self.listeners:
+            self.log.info("listening on %s", listener.name)
+        self.init_signals()
+        self.log.info(
+            "master started: %d %s worker(s), handler %s",
+            self.num_workers, self.config.worker_class, self.config.handler,
+        )
+
+    def init_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self.record_signal)
+
+    def record_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only record: logging or forking from a handler can deadlock.
+        self.sig_queue.append(signum)
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a stop signal; return the exit code."""
+        self.start()
+        try:
+            self.manage_workers()
+            while True:
+                self.sleep(LOOP_INTERVAL)
+                self.reap_workers()
+                while self.sig_queue:
+                    sig = self.sig_queue.popleft()
+                    if sig == signal.SIGTERM:
+                        return self.stop(graceful=True)
+                    if sig in (signal.SIGINT, signal.SIGQUIT):
+                        return self.stop(graceful=False)
+                    self.handle_signal(sig)
+                self.manage_workers()
+        except WorkerBootError as exc:
+            self.log.error("%s; stopping", exc)
+            self.stop(graceful=False)
+            raise
+        finally:
+            close_listeners(self.listeners, unlink=True)
+
+    def handle_signal(self, sig: int) -> None:
+        if sig == signal.SIGTTIN:
+            self.num_workers += 1
+            self.log.info("TTIN: %d worker(s)", self.num_workers)
+        elif sig == signal.SIGTTOU:
+            if self.num_workers > 1:
+                self.num_workers -= 1
+            self.log.info("TTOU: %d worker(s)", self.num_workers)
+        elif sig == signal.SIGHUP:
+            self.log.warning("HUP: reload is not supported yet; ignored")
+        # SIGCHLD only wakes the loop, which reaps every time round.
+
+    def sleep(self, timeout: float) -> None:
+        """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds."""
+        if self.sig_queue:
+            return
+        try:
+            select.select([self.wakeup_r], [], [], timeout)
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    # -- workers --------------------------------------------------------------
+
+    def manage_workers(self) -> None:
+        """Fork until there are ``num_workers``; TERM the oldest extras."""
+        while len(self.workers) < self.num_workers:
+            self.spawn_worker()
+        extra = len(self.workers) - self.num_workers
+        if extra > 0:
+            oldest = sorted(self.workers, key=self.workers.__getitem__)[:extra]
+            for pid in oldest:
+                self.kill_worker(pid, signal.SIGTERM)
+
+    def spawn_worker(self) -> int:
+        self.worker_age += 1
+        worker = self.worker_class(
+            self.worker_age, self.pid, self.listeners, self.config, self.handler
+        )
+        # Signals stay blocked across fork so that the child cannot run the
+        # master's handlers before it has installed its own.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        pid = -1
+        try:
+            pid = os.fork()
+        finally:
+            if pid != 0:  # the master, whether fork worked or not
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+        if pid:
+            self.workers[pid] = self.worker_age
+            self.log.debug("spawned worker %d (pid %d)", self.worker_age, pid)
+            return pid
+        # The child: never return into the master's code.
+        code = EXIT_OK
+        try:
+            os.close(self.wakeup_r)
+            os.close(self.wakeup_w)
+            try:
+                worker.init_process()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else EXIT_OK
+        except BaseException:
+            self.log.exception("worker %d failed", self.worker_age)
+            code = 1 if worker.booted else WORKER_BOOT_ERROR
+        finally:
+            os._exit(code)
+
+    def kill_worker(self, pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill_workers(self, sig: int) -> None:
+        for pid in list(self.workers):
+            self.kill_worker(pid, sig)
+
+    def reap_workers(self) -> None:
+        """Collect every exited child; a child we did not fork is reaped too
+        (the master may be PID 1 in a container)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            age = self.workers.pop(pid, None)
+            if age is None:
+                continue
+            if os.WIFSIGNALED(status):
+                sig = signal.Signals(os.WTERMSIG(status)).name
+                self.log.warning("worker %d (pid %d) killed by %s", age, pid, sig)
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code == WORKER_BOOT_ERROR:
+                raise WorkerBootError(f"worker {age} (pid {pid}) failed to boot")
+            if code != EXIT_OK:
+                self.log.warning("worker %d (pid %d) exited with code %d", age, pid, code)
+            else:
+                self.log.debug("worker %d (pid %d) exited", age, pid)
+
+    # -- stopping -------------------------------------------------------------
+
+    def stop(self, graceful: bool) -> int:
+        """Close listeners, signal workers, wait, KILL stragglers; return 0."""
+        close_listeners(self.listeners, unlink=True)
+        if graceful:
+            timeout = self.config.graceful_timeout
+            self.log.info("TERM: graceful stop (up to %gs)", timeout)
+            self.kill_workers(signal.SIGTERM)
+        else:
+            timeout = FAST_STOP_TIMEOUT
+            self.log.info("fast stop")
+            self.kill_workers(signal.SIGQUIT)
+        deadline = time.monotonic() + timeout
+        while self.workers:
+            try:
+                self.reap_workers()
+            except WorkerBootError:
+                pass
+            left = deadline - time.monotonic()
+            if not self.workers:
+                break
+            if left <= 0:
+                self.log.warning("killing %d worker(s) still running", len(self.workers))
+                self.kill_workers(signal.SIGKILL)
+                deadline = time.monotonic() + FAST_STOP_TIMEOUT
+                continue
+            self.sleep(min(left, LOOP_INTERVAL))
+            while self.sig_queue:
+                if self.sig_queue.popleft() in (signal.SIGINT, signal.SIGQUIT) and graceful:
+                    graceful = False
+                    self.log.info("fast stop")
+                    self.kill_workers(signal.SIGQUIT)
+                    deadline = min(deadline, time.monotonic() + FAST_STOP_TIMEOUT)
+        self.log.info("master exiting")
+        return EXIT_OK

@@ -1,0 +1,122 @@
+"""The command line: ``prefork serve`` and ``prefork --version``.
+
+Parsing turns text into a ``Config`` through the validators in
+``prefork.config``; every user error leaves as one line on stderr and an exit
+code (2 for usage), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+from prefork import __version__, fastio
+from prefork.config import (
+    DEFAULT_BIND,
+    Config,
+    parse_address,
+    parse_choice,
+    parse_int,
+    parse_mode,
+    parse_seconds,
+)
+from prefork.errors import EXIT_USAGE, PreforkError
+from prefork.handlers import BUILTIN
+from prefork.log import LEVELS, setup_logging
+from prefork.workers import WORKER_CLASSES
+
+PROG = "prefork"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as one line and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message}\n")
+
+
+def version_text() -> str:
+    return f"{PROG} {__version__} ({fastio.IMPLEMENTATION})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="A prefork TCP server with a Cython hot loop.")
+    parser.add_argument("--version", action="version", version=version_text())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the server", description="Run the server.")
+    serve.add_argument(
+        "-b", "--bind", action="append", metavar="ADDR", default=None,
+        help=f"HOST:PORT, [V6ADDR]:PORT or unix:PATH; repeatable (default {DEFAULT_BIND})",
+    )
+    serve.add_argument(
+        "-w", "--workers", metavar="N", help="worker processes (default: the CPU count)"
+    )
+    serve.add_argument(
+        "-k", "--worker-class", metavar="CLASS", default="sync",
+        help=f"worker class: {', '.join(WORKER_CLASSES)} (default sync)",
+    )
+    serve.add_argument("--backlog", metavar="N", default="2048", help="listen backlog (default 2048)")
+    serve.add_argument(
+        "--graceful-timeout", metavar="S", default="30",
+        help="seconds TERM waits for connections to finish (default 30)",
+    )
+    serve.add_argument(
+        "--handler", metavar="NAME", default="echo",
+        help=f"service: {', '.join(BUILTIN)} (default echo)",
+    )
+    serve.add_argument(
+        "--unix-mode", metavar="MODE", default="660",
+        help="permissions of UNIX sockets, octal (default 660)",
+    )
+    serve.add_argument(
+        "--log-level", metavar="LEVEL", default="info", help=f"{', '.join(LEVELS)} (default info)"
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Validate the text of every option (raises ConfigError)."""
+    binds = tuple(parse_address(text) for text in args.bind) if args.bind else (DEFAULT_BIND,)
+    extra = {}
+    if args.workers is not None:
+        extra["workers"] = parse_int(args.workers, "-w/--workers", minimum=1)
+    return Config(
+        binds=binds,
+        worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),
+        backlog=parse_int(args.backlog, "--backlog", minimum=1),
+        graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
+        handler=parse_choice(args.handler, "--handler", tuple(BUILTIN)),
+        unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
+        log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),
+        **extra,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    from prefork.arbiter import Arbiter
+
+    config = config_from_args(args)
+    setup_logging(config.log_level)
+    return Arbiter(config).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return serve(args)
+    except PreforkError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the master took over signals
+        return 130
+
+
+def run() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Settings: a frozen dataclass, and the one place option text is validated.
+
+Each ``parse_*`` function turns the text a user typed into a typed value or
+raises ``ConfigError`` naming the option and the bad value, so every bad input
+becomes one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from prefork.errors import ConfigError
+from prefork.log import LEVELS
+
+DEFAULT_PORT = 7007
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to listen: ``kind`` is ``tcp`` (host, port) or ``unix`` (path)."""
+
+    kind: str
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+DEFAULT_BIND = Address("tcp", "127.0.0.1", DEFAULT_PORT)
+
+
+def _default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Config:
+    binds: tuple[Address, ...] = (DEFAULT_BIND,)
+    workers: int = field(default_factory=_default_workers)
+    worker_class: str = "sync"
+    backlog: int = 2048
+    graceful_timeout: float = 30.0
+    handler: str = "echo"
+    log_level: str = "info"
+    unix_mode: int = 0o660
+
+
+def parse_address(text: str, option: str = "-b/--bind") -> Address:
+    """``HOST:PORT``, ``[V6ADDR]:PORT`` or ``unix:PATH``."""
+    bad = f"{option}: invalid address {text!r}"
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path or "\0" in path:
+            raise ConfigError(f"{bad}: expected unix:PATH")
+        return Address("unix", path=os.path.abspath(path))
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":") or not host:
+            raise ConfigError(f"{bad}: expected [V6ADDR]:PORT")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise ConfigError(f"{bad}: expected HOST:PORT, [V6ADDR]:PORT or unix:PATH")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{bad}: port must be a number from 0 to 65535")
+    return Address("tcp", host, int(port_text))
+
+
+def parse_int(text: str, option: str, minimum: int) -> int:
+    """A whole number no smaller than ``minimum``."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"{option}: expected a whole number >= {minimum}, got {text!r}")
+    return value
+
+
+def parse_seconds(text: str, option: str) -> float:
+    """A non-negative, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{option}: expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:
+    if text not in choices:
+        raise ConfigError(f"{option}: unknown value {text!r} (choose from {', '.join(choices)})")
+    return text
+
+
+def parse_mode(text: str, option: str) -> int:
+    """An octal permission mode that does not make the socket world-writable."""
+    try:
+        value = int(text, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{option}: expected an octal mode such as 660, got {text!r}")
+    if value & 0o002:
+        raise ConfigError(f"{option}: {text!r} would let any user connect; use e.g. 660")
+    return value

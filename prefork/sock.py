@@ -1,0 +1,153 @@
+"""Creating, binding and closing the master's listening sockets.
+
+The master opens every listening socket before it forks and keeps it for its
+whole life; workers only borrow them. Listeners are non-blocking: workers wait
+for them with poll() beside their signal pipe and a lost accept race is just
+EAGAIN. (O_NONBLOCK lives on the shared open file, so it is set once, here.)
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from prefork.config import Address
+from prefork.errors import BindError
+
+_REASONS = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EADDRNOTAVAIL: "address not available on this machine",
+    errno.ENOENT: "directory does not exist",
+}
+
+
+@dataclass
+class Listener:
+    """A bound, listening socket and the address it really has."""
+
+    address: Address  # as configured
+    sock: socket.socket
+    name: str  # the real address: port 0 resolved, e.g. 127.0.0.1:40123
+    unix_inode: int = 0  # to remove only our own UNIX socket file
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self, unlink: bool = False) -> None:
+        """Close the socket; the master also removes its UNIX socket file."""
+        self.sock.close()
+        if unlink and self.address.kind == "unix":
+            try:
+                if os.stat(self.address.path).st_ino == self.unix_inode:
+                    os.unlink(self.address.path)
+            except OSError:
+                pass
+
+
+def _bind_error(address: Address, exc: OSError) -> BindError:
+    reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+    return BindError(f"{address}: {reason}")
+
+
+def _tcp_socket(address: Address, backlog: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise BindError(f"{address}: cannot resolve host: {exc.strerror}") from None
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # [::]:PORT means IPv6 only, as in nginx; bind 0.0.0.0 for IPv4.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(address, exc) from None
+    return sock
+
+
+def _remove_stale_unix_socket(address: Address) -> None:
+    """Remove a socket file nobody listens on; refuse to touch anything else."""
+    try:
+        st = os.lstat(address.path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise BindError(f"{address}: path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address.path)
+    except ConnectionRefusedError:
+        os.unlink(address.path)  # stale: left by a server that died
+        return
+    except OSError:
+        return  # let bind() report the real problem
+    finally:
+        probe.close()
+    raise BindError(f"{address}: address already in use")
+
+
+def _unix_socket(address: Address, backlog: int, mode: int) -> tuple[socket.socket, int]:
+    _remove_stale_unix_socket(address)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # never world-writable, not even for an instant
+    try:
+        sock.bind(address.path)
+        os.chmod(address.path, mode)
+        sock.listen(backlog)
+        inode = os.stat(address.path).st_ino
+    except OSError as exc:
+        sock.close()
+        raise _bind_error(address, exc) from None
+    finally:
+        os.umask(old_umask)
+    return sock, inode
+
+
+def describe(sock: socket.socket) -> str:
+    """The real address of a bound socket, in the form ``-b`` accepts."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{name}"
+    if sock.family == socket.AF_INET6:
+        return f"[{name[0]}]:{name[1]}"
+    return f"{name[0]}:{name[1]}"
+
+
+def create_listener(address: Address, backlog: int, unix_mode: int = 0o660) -> Listener:
+    inode = 0
+    if address.kind == "unix":
+        sock, inode = _unix_socket(address, backlog, unix_mode)
+    else:
+        sock = _tcp_socket(address, backlog)
+    sock.setblocking(False)
+    return Listener(address, sock, describe(sock), inode)
+
+
+def create_listeners(
+    addresses: tuple[Address, ...], backlog: int, unix_mode: int = 0o660
+) -> list[Listener]:
+    """Bind every address or none: on an error the ones made are closed."""
+    listeners: list[Listener] = []
+    try:
+        for address in addresses:
+            listeners.append(create_listener(address, backlog, unix_mode))
+    except BaseException:
+        close_listeners(listeners, unlink=True)
+        raise
+    return listeners
+
+
+def close_listeners(listeners: list[Listener], unlink: bool = False) -> None:
+    for listener in listeners:
+        listener.close(unlink=unlink)

@@ -1,0 +1,12 @@
+"""Worker classes by the name ``-k`` takes."""
+
+from __future__ import annotations
+
+from prefork.workers.base import Worker
+from prefork.workers.sync import SyncWorker
+
+WORKER_CLASSES: dict[str, type[Worker]] = {
+    "sync": SyncWorker,
+}
+
+__all__ = ["WORKER_CLASSES", "SyncWorker", "Worker"]

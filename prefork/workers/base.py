@@ -1,0 +1,112 @@
+"""What every worker does around its loop: signals, orphan checks, exit codes.
+
+The constructor runs in the master and touches nothing process-wide;
+``init_process()`` runs in the forked child and sets the process up before
+``run()``. Signal handlers only record (TERM) or raise (INT, QUIT); the loop
+acts, woken by ``signal.set_wakeup_fd``.
+
+Signals a worker obeys:
+- TERM: graceful. Stop accepting at once (the listeners are closed in the
+  handler, so the kernel refuses new connections instead of queueing them
+  for a worker that will never accept), finish the connection in hand, exit.
+- INT, QUIT: fast. Exit now; the connection in hand is closed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from types import FrameType
+
+from prefork.config import Config
+from prefork.handlers import Handler
+from prefork.log import get_logger
+from prefork.sock import Listener
+
+PR_SET_PDEATHSIG = 1
+
+# Signals the master owns; a worker must not die of them or act on them.
+_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Ask the kernel to send ``sig`` when the parent (the master) dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Worker:
+    """Base class: subclasses implement ``run()``."""
+
+    def __init__(
+        self, age: int, ppid: int, listeners: list[Listener], config: Config, handler: Handler
+    ) -> None:
+        self.age = age  # spawn order, for logs
+        self.ppid = ppid
+        self.listeners = listeners
+        self.config = config
+        self.handler = handler
+        self.alive = True
+        self.booted = False  # False until run(): a failure before is a boot error
+        self.log = get_logger()
+        self.wakeup_r = -1
+        # Counters for this worker's summary line.
+        self.accepted = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def init_process(self) -> None:
+        """In the child: signals, wake-up pipe, orphan protection, then run."""
+        self.init_signals()
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked across fork
+        # Fast stop if the master dies; SIGQUIT is handled, so we log and go.
+        set_parent_death_signal(signal.SIGQUIT)
+        if os.getppid() != self.ppid:  # the master died before prctl
+            self.log.warning("master is gone; worker exiting")
+            return
+        self.log.debug("worker %d booted", self.age)
+        self.booted = True
+        self.run()
+        self.log.info(
+            "worker exiting: %d connections, %d bytes in, %d bytes out",
+            self.accepted, self.bytes_in, self.bytes_out,
+        )
+
+    def init_signals(self) -> None:
+        for sig in _IGNORED:
+            signal.signal(sig, signal.SIG_IGN)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, self.handle_term)
+        signal.signal(signal.SIGINT, self.handle_quit)
+        signal.signal(signal.SIGQUIT, self.handle_quit)
+        # A fresh wake-up pipe: the master's stays the master's.
+        self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+
+    def handle_term(self, signum: int, frame: FrameType | None) -> None:
+        # Closing here, not in the loop: the loop may be inside a long
+        # connection and the listeners must stop taking connections now.
+        self.alive = False
+        for listener in self.listeners:
+            listener.close()
+
+    def handle_quit(self, signum: int, frame: FrameType | None) -> None:
+        self.alive = False
+        sys.exit(0)
+
+    def parent_alive(self) -> bool:
+        return os.getppid() == self.ppid
+
+    def drain_wakeup(self) -> None:
+        try:
+            while os.read(self.wakeup_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def run(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,85 @@
+"""The sync worker: one connection at a time, served by the hot loop.
+
+The worker waits in poll() on every listener plus its signal wake-up pipe
+(so TERM and a dead master are noticed while idle and several ``-b`` work),
+accepts one connection, runs the handler on it until the client is done,
+closes it and waits again. Idle workers all wake for a new connection; one
+wins the accept and the others see EAGAIN: with a handful of workers that
+costs less than it would to arbitrate.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+
+from prefork import fastio
+from prefork.workers.base import Worker
+
+BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
+
+# Errors that belong to one connection: close it, keep the worker.
+CONNECTION_ERRORS = frozenset(
+    {errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN, errno.ETIMEDOUT, errno.EHOSTUNREACH}
+)
+# Out of descriptors: the connection stays queued; back off instead of spinning.
+DESCRIPTOR_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+EMFILE_BACKOFF = 0.1  # seconds
+PARENT_CHECK_INTERVAL = 1.0  # seconds: poll timeout, so a lost master is seen
+
+
+class SyncWorker(Worker):
+    def run(self) -> None:
+        buffer = bytearray(BUFFER_SIZE)
+        poller = select.poll()
+        poller.register(self.wakeup_r, select.POLLIN)
+        by_fd = {}
+        for listener in self.listeners:
+            poller.register(listener.fileno(), select.POLLIN)
+            by_fd[listener.fileno()] = listener
+        last_emfile_log = 0.0
+        while self.alive:
+            if not self.parent_alive():
+                self.log.warning("master is gone; worker exiting")
+                return
+            events = poller.poll(PARENT_CHECK_INTERVAL * 1000)
+            for fd, _ in events:
+                if fd == self.wakeup_r:
+                    self.drain_wakeup()
+                    continue
+                if not self.alive:
+                    return
+                try:
+                    conn = fastio.accept(by_fd[fd].sock)
+                except (OSError, ValueError) as exc:
+                    if not self.alive:  # TERM closed the listener under us
+                        return
+                    if isinstance(exc, OSError) and exc.errno in DESCRIPTOR_ERRORS:
+                        now = time.monotonic()
+                        if now - last_emfile_log >= 1.0:
+                            self.log.error("accept: %s; backing off", exc.strerror)
+                            last_emfile_log = now
+                        time.sleep(EMFILE_BACKOFF)
+                        continue
+                    raise
+                if conn is not None:
+                    self.serve(conn, buffer)
+
+    def serve(self, conn: int, buffer: bytearray) -> None:
+        """Run the handler on one connection, then close it, whatever happened."""
+        self.accepted += 1
+        try:
+            nin, nout = self.handler(conn, buffer)
+            self.bytes_in += nin
+            self.bytes_out += nout
+        except OSError as exc:
+            if exc.errno not in CONNECTION_ERRORS:
+                self.log.error("connection error: %s", exc)
+            else:
+                self.log.debug("connection closed by peer: %s", exc)
+        except Exception:
+            self.log.exception("handler failed; connection closed")
+        finally:
+            os.close(conn)
