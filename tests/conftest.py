@@ -1,0 +1,217 @@
+"""Fixtures: both hot-loop implementations, and real ``prefork serve`` processes.
+
+Servers run as real processes in their own session (process group); every
+fixture kills its whole group on teardown, so no test leaves a process or a
+port behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import pytest
+
+from prefork import _fastio_py, fastio
+
+STARTUP_TIMEOUT = 15.0
+
+
+def _compiled() -> ModuleType | None:
+    return fastio.load_compiled()
+
+
+@pytest.fixture(params=["cython", "python"])
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    """Each hot-loop test runs once per implementation."""
+    if request.param == "python":
+        return _fastio_py
+    compiled = _compiled()
+    if compiled is None:
+        if fastio.extensions_disabled():
+            pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
+        pytest.fail("prefork._fastio is not built (and PREFORK_NO_EXTENSIONS is not set)")
+    return compiled
+
+
+# -- real servers ---------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+_LISTENING = re.compile(r"listening on (\S+)")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def workers(self) -> list[int]:
+        return [p for p in children_of(self.pid) if pid_alive(p)]
+
+    def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
+        assert wait_until(lambda: len(self.workers()) == count, timeout), (
+            f"expected {count} workers, have {self.workers()}\n{self.log}"
+        )
+        return self.workers()
+
+    def tcp(self, index: int = 0) -> tuple[str, int]:
+        text = self.addresses[index]
+        host, _, port = text.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def connect(self, index: int = 0, timeout: float = 10.0) -> socket.socket:
+        text = self.addresses[index]
+        if text.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(text[5:])
+            return sock
+        return socket.create_connection(self.tcp(index), timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._reader is not None:
+            self._reader.join(5)
+
+
+def _read_lines(server: Server, ready: threading.Event, binds: int) -> None:
+    assert server.proc.stderr is not None
+    for raw in server.proc.stderr:
+        line = raw.decode(errors="replace").rstrip("\n")
+        server.lines.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            server.addresses.append(match.group(1))
+        if "master started" in line:
+            ready.set()
+    ready.set()
+
+
+def prefork_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefork", *args]
+
+
+def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
+    """Start ``prefork serve ARGS`` (binding 127.0.0.1:0 unless ``-b`` given)."""
+    argv = list(args)
+    if "-b" not in argv and not any(a.startswith("--bind") for a in argv):
+        argv = ["-b", "127.0.0.1:0", *argv]
+    binds = argv.count("-b")
+    proc = subprocess.Popen(
+        prefork_command("serve", *argv),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    server = Server(proc)
+    ready = threading.Event()
+    server._reader = threading.Thread(target=_read_lines, args=(server, ready, binds), daemon=True)
+    server._reader.start()
+    if not ready.wait(STARTUP_TIMEOUT) or proc.poll() is not None:
+        server.kill_all()
+        raise AssertionError(f"server did not start:\n{server.log}")
+    return server
+
+
+@pytest.fixture
+def server_factory() -> Iterator:
+    started: list[Server] = []
+
+    def factory(*args: str, env: dict[str, str] | None = None) -> Server:
+        server = start_server(*args, env=env)
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        server.kill_all()
+
+
+def exchange(sock: socket.socket, payload: bytes, timeout: float = 60.0) -> bytes:
+    """Send ``payload`` from a thread while reading the echo; half-close after.
+
+    Reads until end of file, so the result is everything the server sent.
+    """
+    sock.settimeout(timeout)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    sender.join(timeout)
+    if errors:
+        raise errors[0]
+    return b"".join(chunks)
