@@ -133,7 +133,7 @@ class Server:
             self._reader.join(5)
 
 
-def _read_lines(server: Server, ready: threading.Event, binds: int) -> None:
+def _read_lines(server: Server, ready: threading.Event) -> None:
     assert server.proc.stderr is not None
     for raw in server.proc.stderr:
         line = raw.decode(errors="replace").rstrip("\n")
@@ -150,12 +150,12 @@ def prefork_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefork", *args]
 
 
-def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
-    """Start ``prefork serve ARGS`` (binding 127.0.0.1:0 unless ``-b`` given)."""
+def start_server(*args: str, env: dict[str, str] | None = None, any_port: bool = True) -> Server:
+    """Start ``prefork serve ARGS``, on 127.0.0.1:0 unless ``-b`` is given or
+    ``any_port`` is false (then the server's own default applies)."""
     argv = list(args)
-    if "-b" not in argv and not any(a.startswith("--bind") for a in argv):
+    if any_port and "-b" not in argv:
         argv = ["-b", "127.0.0.1:0", *argv]
-    binds = argv.count("-b")
     proc = subprocess.Popen(
         prefork_command("serve", *argv),
         stdin=subprocess.DEVNULL,
@@ -166,7 +166,7 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
     )
     server = Server(proc)
     ready = threading.Event()
-    server._reader = threading.Thread(target=_read_lines, args=(server, ready, binds), daemon=True)
+    server._reader = threading.Thread(target=_read_lines, args=(server, ready), daemon=True)
     server._reader.start()
     if not ready.wait(STARTUP_TIMEOUT) or proc.poll() is not None:
         server.kill_all()
@@ -178,8 +178,8 @@ def start_server(*args: str, env: dict[str, str] | None = None) -> Server:
 def server_factory() -> Iterator:
     started: list[Server] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None) -> Server:
-        server = start_server(*args, env=env)
+    def factory(*args: str, env: dict[str, str] | None = None, any_port: bool = True) -> Server:
+        server = start_server(*args, env=env, any_port=any_port)
         started.append(server)
         return server
 

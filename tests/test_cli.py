@@ -1,0 +1,147 @@
+"""Bad input: one line on stderr, the right exit code, never a traceback."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import subprocess
+
+import pytest
+
+from conftest import prefork_command
+
+pytestmark = pytest.mark.timeout(60)
+
+PR_CAPBSET_DROP = 24
+CAP_NET_BIND_SERVICE = 10
+
+
+def run(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        prefork_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+        start_new_session=True,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("prefork: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["-w", "0"], "'0'"),
+        (["-w", "-3"], "'-3'"),
+        (["-w", "abc"], "'abc'"),
+        (["-w", ""], "-w/--workers"),
+        (["-b", "127.0.0.1:65536"], "127.0.0.1:65536"),
+        (["-b", "127.0.0.1:-1"], "127.0.0.1:-1"),
+        (["-b", "127.0.0.1:http"], "127.0.0.1:http"),
+        (["-b", "127.0.0.1"], "'127.0.0.1'"),
+        (["-b", "7007"], "'7007'"),
+        (["-b", ":7007"], "':7007'"),
+        (["-b", "::1:7007"], "'::1:7007'"),
+        (["-b", "[::1]"], "'[::1]'"),
+        (["-b", "[::1]:99999"], "[::1]:99999"),
+        (["-b", "unix:"], "'unix:'"),
+        (["--handler", "nope"], "'nope'"),
+        (["-k", "gevent"], "'gevent'"),
+        (["--backlog", "0"], "--backlog"),
+        (["--graceful-timeout", "soon"], "'soon'"),
+        (["--graceful-timeout", "nan"], "'nan'"),
+        (["--log-level", "loud"], "'loud'"),
+        (["--unix-mode", "666"], "'666'"),
+        (["--unix-mode", "999"], "'999'"),
+        (["--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_value(args, needle):
+    assert_one_line_error(run("serve", *args), 2, needle)
+
+
+def test_no_command_is_a_usage_error():
+    result = run()
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+
+
+def test_version_prints_version_and_implementation():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("prefork ")
+    assert result.stdout.strip().endswith(("(cython)", "(python)"))
+
+
+def test_help_lists_serve_options():
+    result = run("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--bind", "--workers", "--worker-class", "--backlog", "--graceful-timeout",
+                   "--handler", "--log-level"):
+        assert option in result.stdout
+
+
+def test_address_in_use_exits_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("serve", "-b", f"127.0.0.1:{port}", "-w", "1")
+    assert_one_line_error(result, 1, f"127.0.0.1:{port}", "address already in use")
+
+
+def test_second_address_in_use_releases_the_first():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free_port = probe.getsockname()[1]
+        result = run("serve", "-b", f"127.0.0.1:{free_port}", "-b", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, "address already in use")
+    with socket.socket() as again:  # the first listener was closed, not leaked
+        again.bind(("127.0.0.1", free_port))
+
+
+def _drop_bind_service_capability() -> None:
+    """Run as root without CAP_NET_BIND_SERVICE: low ports are refused."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_permission_denied_on_low_port_exits_1():
+    with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        unprivileged_start = int(f.read())
+    assert unprivileged_start > 80, "this machine lets anyone bind port 80"
+    preexec = _drop_bind_service_capability if os.geteuid() == 0 else None
+    result = run("serve", "-b", "127.0.0.1:80", "-w", "1", preexec_fn=preexec)
+    assert_one_line_error(result, 1, "127.0.0.1:80", "permission denied")
+
+
+def test_unix_socket_in_missing_directory_exits_1(tmp_path):
+    path = tmp_path / "missing" / "prefork.sock"
+    assert_one_line_error(run("serve", "-b", f"unix:{path}"), 1, str(path), "does not exist")
+
+
+def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path):
+    path = tmp_path / "precious.txt"
+    path.write_text("data")
+    assert_one_line_error(run("serve", "-b", f"unix:{path}"), 1, "not a socket")
+    assert path.read_text() == "data"
+
+
+def test_unresolvable_host_exits_1():
+    assert_one_line_error(run("serve", "-b", "no-such-host.invalid:7007"), 1, "cannot resolve")

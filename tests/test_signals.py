@@ -1,0 +1,171 @@
+"""Supervision and signals, with real processes and real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import struct
+import time
+
+import pytest
+
+from conftest import exchange, pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def refused(server) -> bool:
+    try:
+        with server.connect(timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+def echo_once(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    received = b""
+    while len(received) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def test_killed_worker_is_reaped_and_replaced(server_factory):
+    server = server_factory("-w", "2")
+    before = server.wait_workers(2)
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(victim), 5)
+    after = server.wait_workers(2)
+    assert victim not in after
+    assert victim not in [int(p) for p in os.listdir("/proc") if p.isdigit()], "zombie left"
+    assert "killed by SIGKILL" in server.log
+    with server.connect() as sock:
+        assert exchange(sock, b"still serving") == b"still serving"
+
+
+def test_graceful_term_finishes_the_connection_in_flight(server_factory):
+    # One worker, busy inside the compiled loop with a live connection.
+    server = server_factory("-w", "1", "--graceful-timeout", "20")
+    server.wait_workers(1)
+    with server.connect() as sock:
+        assert echo_once(sock, b"first half ") == b"first half "
+        server.signal(signal.SIGTERM)
+        # New connections are refused at once, not queued to be reset later:
+        # the busy worker closed its listener too.
+        assert wait_until(lambda: refused(server), 5), server.log
+        assert server.proc.poll() is None  # still waiting for our connection
+        assert echo_once(sock, b"second half") == b"second half"
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""
+    assert server.wait(15) == 0
+    assert "graceful stop" in server.log
+
+
+def test_graceful_timeout_kills_connections_that_do_not_finish(server_factory):
+    server = server_factory("-w", "1", "--graceful-timeout", "1")
+    server.wait_workers(1)
+    with server.connect() as sock:
+        assert echo_once(sock, b"hold") == b"hold"
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.wait(15) == 0
+        assert 0.9 <= time.monotonic() - started < 10
+        sock.settimeout(5)
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert "killing 1 worker(s)" in server.log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_fast_stop_closes_connections_now(server_factory, sig):
+    server = server_factory("-w", "2", "--graceful-timeout", "60")
+    workers = server.wait_workers(2)
+    with server.connect() as sock:
+        assert echo_once(sock, b"busy") == b"busy"
+        started = time.monotonic()
+        server.signal(sig)
+        assert server.wait(10) == 0
+        assert time.monotonic() - started < 5
+        sock.settimeout(5)
+        try:
+            assert sock.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert wait_until(lambda: not any(pid_alive(p) for p in workers), 5)
+    assert "killing" not in server.log
+
+
+def test_workers_exit_within_a_second_when_the_master_is_killed(server_factory):
+    server = server_factory("-w", "3")
+    workers = server.wait_workers(3)
+    with server.connect() as busy:  # one worker is inside the compiled loop
+        assert echo_once(busy, b"busy") == b"busy"
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(5)
+        assert wait_until(lambda: not any(pid_alive(p) for p in workers), 1.0), [
+            p for p in workers if pid_alive(p)
+        ]
+
+
+def test_ttin_and_ttou_change_the_worker_count(server_factory):
+    server = server_factory("-w", "2")
+    server.wait_workers(2)
+    server.signal(signal.SIGTTIN)
+    server.wait_workers(3)
+    server.signal(signal.SIGTTOU)
+    server.wait_workers(2)
+    server.signal(signal.SIGTTOU)
+    server.signal(signal.SIGTTOU)
+    server.wait_workers(1)
+    time.sleep(0.5)
+    assert len(server.workers()) == 1  # never fewer than one
+    with server.connect() as sock:
+        assert exchange(sock, b"one left") == b"one left"
+
+
+def test_hup_does_not_kill_anything(server_factory):
+    server = server_factory("-w", "2")
+    workers = server.wait_workers(2)
+    server.signal(signal.SIGHUP)
+    for pid in workers:  # a HUP sent to the whole group must not kill workers
+        os.kill(pid, signal.SIGHUP)
+    assert wait_until(lambda: "HUP" in server.log, 5)
+    assert sorted(server.workers()) == sorted(workers)
+
+
+def test_resets_and_broken_pipes_never_kill_a_worker(server_factory):
+    server = server_factory("-w", "2")
+    workers = sorted(server.wait_workers(2))
+    payload = os.urandom(1 << 20)
+    for i in range(40):
+        sock = server.connect()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if i % 2:
+            sock.sendall(payload[:200_000])  # reset with the echo in flight
+        else:
+            sock.sendall(b"x")
+            sock.recv(1)
+        sock.close()
+    with server.connect() as sock:
+        assert exchange(sock, payload) == payload
+    assert sorted(server.workers()) == workers
+    assert "Traceback" not in server.log
+
+
+def test_second_term_during_graceful_stop_is_harmless(server_factory):
+    server = server_factory("-w", "1", "--graceful-timeout", "20")
+    server.wait_workers(1)
+    with server.connect() as sock:
+        assert echo_once(sock, b"a") == b"a"
+        server.signal(signal.SIGTERM)
+        assert wait_until(lambda: refused(server), 5)
+        server.signal(signal.SIGTERM)
+        assert echo_once(sock, b"b") == b"b"
+    assert server.wait(15) == 0
