@@ -131,10 +131,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0)
     args = parser.parse_args()
     pin(1)
-    print(f"mode {args.mode}; medians of {args.rounds} interleaved rounds; ratio = cython/python "
-          "paired within a round")
-    print(f"{'size':>7} | {'cython rt/s':>11} | {'python rt/s':>11} | {'rt/s ratio':>10} | "
-          f"{'cython cpu us/rt':>16} | {'python cpu us/rt':>16} | cpu ratio")
+    print(
+        f"mode {args.mode}; medians of {args.rounds} interleaved rounds; ratio = cython/python "
+        "paired within a round"
+    )
+    print(
+        f"{'size':>7} | {'cython rt/s':>11} | {'python rt/s':>11} | {'rt/s ratio':>10} | "
+        f"{'cython cpu us/rt':>16} | {'python cpu us/rt':>16} | cpu ratio"
+    )
     for label, size in SIZES.items():
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in IMPLEMENTATIONS}
         rate_ratios, cpu_ratios = [], []
@@ -146,15 +150,19 @@ def main() -> None:
             rate_ratios.append(this_round["cython"][0] / this_round["python"][0])
             cpu_ratios.append(this_round["cython"][1] / this_round["python"][1])
 
-        def med(name: str, i: int) -> float:
+        def med(name: str, i: int, results: dict = results) -> float:
             return statistics.median(x[i] for x in results[name])
 
         cpu = "n/a (one process)"
         if args.mode == "process":
-            cpu = (f"{med('cython', 1):>16.2f} | {med('python', 1):>16.2f} | "
-                   f"{statistics.median(cpu_ratios):.2f}x")
-        print(f"{label:>7} | {med('cython', 0):>11,.0f} | {med('python', 0):>11,.0f} | "
-              f"{statistics.median(rate_ratios):>9.2f}x | {cpu}")
+            cpu = (
+                f"{med('cython', 1):>16.2f} | {med('python', 1):>16.2f} | "
+                f"{statistics.median(cpu_ratios):.2f}x"
+            )
+        print(
+            f"{label:>7} | {med('cython', 0):>11,.0f} | {med('python', 0):>11,.0f} | "
+            f"{statistics.median(rate_ratios):>9.2f}x | {cpu}"
+        )
 
 
 if __name__ == "__main__":

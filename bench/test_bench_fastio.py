@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from pingpong import IMPLEMENTATIONS, SIZES, EchoPeer, pin, round_trips
 
 BATCH = 100  # round trips per timed call, so timer overhead does not count

@@ -34,8 +34,13 @@ from prefork.workers import WORKER_CLASSES
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
 HANDLED_SIGNALS = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-    signal.SIGTTIN, signal.SIGTTOU, signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGCHLD,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGHUP,
 )
 
 
@@ -66,7 +71,9 @@ class Arbiter:
         self.init_signals()
         self.log.info(
             "master started: %d %s worker(s), handler %s",
-            self.num_workers, self.config.worker_class, self.config.handler,
+            self.num_workers,
+            self.config.worker_class,
+            self.config.handler,
         )
 
     def init_signals(self) -> None:

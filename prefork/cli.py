@@ -47,27 +47,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
     serve.add_argument(
-        "-b", "--bind", action="append", metavar="ADDR", default=None,
+        "-b",
+        "--bind",
+        action="append",
+        metavar="ADDR",
+        default=None,
         help=f"HOST:PORT, [V6ADDR]:PORT or unix:PATH; repeatable (default {DEFAULT_BIND})",
     )
     serve.add_argument(
         "-w", "--workers", metavar="N", help="worker processes (default: the CPU count)"
     )
     serve.add_argument(
-        "-k", "--worker-class", metavar="CLASS", default="sync",
+        "-k",
+        "--worker-class",
+        metavar="CLASS",
+        default="sync",
         help=f"worker class: {', '.join(WORKER_CLASSES)} (default sync)",
     )
-    serve.add_argument("--backlog", metavar="N", default="2048", help="listen backlog (default 2048)")
     serve.add_argument(
-        "--graceful-timeout", metavar="S", default="30",
+        "--backlog", metavar="N", default="2048", help="listen backlog (default 2048)"
+    )
+    serve.add_argument(
+        "--graceful-timeout",
+        metavar="S",
+        default="30",
         help="seconds TERM waits for connections to finish (default 30)",
     )
     serve.add_argument(
-        "--handler", metavar="NAME", default="echo",
+        "--handler",
+        metavar="NAME",
+        default="echo",
         help=f"service: {', '.join(BUILTIN)} (default echo)",
     )
     serve.add_argument(
-        "--unix-mode", metavar="MODE", default="660",
+        "--unix-mode",
+        metavar="MODE",
+        default="660",
         help="permissions of UNIX sockets, octal (default 660)",
     )
     serve.add_argument(

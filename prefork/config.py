@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass, field
 
 from prefork.errors import ConfigError
-from prefork.log import LEVELS
 
 DEFAULT_PORT = 7007
 
@@ -56,7 +55,7 @@ def parse_address(text: str, option: str = "-b/--bind") -> Address:
     """``HOST:PORT``, ``[V6ADDR]:PORT`` or ``unix:PATH``."""
     bad = f"{option}: invalid address {text!r}"
     if text.startswith("unix:"):
-        path = text[len("unix:"):]
+        path = text[len("unix:") :]
         if not path or "\0" in path:
             raise ConfigError(f"{bad}: expected unix:PATH")
         return Address("unix", path=os.path.abspath(path))

@@ -9,7 +9,9 @@ Both stay importable under their own names so one process can test both.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from prefork import _fastio_py
 
@@ -49,8 +51,8 @@ def _choose() -> tuple[ModuleType, str]:
 
 _impl, IMPLEMENTATION = _choose()
 
-accept = _impl.accept
-echo = _impl.echo
-discard = _impl.discard
-chargen = _impl.chargen
-sendall = _impl.sendall
+accept: Callable[[Any], int | None] = _impl.accept
+echo: Callable[[Any, Any], tuple[int, int]] = _impl.echo
+discard: Callable[[Any, Any], tuple[int, int]] = _impl.discard
+chargen: Callable[[Any, Any], tuple[int, int]] = _impl.chargen
+sendall: Callable[[Any, Any], int] = _impl.sendall

@@ -11,10 +11,10 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class _Formatter(logging.Formatter):
-    converter = time.gmtime
+    """ISO 8601 time in UTC with milliseconds: 2026-11-23T09:33:57.712Z."""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
 
 

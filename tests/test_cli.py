@@ -87,8 +87,15 @@ def test_version_prints_version_and_implementation():
 def test_help_lists_serve_options():
     result = run("serve", "--help")
     assert result.returncode == 0
-    for option in ("--bind", "--workers", "--worker-class", "--backlog", "--graceful-timeout",
-                   "--handler", "--log-level"):
+    for option in (
+        "--bind",
+        "--workers",
+        "--worker-class",
+        "--backlog",
+        "--graceful-timeout",
+        "--handler",
+        "--log-level",
+    ):
         assert option in result.stdout
 
 

@@ -37,7 +37,11 @@ def run_version(env_value: str | None) -> str:
         env["PREFORK_NO_EXTENSIONS"] = env_value
     out = subprocess.run(
         [sys.executable, "-m", "prefork", "--version"],
-        capture_output=True, text=True, env=env, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=True,
     )
     return out.stdout.strip()
 

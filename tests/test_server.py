@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from conftest import exchange, wait_until
 from prefork.handlers import chargen_pattern
+
+from conftest import exchange, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -180,10 +181,15 @@ def test_python_dash_m_and_console_script_agree():
     import subprocess
     import sys
 
-    a = subprocess.run([sys.executable, "-m", "prefork", "--version"], capture_output=True,
-                       text=True, timeout=30)
-    b = subprocess.run([os.path.join(os.path.dirname(sys.executable), "prefork"), "--version"],
-                       capture_output=True, text=True, timeout=30)
+    a = subprocess.run(
+        [sys.executable, "-m", "prefork", "--version"], capture_output=True, text=True, timeout=30
+    )
+    b = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "prefork"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert a.returncode == b.returncode == 0
     assert a.stdout == b.stdout
 
@@ -195,3 +201,14 @@ def test_worker_logs_connection_summary_on_stop(server_factory):
     server.signal(15)
     assert server.wait(30) == 0
     assert wait_until(lambda: "1000 bytes in, 1000 bytes out" in server.log, 5), server.log
+
+
+def test_backlog_option_reaches_listen(server_factory):
+    import subprocess
+
+    server = server_factory("-w", "1", "--backlog", "17")
+    port = server.tcp()[1]
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout.split()
+    assert out[:3] == ["LISTEN", "0", "17"], out  # Send-Q of a listener is its backlog

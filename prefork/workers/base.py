@@ -73,7 +73,9 @@ class Worker:
         self.run()
         self.log.info(
             "worker exiting: %d connections, %d bytes in, %d bytes out",
-            self.accepted, self.bytes_in, self.bytes_out,
+            self.accepted,
+            self.bytes_in,
+            self.bytes_out,
         )
 
     def init_signals(self) -> None:
