@@ -18,16 +18,25 @@ import os
 
 from cpython.exc cimport PyErr_CheckSignals
 
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
 from prefork._posix cimport (
-    EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EPIPE, EWOULDBLOCK, MSG_NOSIGNAL,
-    SOCK_CLOEXEC, accept4, errno, recv, send, ssize_t,
+    CLOCK_MONOTONIC, EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMFILE, ENFILE, ENOBUFS,
+    ENOMEM, EPIPE, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLEXCLUSIVE,
+    EPOLLIN, EPOLLOUT, EWOULDBLOCK, MSG_NOSIGNAL, SOCK_CLOEXEC, SOCK_NONBLOCK, accept4,
+    clock_gettime, close, epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno, gmtime_r,
+    read, recv, send, ssize_t, strftime, time, time_t, timespec, tm, uint64_t,
 )
 
 # Argument checking is part of the specification: share it, so both
 # implementations reject bad arguments identically before touching the fd.
-from prefork._fastio_py import _byte_view, _fileno
+from prefork._fastio_py import (
+    ACCEPT_BATCH, DAYTIME_FORMAT, EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL,
+    _byte_view, _check_loop_args, _fileno,
+)
 
-__all__ = ["accept", "chargen", "discard", "echo", "sendall"]
+__all__ = ["EventLoop", "accept", "chargen", "discard", "echo", "sendall"]
 
 
 cdef int _check_signals() except -1 with gil:
@@ -190,3 +199,443 @@ def sendall(conn, data):
     with nogil:
         _send_all(fd, buf, size)
     return size
+
+
+# -- the event loop ------------------------------------------------------------------
+# See prefork._fastio_py.EventLoop: the same state machine, here in C structs
+# with the whole loop run without the GIL. Epoll tags: a connection is tagged
+# with its (aligned, so even) Conn pointer; a listener with (index << 1) | 1;
+# the wake-up pipe with (n_listeners << 1) | 1. A connection closed during a
+# batch is only freed after the batch, so a stale event never touches freed
+# memory.
+
+DEF MAX_EVENTS = 256
+cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
+
+cdef enum Service:
+    ECHO, DISCARD, CHARGEN, DAYTIME
+
+cdef struct Conn:
+    int fd
+    unsigned int events  # registered epoll events; 0 = not registered
+    bint eof  # close once pending is flushed
+    bint closed
+    unsigned char *pending  # owed to the peer, not yet taken by the kernel
+    size_t pending_len
+    size_t sent
+    size_t offset  # chargen position in the pattern
+    double last_active
+    Conn *prev
+    Conn *next
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef class EventLoop:
+    """A worker's epoll loop serving a built-in service on many connections.
+
+    See ``prefork._fastio_py.EventLoop``.
+    """
+
+    cdef int epfd
+    cdef int wakeup_fd
+    cdef int *listeners
+    cdef int n_listeners
+    cdef Service svc
+    cdef readonly str service
+    cdef readonly int max_connections
+    cdef readonly double idle_timeout
+    cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
+    cdef int n_active
+    cdef bint _accepting, armed
+    cdef double paused_until, next_sweep, sweep_interval
+    cdef unsigned char *buf
+    cdef size_t read_size
+    cdef object pattern_view  # keeps chargen's pattern alive
+    cdef const unsigned char *pattern
+    cdef size_t pattern_len
+    cdef Conn *head  # live connections
+    cdef Conn *graveyard  # closed during this batch, freed after it
+    cdef bytes daytime_format  # owns the bytes daytime_fmt points into
+    cdef const char *daytime_fmt
+    cdef epoll_event events[MAX_EVENTS]
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.wakeup_fd = -1
+
+    def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
+                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b""):
+        cdef const unsigned char[::1] view
+        cdef int index = SERVICES.index(service)
+        pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
+                                        pattern)
+        fds = [_fileno(listener) for listener in listeners]
+        self.service = service
+        self.svc = <Service>index
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.read_size = min(READ_SIZE, max_buffer)
+        self.buf = <unsigned char *>malloc(self.read_size)
+        self.listeners = <int *>malloc(sizeof(int) * (len(fds) + 1))
+        if self.buf == NULL or self.listeners == NULL:
+            raise MemoryError()
+        self.n_listeners = len(fds)
+        for i, fd in enumerate(fds):
+            self.listeners[i] = fd
+        if pattern_view is not None:
+            view = pattern_view
+            self.pattern_view = pattern_view
+            self.pattern = &view[0]
+            self.pattern_len = <size_t>view.shape[0]
+        self.daytime_format = DAYTIME_FORMAT.encode("ascii")
+        self.daytime_fmt = self.daytime_format
+        self._accepting = True
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            _raise_oserror(errno)
+        self.wakeup_fd = wakeup_fd
+        if wakeup_fd >= 0:
+            self._ctl(EPOLL_CTL_ADD, wakeup_fd, EPOLLIN, ((<uint64_t>self.n_listeners) << 1) | 1)
+        self.sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
+        self.next_sweep = _monotonic() + self.sweep_interval
+
+    def __dealloc__(self):
+        self._release()
+
+    @property
+    def active(self):
+        return self.n_active
+
+    @property
+    def accepting(self):
+        return self._accepting
+
+    def stop_accepting(self):
+        """Take the listeners out of the loop for good (graceful stop)."""
+        self._accepting = False
+        self._disarm()
+
+    def close(self):
+        """Close every connection and the epoll set; listeners stay open."""
+        while self.head != NULL:
+            self._close(self.head)
+        self._disarm()
+        self._release()
+
+    def run(self, double timeout):
+        """Serve for up to ``timeout`` seconds (see the spec)."""
+        if self.epfd < 0:
+            raise ValueError("event loop is closed")
+        with nogil:
+            self._run(timeout)
+
+    # -- internals (no GIL) ---------------------------------------------------------
+
+    cdef void _release(self) noexcept:
+        cdef Conn *conn
+        while self.head != NULL:  # only after a failure: close() empties the list
+            conn = self.head
+            self.head = conn.next
+            close(conn.fd)
+            free(conn.pending)
+            free(conn)
+        self._free_graveyard()
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        free(self.buf)
+        self.buf = NULL
+        free(self.listeners)
+        self.listeners = NULL
+
+    cdef void _free_graveyard(self) noexcept nogil:
+        cdef Conn *conn
+        while self.graveyard != NULL:
+            conn = self.graveyard
+            self.graveyard = conn.next
+            free(conn)
+
+    cdef int _ctl(self, int op, int fd, unsigned int events, uint64_t tag) except -1 nogil:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = tag
+        if epoll_ctl(self.epfd, op, fd, &ev) < 0:
+            _raise_oserror(errno)
+        return 0
+
+    cdef int _run(self, double timeout) except -1 nogil:
+        cdef double deadline = _monotonic() + timeout
+        cdef double now, wait
+        cdef int n, i, ms
+        cdef uint64_t tag
+        cdef bint woken
+        cdef Conn *conn
+        while True:
+            now = _monotonic()
+            self._arm_if_ready(now)
+            if not self._accepting and self.n_active == 0:
+                return 0
+            if now >= self.next_sweep:
+                self._sweep(now)
+            wait = min(deadline, self.next_sweep) - now
+            if self._accepting and not self.armed and self.paused_until > now:
+                wait = min(wait, self.paused_until - now)
+            if wait <= 0 and now >= deadline:
+                return 0
+            ms = <int>(wait * 1000.0 + 0.999) if wait > 0 else 0
+            n = epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
+            if n < 0:
+                if errno != EINTR:
+                    _raise_oserror(errno)
+                _check_signals()
+                continue
+            now = _monotonic()
+            woken = False
+            for i in range(n):
+                tag = self.events[i].data.u64
+                if tag & 1 == 0:
+                    conn = <Conn *>self.events[i].data.ptr
+                    if not conn.closed:
+                        self._serve(conn, self.events[i].events, now)
+                elif <int>(tag >> 1) == self.n_listeners:
+                    woken = True
+                    self._drain_wakeup()
+                elif self.armed:
+                    self._accept(<int>(tag >> 1), now)
+            self._free_graveyard()
+            if woken:
+                return 0
+
+    cdef void _drain_wakeup(self) noexcept nogil:
+        cdef char sink[512]
+        while read(self.wakeup_fd, sink, sizeof(sink)) > 0:
+            pass
+
+    cdef int _arm_if_ready(self, double now) except -1 nogil:
+        cdef bint want = (self._accepting and self.n_active < self.max_connections
+                          and now >= self.paused_until)
+        cdef int i
+        if want and not self.armed:
+            for i in range(self.n_listeners):
+                self._ctl(EPOLL_CTL_ADD, self.listeners[i], EPOLLIN | EPOLLEXCLUSIVE,
+                          ((<uint64_t>i) << 1) | 1)
+            self.armed = True
+        elif not want and self.armed:
+            self._disarm()
+        return 0
+
+    cdef int _disarm(self) except -1 nogil:
+        cdef int i
+        if self.armed:
+            for i in range(self.n_listeners):
+                self._ctl(EPOLL_CTL_DEL, self.listeners[i], 0, 0)
+            self.armed = False
+        return 0
+
+    cdef int _sweep(self, double now) except -1 nogil:
+        cdef Conn *conn = self.head
+        cdef Conn *next_conn
+        cdef double limit = now - self.idle_timeout
+        self.next_sweep = now + self.sweep_interval
+        if self.idle_timeout <= 0:
+            return 0
+        while conn != NULL:
+            next_conn = conn.next
+            if conn.last_active <= limit:
+                self.idle_closed += 1
+                self._close(conn)
+            conn = next_conn
+        return 0
+
+    cdef int _accept(self, int index, double now) except -1 nogil:
+        cdef int lfd = self.listeners[index]
+        cdef int fd, err, k
+        for k in range(C_ACCEPT_BATCH):
+            if self.n_active >= self.max_connections:
+                break
+            fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                err = errno
+                if err == EINTR:
+                    _check_signals()
+                    continue
+                if err == EAGAIN or err == EWOULDBLOCK or err == ECONNABORTED:
+                    break
+                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                    self.resource_errors += 1
+                    self.paused_until = now + C_EMFILE_PAUSE
+                    self._disarm()
+                    return 0
+                _raise_oserror(err)
+            self._open(fd, now)
+        if self.armed:  # re-arm: to the back of the listener's wait queue
+            self._ctl(EPOLL_CTL_DEL, lfd, 0, 0)
+            self._ctl(EPOLL_CTL_ADD, lfd, EPOLLIN | EPOLLEXCLUSIVE, ((<uint64_t>index) << 1) | 1)
+        return 0
+
+    cdef int _open(self, int fd, double now) except -1 nogil:
+        cdef Conn *conn = <Conn *>calloc(1, sizeof(Conn))
+        cdef char line[128]
+        cdef time_t t
+        cdef tm parts
+        cdef size_t length
+        if conn == NULL:
+            close(fd)
+            return 0  # like a connection the peer aborted: the worker lives on
+        conn.fd = fd
+        conn.last_active = now
+        conn.next = self.head
+        if self.head != NULL:
+            self.head.prev = conn
+        self.head = conn
+        self.n_active += 1
+        self.accepted += 1
+        if self.svc == DAYTIME:
+            t = time(NULL)
+            gmtime_r(&t, &parts)
+            length = strftime(line, sizeof(line), self.daytime_fmt, &parts)
+            if self._owe(conn, <unsigned char *>line, length) < 0:
+                self._close(conn)
+                return 0
+            conn.eof = True
+            if self._flush(conn, now) < 0 and not conn.closed:
+                self._close(conn)
+        elif self.svc == CHARGEN:
+            self._watch(conn, EPOLLIN | EPOLLOUT)
+        else:
+            self._watch(conn, EPOLLIN)
+        return 0
+
+    cdef int _watch(self, Conn *conn, unsigned int events) except -1 nogil:
+        if conn.events == 0:
+            self._ctl(EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
+        elif conn.events != events:
+            self._ctl(EPOLL_CTL_MOD, conn.fd, events, <uint64_t>conn)
+        conn.events = events
+        return 0
+
+    cdef int _close(self, Conn *conn) except -1 nogil:
+        if conn.events:
+            self._ctl(EPOLL_CTL_DEL, conn.fd, 0, 0)
+            conn.events = 0
+        close(conn.fd)
+        if conn.prev != NULL:
+            conn.prev.next = conn.next
+        else:
+            self.head = conn.next
+        if conn.next != NULL:
+            conn.next.prev = conn.prev
+        self.n_active -= 1
+        free(conn.pending)
+        conn.pending = NULL
+        conn.closed = True
+        conn.next = self.graveyard
+        self.graveyard = conn
+        return 0
+
+    cdef int _owe(self, Conn *conn, const unsigned char *data, size_t length) except -2 nogil:
+        """Keep ``length`` bytes for later and stop reading until they are sent.
+        Returns -1 when memory runs out (the caller closes the connection)."""
+        conn.pending = <unsigned char *>malloc(length)
+        if conn.pending == NULL:
+            return -1
+        memcpy(conn.pending, data, length)
+        conn.pending_len = length
+        conn.sent = 0
+        self._watch(conn, EPOLLOUT)
+        return 0
+
+    # Connection I/O returns -1 for an error that ends this connection only;
+    # the caller closes it (the spec catches OSError there).
+
+    cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -2 nogil:
+        cdef int rc = 0
+        if conn.pending != NULL:
+            rc = self._flush(conn, now)
+        elif self.svc == CHARGEN and mask & EPOLLOUT:
+            rc = self._generate(conn, now)
+        if rc == 0 and not conn.closed and conn.pending == NULL and mask & ~(<unsigned int>EPOLLOUT):
+            rc = self._read(conn, now)
+        if rc < 0 and not conn.closed:
+            self._close(conn)
+        return 0
+
+    cdef ssize_t _send(self, int fd, const unsigned char *data, size_t length) except -2 nogil:
+        """Bytes the kernel took (0 if none); -1 on a connection error."""
+        cdef ssize_t r
+        while True:
+            r = send(fd, data, length, MSG_NOSIGNAL)
+            if r >= 0:
+                return r
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                return 0
+            if errno != EINTR:
+                return -1
+            _check_signals()
+
+    cdef int _read(self, Conn *conn, double now) except -2 nogil:
+        cdef ssize_t n, sent
+        while True:
+            n = recv(conn.fd, self.buf, self.read_size, 0)
+            if n >= 0:
+                break
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                return 0
+            if errno != EINTR:
+                return -1
+            _check_signals()
+        if n == 0:
+            if self.svc == CHARGEN:  # half-closed: the peer still reads
+                self._watch(conn, EPOLLOUT)
+            else:
+                self._close(conn)  # nothing is owed: flushed before reading
+            return 0
+        conn.last_active = now
+        self.bytes_in += <unsigned long long>n
+        if self.svc != ECHO:
+            return 0
+        sent = self._send(conn.fd, self.buf, <size_t>n)
+        if sent < 0:
+            return -1
+        self.bytes_out += <unsigned long long>sent
+        if sent < n:
+            return self._owe(conn, self.buf + sent, <size_t>(n - sent))
+        return 0
+
+    cdef int _flush(self, Conn *conn, double now) except -2 nogil:
+        cdef ssize_t sent = self._send(conn.fd, conn.pending + conn.sent,
+                                       conn.pending_len - conn.sent)
+        if sent < 0:
+            return -1
+        if sent:
+            conn.last_active = now
+        self.bytes_out += <unsigned long long>sent
+        conn.sent += <size_t>sent
+        if conn.sent < conn.pending_len:
+            self._watch(conn, EPOLLOUT)
+            return 0
+        free(conn.pending)
+        conn.pending = NULL
+        if conn.eof:
+            self._close(conn)
+        else:
+            self._watch(conn, EPOLLIN)
+        return 0
+
+    cdef int _generate(self, Conn *conn, double now) except -2 nogil:
+        cdef ssize_t sent = self._send(conn.fd, self.pattern + conn.offset,
+                                       self.pattern_len - conn.offset)
+        if sent < 0:
+            return -1
+        if sent == 0:
+            return 0
+        conn.last_active = now
+        self.bytes_out += <unsigned long long>sent
+        conn.offset = (conn.offset + <size_t>sent) % self.pattern_len
+        return 0

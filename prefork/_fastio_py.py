@@ -23,12 +23,16 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import errno
+import os
+import select
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["accept", "chargen", "discard", "echo", "sendall"]
+__all__ = ["EventLoop", "accept", "chargen", "discard", "echo", "sendall"]
 
 
 def _fileno(obj: Any) -> int:
@@ -145,3 +149,327 @@ def sendall(conn: Any, data: Any) -> int:
     with _borrowed(fd) as sock:
         sock.sendall(view)
     return len(view)
+
+
+# -- the event loop ------------------------------------------------------------------
+#
+# How it works: one epoll set per worker holds the listeners (EPOLLEXCLUSIVE,
+# so one connection wakes one worker), the signal wake-up pipe and every
+# connection (level-triggered). Echo reads into one shared buffer and sends
+# straight back; only what the kernel did not take is copied into a
+# per-connection pending buffer, and while it is pending the connection is
+# not read (backpressure), so a connection never holds more than one read,
+# itself at most ``max_buffer``. select.epoll is used directly rather than
+# selectors because EPOLLEXCLUSIVE and the re-arm below need the raw calls.
+#
+# Fair accept: exclusive wake-ups go to the first idle waiter on the
+# listener's queue, so one worker would take most connections. After each
+# accept batch the worker removes and re-adds the listener, which moves it to
+# the back of the queue: idle workers take turns.
+
+SERVICES = ("echo", "discard", "chargen", "daytime")
+READ_SIZE = 64 * 1024  # bytes per recv; capped by max_buffer
+ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
+EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
+SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
+DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
+
+_EPOLLIN = select.EPOLLIN
+_EPOLLOUT = select.EPOLLOUT
+_LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
+_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _check_loop_args(
+    service: str, max_connections: int, max_buffer: int, idle_timeout: float, pattern: Any
+) -> memoryview | None:
+    """Validate ``EventLoop`` arguments; return chargen's pattern view."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}")
+    if max_connections < 1 or max_buffer < 1 or not idle_timeout >= 0:
+        raise ValueError("max_connections and max_buffer must be >= 1, idle_timeout >= 0")
+    return _byte_view(pattern, writable=False) if service == "chargen" else None
+
+
+class _Conn:
+    __slots__ = ("sock", "fd", "pending", "sent", "eof", "last_active", "offset", "events")
+
+    def __init__(self, sock: socket.socket, now: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pending = b""  # bytes owed to the peer that the kernel did not take
+        self.sent = 0  # how much of ``pending`` has gone
+        self.eof = False  # close once ``pending`` is flushed
+        self.last_active = now
+        self.offset = 0  # chargen: position in the pattern
+        self.events = 0  # what the epoll set waits for
+
+
+class EventLoop:
+    """A worker's epoll loop serving a built-in service on many connections.
+
+    ``listeners`` are borrowed listening sockets (``int`` or ``fileno()``),
+    non-blocking, shared with other workers. ``wakeup_fd`` (the read end of
+    ``signal.set_wakeup_fd``'s pipe, or -1) makes ``run`` return promptly
+    after a signal. Limits: at ``max_connections`` the listeners are removed
+    from the set and new connections wait in the backlog for other workers;
+    a connection holds at most ``max_buffer`` bytes owed to its peer and is
+    not read while it owes any; one idle for ``idle_timeout`` seconds (no
+    byte read or written; 0 = never) is closed.
+
+    Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
+    ``bytes_out``, ``idle_closed``, ``resource_errors`` (EMFILE and kin on
+    accept; the loop pauses accepting for ``EMFILE_PAUSE`` seconds each).
+    """
+
+    def __init__(
+        self,
+        listeners: Any,
+        service: str,
+        *,
+        wakeup_fd: int = -1,
+        max_connections: int = 1024,
+        max_buffer: int = 256 * 1024,
+        idle_timeout: float = 300.0,
+        pattern: Any = b"",
+    ) -> None:
+        self._pattern = _check_loop_args(
+            service, max_connections, max_buffer, idle_timeout, pattern
+        )
+        fds = [_fileno(listener) for listener in listeners]
+        self.service = service
+        self.max_connections = max_connections
+        self.idle_timeout = float(idle_timeout)
+        self.accepted = self.bytes_in = self.bytes_out = 0
+        self.idle_closed = self.resource_errors = 0
+        self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
+        self._conns: dict[int, _Conn] = {}
+        self._epoll = select.epoll()
+        self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
+        self._accepting = True
+        self._armed = False
+        self._paused_until = 0.0
+        self._wakeup_fd = wakeup_fd
+        if wakeup_fd >= 0:
+            self._epoll.register(wakeup_fd, _EPOLLIN)
+        self._sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
+        self._next_sweep = time.monotonic() + self._sweep_interval
+
+    @property
+    def active(self) -> int:
+        return len(self._conns)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """Take the listeners out of the loop for good (graceful stop).
+
+        Call it before closing the listeners: an epoll set keeps watching a
+        listener another process still has open, even after we close ours.
+        """
+        self._accepting = False
+        self._disarm()
+
+    def close(self) -> None:
+        """Close every connection and the epoll set; listeners stay open."""
+        for conn in list(self._conns.values()):
+            self._close(conn)
+        self._disarm()
+        for sock in self._listeners.values():
+            sock.detach()
+        self._listeners.clear()
+        self._epoll.close()
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self, timeout: float) -> None:
+        """Serve for up to ``timeout`` seconds.
+
+        Returns early once a signal has arrived (its handlers have run) or
+        when the loop has stopped accepting and has no connection left.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            self._arm_if_ready(now)
+            if not self._accepting and not self._conns:
+                return
+            if now >= self._next_sweep:
+                self._sweep(now)
+            wait = min(deadline, self._next_sweep) - now
+            if self._accepting and not self._armed and self._paused_until > now:
+                wait = min(wait, self._paused_until - now)
+            if wait <= 0 and now >= deadline:
+                return
+            events = self._epoll.poll(max(wait, 0.0))
+            now = time.monotonic()
+            woken = False
+            for fd, mask in events:
+                conn = self._conns.get(fd)
+                if conn is not None:
+                    self._serve(conn, mask, now)
+                elif fd == self._wakeup_fd:
+                    woken = True
+                    _drain(fd)
+                elif fd in self._listeners and self._armed:
+                    self._accept(fd, now)
+            if woken:
+                return
+
+    def _arm_if_ready(self, now: float) -> None:
+        want = (
+            self._accepting
+            and len(self._conns) < self.max_connections
+            and now >= self._paused_until
+        )
+        if want and not self._armed:
+            for fd in self._listeners:
+                self._epoll.register(fd, _LISTEN_EVENTS)
+            self._armed = True
+        elif not want and self._armed:
+            self._disarm()
+
+    def _disarm(self) -> None:
+        if self._armed:
+            for fd in self._listeners:
+                self._epoll.unregister(fd)
+            self._armed = False
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_interval
+        if self.idle_timeout <= 0:
+            return
+        limit = now - self.idle_timeout
+        for conn in [c for c in self._conns.values() if c.last_active <= limit]:
+            self.idle_closed += 1
+            self._close(conn)
+
+    # -- connections ------------------------------------------------------------------
+
+    def _accept(self, fd: int, now: float) -> None:
+        listener = self._listeners[fd]
+        for _ in range(ACCEPT_BATCH):
+            if len(self._conns) >= self.max_connections:
+                break
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, ConnectionAbortedError):
+                break
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRORS:
+                    raise
+                self.resource_errors += 1
+                self._paused_until = now + EMFILE_PAUSE
+                self._disarm()
+                return
+            self._open(sock, now)
+        if self._armed:  # re-arm: to the back of the listener's wait queue
+            self._epoll.unregister(fd)
+            self._epoll.register(fd, _LISTEN_EVENTS)
+
+    def _open(self, sock: socket.socket, now: float) -> None:
+        sock.setblocking(False)
+        conn = _Conn(sock, now)
+        self._conns[conn.fd] = conn
+        self.accepted += 1
+        if self.service == "daytime":
+            line = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
+            self._owe(conn, line, 0, len(line))
+            conn.eof = True
+            self._flush(conn, now)
+        elif self.service == "chargen":
+            self._watch(conn, _EPOLLIN | _EPOLLOUT)
+        else:
+            self._watch(conn, _EPOLLIN)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if conn.events == 0:
+            self._epoll.register(conn.fd, events)
+        elif conn.events != events:
+            self._epoll.modify(conn.fd, events)
+        conn.events = events
+
+    def _close(self, conn: _Conn) -> None:
+        if conn.events:
+            self._epoll.unregister(conn.fd)
+        del self._conns[conn.fd]
+        conn.sock.close()
+
+    def _owe(self, conn: _Conn, data: Any, start: int, end: int) -> None:
+        """Keep data[start:end] for later and stop reading until it is sent."""
+        conn.pending = bytes(data[start:end])
+        conn.sent = 0
+        self._watch(conn, _EPOLLOUT)
+
+    def _serve(self, conn: _Conn, mask: int, now: float) -> None:
+        try:
+            if conn.pending:
+                self._flush(conn, now)
+            elif self.service == "chargen" and mask & _EPOLLOUT:
+                self._generate(conn, now)
+            if conn.fd in self._conns and not conn.pending and mask & ~_EPOLLOUT:
+                self._read(conn, now)
+        except OSError:  # reset, broken pipe...: this connection only
+            if conn.fd in self._conns:
+                self._close(conn)
+
+    def _read(self, conn: _Conn, now: float) -> None:
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        if n == 0:
+            if self.service == "chargen":  # half-closed: the peer still reads
+                self._watch(conn, _EPOLLOUT)
+            else:
+                self._close(conn)  # nothing is owed: flushed before reading
+            return
+        conn.last_active = now
+        self.bytes_in += n
+        if self.service != "echo":
+            return  # discard and chargen drop their input
+        try:
+            sent = conn.sock.send(self._buffer[:n])
+        except BlockingIOError:
+            sent = 0
+        self.bytes_out += sent
+        if sent < n:
+            self._owe(conn, self._buffer, sent, n)
+
+    def _flush(self, conn: _Conn, now: float) -> None:
+        try:
+            sent = conn.sock.send(memoryview(conn.pending)[conn.sent :])
+        except BlockingIOError:
+            sent = 0
+        if sent:
+            conn.last_active = now
+        self.bytes_out += sent
+        conn.sent += sent
+        if conn.sent < len(conn.pending):
+            self._watch(conn, _EPOLLOUT)
+            return
+        conn.pending = b""
+        if conn.eof:
+            self._close(conn)
+        else:
+            self._watch(conn, _EPOLLIN)
+
+    def _generate(self, conn: _Conn, now: float) -> None:
+        assert self._pattern is not None
+        try:
+            sent = conn.sock.send(self._pattern[conn.offset :])
+        except BlockingIOError:
+            return
+        conn.last_active = now
+        self.bytes_out += sent
+        conn.offset = (conn.offset + sent) % len(self._pattern)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass

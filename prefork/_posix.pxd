@@ -23,3 +23,54 @@ cdef extern from "<sys/socket.h>" nogil:
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     int MSG_NOSIGNAL
     int SOCK_CLOEXEC
+    int SOCK_NONBLOCK
+
+cdef extern from "<errno.h>" nogil:
+    int EMFILE
+    int ENFILE
+    int ENOBUFS
+    int ENOMEM
+
+cdef extern from "<stdint.h>" nogil:
+    ctypedef unsigned int uint32_t
+    ctypedef unsigned long long uint64_t
+
+cdef extern from "<sys/epoll.h>" nogil:
+    union epoll_data:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    ctypedef epoll_data epoll_data_t
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    int EPOLLIN
+    int EPOLLOUT
+    int EPOLLERR
+    int EPOLLHUP
+    int EPOLLEXCLUSIVE
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_MOD
+    int EPOLL_CTL_DEL
+    int EPOLL_CLOEXEC
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    struct tm:
+        pass
+    int CLOCK_MONOTONIC
+    int clock_gettime(int clk_id, timespec *tp)
+    time_t time(time_t *t)
+    tm *gmtime_r(const time_t *timep, tm *result)
+    size_t strftime(char *s, size_t maxsize, const char *fmt, const tm *t)
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
