@@ -20,6 +20,7 @@ from prefork.config import (
     parse_int,
     parse_mode,
     parse_seconds,
+    parse_size,
 )
 from prefork.errors import EXIT_USAGE, PreforkError
 from prefork.handlers import BUILTIN
@@ -61,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         "-k",
         "--worker-class",
         metavar="CLASS",
-        default="sync",
-        help=f"worker class: {', '.join(WORKER_CLASSES)} (default sync)",
+        default="event",
+        help="event: an epoll loop per worker, many connections each (default); "
+        "sync: one connection at a time per worker",
     )
     serve.add_argument(
         "--backlog", metavar="N", default="2048", help="listen backlog (default 2048)"
@@ -72,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         default="30",
         help="seconds TERM waits for connections to finish (default 30)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        metavar="N",
+        default="1024",
+        help="connections per event worker; at the cap new ones are left to the others "
+        "(default 1024)",
+    )
+    serve.add_argument(
+        "--max-buffer",
+        metavar="BYTES",
+        default="256K",
+        help="bytes a connection may owe a peer that does not read; it is not read from "
+        "meanwhile (default 256K)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        metavar="S",
+        default="300",
+        help="close connections idle this many seconds, 0 = never (default 300)",
     )
     serve.add_argument(
         "--handler",
@@ -102,6 +124,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),
         backlog=parse_int(args.backlog, "--backlog", minimum=1),
         graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
+        max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
+        max_buffer=parse_size(args.max_buffer, "--max-buffer"),
+        idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),
         handler=parse_choice(args.handler, "--handler", tuple(BUILTIN)),
         unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
         log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),

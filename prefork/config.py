@@ -43,9 +43,12 @@ def _default_workers() -> int:
 class Config:
     binds: tuple[Address, ...] = (DEFAULT_BIND,)
     workers: int = field(default_factory=_default_workers)
-    worker_class: str = "sync"
+    worker_class: str = "event"
     backlog: int = 2048
     graceful_timeout: float = 30.0
+    max_connections: int = 1024  # per event worker
+    max_buffer: int = 256 * 1024  # bytes a connection may owe its peer
+    idle_timeout: float = 300.0  # seconds; 0 = never
     handler: str = "echo"
     log_level: str = "info"
     unix_mode: int = 0o660
@@ -93,6 +96,19 @@ def parse_seconds(text: str, option: str) -> float:
     if not 0 <= value < float("inf"):
         raise ConfigError(f"{option}: expected a number of seconds >= 0, got {text!r}")
     return value
+
+
+_SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str, option: str) -> int:
+    """A byte count >= 1, optionally with a K, M or G suffix (powers of 1024)."""
+    number, suffix = text, ""
+    if text[-1:].lower() in _SIZE_SUFFIXES:
+        number, suffix = text[:-1], text[-1:].lower()
+    if not number.isdigit() or int(number) < 1:
+        raise ConfigError(f"{option}: expected a size in bytes such as 65536 or 256K, got {text!r}")
+    return int(number) * _SIZE_SUFFIXES[suffix]
 
 
 def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:

@@ -17,6 +17,7 @@ from prefork import _fastio_py
 
 __all__ = [
     "IMPLEMENTATION",
+    "EventLoop",
     "accept",
     "chargen",
     "discard",
@@ -51,6 +52,7 @@ def _choose() -> tuple[ModuleType, str]:
 
 _impl, IMPLEMENTATION = _choose()
 
+EventLoop = _impl.EventLoop
 accept: Callable[[Any], int | None] = _impl.accept
 echo: Callable[[Any, Any], tuple[int, int]] = _impl.echo
 discard: Callable[[Any, Any], tuple[int, int]] = _impl.discard

@@ -51,12 +51,12 @@ def chargen_pattern(periods: int = 8) -> bytes:
     return b"".join(lines) * periods
 
 
-_CHARGEN = chargen_pattern()
+CHARGEN_PATTERN = chargen_pattern()
 
 
 def chargen(fd: int, buffer: Any) -> tuple[int, int]:
     """RFC 864: send the character stream until the client goes away."""
-    return fastio.chargen(fd, _CHARGEN)
+    return fastio.chargen(fd, CHARGEN_PATTERN)
 
 
 BUILTIN: dict[str, Handler] = {

@@ -90,9 +90,13 @@ class Worker:
         signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
-        # Closing here, not in the loop: the loop may be inside a long
+        # Acting here, not in the loop: the loop may be inside a long
         # connection and the listeners must stop taking connections now.
         self.alive = False
+        self.stop_accepting()
+
+    def stop_accepting(self) -> None:
+        """Close this worker's copies of the listeners (idempotent)."""
         for listener in self.listeners:
             listener.close()
 

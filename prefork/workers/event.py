@@ -1,0 +1,58 @@
+"""The event worker: one epoll loop serving many connections at once.
+
+The whole loop (accept, read, write back, buffer what the kernel did not
+take) runs inside ``fastio.EventLoop`` without the GIL; this class only
+starts it, wakes up once a second (or at a signal) to check on the master
+and report trouble, and stops it gracefully.
+"""
+
+from __future__ import annotations
+
+from prefork import fastio
+from prefork.handlers import CHARGEN_PATTERN
+from prefork.workers.base import Worker
+
+TICK = 1.0  # seconds between checks on the master
+
+
+class EventWorker(Worker):
+    loop: fastio.EventLoop | None = None
+
+    def run(self) -> None:
+        config = self.config
+        self.loop = fastio.EventLoop(
+            [listener.sock for listener in self.listeners],
+            config.handler,
+            wakeup_fd=self.wakeup_r,
+            max_connections=config.max_connections,
+            max_buffer=config.max_buffer,
+            idle_timeout=config.idle_timeout,
+            pattern=CHARGEN_PATTERN,
+        )
+        if not self.alive:  # TERM arrived while booting
+            self.loop.stop_accepting()
+        reported_errors = 0
+        try:
+            while self.loop.accepting or self.loop.active:
+                self.loop.run(TICK)
+                if not self.parent_alive():
+                    self.log.warning("master is gone; worker exiting")
+                    return
+                if self.loop.resource_errors != reported_errors:  # at most once a tick
+                    self.log.error(
+                        "accept: out of file descriptors (%d times); pausing accepts",
+                        self.loop.resource_errors - reported_errors,
+                    )
+                    reported_errors = self.loop.resource_errors
+        finally:
+            self.accepted = self.loop.accepted
+            self.bytes_in = self.loop.bytes_in
+            self.bytes_out = self.loop.bytes_out
+            self.loop.close()
+
+    def stop_accepting(self) -> None:
+        # Out of the epoll set first: it would keep watching a listener that
+        # other processes still hold open, even after this one closes it.
+        if self.loop is not None:
+            self.loop.stop_accepting()
+        super().stop_accepting()
