@@ -1,0 +1,280 @@
+"""fastio.EventLoop over real sockets, against both implementations.
+
+The loop runs in a thread of the test process (the compiled one releases
+the GIL, the spec releases it in every syscall) while clients connect.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from prefork.handlers import chargen_pattern
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Running:
+    """An EventLoop of ``impl`` on a fresh listener, run in a thread."""
+
+    def __init__(self, impl, service="echo", backlog=128, **options) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(backlog)
+        self.listener.setblocking(False)
+        self.address = self.listener.getsockname()
+        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK)
+        self.loop = impl.EventLoop(
+            [self.listener], service, wakeup_fd=self.wakeup_r, pattern=chargen_pattern(1),
+            **options,
+        )
+        self.errors: list[BaseException] = []
+        self._stop = False
+        self.runs = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop and (self.loop.accepting or self.loop.active):
+                self.loop.run(0.2)
+                self.runs += 1
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(self.address, timeout=10)
+
+    def wake(self) -> None:
+        os.write(self.wakeup_w, b"x")
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        self.loop.close()
+        self.listener.close()
+        os.close(self.wakeup_r)
+        os.close(self.wakeup_w)
+        assert not self.errors, self.errors
+
+
+@pytest.fixture
+def running(impl):
+    started: list[Running] = []
+
+    def start(service="echo", **options) -> Running:
+        r = Running(impl, service, **options)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stop()
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(min(1 << 20, size - len(data)))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def test_echo_on_many_connections_at_once(running):
+    r = running()
+    socks = [r.connect() for _ in range(100)]
+    payloads = [os.urandom(1000 + i) for i in range(100)]
+    for sock, payload in zip(socks, payloads):
+        sock.sendall(payload)
+    for sock, payload in zip(socks, payloads):
+        assert read_exactly(sock, len(payload)) == payload
+    for sock in socks:
+        sock.close()
+    assert wait_until(lambda: r.loop.active == 0, 5)
+    assert r.loop.accepted == 100
+    total = sum(map(len, payloads))
+    assert (r.loop.bytes_in, r.loop.bytes_out) == (total, total)
+
+
+def test_half_close_flushes_what_is_owed_then_closes(running):
+    r = running(max_buffer=4096)
+    payload = os.urandom(3_000_000)
+    with r.connect() as sock:
+        sock.sendall(payload[:100_000])  # nobody reads yet: the server stops reading
+        time.sleep(0.2)
+        sender = threading.Thread(
+            target=lambda: (sock.sendall(payload[100_000:]), sock.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        received = read_exactly(sock, len(payload) + 1)
+        sender.join(10)
+    assert received == payload  # everything, then end of file
+
+
+def test_peer_that_never_reads_holds_bounded_memory(running):
+    r = running(max_buffer=8192)
+    payload = os.urandom(32 << 20)
+    with r.connect() as sock:
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sent < len(payload):
+            try:
+                sent += sock.send(payload[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        # Backpressure: the server stopped reading long before 32 MiB.
+        assert sent < len(payload)
+        in_flight = r.loop.bytes_in - r.loop.bytes_out
+        assert 0 < in_flight <= 8192
+        sock.setblocking(True)
+        sock.settimeout(10)
+        sender = threading.Thread(
+            target=lambda: (sock.sendall(payload[sent:]), sock.shutdown(socket.SHUT_WR))
+        )
+        sender.start()
+        received = read_exactly(sock, len(payload) + 1)
+        sender.join(20)
+    assert received == payload
+
+
+def test_idle_connections_are_closed(running):
+    r = running(idle_timeout=0.5)
+    with r.connect() as idle, r.connect() as busy:
+        started = time.monotonic()
+        for _ in range(8):  # the busy one keeps talking
+            busy.sendall(b"ping")
+            assert read_exactly(busy, 4) == b"ping"
+            time.sleep(0.1)
+        idle.settimeout(5)
+        assert idle.recv(10) == b""
+        assert 0.4 < time.monotonic() - started < 3
+        busy.sendall(b"still")
+        assert read_exactly(busy, 5) == b"still"
+    assert r.loop.idle_closed >= 1
+
+
+def test_idle_timeout_zero_means_never(running):
+    r = running(idle_timeout=0)
+    with r.connect() as sock:
+        time.sleep(1.2)
+        sock.sendall(b"alive")
+        assert read_exactly(sock, 5) == b"alive"
+
+
+def test_max_connections_leaves_the_rest_in_the_backlog(running):
+    r = running(max_connections=2)
+    first, second, third = r.connect(), r.connect(), r.connect()  # kernel accepts all 3
+    for sock in (first, second):
+        sock.sendall(b"in")
+        assert read_exactly(sock, 2) == b"in"
+    third.sendall(b"wait")
+    third.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        third.recv(4)  # not served: still queued, not accepted and dropped
+    assert r.loop.active == 2
+    first.close()
+    third.settimeout(5)
+    assert read_exactly(third, 4) == b"wait"
+    second.close()
+    third.close()
+
+
+def test_discard_and_daytime_and_chargen(running):
+    d = running("discard")
+    with d.connect() as sock:
+        sock.sendall(b"x" * 100_000)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""
+    assert wait_until(lambda: d.loop.bytes_in == 100_000, 5)
+
+    t = running("daytime")
+    with t.connect() as sock:
+        line = read_exactly(sock, 200)
+    assert line.endswith(b"-UTC\r\n") and str(time.gmtime().tm_year).encode() in line
+
+    c = running("chargen")
+    pattern = chargen_pattern(1)
+    with c.connect() as sock:
+        sock.shutdown(socket.SHUT_WR)  # a half-closed reader still gets the stream
+        data = read_exactly(sock, 3 * len(pattern))
+    assert data == pattern * 3
+
+
+def test_stop_accepting_finishes_open_connections(running):
+    r = running()
+    with r.connect() as sock:
+        sock.sendall(b"before")
+        assert read_exactly(sock, 6) == b"before"
+        r.loop.stop_accepting()
+        r.wake()
+        assert not r.loop.accepting
+        sock.sendall(b"after")
+        assert read_exactly(sock, 5) == b"after"
+        with r.connect() as late:  # the kernel still queues; nobody accepts
+            late.sendall(b"x")
+            late.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                late.recv(1)
+    assert wait_until(lambda: not r.thread.is_alive(), 5)  # run() ends: nothing left
+
+
+def test_reset_connections_do_not_disturb_others(running):
+    import struct
+
+    r = running()
+    with r.connect() as keeper:
+        for _ in range(50):
+            sock = r.connect()
+            sock.sendall(os.urandom(100_000))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        keeper.sendall(b"fine")
+        assert read_exactly(keeper, 4) == b"fine"
+    assert wait_until(lambda: r.loop.active == 0, 5)
+
+
+def test_wakeup_fd_makes_run_return(impl):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        rfd, wfd = os.pipe2(os.O_NONBLOCK)
+        loop = impl.EventLoop([listener], "echo", wakeup_fd=rfd)
+        try:
+            os.write(wfd, b"x")
+            started = time.monotonic()
+            loop.run(5.0)
+            assert time.monotonic() - started < 1.0
+            with pytest.raises(BlockingIOError):  # the loop drained the pipe
+                os.read(rfd, 10)
+        finally:
+            loop.close()
+            os.close(rfd)
+            os.close(wfd)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"service": "nope"},
+        {"service": "echo", "max_connections": 0},
+        {"service": "echo", "max_buffer": 0},
+        {"service": "echo", "idle_timeout": -1},
+        {"service": "chargen", "pattern": b""},
+    ],
+)
+def test_bad_arguments_are_value_errors(impl, kwargs):
+    kwargs = dict(kwargs)
+    service = kwargs.pop("service")
+    with pytest.raises(ValueError):
+        impl.EventLoop([], service, **kwargs)
