@@ -150,7 +150,9 @@ def prefork_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefork", *args]
 
 
-def start_server(*args: str, env: dict[str, str] | None = None, any_port: bool = True) -> Server:
+def start_server(
+    *args: str, env: dict[str, str] | None = None, any_port: bool = True, preexec_fn=None
+) -> Server:
     """Start ``prefork serve ARGS``, on 127.0.0.1:0 unless ``-b`` is given or
     ``any_port`` is false (then the server's own default applies)."""
     argv = list(args)
@@ -163,6 +165,7 @@ def start_server(*args: str, env: dict[str, str] | None = None, any_port: bool =
         stderr=subprocess.PIPE,
         start_new_session=True,
         env=env,
+        preexec_fn=preexec_fn,
     )
     server = Server(proc)
     ready = threading.Event()
@@ -178,8 +181,8 @@ def start_server(*args: str, env: dict[str, str] | None = None, any_port: bool =
 def server_factory() -> Iterator:
     started: list[Server] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, any_port: bool = True) -> Server:
-        server = start_server(*args, env=env, any_port=any_port)
+    def factory(*args: str, **options) -> Server:
+        server = start_server(*args, **options)
         started.append(server)
         return server
 

@@ -30,7 +30,10 @@ class Running:
         self.address = self.listener.getsockname()
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK)
         self.loop = impl.EventLoop(
-            [self.listener], service, wakeup_fd=self.wakeup_r, pattern=chargen_pattern(1),
+            [self.listener],
+            service,
+            wakeup_fd=self.wakeup_r,
+            pattern=chargen_pattern(1),
             **options,
         )
         self.errors: list[BaseException] = []

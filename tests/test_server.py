@@ -23,12 +23,12 @@ LOG_LINE = re.compile(
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["event", "sync"])
 def echo4(request):
-    """One ``prefork serve -w 4`` shared by the echo tests of this module."""
+    """One ``prefork serve -w 4`` per worker class, shared by the echo tests."""
     from conftest import start_server
 
-    server = start_server("-w", "4")
+    server = start_server("-w", "4", "-k", request.param)
     request.addfinalizer(server.kill_all)
     server.wait_workers(4)
     return server

@@ -15,6 +15,12 @@ from conftest import exchange, pid_alive, wait_until
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture(params=["event", "sync"])
+def serve(request, server_factory):
+    """Each test runs once per worker class."""
+    return lambda *args, **kw: server_factory("-k", request.param, *args, **kw)
+
+
 def refused(server) -> bool:
     try:
         with server.connect(timeout=2):
@@ -34,8 +40,8 @@ def echo_once(sock: socket.socket, data: bytes) -> bytes:
     return received
 
 
-def test_killed_worker_is_reaped_and_replaced(server_factory):
-    server = server_factory("-w", "2")
+def test_killed_worker_is_reaped_and_replaced(serve):
+    server = serve("-w", "2")
     before = server.wait_workers(2)
     victim = before[0]
     os.kill(victim, signal.SIGKILL)
@@ -48,9 +54,9 @@ def test_killed_worker_is_reaped_and_replaced(server_factory):
         assert exchange(sock, b"still serving") == b"still serving"
 
 
-def test_graceful_term_finishes_the_connection_in_flight(server_factory):
+def test_graceful_term_finishes_the_connection_in_flight(serve):
     # One worker, busy inside the compiled loop with a live connection.
-    server = server_factory("-w", "1", "--graceful-timeout", "20")
+    server = serve("-w", "1", "--graceful-timeout", "20")
     server.wait_workers(1)
     with server.connect() as sock:
         assert echo_once(sock, b"first half ") == b"first half "
@@ -66,8 +72,8 @@ def test_graceful_term_finishes_the_connection_in_flight(server_factory):
     assert "graceful stop" in server.log
 
 
-def test_graceful_timeout_kills_connections_that_do_not_finish(server_factory):
-    server = server_factory("-w", "1", "--graceful-timeout", "1")
+def test_graceful_timeout_kills_connections_that_do_not_finish(serve):
+    server = serve("-w", "1", "--graceful-timeout", "1")
     server.wait_workers(1)
     with server.connect() as sock:
         assert echo_once(sock, b"hold") == b"hold"
@@ -84,8 +90,8 @@ def test_graceful_timeout_kills_connections_that_do_not_finish(server_factory):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
-def test_fast_stop_closes_connections_now(server_factory, sig):
-    server = server_factory("-w", "2", "--graceful-timeout", "60")
+def test_fast_stop_closes_connections_now(serve, sig):
+    server = serve("-w", "2", "--graceful-timeout", "60")
     workers = server.wait_workers(2)
     with server.connect() as sock:
         assert echo_once(sock, b"busy") == b"busy"
@@ -102,8 +108,8 @@ def test_fast_stop_closes_connections_now(server_factory, sig):
     assert "killing" not in server.log
 
 
-def test_workers_exit_within_a_second_when_the_master_is_killed(server_factory):
-    server = server_factory("-w", "3")
+def test_workers_exit_within_a_second_when_the_master_is_killed(serve):
+    server = serve("-w", "3")
     workers = server.wait_workers(3)
     with server.connect() as busy:  # one worker is inside the compiled loop
         assert echo_once(busy, b"busy") == b"busy"
@@ -114,8 +120,8 @@ def test_workers_exit_within_a_second_when_the_master_is_killed(server_factory):
         ]
 
 
-def test_ttin_and_ttou_change_the_worker_count(server_factory):
-    server = server_factory("-w", "2")
+def test_ttin_and_ttou_change_the_worker_count(serve):
+    server = serve("-w", "2")
     server.wait_workers(2)
     server.signal(signal.SIGTTIN)
     server.wait_workers(3)
@@ -130,8 +136,8 @@ def test_ttin_and_ttou_change_the_worker_count(server_factory):
         assert exchange(sock, b"one left") == b"one left"
 
 
-def test_hup_does_not_kill_anything(server_factory):
-    server = server_factory("-w", "2")
+def test_hup_does_not_kill_anything(serve):
+    server = serve("-w", "2")
     workers = server.wait_workers(2)
     server.signal(signal.SIGHUP)
     for pid in workers:  # a HUP sent to the whole group must not kill workers
@@ -140,8 +146,8 @@ def test_hup_does_not_kill_anything(server_factory):
     assert sorted(server.workers()) == sorted(workers)
 
 
-def test_resets_and_broken_pipes_never_kill_a_worker(server_factory):
-    server = server_factory("-w", "2")
+def test_resets_and_broken_pipes_never_kill_a_worker(serve):
+    server = serve("-w", "2")
     workers = sorted(server.wait_workers(2))
     payload = os.urandom(1 << 20)
     for i in range(40):
@@ -159,8 +165,8 @@ def test_resets_and_broken_pipes_never_kill_a_worker(server_factory):
     assert "Traceback" not in server.log
 
 
-def test_second_term_during_graceful_stop_is_harmless(server_factory):
-    server = server_factory("-w", "1", "--graceful-timeout", "20")
+def test_second_term_during_graceful_stop_is_harmless(serve):
+    server = serve("-w", "1", "--graceful-timeout", "20")
     server.wait_workers(1)
     with server.connect() as sock:
         assert echo_once(sock, b"a") == b"a"

@@ -1,0 +1,160 @@
+"""The event worker as a real server: scale, fair accept, limits, EMFILE."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import resource
+import selectors
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def connections_per_worker(port: int) -> dict[int, int]:
+    """Established server-side sockets on ``port`` by owning pid (from ss)."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    counts: collections.Counter[int] = collections.Counter()
+    for match in re.finditer(r"pid=(\d+),", out):
+        counts[int(match.group(1))] += 1
+    return dict(counts)
+
+
+def raise_descriptor_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.fail(f"descriptor limit {hard} < {needed}: cannot run this test here")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def echo_all(socks: list[socket.socket], payload_for, timeout: float = 60) -> None:
+    """Send each socket its payload and check each echo, all concurrently."""
+    sel = selectors.DefaultSelector()
+    expected = {}
+    for i, sock in enumerate(socks):
+        sock.setblocking(False)
+        data = payload_for(i)
+        sock.send(data)  # small: fits the socket buffer
+        expected[sock] = [data, bytearray()]
+        sel.register(sock, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while expected and time.monotonic() < deadline:
+        for key, _ in sel.select(1.0):
+            sock = key.fileobj
+            data, got = expected[sock]
+            chunk = sock.recv(65536)
+            assert chunk, "server closed a connection"
+            got += chunk
+            if len(got) >= len(data):
+                assert bytes(got) == data
+                sel.unregister(sock)
+                del expected[sock]
+    sel.close()
+    assert not expected, f"{len(expected)} connections got no echo"
+
+
+def test_five_thousand_connections_through_one_worker(server_factory):
+    count = 5000
+    raise_descriptor_limit(2 * count + 200)  # the server inherits it too
+    server = server_factory(
+        "-w", "1", "-k", "event", "--max-connections", str(count + 100), "--backlog", "4096"
+    )
+    server.wait_workers(1)
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(server.connect())
+        echo_all(socks, lambda i: b"%d " % i * 20)
+        (worker,) = server.workers()
+        assert connections_per_worker(server.tcp()[1]) == {worker: count}
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_accepts_are_spread_fairly_over_workers(server_factory):
+    server = server_factory("-w", "4", "-k", "event")
+    workers = server.wait_workers(4)
+    socks = []
+    try:
+        for _ in range(100):
+            sock = server.connect()
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"  # accepted and served before the next
+            socks.append(sock)
+        counts = connections_per_worker(server.tcp()[1])
+        assert sorted(counts) == sorted(workers), counts
+        assert max(counts.values()) <= 1.5 * min(counts.values()), counts
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_max_connections_spills_over_to_other_workers(server_factory):
+    server = server_factory("-w", "2", "-k", "event", "--max-connections", "3")
+    workers = server.wait_workers(2)
+    socks = [server.connect() for _ in range(6)]
+    try:
+        echo_all(socks, lambda i: b"conn %d" % i)
+        counts = connections_per_worker(server.tcp()[1])
+        assert counts == {workers[0]: 3, workers[1]: 3}
+        # A seventh waits in the backlog (not accepted and dropped) until one leaves.
+        extra = server.connect()
+        extra.sendall(b"7th")
+        extra.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            extra.recv(3)
+        socks[0].close()
+        extra.settimeout(10)
+        assert extra.recv(3) == b"7th"
+        extra.close()
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_out_of_descriptors_backs_off_without_spinning(server_factory):
+    limit = 64
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+    server = server_factory("-w", "1", "-k", "event", "--backlog", "256", preexec_fn=low_limit)
+    (worker,) = server.wait_workers(1)
+    socks = [server.connect() for _ in range(2 * limit)]
+    try:
+        assert wait_until(lambda: "out of file descriptors" in server.log, 5), server.log
+        before = cpu_seconds(worker)
+        time.sleep(2.0)
+        used = cpu_seconds(worker) - before
+        assert used < 0.2, f"worker used {used:.2f}s of CPU in 2s while out of descriptors"
+        assert server.log.count("out of file descriptors") <= 6  # at most about once a second
+        assert server.workers() == [worker]
+    finally:
+        for sock in socks:
+            sock.close()
+    # Descriptors free up: service resumes.
+    with server.connect() as sock:
+        sock.sendall(b"back")
+        sock.settimeout(10)
+        assert sock.recv(4) == b"back"
