@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from conftest import wait_until
 from prefork.handlers import chargen_pattern
+
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -96,9 +97,9 @@ def test_echo_on_many_connections_at_once(running):
     r = running()
     socks = [r.connect() for _ in range(100)]
     payloads = [os.urandom(1000 + i) for i in range(100)]
-    for sock, payload in zip(socks, payloads):
+    for sock, payload in zip(socks, payloads, strict=True):
         sock.sendall(payload)
-    for sock, payload in zip(socks, payloads):
+    for sock, payload in zip(socks, payloads, strict=True):
         assert read_exactly(sock, len(payload)) == payload
     for sock in socks:
         sock.close()
