@@ -64,7 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS",
         default="event",
         help="event: an epoll loop per worker, many connections each (default); "
-        "sync: one connection at a time per worker",
+        "sync: one connection at a time per worker; thread: --threads connections at a time",
+    )
+    serve.add_argument(
+        "--threads", metavar="T", default="1", help="threads per thread worker (default 1)"
     )
     serve.add_argument(
         "--backlog", metavar="N", default="2048", help="listen backlog (default 2048)"
@@ -124,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),
         backlog=parse_int(args.backlog, "--backlog", minimum=1),
         graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
+        threads=parse_int(args.threads, "--threads", minimum=1),
         max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
         max_buffer=parse_size(args.max_buffer, "--max-buffer"),
         idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),

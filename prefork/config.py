@@ -44,6 +44,7 @@ class Config:
     binds: tuple[Address, ...] = (DEFAULT_BIND,)
     workers: int = field(default_factory=_default_workers)
     worker_class: str = "event"
+    threads: int = 1  # per thread worker
     backlog: int = 2048
     graceful_timeout: float = 30.0
     max_connections: int = 1024  # per event worker

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from test_signals import WORKER_CLASS_ARGS
 
 from prefork.handlers import chargen_pattern
 
@@ -23,12 +24,12 @@ LOG_LINE = re.compile(
 )
 
 
-@pytest.fixture(scope="module", params=["event", "sync"])
+@pytest.fixture(scope="module", params=list(WORKER_CLASS_ARGS))
 def echo4(request):
     """One ``prefork serve -w 4`` per worker class, shared by the echo tests."""
     from conftest import start_server
 
-    server = start_server("-w", "4", "-k", request.param)
+    server = start_server("-w", "4", *WORKER_CLASS_ARGS[request.param])
     request.addfinalizer(server.kill_all)
     server.wait_workers(4)
     return server

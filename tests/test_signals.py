@@ -15,10 +15,18 @@ from conftest import exchange, pid_alive, wait_until
 pytestmark = pytest.mark.timeout(90)
 
 
-@pytest.fixture(params=["event", "sync"])
+WORKER_CLASS_ARGS = {
+    "event": ["-k", "event"],
+    "sync": ["-k", "sync"],
+    "thread": ["-k", "thread", "--threads", "2"],
+}
+
+
+@pytest.fixture(params=list(WORKER_CLASS_ARGS))
 def serve(request, server_factory):
     """Each test runs once per worker class."""
-    return lambda *args, **kw: server_factory("-k", request.param, *args, **kw)
+    extra = WORKER_CLASS_ARGS[request.param]
+    return lambda *args, **kw: server_factory(*extra, *args, **kw)
 
 
 def refused(server) -> bool:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefork.workers.base import Worker
 from prefork.workers.event import EventWorker
 from prefork.workers.sync import SyncWorker
+from prefork.workers.thread import ThreadWorker
 
 WORKER_CLASSES: dict[str, type[Worker]] = {
     "event": EventWorker,
     "sync": SyncWorker,
+    "thread": ThreadWorker,
 }
 
-__all__ = ["WORKER_CLASSES", "EventWorker", "SyncWorker", "Worker"]
+__all__ = ["WORKER_CLASSES", "EventWorker", "SyncWorker", "ThreadWorker", "Worker"]

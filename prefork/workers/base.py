@@ -18,6 +18,7 @@ import ctypes
 import os
 import signal
 import sys
+import threading
 from types import FrameType
 
 from prefork.config import Config
@@ -55,6 +56,7 @@ class Worker:
         self.log = get_logger()
         self.wakeup_r = -1
         # Counters for this worker's summary line.
+        self.stats_lock = threading.Lock()
         self.accepted = 0
         self.bytes_in = 0
         self.bytes_out = 0

@@ -32,9 +32,18 @@ PARENT_CHECK_INTERVAL = 1.0  # seconds: poll timeout, so a lost master is seen
 
 class SyncWorker(Worker):
     def run(self) -> None:
+        self.accept_loop(self.wakeup_r, drain=True)
+
+    def accept_loop(self, wake_fd: int, drain: bool) -> None:
+        """Accept and serve one connection at a time until stopped.
+
+        ``wake_fd`` becoming readable means "look at ``self.alive``"; it is
+        drained only when ``drain`` is true (the signal pipe), not when it is
+        a stop pipe that must wake several threads.
+        """
         buffer = bytearray(BUFFER_SIZE)
         poller = select.poll()
-        poller.register(self.wakeup_r, select.POLLIN)
+        poller.register(wake_fd, select.POLLIN)
         by_fd = {}
         for listener in self.listeners:
             poller.register(listener.fileno(), select.POLLIN)
@@ -46,8 +55,9 @@ class SyncWorker(Worker):
                 return
             events = poller.poll(PARENT_CHECK_INTERVAL * 1000)
             for fd, _ in events:
-                if fd == self.wakeup_r:
-                    self.drain_wakeup()
+                if fd == wake_fd:
+                    if drain:
+                        self.drain_wakeup()
                     continue
                 if not self.alive:
                     return
@@ -69,11 +79,9 @@ class SyncWorker(Worker):
 
     def serve(self, conn: int, buffer: bytearray) -> None:
         """Run the handler on one connection, then close it, whatever happened."""
-        self.accepted += 1
+        nin = nout = 0
         try:
             nin, nout = self.handler(conn, buffer)
-            self.bytes_in += nin
-            self.bytes_out += nout
         except OSError as exc:
             if exc.errno not in CONNECTION_ERRORS:
                 self.log.error("connection error: %s", exc)
@@ -83,3 +91,7 @@ class SyncWorker(Worker):
             self.log.exception("handler failed; connection closed")
         finally:
             os.close(conn)
+            with self.stats_lock:  # threads of a ThreadWorker share the counters
+                self.accepted += 1
+                self.bytes_in += nin
+                self.bytes_out += nout

@@ -1,4 +1,4 @@
-"""The event worker as a real server: scale, fair accept, limits, EMFILE."""
+"""Worker classes as real servers: scale, fair accept, limits, EMFILE, threads."""
 
 from __future__ import annotations
 
@@ -158,3 +158,24 @@ def test_out_of_descriptors_backs_off_without_spinning(server_factory):
         sock.sendall(b"back")
         sock.settimeout(10)
         assert sock.recv(4) == b"back"
+
+
+def test_thread_worker_serves_one_connection_per_thread(server_factory):
+    server = server_factory("-w", "1", "-k", "thread", "--threads", "4")
+    (worker,) = server.wait_workers(1)
+    socks = [server.connect() for _ in range(4)]
+    try:
+        echo_all(socks, lambda i: b"thread %d" % i)  # all four at once, one process
+        assert connections_per_worker(server.tcp()[1]) == {worker: 4}
+        fifth = server.connect()  # queued until a thread is free
+        fifth.sendall(b"5th")
+        fifth.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            fifth.recv(3)
+        socks[0].close()
+        fifth.settimeout(10)
+        assert fifth.recv(3) == b"5th"
+        fifth.close()
+    finally:
+        for sock in socks:
+            sock.close()
