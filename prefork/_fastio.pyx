@@ -14,12 +14,14 @@ loop takes the GIL, runs ``PyErr_CheckSignals`` (which raises if a handler
 raised) and otherwise retries, exactly as PEP 475 does for ``socket``.
 """
 
+import logging
 import os
+import socket
 
 from cpython.exc cimport PyErr_CheckSignals
-
-from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove
 
 from prefork._posix cimport (
     CLOCK_MONOTONIC, EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMFILE, ENFILE, ENOBUFS,
@@ -36,7 +38,9 @@ from prefork._fastio_py import (
     _byte_view, _check_loop_args, _fileno,
 )
 
-__all__ = ["EventLoop", "accept", "chargen", "discard", "echo", "sendall"]
+_log = logging.getLogger("prefork")
+
+__all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
 
 cdef int _check_signals() except -1 with gil:
@@ -202,30 +206,39 @@ def sendall(conn, data):
 
 
 # -- the event loop ------------------------------------------------------------------
-# See prefork._fastio_py.EventLoop: the same state machine, here in C structs
-# with the whole loop run without the GIL. Epoll tags: a connection is tagged
-# with its (aligned, so even) Conn pointer; a listener with (index << 1) | 1;
-# the wake-up pipe with (n_listeners << 1) | 1. A connection closed during a
-# batch is only freed after the batch, so a stale event never touches freed
-# memory.
+# See prefork._fastio_py.EventLoop: the same state machine, here in C structs,
+# the whole loop run without the GIL; only user protocols take it, for their
+# callbacks. Epoll tags: a connection is tagged with its (aligned, so even)
+# Conn pointer; a listener with (index << 1) | 1; the wake-up pipe with
+# (n_listeners << 1) | 1. A connection closed during a batch is only freed
+# after the batch, so a stale event never touches freed memory.
 
 DEF MAX_EVENTS = 256
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 
+# What closed a connection, for connection_lost(exc).
+DEF CLOSED_OK = 0  # end of file, close(), idle: exc is None
+DEF CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
+
 cdef enum Service:
-    ECHO, DISCARD, CHARGEN, DAYTIME
+    ECHO, DISCARD, CHARGEN, DAYTIME, PROTOCOL
 
 cdef struct Conn:
     int fd
-    unsigned int events  # registered epoll events; 0 = not registered
-    bint eof  # close once pending is flushed
+    unsigned int events  # what the epoll set waits for
+    bint registered
+    bint eof  # close once everything owed is flushed
+    bint reading  # false after end of file
     bint closed
-    unsigned char *pending  # owed to the peer, not yet taken by the kernel
+    unsigned char *pending  # owed bytes are pending[sent:pending_len]
     size_t pending_len
+    size_t pending_cap
     size_t sent
     size_t offset  # chargen position in the pattern
     double last_active
+    PyObject *protocol  # owned reference, or NULL
+    PyObject *transport  # owned reference, or NULL
     Conn *prev
     Conn *next
 
@@ -236,8 +249,38 @@ cdef inline double _monotonic() noexcept nogil:
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
+cdef inline size_t _owed(Conn *conn) noexcept nogil:
+    return conn.pending_len - conn.sent
+
+
+cdef class Transport:
+    """What a protocol gets in ``connection_made``; see the spec's Transport."""
+
+    cdef EventLoop _loop  # None once the connection is closed
+    cdef Conn *_conn
+    cdef dict _extra
+
+    def write(self, data):
+        cdef const unsigned char[::1] view
+        if self._loop is None or self._conn.eof:
+            return
+        view = memoryview(data).cast("B")
+        if view.shape[0] > 0:
+            self._loop._write(self._conn, &view[0], <size_t>view.shape[0])
+
+    def close(self):
+        if self._loop is not None:
+            self._loop._close_when_flushed(self._conn)
+
+    def is_closing(self):
+        return self._loop is None or self._conn.eof
+
+    def get_extra_info(self, name, default=None):
+        return self._extra.get(name, default)
+
+
 cdef class EventLoop:
-    """A worker's epoll loop serving a built-in service on many connections.
+    """A worker's epoll loop serving one service on many connections.
 
     See ``prefork._fastio_py.EventLoop``.
     """
@@ -249,6 +292,7 @@ cdef class EventLoop:
     cdef Service svc
     cdef readonly str service
     cdef readonly int max_connections
+    cdef readonly size_t max_buffer
     cdef readonly double idle_timeout
     cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
     cdef int n_active
@@ -256,6 +300,7 @@ cdef class EventLoop:
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
     cdef size_t read_size
+    cdef object factory
     cdef object pattern_view  # keeps chargen's pattern alive
     cdef const unsigned char *pattern
     cdef size_t pattern_len
@@ -270,15 +315,18 @@ cdef class EventLoop:
         self.wakeup_fd = -1
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
-                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b""):
+                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None):
         cdef const unsigned char[::1] view
-        cdef int index = SERVICES.index(service)
+        cdef int index
         pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
-                                        pattern)
+                                        pattern, protocol_factory)
         fds = [_fileno(listener) for listener in listeners]
-        self.service = service
+        index = SERVICES.index(service)
         self.svc = <Service>index
+        self.service = service
+        self.factory = protocol_factory
         self.max_connections = max_connections
+        self.max_buffer = max_buffer
         self.idle_timeout = idle_timeout
         self.read_size = min(READ_SIZE, max_buffer)
         self.buf = <unsigned char *>malloc(self.read_size)
@@ -324,7 +372,7 @@ cdef class EventLoop:
     def close(self):
         """Close every connection and the epoll set; listeners stay open."""
         while self.head != NULL:
-            self._close(self.head)
+            self._close(self.head, CLOSED_OK)
         self._disarm()
         self._release()
 
@@ -335,7 +383,7 @@ cdef class EventLoop:
         with nogil:
             self._run(timeout)
 
-    # -- internals (no GIL) ---------------------------------------------------------
+    # -- internals ------------------------------------------------------------------
 
     cdef void _release(self) noexcept:
         cdef Conn *conn
@@ -344,6 +392,8 @@ cdef class EventLoop:
             self.head = conn.next
             close(conn.fd)
             free(conn.pending)
+            Py_XDECREF(conn.protocol)
+            Py_XDECREF(conn.transport)
             free(conn)
         self._free_graveyard()
         if self.epfd >= 0:
@@ -449,9 +499,11 @@ cdef class EventLoop:
             next_conn = conn.next
             if conn.last_active <= limit:
                 self.idle_closed += 1
-                self._close(conn)
+                self._close(conn, CLOSED_OK)
             conn = next_conn
         return 0
+
+    # -- connections ------------------------------------------------------------------
 
     cdef int _accept(self, int index, double now) except -1 nogil:
         cdef int lfd = self.listeners[index]
@@ -489,6 +541,7 @@ cdef class EventLoop:
             close(fd)
             return 0  # like a connection the peer aborted: the worker lives on
         conn.fd = fd
+        conn.reading = True
         conn.last_active = now
         conn.next = self.head
         if self.head != NULL:
@@ -500,30 +553,95 @@ cdef class EventLoop:
             t = time(NULL)
             gmtime_r(&t, &parts)
             length = strftime(line, sizeof(line), self.daytime_fmt, &parts)
-            if self._owe(conn, <unsigned char *>line, length) < 0:
-                self._close(conn)
-                return 0
-            conn.eof = True
-            if self._flush(conn, now) < 0 and not conn.closed:
-                self._close(conn)
-        elif self.svc == CHARGEN:
-            self._watch(conn, EPOLLIN | EPOLLOUT)
-        else:
-            self._watch(conn, EPOLLIN)
+            conn.reading = False
+            self._write(conn, <unsigned char *>line, length)
+            if not conn.closed:
+                self._close_when_flushed(conn)
+        elif self.svc == PROTOCOL:
+            with gil:
+                self._open_protocol(conn)
+        if not conn.closed:
+            self._update(conn)
         return 0
 
-    cdef int _watch(self, Conn *conn, unsigned int events) except -1 nogil:
-        if conn.events == 0:
+    cdef int _open_protocol(self, Conn *conn) except -1:
+        transport = Transport.__new__(Transport)
+        sock = socket.socket(fileno=conn.fd)
+        try:
+            try:
+                peer = sock.getpeername()
+            except OSError:
+                peer = None
+            (<Transport>transport)._extra = {"peername": peer, "sockname": sock.getsockname()}
+        finally:
+            sock.detach()
+        (<Transport>transport)._loop = self
+        (<Transport>transport)._conn = conn
+        conn.transport = <PyObject *>transport
+        Py_INCREF(transport)
+        protocol = self._call(conn, self.factory, ())
+        if conn.closed:
+            return 0
+        conn.protocol = <PyObject *>protocol
+        Py_INCREF(protocol)
+        self._call(conn, protocol.connection_made, (transport,))
+        return 0
+
+    cdef object _call(self, Conn *conn, object func, tuple args):
+        """Call user code; an exception is logged and closes ``conn`` only."""
+        try:
+            return func(*args)
+        except Exception as exc:
+            _log.exception("handler failed; connection closed")
+            if conn != NULL and not conn.closed:
+                self._close_exc(conn, exc)
+            return None
+
+    cdef int _update(self, Conn *conn) except -1 nogil:
+        """Make the epoll set wait for what ``conn`` needs now."""
+        cdef unsigned int events = 0
+        cdef bint owes = _owed(conn) > 0
+        if conn.reading and not owes:
+            events |= EPOLLIN
+        if owes or (self.svc == CHARGEN and not conn.eof):
+            events |= EPOLLOUT
+        if not conn.registered:
             self._ctl(EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
+            conn.registered = True
         elif conn.events != events:
             self._ctl(EPOLL_CTL_MOD, conn.fd, events, <uint64_t>conn)
         conn.events = events
         return 0
 
-    cdef int _close(self, Conn *conn) except -1 nogil:
-        if conn.events:
+    cdef int _close(self, Conn *conn, int err) except -1 nogil:
+        """Close ``conn``; ``err`` > 0 is the errno that ended it."""
+        if conn.protocol == NULL:
+            self._close_quietly(conn)
+            return 0
+        with gil:
+            if err > 0:
+                exc = OSError(err, os.strerror(err))
+            elif err == CLOSED_OVERFLOW:
+                exc = BufferError("max_buffer exceeded")
+            else:
+                exc = None
+            self._close_exc(conn, exc)
+        return 0
+
+    cdef int _close_exc(self, Conn *conn, object exc) except -1:
+        """Close ``conn`` and tell its protocol (with the GIL)."""
+        cdef PyObject *protocol = conn.protocol
+        conn.protocol = NULL
+        self._close_quietly(conn)
+        if protocol != NULL:
+            self._call(NULL, (<object>protocol).connection_lost, (exc,))
+            Py_XDECREF(protocol)
+        return 0
+
+    cdef int _close_quietly(self, Conn *conn) except -1 nogil:
+        if conn.registered:
             self._ctl(EPOLL_CTL_DEL, conn.fd, 0, 0)
-            conn.events = 0
+            conn.registered = False
         close(conn.fd)
         if conn.prev != NULL:
             conn.prev.next = conn.next
@@ -534,40 +652,27 @@ cdef class EventLoop:
         self.n_active -= 1
         free(conn.pending)
         conn.pending = NULL
+        conn.pending_len = conn.sent = conn.pending_cap = 0
         conn.closed = True
+        conn.eof = True
+        if conn.transport != NULL:
+            with gil:
+                (<Transport>conn.transport)._loop = None
+                Py_XDECREF(conn.transport)
+            conn.transport = NULL
         conn.next = self.graveyard
         self.graveyard = conn
         return 0
 
-    cdef int _owe(self, Conn *conn, const unsigned char *data, size_t length) except -2 nogil:
-        """Keep ``length`` bytes for later and stop reading until they are sent.
-        Returns -1 when memory runs out (the caller closes the connection)."""
-        conn.pending = <unsigned char *>malloc(length)
-        if conn.pending == NULL:
-            return -1
-        memcpy(conn.pending, data, length)
-        conn.pending_len = length
-        conn.sent = 0
-        self._watch(conn, EPOLLOUT)
-        return 0
-
-    # Connection I/O returns -1 for an error that ends this connection only;
-    # the caller closes it (the spec catches OSError there).
-
-    cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -2 nogil:
-        cdef int rc = 0
-        if conn.pending != NULL:
-            rc = self._flush(conn, now)
-        elif self.svc == CHARGEN and mask & EPOLLOUT:
-            rc = self._generate(conn, now)
-        if rc == 0 and not conn.closed and conn.pending == NULL and mask & ~(<unsigned int>EPOLLOUT):
-            rc = self._read(conn, now)
-        if rc < 0 and not conn.closed:
-            self._close(conn)
+    cdef int _close_when_flushed(self, Conn *conn) except -1 nogil:
+        conn.eof = True
+        conn.reading = False
+        if _owed(conn) == 0 and not conn.closed:
+            self._close(conn, CLOSED_OK)
         return 0
 
     cdef ssize_t _send(self, int fd, const unsigned char *data, size_t length) except -2 nogil:
-        """Bytes the kernel took (0 if none); -1 on a connection error."""
+        """Bytes the kernel took (0 if none); -errno on a connection error."""
         cdef ssize_t r
         while True:
             r = send(fd, data, length, MSG_NOSIGNAL)
@@ -576,11 +681,68 @@ cdef class EventLoop:
             if errno == EAGAIN or errno == EWOULDBLOCK:
                 return 0
             if errno != EINTR:
-                return -1
+                return -errno
             _check_signals()
 
-    cdef int _read(self, Conn *conn, double now) except -2 nogil:
-        cdef ssize_t n, sent
+    cdef int _write(self, Conn *conn, const unsigned char *data, size_t length) except -1 nogil:
+        """Send what the kernel takes now; keep the rest, up to max_buffer."""
+        cdef ssize_t sent = 0
+        cdef size_t owed = _owed(conn)
+        cdef size_t need
+        cdef unsigned char *grown
+        if owed == 0:
+            sent = self._send(conn.fd, data, length)
+            if sent < 0:
+                self._close(conn, <int>-sent)
+                return 0
+            self.bytes_out += <unsigned long long>sent
+        if <size_t>sent == length:
+            return 0
+        length -= <size_t>sent
+        if owed + length > self.max_buffer:
+            with gil:
+                _log.warning("peer does not read: more than --max-buffer owed; closing")
+            self._close(conn, CLOSED_OVERFLOW)
+            return 0
+        if conn.sent > 0:  # move what is owed to the front
+            memmove(conn.pending, conn.pending + conn.sent, owed)
+            conn.pending_len = owed
+            conn.sent = 0
+        need = owed + length
+        if need > conn.pending_cap:
+            grown = <unsigned char *>realloc(conn.pending, need)
+            if grown == NULL:
+                self._close(conn, ENOMEM)
+                return 0
+            conn.pending = grown
+            conn.pending_cap = need
+        memcpy(conn.pending + owed, data + sent, length)
+        conn.pending_len = need
+        if conn.registered:
+            self._update(conn)
+        return 0
+
+    cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -1 nogil:
+        cdef int err = 0
+        if _owed(conn) > 0:
+            err = self._flush(conn, now)
+        elif self.svc == CHARGEN and mask & EPOLLOUT:
+            err = self._generate(conn, now)
+        if err == 0 and not conn.closed and _owed(conn) == 0 and mask & ~(<unsigned int>EPOLLOUT):
+            if conn.reading:
+                err = self._read(conn, now)
+            else:  # error or hang-up on a connection no longer read
+                self._close(conn, CLOSED_OK)
+        if err > 0 and not conn.closed:
+            self._close(conn, err)
+        if not conn.closed:
+            self._update(conn)
+        return 0
+
+    # _read, _flush and _generate return 0, or an errno that ends the connection.
+
+    cdef int _read(self, Conn *conn, double now) except -1 nogil:
+        cdef ssize_t n
         while True:
             n = recv(conn.fd, self.buf, self.read_size, 0)
             if n >= 0:
@@ -588,51 +750,53 @@ cdef class EventLoop:
             if errno == EAGAIN or errno == EWOULDBLOCK:
                 return 0
             if errno != EINTR:
-                return -1
+                return errno
             _check_signals()
         if n == 0:
-            if self.svc == CHARGEN:  # half-closed: the peer still reads
-                self._watch(conn, EPOLLOUT)
-            else:
-                self._close(conn)  # nothing is owed: flushed before reading
+            self._end_of_file(conn)
             return 0
         conn.last_active = now
         self.bytes_in += <unsigned long long>n
-        if self.svc != ECHO:
-            return 0
-        sent = self._send(conn.fd, self.buf, <size_t>n)
-        if sent < 0:
-            return -1
-        self.bytes_out += <unsigned long long>sent
-        if sent < n:
-            return self._owe(conn, self.buf + sent, <size_t>(n - sent))
+        if self.svc == ECHO:
+            self._write(conn, self.buf, <size_t>n)
+        elif self.svc == PROTOCOL:
+            with gil:
+                self._call(conn, (<object>conn.protocol).data_received,
+                           (self.buf[:n],))
+        return 0  # discard and chargen drop their input
+
+    cdef int _end_of_file(self, Conn *conn) except -1 nogil:
+        cdef bint keep_open = False
+        conn.reading = False
+        if self.svc == CHARGEN:
+            return 0  # half-closed: the peer still reads the stream
+        if self.svc == PROTOCOL:
+            with gil:
+                keep_open = bool(self._call(conn, (<object>conn.protocol).eof_received, ()))
+        if not keep_open and not conn.closed:
+            self._close_when_flushed(conn)  # flush what is owed, then close
         return 0
 
-    cdef int _flush(self, Conn *conn, double now) except -2 nogil:
-        cdef ssize_t sent = self._send(conn.fd, conn.pending + conn.sent,
-                                       conn.pending_len - conn.sent)
+    cdef int _flush(self, Conn *conn, double now) except -1 nogil:
+        cdef ssize_t sent = self._send(conn.fd, conn.pending + conn.sent, _owed(conn))
         if sent < 0:
-            return -1
-        if sent:
-            conn.last_active = now
+            return <int>-sent
+        if sent == 0:
+            return 0
+        conn.last_active = now
         self.bytes_out += <unsigned long long>sent
         conn.sent += <size_t>sent
-        if conn.sent < conn.pending_len:
-            self._watch(conn, EPOLLOUT)
-            return 0
-        free(conn.pending)
-        conn.pending = NULL
-        if conn.eof:
-            self._close(conn)
-        else:
-            self._watch(conn, EPOLLIN)
+        if _owed(conn) == 0:
+            conn.sent = conn.pending_len = 0
+            if conn.eof:
+                self._close(conn, CLOSED_OK)
         return 0
 
-    cdef int _generate(self, Conn *conn, double now) except -2 nogil:
+    cdef int _generate(self, Conn *conn, double now) except -1 nogil:
         cdef ssize_t sent = self._send(conn.fd, self.pattern + conn.offset,
                                        self.pattern_len - conn.offset)
         if sent < 0:
-            return -1
+            return <int>-sent
         if sent == 0:
             return 0
         conn.last_active = now

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["EventLoop", "accept", "chargen", "discard", "echo", "sendall"]
+__all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
 
 def _fileno(obj: Any) -> int:
@@ -156,18 +156,25 @@ def sendall(conn: Any, data: Any) -> int:
 # How it works: one epoll set per worker holds the listeners (EPOLLEXCLUSIVE,
 # so one connection wakes one worker), the signal wake-up pipe and every
 # connection (level-triggered). Echo reads into one shared buffer and sends
-# straight back; only what the kernel did not take is copied into a
-# per-connection pending buffer, and while it is pending the connection is
-# not read (backpressure), so a connection never holds more than one read,
-# itself at most ``max_buffer``. select.epoll is used directly rather than
-# selectors because EPOLLEXCLUSIVE and the re-arm below need the raw calls.
+# straight back; only what the kernel did not take is kept in a
+# per-connection pending buffer, and while anything is pending the
+# connection is not read (backpressure), so a built-in service never holds
+# more than one read, itself at most ``max_buffer``, per connection.
+# ``_update`` is the one place that decides what a connection waits for.
+# select.epoll is used directly rather than selectors because EPOLLEXCLUSIVE
+# and the re-arm below need the raw calls.
 #
 # Fair accept: exclusive wake-ups go to the first idle waiter on the
 # listener's queue, so one worker would take most connections. After each
 # accept batch the worker removes and re-adds the listener, which moves it to
 # the back of the queue: idle workers take turns.
+#
+# User protocols (service "protocol") get asyncio's Protocol callbacks and a
+# Transport; a protocol that writes faster than its peer reads is cut off
+# when it owes more than ``max_buffer`` (a slow consumer must not grow the
+# worker without bound).
 
-SERVICES = ("echo", "discard", "chargen", "daytime")
+SERVICES = ("echo", "discard", "chargen", "daytime", "protocol")
 READ_SIZE = 64 * 1024  # bytes per recv; capped by max_buffer
 ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
 EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
@@ -181,41 +188,111 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 
 
 def _check_loop_args(
-    service: str, max_connections: int, max_buffer: int, idle_timeout: float, pattern: Any
+    service: str,
+    max_connections: int,
+    max_buffer: int,
+    idle_timeout: float,
+    pattern: Any,
+    protocol_factory: Any,
 ) -> memoryview | None:
     """Validate ``EventLoop`` arguments; return chargen's pattern view."""
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}")
     if max_connections < 1 or max_buffer < 1 or not idle_timeout >= 0:
         raise ValueError("max_connections and max_buffer must be >= 1, idle_timeout >= 0")
+    if (service == "protocol") != callable(protocol_factory):
+        raise ValueError("protocol_factory is required for, and only for, service 'protocol'")
     return _byte_view(pattern, writable=False) if service == "chargen" else None
 
 
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("prefork")
+
+
 class _Conn:
-    __slots__ = ("sock", "fd", "pending", "sent", "eof", "last_active", "offset", "events")
+    __slots__ = (
+        "sock",
+        "fd",
+        "pending",
+        "eof",
+        "reading",
+        "last_active",
+        "offset",
+        "events",
+        "registered",
+        "protocol",
+        "transport",
+    )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.pending = b""  # bytes owed to the peer that the kernel did not take
-        self.sent = 0  # how much of ``pending`` has gone
+        self.pending = bytearray()  # owed to the peer, not yet taken by the kernel
         self.eof = False  # close once ``pending`` is flushed
+        self.reading = True  # false after end of file
         self.last_active = now
         self.offset = 0  # chargen: position in the pattern
         self.events = 0  # what the epoll set waits for
+        self.registered = False
+        self.protocol: Any = None
+        self.transport: Transport | None = None
+
+
+class Transport:
+    """What a protocol gets in ``connection_made``: asyncio's transport, in short.
+
+    ``write`` sends at once what the kernel takes and keeps the rest (the
+    connection is not read meanwhile); ``close`` closes after flushing.
+    """
+
+    def __init__(self, loop: EventLoop, conn: _Conn) -> None:
+        self._loop: EventLoop | None = loop
+        self._conn: _Conn | None = conn
+        self._extra = {"peername": _peername(conn.sock), "sockname": conn.sock.getsockname()}
+
+    def write(self, data: Any) -> None:
+        if self._loop is not None and self._conn is not None and not self._conn.eof:
+            self._loop._write(self._conn, memoryview(data).cast("B"))
+
+    def close(self) -> None:
+        if self._loop is not None and self._conn is not None:
+            self._loop._close_when_flushed(self._conn)
+
+    def is_closing(self) -> bool:
+        return self._conn is None or self._conn.eof
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+
+def _peername(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 class EventLoop:
-    """A worker's epoll loop serving a built-in service on many connections.
+    """A worker's epoll loop serving one service on many connections.
 
     ``listeners`` are borrowed listening sockets (``int`` or ``fileno()``),
-    non-blocking, shared with other workers. ``wakeup_fd`` (the read end of
+    non-blocking, shared with other workers. ``service`` is a built-in
+    (``echo``, ``discard``, ``chargen`` with ``pattern``, ``daytime``) or
+    ``protocol``: then ``protocol_factory()`` makes an object per connection
+    with asyncio's ``connection_made(transport)``, ``data_received(data)``,
+    ``eof_received()`` (return true to keep the connection open) and
+    ``connection_lost(exc)``; an exception from one of them is logged and
+    closes that connection only. ``wakeup_fd`` (the read end of
     ``signal.set_wakeup_fd``'s pipe, or -1) makes ``run`` return promptly
-    after a signal. Limits: at ``max_connections`` the listeners are removed
-    from the set and new connections wait in the backlog for other workers;
-    a connection holds at most ``max_buffer`` bytes owed to its peer and is
-    not read while it owes any; one idle for ``idle_timeout`` seconds (no
-    byte read or written; 0 = never) is closed.
+    after a signal.
+
+    Limits: at ``max_connections`` the listeners are removed from the set and
+    new connections wait in the backlog for other workers; a connection owes
+    its peer at most ``max_buffer`` bytes and is not read while it owes any;
+    one idle for ``idle_timeout`` seconds (no byte read or written; 0 =
+    never) is closed.
 
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
     ``bytes_out``, ``idle_closed``, ``resource_errors`` (EMFILE and kin on
@@ -232,16 +309,19 @@ class EventLoop:
         max_buffer: int = 256 * 1024,
         idle_timeout: float = 300.0,
         pattern: Any = b"",
+        protocol_factory: Any = None,
     ) -> None:
         self._pattern = _check_loop_args(
-            service, max_connections, max_buffer, idle_timeout, pattern
+            service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
         )
         fds = [_fileno(listener) for listener in listeners]
         self.service = service
         self.max_connections = max_connections
+        self.max_buffer = max_buffer
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
         self.idle_closed = self.resource_errors = 0
+        self._factory = protocol_factory
         self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
@@ -376,32 +456,58 @@ class EventLoop:
         self.accepted += 1
         if self.service == "daytime":
             line = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
-            self._owe(conn, line, 0, len(line))
-            conn.eof = True
-            self._flush(conn, now)
-        elif self.service == "chargen":
-            self._watch(conn, _EPOLLIN | _EPOLLOUT)
-        else:
-            self._watch(conn, _EPOLLIN)
+            conn.reading = False
+            self._write(conn, memoryview(line))
+            self._close_when_flushed(conn)
+        elif self.service == "protocol":
+            conn.transport = Transport(self, conn)
+            conn.protocol = self._call(conn, self._factory)
+            if conn.protocol is not None:
+                self._call(conn, conn.protocol.connection_made, conn.transport)
+        if conn.fd in self._conns:
+            self._update(conn)
 
-    def _watch(self, conn: _Conn, events: int) -> None:
-        if conn.events == 0:
+    def _update(self, conn: _Conn) -> None:
+        """Make the epoll set wait for what ``conn`` needs now."""
+        events = 0
+        if conn.reading and not conn.pending:
+            events |= _EPOLLIN
+        if conn.pending or (self.service == "chargen" and not conn.eof):
+            events |= _EPOLLOUT
+        if not conn.registered:
             self._epoll.register(conn.fd, events)
+            conn.registered = True
         elif conn.events != events:
             self._epoll.modify(conn.fd, events)
         conn.events = events
 
-    def _close(self, conn: _Conn) -> None:
-        if conn.events:
+    def _close(self, conn: _Conn, exc: BaseException | None = None) -> None:
+        if conn.registered:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]
         conn.sock.close()
+        if conn.transport is not None:
+            conn.transport._conn = None
+            conn.transport._loop = None
+        if conn.protocol is not None:
+            protocol, conn.protocol = conn.protocol, None
+            self._call(None, protocol.connection_lost, exc)
 
-    def _owe(self, conn: _Conn, data: Any, start: int, end: int) -> None:
-        """Keep data[start:end] for later and stop reading until it is sent."""
-        conn.pending = bytes(data[start:end])
-        conn.sent = 0
-        self._watch(conn, _EPOLLOUT)
+    def _close_when_flushed(self, conn: _Conn) -> None:
+        conn.eof = True
+        conn.reading = False
+        if not conn.pending and conn.fd in self._conns:
+            self._close(conn)
+
+    def _call(self, conn: _Conn | None, func: Any, *args: Any) -> Any:
+        """Call user code; an exception is logged and closes ``conn`` only."""
+        try:
+            return func(*args)
+        except Exception as exc:
+            _log().exception("handler failed; connection closed")
+            if conn is not None and conn.fd in self._conns:
+                self._close(conn, exc)
+            return None
 
     def _serve(self, conn: _Conn, mask: int, now: float) -> None:
         try:
@@ -410,10 +516,15 @@ class EventLoop:
             elif self.service == "chargen" and mask & _EPOLLOUT:
                 self._generate(conn, now)
             if conn.fd in self._conns and not conn.pending and mask & ~_EPOLLOUT:
-                self._read(conn, now)
-        except OSError:  # reset, broken pipe...: this connection only
+                if conn.reading:
+                    self._read(conn, now)
+                else:  # error or hang-up on a connection no longer read
+                    self._close(conn)
+        except OSError as exc:  # reset, broken pipe...: this connection only
             if conn.fd in self._conns:
-                self._close(conn)
+                self._close(conn, exc)
+        if conn.fd in self._conns and self._conns[conn.fd] is conn:
+            self._update(conn)
 
     def _read(self, conn: _Conn, now: float) -> None:
         try:
@@ -421,40 +532,57 @@ class EventLoop:
         except BlockingIOError:
             return
         if n == 0:
-            if self.service == "chargen":  # half-closed: the peer still reads
-                self._watch(conn, _EPOLLOUT)
-            else:
-                self._close(conn)  # nothing is owed: flushed before reading
+            self._end_of_file(conn)
             return
         conn.last_active = now
         self.bytes_in += n
-        if self.service != "echo":
-            return  # discard and chargen drop their input
-        try:
-            sent = conn.sock.send(self._buffer[:n])
-        except BlockingIOError:
-            sent = 0
-        self.bytes_out += sent
-        if sent < n:
-            self._owe(conn, self._buffer, sent, n)
+        if self.service == "echo":
+            self._write(conn, self._buffer[:n])
+        elif self.service == "protocol":
+            self._call(conn, conn.protocol.data_received, bytes(self._buffer[:n]))
+        # discard and chargen drop their input
+
+    def _end_of_file(self, conn: _Conn) -> None:
+        conn.reading = False
+        if self.service == "chargen":
+            return  # half-closed: the peer still reads the stream
+        keep_open = False
+        if self.service == "protocol":
+            keep_open = bool(self._call(conn, conn.protocol.eof_received))
+        if not keep_open and conn.fd in self._conns:
+            self._close_when_flushed(conn)  # flush what is owed, then close
+
+    def _write(self, conn: _Conn, data: memoryview) -> None:
+        """Send what the kernel takes now; keep the rest, up to max_buffer."""
+        sent = 0
+        if not conn.pending:
+            try:
+                sent = conn.sock.send(data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._close(conn, exc)
+                return
+            self.bytes_out += sent
+        if sent < len(data):
+            if len(conn.pending) + len(data) - sent > self.max_buffer:
+                _log().warning("peer does not read: more than --max-buffer owed; closing")
+                self._close(conn, BufferError("max_buffer exceeded"))
+                return
+            conn.pending += data[sent:]
+            if conn.registered:
+                self._update(conn)
 
     def _flush(self, conn: _Conn, now: float) -> None:
         try:
-            sent = conn.sock.send(memoryview(conn.pending)[conn.sent :])
+            sent = conn.sock.send(conn.pending)
         except BlockingIOError:
-            sent = 0
-        if sent:
-            conn.last_active = now
-        self.bytes_out += sent
-        conn.sent += sent
-        if conn.sent < len(conn.pending):
-            self._watch(conn, _EPOLLOUT)
             return
-        conn.pending = b""
-        if conn.eof:
+        conn.last_active = now
+        self.bytes_out += sent
+        del conn.pending[:sent]
+        if not conn.pending and conn.eof:
             self._close(conn)
-        else:
-            self._watch(conn, _EPOLLIN)
 
     def _generate(self, conn: _Conn, now: float) -> None:
         assert self._pattern is not None
