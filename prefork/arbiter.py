@@ -26,7 +26,7 @@ from types import FrameType
 
 from prefork.config import Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, WorkerBootError
-from prefork.handlers import BUILTIN
+from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
 from prefork.sock import Listener, close_listeners, create_listeners
 from prefork.workers import WORKER_CLASSES
@@ -45,11 +45,11 @@ HANDLED_SIGNALS = (
 
 
 class Arbiter:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, handler: LoadedHandler) -> None:
         self.config = config
         self.log = get_logger()
         self.worker_class = WORKER_CLASSES[config.worker_class]
-        self.handler = BUILTIN[config.handler]
+        self.handler = handler
         self.num_workers = config.workers
         self.listeners: list[Listener] = []
         self.workers: dict[int, int] = {}  # pid -> age

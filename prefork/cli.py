@@ -17,13 +17,14 @@ from prefork.config import (
     Config,
     parse_address,
     parse_choice,
+    parse_handler,
     parse_int,
     parse_mode,
     parse_seconds,
     parse_size,
 )
-from prefork.errors import EXIT_USAGE, PreforkError
-from prefork.handlers import BUILTIN
+from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
+from prefork.handlers import BUILTIN, load_handler
 from prefork.log import LEVELS, setup_logging
 from prefork.workers import WORKER_CLASSES
 
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--handler",
         metavar="NAME",
         default="echo",
-        help=f"service: {', '.join(BUILTIN)} (default echo)",
+        help=f"a built-in service ({', '.join(BUILTIN)}; default echo) or module:attr, "
+        "a protocol class or a handle(sock, address) function",
     )
     serve.add_argument(
         "--unix-mode",
@@ -131,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
         max_buffer=parse_size(args.max_buffer, "--max-buffer"),
         idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),
-        handler=parse_choice(args.handler, "--handler", tuple(BUILTIN)),
+        handler=parse_handler(args.handler, "--handler", tuple(BUILTIN)),
         unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
         log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),
         **extra,
@@ -143,7 +145,13 @@ def serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     setup_logging(config.log_level)
-    return Arbiter(config).run()
+    handler = load_handler(config.handler)
+    if config.worker_class == "event" and handler.handle is not None:
+        raise ConfigError(
+            f"--handler {config.handler} is a blocking handle(sock, address) function; "
+            "the event worker runs protocol classes: use -k sync or -k thread"
+        )
+    return Arbiter(config, handler).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ becomes one line and exit code 2.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from prefork.errors import ConfigError
@@ -110,6 +111,22 @@ def parse_size(text: str, option: str) -> int:
     if not number.isdigit() or int(number) < 1:
         raise ConfigError(f"{option}: expected a size in bytes such as 65536 or 256K, got {text!r}")
     return int(number) * _SIZE_SUFFIXES[suffix]
+
+
+_IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+
+
+def parse_handler(text: str, option: str, builtins: tuple[str, ...]) -> str:
+    """A built-in name or ``module:attr`` (both dotted Python names)."""
+    if text in builtins:
+        return text
+    module, sep, attr = text.partition(":")
+    if not sep or not _IDENTIFIER_PATH.match(module) or not _IDENTIFIER_PATH.match(attr):
+        raise ConfigError(
+            f"{option}: unknown handler {text!r} (built-ins: {', '.join(builtins)}; "
+            "or module:attr for your own)"
+        )
+    return text
 
 
 def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:

@@ -29,6 +29,12 @@ class BindError(PreforkError):
     exit_code = EXIT_FAILURE
 
 
+class HandlerLoadError(PreforkError):
+    """The ``--handler`` module:attr could not be loaded."""
+
+    exit_code = WORKER_BOOT_ERROR
+
+
 class WorkerBootError(PreforkError):
     """A worker exited with WORKER_BOOT_ERROR: respawning would loop forever."""
 

@@ -1,18 +1,40 @@
-"""The built-in handlers: the classic inetd services over TCP.
+"""Handlers: the built-in inetd services, and loading a user's handler.
 
-A handler is called as ``handler(fd, buffer)`` with a connected, blocking
-socket descriptor (borrowed: the worker closes it) and the worker's reusable
-buffer, and returns ``(bytes_in, bytes_out)``. Each built-in runs on the
-hot-loop implementation chosen by ``prefork.fastio``.
+``--handler`` names a built-in (``echo``, ``discard``, ``daytime``,
+``chargen``) or user code as ``module:attr``, which is one of:
+
+- a **protocol class** (it has ``data_received``), asyncio style:
+  ``connection_made(transport)``, ``data_received(data)``, ``eof_received()``,
+  ``connection_lost(exc)``; the transport has ``write``, ``close``,
+  ``is_closing`` and ``get_extra_info('peername')``. Every worker class runs
+  it (the event worker natively, the sync and thread workers over a blocking
+  socket).
+- a **blocking callable** ``handle(sock, address)``, socketserver style, for
+  the sync and thread workers.
+
+User code is imported once, in the master, before any worker is forked
+(so an import error stops the server at once with exit code 3, and workers
+share the loaded code).
+
+Blocking workers call a handler as ``handler(fd, buffer)`` with a connected,
+blocking socket descriptor (borrowed: the worker closes it) and the worker's
+reusable buffer; it returns ``(bytes_in, bytes_out)``. Each built-in runs on
+the hot-loop implementation chosen by ``prefork.fastio``.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import socket
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prefork import fastio
+from prefork.errors import HandlerLoadError
 
 Handler = Callable[[int, Any], tuple[int, int]]
 
@@ -65,3 +87,141 @@ BUILTIN: dict[str, Handler] = {
     "daytime": daytime,
     "chargen": chargen,
 }
+
+
+# -- user handlers --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadedHandler:
+    """What ``--handler`` resolved to: exactly one of the three is set."""
+
+    spec: str
+    builtin: str | None = None
+    protocol_factory: Callable[[], Any] | None = None
+    handle: Callable[[socket.socket, Any], Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        if self.builtin is not None:
+            return "built-in"
+        return "protocol" if self.protocol_factory is not None else "blocking handle"
+
+    def for_blocking_workers(self) -> Handler:
+        """The ``handler(fd, buffer)`` callable the sync and thread workers run."""
+        if self.builtin is not None:
+            return BUILTIN[self.builtin]
+        factory, handle = self.protocol_factory, self.handle
+        if factory is not None:
+            return lambda fd, buffer: serve_protocol(fd, buffer, factory)
+        assert handle is not None
+        return lambda fd, buffer: serve_handle(fd, handle)
+
+
+def load_handler(spec: str) -> LoadedHandler:
+    """Resolve ``--handler`` (already syntax-checked by the config).
+
+    Raises ``HandlerLoadError`` (exit code 3) with a one-line reason when
+    the module does not import or lacks the attribute.
+    """
+    if spec in BUILTIN:
+        return LoadedHandler(spec, builtin=spec)
+    module_name, _, attr_path = spec.partition(":")
+    if os.getcwd() not in sys.path:  # like gunicorn: user modules live where you run it
+        sys.path.insert(0, os.getcwd())
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:
+        raise HandlerLoadError(
+            f"--handler {spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+        ) from None
+    for name in attr_path.split("."):
+        try:
+            target = getattr(target, name)
+        except AttributeError:
+            raise HandlerLoadError(
+                f"--handler {spec}: {module_name} has no attribute {attr_path!r}"
+            ) from None
+    if isinstance(target, type) and hasattr(target, "data_received"):
+        return LoadedHandler(spec, protocol_factory=target)
+    if callable(target):
+        return LoadedHandler(spec, handle=target)
+    raise HandlerLoadError(
+        f"--handler {spec}: expected a protocol class or a handle(sock, address) "
+        f"function, got {type(target).__name__}"
+    )
+
+
+class BlockingTransport:
+    """The transport a protocol gets in a sync or thread worker."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._closing = False
+        self.bytes_out = 0
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        self._extra = {"peername": peer, "sockname": sock.getsockname()}
+
+    def write(self, data: Any) -> None:
+        if not self._closing:
+            self._sock.sendall(data)
+            self.bytes_out += memoryview(data).nbytes
+
+    def close(self) -> None:
+        self._closing = True
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+
+def serve_protocol(fd: int, buffer: Any, factory: Callable[[], Any]) -> tuple[int, int]:
+    """Run a protocol over a blocking socket until either side closes.
+
+    A blocking worker cannot wait for both the peer and the protocol, so a
+    connection ends at the peer's end of file whatever ``eof_received`` says.
+    """
+    sock = socket.socket(fileno=fd)
+    nin = 0
+    try:
+        transport = BlockingTransport(sock)
+        protocol = factory()
+        error: Exception | None = None
+        try:
+            protocol.connection_made(transport)
+            view = memoryview(buffer)
+            while not transport.is_closing():
+                n = sock.recv_into(view)
+                if n == 0:
+                    protocol.eof_received()
+                    break
+                nin += n
+                protocol.data_received(bytes(view[:n]))
+        except OSError as exc:
+            error = exc
+            raise
+        finally:
+            protocol.connection_lost(error)
+        return nin, transport.bytes_out
+    finally:
+        sock.detach()
+
+
+def serve_handle(fd: int, handle: Callable[[socket.socket, Any], Any]) -> tuple[int, int]:
+    """Call ``handle(sock, address)`` on a socket of its own.
+
+    The handler gets a duplicate descriptor, so it may close its socket (or
+    not) as it likes; the worker closes the original. Bytes are not counted.
+    """
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        try:
+            address = sock.getpeername()
+        except OSError:
+            address = None
+        handle(sock, address)
+    return 0, 0

@@ -282,3 +282,153 @@ def test_bad_arguments_are_value_errors(impl, kwargs):
     service = kwargs.pop("service")
     with pytest.raises(ValueError):
         impl.EventLoop([], service, **kwargs)
+
+
+# -- user protocols --------------------------------------------------------------------
+
+
+class Recorder:
+    """Records every callback; echoes; ``keep_open`` decides eof_received."""
+
+    instances: list[Recorder] = []
+    keep_open = False
+
+    def __init__(self) -> None:
+        self.calls: list = []
+        Recorder.instances.append(self)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.calls.append(("made", transport.get_extra_info("peername")))
+
+    def data_received(self, data: bytes) -> None:
+        self.calls.append(("data", data))
+        self.transport.write(data)
+
+    def eof_received(self):
+        self.calls.append(("eof",))
+        if self.keep_open:
+            self.transport.write(b"bye")
+            self.transport.close()
+        return self.keep_open
+
+    def connection_lost(self, exc) -> None:
+        self.calls.append(("lost", type(exc).__name__ if exc else None))
+
+
+@pytest.fixture
+def recorder():
+    Recorder.instances = []
+    Recorder.keep_open = False
+    yield Recorder
+
+
+def test_protocol_callbacks_in_order(running, recorder):
+    r = running("protocol", protocol_factory=recorder)
+    with r.connect() as sock:
+        sock.sendall(b"one")
+        assert read_exactly(sock, 3) == b"one"
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""
+        peer = sock.getsockname()
+    (proto,) = recorder.instances
+    assert wait_until(lambda: proto.calls[-1][0] == "lost", 5)
+    assert proto.calls == [("made", peer), ("data", b"one"), ("eof",), ("lost", None)]
+
+
+def test_protocol_that_keeps_open_after_eof_can_still_write(running, recorder):
+    recorder.keep_open = True
+    r = running("protocol", protocol_factory=recorder)
+    with r.connect() as sock:
+        sock.sendall(b"x")
+        assert read_exactly(sock, 1) == b"x"
+        sock.shutdown(socket.SHUT_WR)
+        assert read_exactly(sock, 4) == b"bye"  # then end of file
+    assert wait_until(lambda: recorder.instances[0].calls[-1] == ("lost", None), 5)
+
+
+def test_protocol_sees_the_reset(running, recorder):
+    import struct
+
+    r = running("protocol", protocol_factory=recorder)
+    sock = r.connect()
+    sock.sendall(b"x")
+    assert read_exactly(sock, 1) == b"x"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    assert wait_until(lambda: recorder.instances[0].calls[-1][0] == "lost", 5)
+    assert recorder.instances[0].calls[-1] == ("lost", "ConnectionResetError")
+
+
+class Flood:
+    """Writes 1 MiB per byte received: a peer that does not read overflows."""
+
+    lost: list = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        for _ in data:
+            self.transport.write(b"z" * (1 << 20))
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        Flood.lost.append(type(exc).__name__ if exc else None)
+
+
+def test_a_protocol_cannot_owe_more_than_max_buffer(running):
+    Flood.lost = []
+    r = running("protocol", protocol_factory=Flood, max_buffer=1 << 20)
+    with r.connect() as sock:
+        sock.sendall(b"abcdefgh")  # 8 MiB of replies, never read
+        assert wait_until(lambda: Flood.lost == ["BufferError"], 10)
+    assert r.loop.active == 0
+
+
+class Boom:
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        raise RuntimeError("boom")
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc) -> None:
+        Boom.lost = exc
+
+
+def test_a_protocol_exception_closes_its_connection(running, caplog):
+    Boom.lost = None
+    r = running("protocol", protocol_factory=Boom)
+    with r.connect() as sock:
+        sock.sendall(b"x")
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+    assert wait_until(lambda: isinstance(getattr(Boom, "lost", None), RuntimeError), 5)
+    assert "handler failed" in caplog.text
+
+
+def test_close_flushes_what_is_owed_first(running):
+    class Big:
+        def connection_made(self, transport) -> None:
+            transport.write(b"q" * (4 << 20))
+            transport.close()
+
+        def data_received(self, data) -> None:
+            pass
+
+        def eof_received(self):
+            return False
+
+        def connection_lost(self, exc) -> None:
+            pass
+
+    r = running("protocol", protocol_factory=Big, max_buffer=8 << 20)
+    with r.connect() as sock:
+        time.sleep(0.2)
+        assert read_exactly(sock, (4 << 20) + 1) == b"q" * (4 << 20)

@@ -22,7 +22,7 @@ import threading
 from types import FrameType
 
 from prefork.config import Config
-from prefork.handlers import Handler
+from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
 from prefork.sock import Listener
 
@@ -44,7 +44,7 @@ class Worker:
     """Base class: subclasses implement ``run()``."""
 
     def __init__(
-        self, age: int, ppid: int, listeners: list[Listener], config: Config, handler: Handler
+        self, age: int, ppid: int, listeners: list[Listener], config: Config, handler: LoadedHandler
     ) -> None:
         self.age = age  # spawn order, for logs
         self.ppid = ppid

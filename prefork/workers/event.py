@@ -22,7 +22,8 @@ class EventWorker(Worker):
         config = self.config
         self.loop = fastio.EventLoop(
             [listener.sock for listener in self.listeners],
-            config.handler,
+            self.handler.builtin or "protocol",
+            protocol_factory=self.handler.protocol_factory,
             wakeup_fd=self.wakeup_r,
             max_connections=config.max_connections,
             max_buffer=config.max_buffer,

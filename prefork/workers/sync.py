@@ -16,6 +16,7 @@ import select
 import time
 
 from prefork import fastio
+from prefork.handlers import Handler
 from prefork.workers.base import Worker
 
 BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
@@ -42,6 +43,7 @@ class SyncWorker(Worker):
         a stop pipe that must wake several threads.
         """
         buffer = bytearray(BUFFER_SIZE)
+        handler = self.handler.for_blocking_workers()
         poller = select.poll()
         poller.register(wake_fd, select.POLLIN)
         by_fd = {}
@@ -75,13 +77,13 @@ class SyncWorker(Worker):
                         continue
                     raise
                 if conn is not None:
-                    self.serve(conn, buffer)
+                    self.serve(conn, buffer, handler)
 
-    def serve(self, conn: int, buffer: bytearray) -> None:
+    def serve(self, conn: int, buffer: bytearray, handler: Handler) -> None:
         """Run the handler on one connection, then close it, whatever happened."""
         nin = nout = 0
         try:
-            nin, nout = self.handler(conn, buffer)
+            nin, nout = handler(conn, buffer)
         except OSError as exc:
             if exc.errno not in CONNECTION_ERRORS:
                 self.log.error("connection error: %s", exc)

@@ -1,0 +1,150 @@
+"""User handlers: protocol classes and handle(sock, address), through real servers."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+from test_signals import WORKER_CLASS_ARGS
+
+from conftest import exchange, wait_until
+from test_cli import assert_one_line_error, run
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=list(WORKER_CLASS_ARGS))
+def worker_class(request):
+    return WORKER_CLASS_ARGS[request.param]
+
+
+def test_upper_protocol_on_every_worker_class(server_factory, worker_class):
+    server = server_factory("-w", "2", *worker_class, "--handler", "examples.upper:Upper")
+    with server.connect() as sock:
+        assert exchange(sock, b"hello, world\n" * 1000) == b"HELLO, WORLD\n" * 1000
+
+
+@pytest.mark.parametrize("k", [["-k", "sync"], ["-k", "thread", "--threads", "2"]])
+def test_upper_blocking_handle(server_factory, k):
+    server = server_factory("-w", "1", *k, "--handler", "examples.upper:handle")
+    with server.connect() as sock:
+        assert exchange(sock, b"abc" * 50_000) == b"ABC" * 50_000
+
+
+def test_blocking_handle_is_refused_by_the_event_worker():
+    result = run("serve", "-k", "event", "--handler", "examples.upper:handle")
+    assert_one_line_error(result, 2, "examples.upper:handle", "-k sync")
+
+
+def read_line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        assert chunk, "connection closed"
+        data += chunk
+    return data
+
+
+def test_chat_room(server_factory):
+    server = server_factory("-w", "1", "--handler", "examples.chat:Chat")
+    with server.connect() as alice, server.connect() as bob:
+        alice_name = read_line(alice).split()[-1]
+        bob_name = read_line(bob).split()[-1]
+        assert read_line(alice) == b"* " + bob_name + b" joined\n"
+        alice.sendall(b"/nick alice\n")
+        assert read_line(bob) == b"* " + alice_name + b" is now alice\n"
+        alice.sendall(b"hi bob\r\n")
+        assert read_line(bob) == b"<alice> hi bob\n"
+        bob.sendall(b"hi al")
+        bob.sendall(b"ice\n")
+        assert read_line(alice) == b"<" + bob_name + b"> hi alice\n"
+        bob.sendall(b"x" * 5000 + b"\n")  # too long: bob is sent away
+        assert read_line(bob) == b"* line too long; bye\n"
+        assert bob.recv(10) == b""
+        assert read_line(alice) == b"* " + bob_name + b" left\n"
+
+
+@pytest.mark.parametrize(
+    ("k", "handler"),
+    [
+        (["-k", "event"], "handlers.faulty:RaiseOnBoom"),
+        (["-k", "sync"], "handlers.faulty:RaiseOnBoom"),
+        (["-k", "thread", "--threads", "2"], "handlers.faulty:handle_boom"),
+    ],
+)
+def test_a_handler_that_raises_closes_only_its_connection(server_factory, k, handler):
+    server = server_factory("-w", "1", *k, "--handler", handler, env=_tests_on_path())
+    workers = server.wait_workers(1)
+    concurrent = k[1] != "sync"  # a sync worker serves one connection at a time
+    good = server.connect() if concurrent else None
+    if good is not None:
+        good.sendall(b"fine")
+        assert good.recv(4) == b"fine"
+    with server.connect() as bad:
+        bad.sendall(b"boom")
+        bad.settimeout(10)
+        assert bad.recv(10) == b""
+    if good is None:
+        good = server.connect()
+    with good:
+        good.sendall(b"still fine")
+        assert good.recv(10) == b"still fine"
+    assert wait_until(lambda: "RuntimeError: boom requested" in server.log, 5), server.log
+    assert "handler failed; connection closed" in server.log
+    assert server.workers() == workers
+
+
+@pytest.mark.parametrize(
+    ("k", "handler"),
+    [
+        (["-k", "event"], "handlers.faulty:Peer"),
+        (["-k", "sync"], "handlers.faulty:Peer"),
+        (["-k", "sync"], "handlers.faulty:peer_handle"),
+        (["-k", "thread", "--threads", "3"], "handlers.faulty:peer_handle"),
+    ],
+)
+def test_handlers_see_the_client_address(server_factory, k, handler):
+    server = server_factory("-w", "1", *k, "--handler", handler, env=_tests_on_path())
+    for _ in range(5):  # also: a handler that closes its own socket leaves the worker sound
+        with server.connect() as sock:
+            reply = exchange(sock, b"")
+            assert reply == repr(sock.getsockname()).encode()
+    time.sleep(0.2)
+    assert "Traceback" not in server.log
+
+
+def _tests_on_path() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.parametrize(
+    ("handler", "code", "needles"),
+    [
+        ("nosuchmodule:Thing", 3, ["cannot import nosuchmodule", "ModuleNotFoundError"]),
+        ("examples.upper:Nope", 3, ["has no attribute 'Nope'"]),
+        ("handlers.broken_import:X", 3, ["broken on purpose"]),
+        ("handlers.faulty:not_callable", 3, ["expected a protocol class"]),
+        ("not a handler", 2, ["'not a handler'"]),
+        ("mod:", 2, ["'mod:'"]),
+    ],
+)
+def test_handler_load_errors_are_one_line(handler, code, needles):
+    import subprocess
+
+    from conftest import prefork_command
+
+    result = subprocess.run(
+        prefork_command("serve", "-b", "127.0.0.1:0", "--handler", handler),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=_tests_on_path(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert_one_line_error(result, code, *needles)
