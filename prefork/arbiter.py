@@ -28,6 +28,7 @@ from prefork.config import Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, WorkerBootError
 from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
+from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
 from prefork.workers import WORKER_CLASSES
 
@@ -53,6 +54,8 @@ class Arbiter:
         self.num_workers = config.workers
         self.listeners: list[Listener] = []
         self.workers: dict[int, int] = {}  # pid -> age
+        self.slots: dict[int, int] = {}  # pid -> scoreboard slot
+        self.scoreboard = Scoreboard()
         self.worker_age = 0
         self.sig_queue: deque[int] = deque()
         self.wakeup_r = -1
@@ -113,7 +116,7 @@ class Arbiter:
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGTTIN:
-            self.num_workers += 1
+            self.num_workers = min(self.num_workers + 1, self.scoreboard.slots)
             self.log.info("TTIN: %d worker(s)", self.num_workers)
         elif sig == signal.SIGTTOU:
             if self.num_workers > 1:
@@ -151,8 +154,16 @@ class Arbiter:
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
+        slot = min(set(range(self.scoreboard.slots)) - set(self.slots.values()))
+        self.scoreboard.clear(slot)
         worker = self.worker_class(
-            self.worker_age, self.pid, self.listeners, self.config, self.handler
+            self.worker_age,
+            self.pid,
+            self.listeners,
+            self.config,
+            self.handler,
+            self.scoreboard,
+            slot,
         )
         # Signals stay blocked across fork so that the child cannot run the
         # master's handlers before it has installed its own.
@@ -165,6 +176,7 @@ class Arbiter:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         if pid:
             self.workers[pid] = self.worker_age
+            self.slots[pid] = slot
             self.log.debug("spawned worker %d (pid %d)", self.worker_age, pid)
             return pid
         # The child: never return into the master's code.
@@ -193,8 +205,8 @@ class Arbiter:
             self.kill_worker(pid, sig)
 
     def reap_workers(self) -> None:
-        """Collect every exited child; a child we did not fork is reaped too
-        (the master may be PID 1 in a container)."""
+        """Collect every exited child and log what it served; a child we did
+        not fork is reaped too (the master may be PID 1 in a container)."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -205,17 +217,24 @@ class Arbiter:
             age = self.workers.pop(pid, None)
             if age is None:
                 continue
+            stats = self.scoreboard.read(self.slots.pop(pid))
+            served = (
+                f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
+                f"{stats.bytes_out} bytes out"
+            )
             if os.WIFSIGNALED(status):
                 sig = signal.Signals(os.WTERMSIG(status)).name
-                self.log.warning("worker %d (pid %d) killed by %s", age, pid, sig)
+                self.log.warning("worker %d (pid %d) killed by %s: %s", age, pid, sig, served)
                 continue
             code = os.waitstatus_to_exitcode(status)
             if code == WORKER_BOOT_ERROR:
                 raise WorkerBootError(f"worker {age} (pid {pid}) failed to boot")
             if code != EXIT_OK:
-                self.log.warning("worker %d (pid %d) exited with code %d", age, pid, code)
+                self.log.warning(
+                    "worker %d (pid %d) exited with code %d: %s", age, pid, code, served
+                )
             else:
-                self.log.debug("worker %d (pid %d) exited", age, pid)
+                self.log.info("worker %d (pid %d) exited: %s", age, pid, served)
 
     # -- stopping -------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from prefork.config import (
 from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
 from prefork.handlers import BUILTIN, load_handler
 from prefork.log import LEVELS, setup_logging
+from prefork.scoreboard import MAX_SLOTS
 from prefork.workers import WORKER_CLASSES
 
 PROG = "prefork"
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     binds = tuple(parse_address(text) for text in args.bind) if args.bind else (DEFAULT_BIND,)
     extra = {}
     if args.workers is not None:
-        extra["workers"] = parse_int(args.workers, "-w/--workers", minimum=1)
+        extra["workers"] = parse_int(args.workers, "-w/--workers", minimum=1, maximum=MAX_SLOTS)
     return Config(
         binds=binds,
         worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),

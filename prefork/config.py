@@ -78,14 +78,15 @@ def parse_address(text: str, option: str = "-b/--bind") -> Address:
     return Address("tcp", host, int(port_text))
 
 
-def parse_int(text: str, option: str, minimum: int) -> int:
-    """A whole number no smaller than ``minimum``."""
+def parse_int(text: str, option: str, minimum: int, maximum: int | None = None) -> int:
+    """A whole number from ``minimum`` to ``maximum`` (if given)."""
     try:
         value = int(text, 10)
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ConfigError(f"{option}: expected a whole number >= {minimum}, got {text!r}")
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise ConfigError(f"{option}: expected a whole number {bounds}, got {text!r}")
     return value
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
@@ -183,3 +184,22 @@ def test_second_term_during_graceful_stop_is_harmless(serve):
         server.signal(signal.SIGTERM)
         assert echo_once(sock, b"b") == b"b"
     assert server.wait(15) == 0
+
+
+def test_master_logs_what_each_worker_served_on_shutdown(serve):
+    server = serve("-w", "2")
+    workers = server.wait_workers(2)
+    for size in (1000, 20_000, 300_000):
+        with server.connect() as sock:
+            assert exchange(sock, b"y" * size) == b"y" * size
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+    pattern = re.compile(
+        r"worker \d+ \(pid (\d+)\) exited: (\d+) connections, (\d+) bytes in, (\d+) bytes out"
+    )
+    assert wait_until(lambda: len(pattern.findall(server.log)) == 2, 5), server.log
+    lines = pattern.findall(server.log)
+    assert sorted(int(pid) for pid, *_ in lines) == sorted(workers)
+    assert sum(int(n) for _, n, _, _ in lines) == 3
+    assert sum(int(b) for _, _, b, _ in lines) == 321_000
+    assert sum(int(b) for _, _, _, b in lines) == 321_000

@@ -24,6 +24,7 @@ from types import FrameType
 from prefork.config import Config
 from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
+from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener
 
 PR_SET_PDEATHSIG = 1
@@ -44,9 +45,18 @@ class Worker:
     """Base class: subclasses implement ``run()``."""
 
     def __init__(
-        self, age: int, ppid: int, listeners: list[Listener], config: Config, handler: LoadedHandler
+        self,
+        age: int,
+        ppid: int,
+        listeners: list[Listener],
+        config: Config,
+        handler: LoadedHandler,
+        scoreboard: Scoreboard,
+        slot: int,
     ) -> None:
         self.age = age  # spawn order, for logs
+        self.scoreboard = scoreboard
+        self.slot = slot  # this worker's counters in the scoreboard
         self.ppid = ppid
         self.listeners = listeners
         self.config = config
@@ -55,9 +65,10 @@ class Worker:
         self.booted = False  # False until run(): a failure before is a boot error
         self.log = get_logger()
         self.wakeup_r = -1
-        # Counters for this worker's summary line.
+        # Counters, published to the scoreboard for the master to read.
         self.stats_lock = threading.Lock()
         self.accepted = 0
+        self.active = 0
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -72,12 +83,16 @@ class Worker:
             return
         self.log.debug("worker %d booted", self.age)
         self.booted = True
-        self.run()
-        self.log.info(
-            "worker exiting: %d connections, %d bytes in, %d bytes out",
-            self.accepted,
-            self.bytes_in,
-            self.bytes_out,
+        self.publish()
+        try:
+            self.run()
+        finally:
+            self.publish()
+
+    def publish(self) -> None:
+        """Write this worker's counters where the master can read them."""
+        self.scoreboard.write(
+            self.slot, os.getpid(), self.accepted, self.active, self.bytes_in, self.bytes_out
         )
 
     def init_signals(self) -> None:

@@ -36,6 +36,7 @@ class EventWorker(Worker):
         try:
             while self.loop.accepting or self.loop.active:
                 self.loop.run(TICK)
+                self.collect_stats()
                 if not self.parent_alive():
                     self.log.warning("master is gone; worker exiting")
                     return
@@ -46,10 +47,17 @@ class EventWorker(Worker):
                     )
                     reported_errors = self.loop.resource_errors
         finally:
-            self.accepted = self.loop.accepted
-            self.bytes_in = self.loop.bytes_in
-            self.bytes_out = self.loop.bytes_out
             self.loop.close()
+            self.collect_stats()
+
+    def collect_stats(self) -> None:
+        """Copy the loop's counters out and publish them (once a tick)."""
+        assert self.loop is not None
+        self.accepted = self.loop.accepted
+        self.active = self.loop.active
+        self.bytes_in = self.loop.bytes_in
+        self.bytes_out = self.loop.bytes_out
+        self.publish()
 
     def stop_accepting(self) -> None:
         # Out of the epoll set first: it would keep watching a listener that

@@ -82,6 +82,9 @@ class SyncWorker(Worker):
     def serve(self, conn: int, buffer: bytearray, handler: Handler) -> None:
         """Run the handler on one connection, then close it, whatever happened."""
         nin = nout = 0
+        with self.stats_lock:
+            self.active += 1
+            self.publish()
         try:
             nin, nout = handler(conn, buffer)
         except OSError as exc:
@@ -95,5 +98,7 @@ class SyncWorker(Worker):
             os.close(conn)
             with self.stats_lock:  # threads of a ThreadWorker share the counters
                 self.accepted += 1
+                self.active -= 1
                 self.bytes_in += nin
                 self.bytes_out += nout
+                self.publish()
