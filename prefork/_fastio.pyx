@@ -29,13 +29,14 @@ from prefork._posix cimport (
     EPOLLIN, EPOLLOUT, EWOULDBLOCK, MSG_NOSIGNAL, SOCK_CLOEXEC, SOCK_NONBLOCK, accept4,
     clock_gettime, close, epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno, gmtime_r,
     read, recv, send, ssize_t, strftime, time, time_t, timespec, tm, uint64_t,
+    iovec, mmsghdr, sockaddr_storage, recvmmsg, sendmmsg, MSG_DONTWAIT, MSG_TRUNC,
 )
 
 # Argument checking is part of the specification: share it, so both
 # implementations reject bad arguments identically before touching the fd.
 from prefork._fastio_py import (
-    ACCEPT_BATCH, DAYTIME_FORMAT, EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL,
-    _byte_view, _check_loop_args, _fileno,
+    ACCEPT_BATCH, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
+    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, _byte_view, _check_loop_args, _fileno,
 )
 
 _log = logging.getLogger("prefork")
@@ -216,6 +217,20 @@ def sendall(conn, data):
 DEF MAX_EVENTS = 256
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
+DEF DGRAM_BATCH = 16  # == DATAGRAM_BATCH, checked at import
+DEF DGRAM_SIZE = 65536  # == DATAGRAM_SIZE, checked at import
+assert DGRAM_BATCH == DATAGRAM_BATCH and DGRAM_SIZE == DATAGRAM_SIZE
+cdef unsigned int C_CHARGEN_DATAGRAM_MAX = CHARGEN_DATAGRAM_MAX
+
+
+cdef struct Datagrams:
+    # Buffers for one recvmmsg/sendmmsg batch, allocated once per loop.
+    mmsghdr received[DGRAM_BATCH]
+    mmsghdr replies[DGRAM_BATCH]
+    iovec in_iov[DGRAM_BATCH]
+    iovec out_iov[DGRAM_BATCH]
+    sockaddr_storage senders[DGRAM_BATCH]
+    unsigned char data[DGRAM_BATCH][DGRAM_SIZE]
 
 # What closed a connection, for connection_lost(exc).
 DEF CLOSED_OK = 0  # end of file, close(), idle: exc is None
@@ -295,6 +310,11 @@ cdef class EventLoop:
     cdef readonly size_t max_buffer
     cdef readonly double idle_timeout
     cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
+    cdef readonly unsigned long long datagrams
+    cdef int *dgram_fds
+    cdef int n_dgrams
+    cdef Datagrams *dgram
+    cdef uint64_t rng  # xorshift state for chargen's random reply sizes
     cdef int n_active
     cdef bint _accepting, armed
     cdef double paused_until, next_sweep, sweep_interval
@@ -315,12 +335,16 @@ cdef class EventLoop:
         self.wakeup_fd = -1
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
-                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None):
+                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None,
+                 datagram_sockets=()):
         cdef const unsigned char[::1] view
         cdef int index
         pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
                                         pattern, protocol_factory)
+        if datagram_sockets and service == "protocol":
+            raise ValueError("datagram sockets serve the built-in services only")
         fds = [_fileno(listener) for listener in listeners]
+        dgram_fds = [_fileno(sock) for sock in datagram_sockets]
         index = SERVICES.index(service)
         self.svc = <Service>index
         self.service = service
@@ -336,6 +360,15 @@ cdef class EventLoop:
         self.n_listeners = len(fds)
         for i, fd in enumerate(fds):
             self.listeners[i] = fd
+        self.n_dgrams = len(dgram_fds)
+        if self.n_dgrams:
+            self.dgram_fds = <int *>malloc(sizeof(int) * self.n_dgrams)
+            self.dgram = <Datagrams *>malloc(sizeof(Datagrams))
+            if self.dgram_fds == NULL or self.dgram == NULL:
+                raise MemoryError()
+            for i, fd in enumerate(dgram_fds):
+                self.dgram_fds[i] = fd
+        self.rng = 0x9E3779B97F4A7C15 ^ <uint64_t>id(self)
         if pattern_view is not None:
             view = pattern_view
             self.pattern_view = pattern_view
@@ -350,6 +383,9 @@ cdef class EventLoop:
         self.wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
             self._ctl(EPOLL_CTL_ADD, wakeup_fd, EPOLLIN, ((<uint64_t>self.n_listeners) << 1) | 1)
+        for i in range(self.n_dgrams):
+            self._ctl(EPOLL_CTL_ADD, self.dgram_fds[i], EPOLLIN | EPOLLEXCLUSIVE,
+                      self._dgram_tag(i))
         self.sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
         self.next_sweep = _monotonic() + self.sweep_interval
 
@@ -366,14 +402,19 @@ cdef class EventLoop:
 
     def stop_accepting(self):
         """Take the listeners out of the loop for good (graceful stop)."""
+        cdef int i
+        if not self._accepting:
+            return
         self._accepting = False
         self._disarm()
+        for i in range(self.n_dgrams):
+            self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
 
     def close(self):
         """Close every connection and the epoll set; listeners stay open."""
         while self.head != NULL:
             self._close(self.head, CLOSED_OK)
-        self._disarm()
+        self.stop_accepting()
         self._release()
 
     def run(self, double timeout):
@@ -403,6 +444,10 @@ cdef class EventLoop:
         self.buf = NULL
         free(self.listeners)
         self.listeners = NULL
+        free(self.dgram_fds)
+        self.dgram_fds = NULL
+        free(self.dgram)
+        self.dgram = NULL
 
     cdef void _free_graveyard(self) noexcept nogil:
         cdef Conn *conn
@@ -456,6 +501,9 @@ cdef class EventLoop:
                 elif <int>(tag >> 1) == self.n_listeners:
                     woken = True
                     self._drain_wakeup()
+                elif <int>(tag >> 1) > self.n_listeners:
+                    if self._accepting:
+                        self._serve_datagrams(<int>(tag >> 1) - self.n_listeners - 1)
                 elif self.armed:
                     self._accept(<int>(tag >> 1), now)
             self._free_graveyard()
@@ -501,6 +549,83 @@ cdef class EventLoop:
                 self.idle_closed += 1
                 self._close(conn, CLOSED_OK)
             conn = next_conn
+        return 0
+
+    # -- datagrams --------------------------------------------------------------------
+
+    cdef inline uint64_t _dgram_tag(self, int index) noexcept nogil:
+        return ((<uint64_t>(self.n_listeners + 1 + index)) << 1) | 1
+
+    cdef unsigned int _random_size(self) noexcept nogil:
+        self.rng ^= self.rng << 13
+        self.rng ^= self.rng >> 7
+        self.rng ^= self.rng << 17
+        return <unsigned int>(self.rng % (C_CHARGEN_DATAGRAM_MAX + 1))
+
+    cdef int _serve_datagrams(self, int index) except -1 nogil:
+        """Answer a batch of datagrams, each to its own sender (see the spec)."""
+        cdef Datagrams *d = self.dgram
+        cdef int fd = self.dgram_fds[index]
+        cdef int n, i, m = 0, r, done = 0
+        cdef size_t length
+        cdef time_t t
+        cdef tm parts
+        cdef const unsigned char *reply
+        for i in range(DGRAM_BATCH):
+            d.in_iov[i].iov_base = d.data[i]
+            d.in_iov[i].iov_len = DGRAM_SIZE
+            d.received[i].msg_hdr.msg_name = &d.senders[i]
+            d.received[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            d.received[i].msg_hdr.msg_iov = &d.in_iov[i]
+            d.received[i].msg_hdr.msg_iovlen = 1
+            d.received[i].msg_hdr.msg_control = NULL
+            d.received[i].msg_hdr.msg_controllen = 0
+            d.received[i].msg_hdr.msg_flags = 0
+        n = recvmmsg(fd, d.received, DGRAM_BATCH, MSG_DONTWAIT, NULL)
+        if n < 0:
+            if errno == EINTR:
+                _check_signals()
+            return 0  # EAGAIN: another worker took them; ICMP errors: nothing to do
+        for i in range(n):
+            length = d.received[i].msg_len
+            self.datagrams += 1
+            self.bytes_in += length
+            if d.received[i].msg_hdr.msg_flags & MSG_TRUNC:
+                continue  # cannot happen with 64 KiB buffers; never echo a cut datagram
+            if self.svc == ECHO:
+                reply = d.data[i]
+            elif self.svc == DAYTIME:
+                t = time(NULL)
+                gmtime_r(&t, &parts)
+                length = strftime(<char *>d.data[i], DGRAM_SIZE, self.daytime_fmt, &parts)
+                reply = d.data[i]
+            elif self.svc == CHARGEN:
+                length = min(<size_t>self._random_size(), self.pattern_len)
+                reply = self.pattern
+            else:
+                continue  # discard
+            d.out_iov[m].iov_base = <void *>reply
+            d.out_iov[m].iov_len = length
+            d.replies[m].msg_hdr = d.received[i].msg_hdr
+            d.replies[m].msg_hdr.msg_iov = &d.out_iov[m]
+            d.replies[m].msg_hdr.msg_flags = 0
+            m += 1
+        while done < m:
+            r = sendmmsg(fd, &d.replies[done], m - done, MSG_DONTWAIT)
+            if r < 0:
+                if errno == EINTR:
+                    _check_signals()
+                    continue
+                if errno == EAGAIN or errno == EWOULDBLOCK:
+                    break  # full: UDP may drop the rest
+                done += 1  # this reply failed (refused...): skip it
+                continue
+            for i in range(done, done + r):
+                self.bytes_out += d.out_iov[i].iov_len
+            done += r
+        # re-arm: to the back of the socket's wait queue
+        self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
+        self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, self._dgram_tag(index))
         return 0
 
     # -- connections ------------------------------------------------------------------

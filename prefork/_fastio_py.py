@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import select
 import socket
 import time
@@ -169,6 +170,11 @@ def sendall(conn: Any, data: Any) -> int:
 # accept batch the worker removes and re-adds the listener, which moves it to
 # the back of the queue: idle workers take turns.
 #
+# Datagram sockets (UDP) share the set, also exclusive and re-armed: each
+# wake-up serves a batch of datagrams, one reply per datagram to its sender,
+# boundaries preserved; a reply the kernel cannot take at once is dropped,
+# as UDP allows.
+#
 # User protocols (service "protocol") get asyncio's Protocol callbacks and a
 # Transport; a protocol that writes faster than its peer reads is cut off
 # when it owes more than ``max_buffer`` (a slow consumer must not grow the
@@ -180,6 +186,9 @@ ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
 EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
 DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
+DATAGRAM_BATCH = 16  # datagrams served per wake-up of one datagram socket
+DATAGRAM_SIZE = 65536  # receive buffer per datagram: larger than any UDP payload
+CHARGEN_DATAGRAM_MAX = 512  # RFC 864: a UDP reply holds 0 to 512 characters
 
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
@@ -294,9 +303,14 @@ class EventLoop:
     one idle for ``idle_timeout`` seconds (no byte read or written; 0 =
     never) is closed.
 
+    ``datagram_sockets`` are bound UDP sockets (borrowed, non-blocking) on
+    which the built-in service answers every datagram with one datagram to
+    its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
+
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
-    ``bytes_out``, ``idle_closed``, ``resource_errors`` (EMFILE and kin on
-    accept; the loop pauses accepting for ``EMFILE_PAUSE`` seconds each).
+    ``bytes_out``, ``idle_closed``, ``datagrams`` (received), and
+    ``resource_errors`` (EMFILE and kin on accept; the loop pauses accepting
+    for ``EMFILE_PAUSE`` seconds each).
     """
 
     def __init__(
@@ -310,17 +324,21 @@ class EventLoop:
         idle_timeout: float = 300.0,
         pattern: Any = b"",
         protocol_factory: Any = None,
+        datagram_sockets: Any = (),
     ) -> None:
         self._pattern = _check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
         )
+        if datagram_sockets and service == "protocol":
+            raise ValueError("datagram sockets serve the built-in services only")
         fds = [_fileno(listener) for listener in listeners]
+        dgram_fds = [_fileno(sock) for sock in datagram_sockets]
         self.service = service
         self.max_connections = max_connections
         self.max_buffer = max_buffer
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
-        self.idle_closed = self.resource_errors = 0
+        self.idle_closed = self.resource_errors = self.datagrams = 0
         self._factory = protocol_factory
         self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
         self._conns: dict[int, _Conn] = {}
@@ -332,6 +350,10 @@ class EventLoop:
         self._wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
             self._epoll.register(wakeup_fd, _EPOLLIN)
+        self._datagram_sockets = {fd: socket.socket(fileno=fd) for fd in dgram_fds}
+        self._datagram_buffer = bytearray(DATAGRAM_SIZE) if dgram_fds else bytearray()
+        for fd in self._datagram_sockets:
+            self._epoll.register(fd, _LISTEN_EVENTS)
         self._sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
         self._next_sweep = time.monotonic() + self._sweep_interval
 
@@ -351,12 +373,18 @@ class EventLoop:
         """
         self._accepting = False
         self._disarm()
+        for fd in self._datagram_sockets:
+            self._epoll.unregister(fd)
+        for sock in self._datagram_sockets.values():
+            sock.detach()
+        self._datagram_sockets.clear()
 
     def close(self) -> None:
         """Close every connection and the epoll set; listeners stay open."""
         for conn in list(self._conns.values()):
             self._close(conn)
-        self._disarm()
+        if self._accepting:
+            self.stop_accepting()
         for sock in self._listeners.values():
             sock.detach()
         self._listeners.clear()
@@ -395,6 +423,8 @@ class EventLoop:
                     _drain(fd)
                 elif fd in self._listeners and self._armed:
                     self._accept(fd, now)
+                elif fd in self._datagram_sockets:
+                    self._serve_datagrams(fd)
             if woken:
                 return
 
@@ -446,6 +476,37 @@ class EventLoop:
                 return
             self._open(sock, now)
         if self._armed:  # re-arm: to the back of the listener's wait queue
+            self._epoll.unregister(fd)
+            self._epoll.register(fd, _LISTEN_EVENTS)
+
+    def _serve_datagrams(self, fd: int) -> None:
+        """Answer a batch of datagrams, each to its own sender."""
+        sock = self._datagram_sockets[fd]
+        buffer = self._datagram_buffer
+        for _ in range(DATAGRAM_BATCH):
+            try:
+                n, sender = sock.recvfrom_into(buffer)
+            except BlockingIOError:
+                break
+            except OSError:  # e.g. ICMP port unreachable from an earlier reply
+                continue
+            self.datagrams += 1
+            self.bytes_in += n
+            if self.service == "echo":
+                reply: Any = memoryview(buffer)[:n]
+            elif self.service == "daytime":
+                reply = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
+            elif self.service == "chargen":
+                assert self._pattern is not None
+                size = random.randrange(CHARGEN_DATAGRAM_MAX + 1)
+                reply = self._pattern[: min(size, len(self._pattern))]
+            else:
+                continue  # discard
+            try:
+                self.bytes_out += sock.sendto(reply, sender)
+            except OSError:  # full (EAGAIN) or refused: UDP may drop a reply
+                pass
+        if self._accepting:  # re-arm: to the back of the socket's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="ADDR",
         default=None,
-        help=f"HOST:PORT, [V6ADDR]:PORT or unix:PATH; repeatable (default {DEFAULT_BIND})",
+        help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT; repeatable "
+        f"(default {DEFAULT_BIND})",
     )
     serve.add_argument(
         "-w", "--workers", metavar="N", help="worker processes (default: the CPU count)"
@@ -146,7 +147,12 @@ def serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     setup_logging(config.log_level)
+    udp = [str(a) for a in config.binds if a.kind == "udp"]
+    if udp and config.worker_class != "event":
+        raise ConfigError(f"-b {udp[0]}: datagram listeners need the event worker (-k event)")
     handler = load_handler(config.handler)
+    if udp and handler.builtin is None:
+        raise ConfigError(f"-b {udp[0]}: datagram listeners serve the built-in handlers only")
     if config.worker_class == "event" and handler.handle is not None:
         raise ConfigError(
             f"--handler {config.handler} is a blocking handle(sock, address) function; "

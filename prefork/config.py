@@ -18,7 +18,7 @@ DEFAULT_PORT = 7007
 
 @dataclass(frozen=True)
 class Address:
-    """Where to listen: ``kind`` is ``tcp`` (host, port) or ``unix`` (path)."""
+    """Where to listen: ``kind`` is ``tcp`` or ``udp`` (host, port) or ``unix`` (path)."""
 
     kind: str
     host: str = ""
@@ -28,9 +28,10 @@ class Address:
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        scheme = "udp://" if self.kind == "udp" else ""
         if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+            return f"{scheme}[{self.host}]:{self.port}"
+        return f"{scheme}{self.host}:{self.port}"
 
 
 DEFAULT_BIND = Address("tcp", "127.0.0.1", DEFAULT_PORT)
@@ -57,8 +58,16 @@ class Config:
 
 
 def parse_address(text: str, option: str = "-b/--bind") -> Address:
-    """``HOST:PORT``, ``[V6ADDR]:PORT`` or ``unix:PATH``."""
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``unix:PATH``, or ``udp://`` and a host and port."""
     bad = f"{option}: invalid address {text!r}"
+    if text.startswith("udp://"):
+        try:
+            inner = parse_address(text[len("udp://") :], option)
+        except ConfigError:
+            inner = Address("unix")
+        if inner.kind != "tcp":
+            raise ConfigError(f"{bad}: expected udp://HOST:PORT or udp://[V6ADDR]:PORT")
+        return Address("udp", inner.host, inner.port)
     if text.startswith("unix:"):
         path = text[len("unix:") :]
         if not path or "\0" in path:

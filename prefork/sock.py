@@ -54,10 +54,12 @@ def _bind_error(address: Address, exc: OSError) -> BindError:
     return BindError(f"{address}: {reason}")
 
 
-def _tcp_socket(address: Address, backlog: int) -> socket.socket:
+def _inet_socket(address: Address, backlog: int) -> socket.socket:
+    """A bound TCP listener, or a bound UDP socket for ``udp`` addresses."""
+    kind = socket.SOCK_DGRAM if address.kind == "udp" else socket.SOCK_STREAM
     try:
         infos = socket.getaddrinfo(
-            address.host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE
+            address.host, address.port, socket.AF_UNSPEC, kind, 0, socket.AI_PASSIVE
         )
     except socket.gaierror as exc:
         raise BindError(f"{address}: cannot resolve host: {exc.strerror}") from None
@@ -69,7 +71,8 @@ def _tcp_socket(address: Address, backlog: int) -> socket.socket:
             # [::]:PORT means IPv6 only, as in nginx; bind 0.0.0.0 for IPv4.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen(backlog)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise _bind_error(address, exc) from None
@@ -119,9 +122,10 @@ def describe(sock: socket.socket) -> str:
     name = sock.getsockname()
     if sock.family == socket.AF_UNIX:
         return f"unix:{name}"
+    scheme = "udp://" if sock.type == socket.SOCK_DGRAM else ""
     if sock.family == socket.AF_INET6:
-        return f"[{name[0]}]:{name[1]}"
-    return f"{name[0]}:{name[1]}"
+        return f"{scheme}[{name[0]}]:{name[1]}"
+    return f"{scheme}{name[0]}:{name[1]}"
 
 
 def create_listener(address: Address, backlog: int, unix_mode: int = 0o660) -> Listener:
@@ -129,7 +133,7 @@ def create_listener(address: Address, backlog: int, unix_mode: int = 0o660) -> L
     if address.kind == "unix":
         sock, inode = _unix_socket(address, backlog, unix_mode)
     else:
-        sock = _tcp_socket(address, backlog)
+        sock = _inet_socket(address, backlog)
     sock.setblocking(False)
     return Listener(address, sock, describe(sock), inode)
 

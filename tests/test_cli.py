@@ -65,6 +65,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needl
         (["--unix-mode", "666"], "'666'"),
         (["--unix-mode", "999"], "'999'"),
         (["--no-such-option"], "--no-such-option"),
+        (["-b", "udp://127.0.0.1"], "'udp://127.0.0.1'"),
+        (["-b", "udp://unix:/tmp/x"], "udp://unix:/tmp/x"),
+        (["-k", "sync", "-b", "udp://127.0.0.1:0"], "-k event"),
+        (["-k", "thread", "-b", "udp://127.0.0.1:0"], "-k event"),
+        (["-b", "udp://127.0.0.1:0", "--handler", "examples.upper:Upper"], "built-in"),
+        (["-w", "5000"], "'5000'"),
     ],
 )
 def test_usage_errors_exit_2_naming_the_value(args, needle):

@@ -432,3 +432,85 @@ def test_close_flushes_what_is_owed_first(running):
     with r.connect() as sock:
         time.sleep(0.2)
         assert read_exactly(sock, (4 << 20) + 1) == b"q" * (4 << 20)
+
+
+# -- datagrams ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def udp_loop(impl):
+    """An EventLoop of ``impl`` serving one UDP socket; yields a factory."""
+    made = []
+
+    def make(service: str):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        loop = impl.EventLoop([], service, datagram_sockets=[sock], pattern=chargen_pattern(1))
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=lambda: [loop.run(0.05) for _ in iter(stop.is_set, True)], daemon=True
+        )
+        thread.start()
+        made.append((sock, loop, stop, thread))
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.settimeout(5)
+        made.append((client, None, None, None))
+        return client, sock.getsockname(), loop
+
+    yield make
+    for sock, loop, stop, thread in made:
+        if stop is not None:
+            stop.set()
+            thread.join(5)
+            loop.close()
+        sock.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 9000, 65507])
+def test_udp_echo_keeps_datagram_boundaries(udp_loop, size):
+    client, address, loop = udp_loop("echo")
+    payload = os.urandom(size)
+    client.sendto(payload, address)
+    data, sender = client.recvfrom(70_000)
+    assert data == payload and sender == address
+
+
+def test_udp_echo_of_a_burst(udp_loop):
+    client, address, loop = udp_loop("echo")
+    sent = [b"%05d" % i * (i % 7 + 1) for i in range(200)]
+    for datagram in sent:
+        client.sendto(datagram, address)
+    received = [client.recvfrom(70_000)[0] for _ in sent]
+    assert sorted(received) == sorted(sent)  # loopback keeps them all
+    assert wait_until(lambda: loop.datagrams == 200, 5)
+    assert loop.bytes_in == loop.bytes_out == sum(map(len, sent))
+
+
+def test_udp_discard_daytime_chargen(udp_loop):
+    client, address, loop = udp_loop("discard")
+    client.sendto(b"gone", address)
+    assert wait_until(lambda: loop.datagrams == 1, 5)
+    client.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        client.recvfrom(100)
+
+    client, address, _ = udp_loop("daytime")
+    client.sendto(b"", address)
+    assert client.recvfrom(200)[0].endswith(b"-UTC\r\n")
+
+    client, address, _ = udp_loop("chargen")
+    pattern = chargen_pattern(1)
+    sizes = set()
+    for _ in range(40):
+        client.sendto(b"?", address)
+        reply = client.recvfrom(1000)[0]
+        assert len(reply) <= 512 and pattern.startswith(reply)
+        sizes.add(len(reply))
+    assert len(sizes) > 5  # RFC 864: a random number of characters
+
+
+def test_udp_is_refused_for_protocols(impl):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with pytest.raises(ValueError):
+            impl.EventLoop([], "protocol", protocol_factory=Recorder, datagram_sockets=[sock])

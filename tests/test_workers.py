@@ -179,3 +179,29 @@ def test_thread_worker_serves_one_connection_per_thread(server_factory):
     finally:
         for sock in socks:
             sock.close()
+
+
+def test_udp_and_tcp_on_the_same_port(server_factory):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_factory("-w", "2", "-b", f"udp://127.0.0.1:{port}", "-b", f"127.0.0.1:{port}")
+    assert server.addresses == [f"udp://127.0.0.1:{port}", f"127.0.0.1:{port}"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        for size in (1, 512, 65507):
+            payload = os.urandom(size)
+            udp.sendto(payload, ("127.0.0.1", port))
+            assert udp.recvfrom(70_000)[0] == payload
+    with server.connect(1) as tcp:
+        tcp.sendall(b"stream")
+        assert tcp.recv(6) == b"stream"
+
+
+def test_udp_on_ipv6(server_factory):
+    server = server_factory("-w", "1", "-b", "udp://[::1]:0")
+    host, port = server.addresses[0].removeprefix("udp://").rsplit(":", 1)
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as udp:
+        udp.settimeout(5)
+        udp.sendto(b"six", (host.strip("[]"), int(port)))
+        assert udp.recvfrom(100)[0] == b"six"

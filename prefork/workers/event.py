@@ -20,9 +20,12 @@ class EventWorker(Worker):
 
     def run(self) -> None:
         config = self.config
+        streams = [lst.sock for lst in self.listeners if lst.address.kind != "udp"]
+        datagrams = [lst.sock for lst in self.listeners if lst.address.kind == "udp"]
         self.loop = fastio.EventLoop(
-            [listener.sock for listener in self.listeners],
+            streams,
             self.handler.builtin or "protocol",
+            datagram_sockets=datagrams,
             protocol_factory=self.handler.protocol_factory,
             wakeup_fd=self.wakeup_r,
             max_connections=config.max_connections,
