@@ -9,9 +9,12 @@ import resource
 import selectors
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import wait_until
 
@@ -205,3 +208,51 @@ def test_udp_on_ipv6(server_factory):
         udp.settimeout(5)
         udp.sendto(b"six", (host.strip("[]"), int(port)))
         assert udp.recvfrom(100)[0] == b"six"
+
+
+@pytest.fixture(scope="module")
+def event_server():
+    from conftest import start_server
+
+    server = start_server("-w", "2", "-k", "event", "--idle-timeout", "1")
+    yield server
+    server.kill_all()
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    chunks=st.lists(st.integers(1, 100_000), min_size=1, max_size=12),
+    read_size=st.integers(1, 70_000),
+)
+def test_event_server_echo_is_byte_exact_under_random_chunking(event_server, chunks, read_size):
+    payload = os.urandom(sum(chunks))
+
+    def send_chunks(sock: socket.socket) -> None:
+        offset = 0
+        for size in chunks:
+            sock.sendall(payload[offset : offset + size])
+            offset += size
+        sock.shutdown(socket.SHUT_WR)
+
+    with event_server.connect() as sock:
+        sender = threading.Thread(target=send_chunks, args=(sock,))
+        sender.start()
+        received = bytearray()
+        while data := sock.recv(read_size):
+            received += data
+        sender.join(10)
+    assert bytes(received) == payload
+
+
+def test_event_server_closes_idle_connections(event_server):
+    with event_server.connect() as idle, event_server.connect() as busy:
+        started = time.monotonic()
+        for _ in range(15):
+            busy.sendall(b"tick")
+            assert busy.recv(4) == b"tick"
+            time.sleep(0.1)
+        idle.settimeout(5)
+        assert idle.recv(1) == b""
+        assert 0.9 < time.monotonic() - started < 3.5
