@@ -1,12 +1,16 @@
 """The event worker against the servers users would pick instead, 50 x 1 KiB.
 
-Each server runs alone on core 0 (one worker, one process, one loop), the C
-load generator (``peers/loadgen.c``) on core 1. For each server and round:
+Each server runs alone on core 0 (one event worker, or one asyncio loop; the
+sync worker needs 50 processes and the thread worker 50 threads for 50
+clients), the C load generator (``peers/loadgen.c``) on core 1. For each server and round:
 messages per second, and the server process tree's CPU time per echoed
 message read from ``/proc`` (the efficiency figure that stays meaningful when
 the load generator, sharing this 2-core machine, is the bottleneck). Rounds
 are interleaved with a rotating order; ratios against the C epoll server are
 taken within a round and the median is quoted.
+
+Then, per server, the user-space memory an idle connection costs: the growth
+of the server process tree's resident memory over 1,000 idle connections.
 
     python bench/event_echo.py [--rounds 5] [--seconds 3] [--connections 50] [--size 1024]
 """
@@ -50,6 +54,11 @@ def servers() -> dict[str, tuple[list[str], dict[str, str]]]:
         "c-epoll": ([build("epoll_echo"), "{port}"], {}),
         "prefork-event": (prefork + ["-k", "event"], {}),
         "prefork-event-py": (prefork + ["-k", "event"], {"PREFORK_NO_EXTENSIONS": "1"}),
+        "prefork-sync": (
+            [PYTHON, "-m", "prefork", "serve", "-b", "127.0.0.1:{port}", "-k", "sync", "-w", "50"],
+            {},
+        ),
+        "prefork-thread": (prefork + ["-k", "thread", "--threads", "50"], {}),
         "asyncio": ([PYTHON, str(HERE / "peers" / "asyncio_echo.py"), "asyncio", "{port}"], {}),
     }
     try:
@@ -64,20 +73,42 @@ def servers() -> dict[str, tuple[list[str], dict[str, str]]]:
     return table
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds used so far by ``pid`` and its children."""
-    total = 0.0
-    pending = [pid]
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    found, pending = [], [pid]
     while pending:
         p = pending.pop()
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
             with open(f"/proc/{p}/task/{p}/children") as f:
                 pending.extend(int(c) for c in f.read().split())
         except FileNotFoundError:
             continue
+        found.append(p)
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and its descendants."""
+    total = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except FileNotFoundError:
+            continue
     return total
 
 
@@ -115,16 +146,48 @@ def loadgen(port: int, connections: int, size: int, seconds: float) -> tuple[int
     return int(fields["messages"]), float(fields["seconds"])
 
 
-def run_one(argv: list[str], env: dict[str, str], args: argparse.Namespace) -> tuple[float, float]:
-    """(messages per second, server CPU microseconds per message)."""
-    port = free_port()
-    proc = subprocess.Popen(
+def start(argv: list[str], env: dict[str, str], port: int) -> subprocess.Popen:
+    return subprocess.Popen(
         ["taskset", "-c", "0", *[a.format(port=port) for a in argv]],
         env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
+
+
+def idle_memory(argv: list[str], env: dict[str, str], count: int = 1000) -> float:
+    """Bytes of server resident memory per idle connection."""
+    port = free_port()
+    proc = start(argv, env, port)
+    socks: list[socket.socket] = []
+    try:
+        wait_listening(port)
+
+        def open_echoing(n: int) -> None:
+            for _ in range(n):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x"  # accepted and served once
+                socks.append(sock)
+
+        open_echoing(20)  # warm: first-connection allocations are not per connection
+        time.sleep(0.3)
+        before = tree_rss(proc.pid)
+        open_echoing(count)
+        time.sleep(0.3)
+        return (tree_rss(proc.pid) - before) / count
+    finally:
+        for sock in socks:
+            sock.close()
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def run_one(argv: list[str], env: dict[str, str], args: argparse.Namespace) -> tuple[float, float]:
+    """(messages per second, server CPU microseconds per message)."""
+    port = free_port()
+    proc = start(argv, env, port)
     try:
         wait_listening(port)
         loadgen(port, args.connections, args.size, 0.5)  # warm up
@@ -174,6 +237,11 @@ def main() -> None:
         uv = results["uvloop"]
         ratio = statistics.median(x[1] / u[1] for x, u in zip(ours, uv, strict=True))
         print(f"\nprefork-event CPU per message vs uvloop: {ratio:.2f}x (median of paired rounds)")
+    print("\nuser-space memory per idle connection (1,000 idle connections, RSS growth)")
+    for name in names:
+        if name in ("prefork-sync", "prefork-thread"):
+            continue  # a process or a thread per connection: not built for idle crowds
+        print(f"{name:<18} {idle_memory(*table[name]):>8,.0f} bytes")
 
 
 if __name__ == "__main__":
