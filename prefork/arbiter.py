@@ -24,7 +24,7 @@ import time
 from collections import deque
 from types import FrameType
 
-from prefork.config import Config
+from prefork.config import Address, Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, WorkerBootError
 from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
@@ -52,7 +52,10 @@ class Arbiter:
         self.worker_class = WORKER_CLASSES[config.worker_class]
         self.handler = handler
         self.num_workers = config.workers
-        self.listeners: list[Listener] = []
+        self.listeners: list[Listener] = []  # shared by every worker
+        # --reuse-port: each worker slot's own sockets, kept across respawns
+        self.slot_listeners: dict[int, list[Listener]] = {}
+        self.reuse_addresses: list[Address] = []
         self.workers: dict[int, int] = {}  # pid -> age
         self.slots: dict[int, int] = {}  # pid -> scoreboard slot
         self.scoreboard = Scoreboard()
@@ -66,11 +69,17 @@ class Arbiter:
 
     def start(self) -> None:
         """Bind every listener (raises BindError), then take over signals."""
-        self.listeners = create_listeners(
-            self.config.binds, self.config.backlog, self.config.unix_mode
+        listeners = create_listeners(
+            self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
         )
-        for listener in self.listeners:
+        for listener in listeners:
             self.log.info("listening on %s", listener.name)
+        if self.config.reuse_port:
+            self.listeners = [lst for lst in listeners if lst.address.kind == "unix"]
+            self.slot_listeners[0] = [lst for lst in listeners if lst.address.kind != "unix"]
+            self.reuse_addresses = [lst.bound_address() for lst in self.slot_listeners[0]]
+        else:
+            self.listeners = listeners
         self.init_signals()
         self.log.info(
             "master started: %d %s worker(s), handler %s",
@@ -112,7 +121,7 @@ class Arbiter:
             self.stop(graceful=False)
             raise
         finally:
-            close_listeners(self.listeners, unlink=True)
+            self.close_all_listeners()
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGTTIN:
@@ -151,6 +160,25 @@ class Arbiter:
             oldest = sorted(self.workers, key=self.workers.__getitem__)[:extra]
             for pid in oldest:
                 self.kill_worker(pid, signal.SIGTERM)
+        # A slot nobody will serve again (after TTOU) must not keep a queue.
+        for slot in set(self.slot_listeners) - set(self.slots.values()):
+            close_listeners(self.slot_listeners.pop(slot))
+
+    def listeners_for(self, slot: int) -> list[Listener]:
+        """What the worker in ``slot`` accepts on; with --reuse-port the slot's
+        own sockets, made on first use and then kept for its next workers."""
+        if not self.config.reuse_port:
+            return self.listeners
+        if slot not in self.slot_listeners:
+            self.slot_listeners[slot] = create_listeners(
+                self.reuse_addresses, self.config.backlog, reuse_port=True
+            )
+        return self.listeners + self.slot_listeners[slot]
+
+    def close_all_listeners(self) -> None:
+        close_listeners(self.listeners, unlink=True)
+        for listeners in self.slot_listeners.values():
+            close_listeners(listeners)
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
@@ -159,7 +187,7 @@ class Arbiter:
         worker = self.worker_class(
             self.worker_age,
             self.pid,
-            self.listeners,
+            self.listeners_for(slot),
             self.config,
             self.handler,
             self.scoreboard,
@@ -184,6 +212,9 @@ class Arbiter:
         try:
             os.close(self.wakeup_r)
             os.close(self.wakeup_w)
+            # Other slots' sockets must not outlive the master's copy in us.
+            for listeners in self.slot_listeners.values():
+                close_listeners([lst for lst in listeners if lst not in worker.listeners])
             try:
                 worker.init_process()
             except SystemExit as exc:
@@ -240,7 +271,7 @@ class Arbiter:
 
     def stop(self, graceful: bool) -> int:
         """Close listeners, signal workers, wait, KILL stragglers; return 0."""
-        close_listeners(self.listeners, unlink=True)
+        self.close_all_listeners()
         if graceful:
             timeout = self.config.graceful_timeout
             self.log.info("TERM: graceful stop (up to %gs)", timeout)

@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds TERM waits for connections to finish (default 30)",
     )
     serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="give each worker slot its own SO_REUSEPORT socket, kept by the master across "
+        "respawns (TCP and UDP; UNIX sockets stay shared)",
+    )
+    serve.add_argument(
         "--max-connections",
         metavar="N",
         default="1024",
@@ -132,6 +138,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         backlog=parse_int(args.backlog, "--backlog", minimum=1),
         graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
         threads=parse_int(args.threads, "--threads", minimum=1),
+        reuse_port=args.reuse_port,
         max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
         max_buffer=parse_size(args.max_buffer, "--max-buffer"),
         idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),

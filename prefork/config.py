@@ -49,6 +49,7 @@ class Config:
     threads: int = 1  # per thread worker
     backlog: int = 2048
     graceful_timeout: float = 30.0
+    reuse_port: bool = False  # one SO_REUSEPORT socket per worker slot
     max_connections: int = 1024  # per event worker
     max_buffer: int = 256 * 1024  # bytes a connection may owe its peer
     idle_timeout: float = 300.0  # seconds; 0 = never

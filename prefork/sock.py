@@ -38,6 +38,13 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def bound_address(self) -> Address:
+        """The address as bound (port 0 resolved), to bind it again."""
+        if self.address.kind == "unix":
+            return self.address
+        host, port = self.sock.getsockname()[:2]
+        return Address(self.address.kind, host, port)
+
     def close(self, unlink: bool = False) -> None:
         """Close the socket; the master also removes its UNIX socket file."""
         self.sock.close()
@@ -54,7 +61,7 @@ def _bind_error(address: Address, exc: OSError) -> BindError:
     return BindError(f"{address}: {reason}")
 
 
-def _inet_socket(address: Address, backlog: int) -> socket.socket:
+def _inet_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
     """A bound TCP listener, or a bound UDP socket for ``udp`` addresses."""
     kind = socket.SOCK_DGRAM if address.kind == "udp" else socket.SOCK_STREAM
     try:
@@ -67,6 +74,8 @@ def _inet_socket(address: Address, backlog: int) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # [::]:PORT means IPv6 only, as in nginx; bind 0.0.0.0 for IPv4.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -128,24 +137,31 @@ def describe(sock: socket.socket) -> str:
     return f"{scheme}{name[0]}:{name[1]}"
 
 
-def create_listener(address: Address, backlog: int, unix_mode: int = 0o660) -> Listener:
+def create_listener(
+    address: Address, backlog: int, unix_mode: int = 0o660, reuse_port: bool = False
+) -> Listener:
+    """Bind one address. ``reuse_port`` (TCP and UDP only: Linux refuses it on
+    UNIX sockets since 6.12.9) joins a SO_REUSEPORT group."""
     inode = 0
     if address.kind == "unix":
         sock, inode = _unix_socket(address, backlog, unix_mode)
     else:
-        sock = _inet_socket(address, backlog)
+        sock = _inet_socket(address, backlog, reuse_port)
     sock.setblocking(False)
     return Listener(address, sock, describe(sock), inode)
 
 
 def create_listeners(
-    addresses: tuple[Address, ...], backlog: int, unix_mode: int = 0o660
+    addresses: tuple[Address, ...] | list[Address],
+    backlog: int,
+    unix_mode: int = 0o660,
+    reuse_port: bool = False,
 ) -> list[Listener]:
     """Bind every address or none: on an error the ones made are closed."""
     listeners: list[Listener] = []
     try:
         for address in addresses:
-            listeners.append(create_listener(address, backlog, unix_mode))
+            listeners.append(create_listener(address, backlog, unix_mode, reuse_port))
     except BaseException:
         close_listeners(listeners, unlink=True)
         raise

@@ -256,3 +256,66 @@ def test_event_server_closes_idle_connections(event_server):
         idle.settimeout(5)
         assert idle.recv(1) == b""
         assert 0.9 < time.monotonic() - started < 3.5
+
+
+def listening_sockets(port: int) -> int:
+    out = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
+    ).stdout
+    return len(out.splitlines())
+
+
+@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
+def test_reuse_port_respawned_worker_inherits_its_slot_queue(server_factory, k):
+    import signal
+
+    server = server_factory("-w", "2", *k, "--reuse-port")
+    workers = server.wait_workers(2)
+    port = server.tcp()[1]
+    assert listening_sockets(port) == 2  # one SO_REUSEPORT socket per worker slot
+    victim = workers[0]
+    os.kill(victim, signal.SIGSTOP)
+    socks = []
+    try:
+        for i in range(40):
+            sock = server.connect()
+            sock.sendall(b"%02d" % i)
+            sock.shutdown(socket.SHUT_WR)  # so a sync worker can finish it and go on
+            socks.append(sock)
+        time.sleep(0.5)
+        sel = selectors.DefaultSelector()
+        for sock in socks:
+            sel.register(sock, selectors.EVENT_READ)
+        answered = {key.fileobj for key, _ in sel.select(0)}
+        sel.close()
+        waiting = [s for s in socks if s not in answered]
+        assert waiting, "the kernel hashed no connection to the stopped worker's socket"
+        os.kill(victim, signal.SIGKILL)  # its queue stays with the master: nothing is reset
+        assert wait_until(lambda: victim not in server.workers(), 5)
+        server.wait_workers(2)
+        for i, sock in enumerate(socks):
+            sock.settimeout(10)
+            assert sock.recv(2) == b"%02d" % i
+            assert sock.recv(1) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_reuse_port_ttou_closes_the_unused_slot(server_factory):
+    import signal
+
+    server = server_factory("-w", "3", "--reuse-port")
+    server.wait_workers(3)
+    port = server.tcp()[1]
+    assert listening_sockets(port) == 3
+    server.signal(signal.SIGTTOU)
+    server.wait_workers(2)
+    assert wait_until(lambda: listening_sockets(port) == 2, 5)
+    server.signal(signal.SIGTTIN)
+    server.wait_workers(3)
+    assert wait_until(lambda: listening_sockets(port) == 3, 5)
+    for _ in range(10):
+        with server.connect() as sock:
+            sock.sendall(b"ok")
+            assert sock.recv(2) == b"ok"
