@@ -30,6 +30,7 @@ from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
+from prefork.wakeup import drain, open_wakeup_pipe
 from prefork.workers import WORKER_CLASSES
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
@@ -89,8 +90,7 @@ class Arbiter:
         )
 
     def init_signals(self) -> None:
-        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
+        self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self.record_signal)
 
@@ -143,11 +143,7 @@ class Arbiter:
             select.select([self.wakeup_r], [], [], timeout)
         except InterruptedError:
             pass
-        try:
-            while os.read(self.wakeup_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.wakeup_r)
 
     # -- workers --------------------------------------------------------------
 

@@ -43,6 +43,16 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     return compiled
 
 
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) pair of TCP sockets over loopback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
 # -- real servers ---------------------------------------------------------------
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from prefork.handlers import chargen_pattern
 
+from conftest import tcp_pair
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -49,15 +51,6 @@ def drive(client: socket.socket, payload: bytes) -> bytes:
         received += chunk
     sender.join(20)
     return bytes(received)
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
 
 
 # -- echo ----------------------------------------------------------------------------

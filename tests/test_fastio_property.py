@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from prefork import _fastio_py, fastio
 
+from conftest import tcp_pair
+
 pytestmark = pytest.mark.timeout(300)
 
 SCENARIOS = ["normal", "closed_early", "reset", "bad_fd", "not_socket", "empty_buffer"]
@@ -40,15 +42,6 @@ def outcome(call):
         return ("ok", call())
     except Exception as exc:
         return ("raised", type(exc).__name__, getattr(exc, "errno", None))
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        client = socket.create_connection(listener.getsockname())
-        server, _ = listener.accept()
-    return client, server
 
 
 def run_normal(func, payload: bytes, chunk: int, bufsize: int):

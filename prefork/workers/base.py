@@ -26,6 +26,7 @@ from prefork.handlers import LoadedHandler
 from prefork.log import get_logger
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener
+from prefork.wakeup import drain, open_wakeup_pipe
 
 PR_SET_PDEATHSIG = 1
 
@@ -103,8 +104,7 @@ class Worker:
         signal.signal(signal.SIGINT, self.handle_quit)
         signal.signal(signal.SIGQUIT, self.handle_quit)
         # A fresh wake-up pipe: the master's stays the master's.
-        self.wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        self.wakeup_r, _ = open_wakeup_pipe()
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         # Acting here, not in the loop: the loop may be inside a long
@@ -125,11 +125,7 @@ class Worker:
         return os.getppid() == self.ppid
 
     def drain_wakeup(self) -> None:
-        try:
-            while os.read(self.wakeup_r, 512):
-                pass
-        except BlockingIOError:
-            pass
+        drain(self.wakeup_r)
 
     def run(self) -> None:
         raise NotImplementedError
