@@ -319,3 +319,40 @@ def test_reuse_port_ttou_closes_the_unused_slot(server_factory):
         with server.connect() as sock:
             sock.sendall(b"ok")
             assert sock.recv(2) == b"ok"
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("max_buffer", ["16K", "256K"])
+def test_peer_that_never_reads_keeps_the_worker_small(server_factory, max_buffer):
+    server = server_factory("-w", "1", "--max-buffer", max_buffer)
+    (worker,) = server.wait_workers(1)
+    payload = os.urandom(1 << 20) * 64  # 64 MiB
+    with server.connect() as sock:
+        sock.sendall(b"warm")
+        assert sock.recv(4) == b"warm"
+        baseline = rss_bytes(worker)
+        sock.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:  # push without ever reading
+            try:
+                sent += sock.send(payload[sent : sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert sent < len(payload)  # the server stopped reading: backpressure
+        assert rss_bytes(worker) - baseline < 1 << 20, "worker memory grew with the backlog"
+        sock.setblocking(True)
+        sock.settimeout(30)
+        rest = threading.Thread(
+            target=lambda: (sock.sendall(payload[sent:]), sock.shutdown(socket.SHUT_WR))
+        )
+        rest.start()
+        received = bytearray()
+        while data := sock.recv(1 << 20):
+            received += data
+        rest.join(30)
+    assert received == payload  # then everything comes back intact
