@@ -307,6 +307,7 @@ cdef class EventLoop:
     cdef Service svc
     cdef readonly str service
     cdef readonly int max_connections
+    cdef readonly unsigned long long max_accepts
     cdef readonly size_t max_buffer
     cdef readonly double idle_timeout
     cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
@@ -336,7 +337,7 @@ cdef class EventLoop:
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
                  max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None,
-                 datagram_sockets=()):
+                 datagram_sockets=(), max_accepts=0):
         cdef const unsigned char[::1] view
         cdef int index
         pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
@@ -350,6 +351,7 @@ cdef class EventLoop:
         self.service = service
         self.factory = protocol_factory
         self.max_connections = max_connections
+        self.max_accepts = max_accepts
         self.max_buffer = max_buffer
         self.idle_timeout = idle_timeout
         self.read_size = min(READ_SIZE, max_buffer)
@@ -402,13 +404,7 @@ cdef class EventLoop:
 
     def stop_accepting(self):
         """Take the listeners out of the loop for good (graceful stop)."""
-        cdef int i
-        if not self._accepting:
-            return
-        self._accepting = False
-        self._disarm()
-        for i in range(self.n_dgrams):
-            self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
+        self._stop_accepting()
 
     def close(self):
         """Close every connection and the epoll set; listeners stay open."""
@@ -449,6 +445,31 @@ cdef class EventLoop:
         free(self.dgram)
         self.dgram = NULL
 
+    cdef int _stop_accepting(self) except -1 nogil:
+        cdef int i
+        if not self._accepting:
+            return 0
+        self._accepting = False
+        self._disarm()
+        for i in range(self.n_dgrams):
+            self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
+        return 0
+
+    cdef int _rearm(self) except -1 nogil:
+        """Re-add every armed socket: see "Fair accept" in the spec."""
+        cdef int i
+        if self.armed:
+            for i in range(self.n_listeners):
+                self._ctl(EPOLL_CTL_DEL, self.listeners[i], 0, 0)
+                self._ctl(EPOLL_CTL_ADD, self.listeners[i], EPOLLIN | EPOLLEXCLUSIVE,
+                          ((<uint64_t>i) << 1) | 1)
+        if self._accepting:
+            for i in range(self.n_dgrams):
+                self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
+                self._ctl(EPOLL_CTL_ADD, self.dgram_fds[i], EPOLLIN | EPOLLEXCLUSIVE,
+                          self._dgram_tag(i))
+        return 0
+
     cdef void _free_graveyard(self) noexcept nogil:
         cdef Conn *conn
         while self.graveyard != NULL:
@@ -471,6 +492,7 @@ cdef class EventLoop:
         cdef uint64_t tag
         cdef bint woken
         cdef Conn *conn
+        self._rearm()
         while True:
             now = _monotonic()
             self._arm_if_ready(now)
@@ -615,6 +637,8 @@ cdef class EventLoop:
             if r < 0:
                 if errno == EINTR:
                     _check_signals()
+                    if not self._accepting:  # the handler stopped us, closed the socket
+                        return 0
                     continue
                 if errno == EAGAIN or errno == EWOULDBLOCK:
                     break  # full: UDP may drop the rest
@@ -623,6 +647,8 @@ cdef class EventLoop:
             for i in range(done, done + r):
                 self.bytes_out += d.out_iov[i].iov_len
             done += r
+        if not self._accepting:
+            return 0
         # re-arm: to the back of the socket's wait queue
         self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
         self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, self._dgram_tag(index))
@@ -636,11 +662,16 @@ cdef class EventLoop:
         for k in range(C_ACCEPT_BATCH):
             if self.n_active >= self.max_connections:
                 break
+            if self.max_accepts and self.accepted >= self.max_accepts:
+                self._stop_accepting()  # recycled: serve what we have, then end
+                return 0
             fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 err = errno
                 if err == EINTR:
                     _check_signals()
+                    if not self._accepting:  # the handler stopped us, closed the listener
+                        return 0
                     continue
                 if err == EAGAIN or err == EWOULDBLOCK or err == ECONNABORTED:
                     break

@@ -168,7 +168,10 @@ def sendall(conn: Any, data: Any) -> int:
 # Fair accept: exclusive wake-ups go to the first idle waiter on the
 # listener's queue, so one worker would take most connections. After each
 # accept batch the worker removes and re-adds the listener, which moves it to
-# the back of the queue: idle workers take turns.
+# the back of the queue: idle workers take turns. Every ``run`` call also
+# re-adds them: a wake-up spent on a worker that then stopped accepting is
+# not passed on by the kernel, and re-adding reports a waiting connection
+# again (so it waits at most one tick, never until the next arrival).
 #
 # Datagram sockets (UDP) share the set, also exclusive and re-armed: each
 # wake-up serves a batch of datagrams, one reply per datagram to its sender,
@@ -303,6 +306,9 @@ class EventLoop:
     one idle for ``idle_timeout`` seconds (no byte read or written; 0 =
     never) is closed.
 
+    ``max_accepts`` (0 = no limit) stops accepting after that many
+    connections, for recycling: ``run`` then returns once they are done.
+
     ``datagram_sockets`` are bound UDP sockets (borrowed, non-blocking) on
     which the built-in service answers every datagram with one datagram to
     its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
@@ -325,6 +331,7 @@ class EventLoop:
         pattern: Any = b"",
         protocol_factory: Any = None,
         datagram_sockets: Any = (),
+        max_accepts: int = 0,
     ) -> None:
         self._pattern = _check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -335,6 +342,7 @@ class EventLoop:
         dgram_fds = [_fileno(sock) for sock in datagram_sockets]
         self.service = service
         self.max_connections = max_connections
+        self.max_accepts = max_accepts
         self.max_buffer = max_buffer
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
@@ -371,6 +379,8 @@ class EventLoop:
         Call it before closing the listeners: an epoll set keeps watching a
         listener another process still has open, even after we close ours.
         """
+        if not self._accepting:
+            return
         self._accepting = False
         self._disarm()
         for fd in self._datagram_sockets:
@@ -399,6 +409,7 @@ class EventLoop:
         when the loop has stopped accepting and has no connection left.
         """
         deadline = time.monotonic() + timeout
+        self._rearm()
         while True:
             now = time.monotonic()
             self._arm_if_ready(now)
@@ -441,6 +452,13 @@ class EventLoop:
         elif not want and self._armed:
             self._disarm()
 
+    def _rearm(self) -> None:
+        """Re-add every armed socket: see "Fair accept" above."""
+        armed = list(self._listeners) if self._armed else []
+        for fd in armed + list(self._datagram_sockets):
+            self._epoll.unregister(fd)
+            self._epoll.register(fd, _LISTEN_EVENTS)
+
     def _disarm(self) -> None:
         if self._armed:
             for fd in self._listeners:
@@ -463,11 +481,18 @@ class EventLoop:
         for _ in range(ACCEPT_BATCH):
             if len(self._conns) >= self.max_connections:
                 break
+            if self.max_accepts and self.accepted >= self.max_accepts:
+                self.stop_accepting()  # recycled: serve what we have, then end
+                return
+            if not self._accepting:  # a signal handler stopped us (and closed the listener)
+                return
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, ConnectionAbortedError):
                 break
             except OSError as exc:
+                if not self._accepting:  # stopped between the check and the call
+                    return
                 if exc.errno not in _RESOURCE_ERRORS:
                     raise
                 self.resource_errors += 1

@@ -11,6 +11,10 @@ Signals:
   ``graceful_timeout`` for their connections to finish, KILL the rest, exit 0.
 - INT, QUIT: fast stop. Close the listeners, QUIT the workers, KILL what is
   left after ``FAST_STOP_TIMEOUT``, exit 0.
+- HUP: graceful reload. Re-import the handler module, start a new
+  generation of workers, TERM the old one (it stops accepting and finishes
+  its connections). The listeners never close, so nothing queued is lost.
+  If the handler no longer imports, the running workers are kept.
 - TTIN, TTOU: one worker more, one fewer (never fewer than one).
 - CHLD: reap and replace.
 """
@@ -22,11 +26,12 @@ import select
 import signal
 import time
 from collections import deque
+from dataclasses import dataclass
 from types import FrameType
 
 from prefork.config import Address, Config
-from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, WorkerBootError
-from prefork.handlers import LoadedHandler
+from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, HandlerLoadError, WorkerBootError
+from prefork.handlers import LoadedHandler, reload_handler
 from prefork.log import get_logger
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
@@ -46,6 +51,16 @@ HANDLED_SIGNALS = (
 )
 
 
+@dataclass
+class WorkerRecord:
+    """What the master knows of one worker."""
+
+    age: int  # spawn order, for logs
+    generation: int  # bumped by every HUP
+    slot: int  # its counters in the scoreboard
+    position: int  # its --reuse-port socket group, -1 without
+
+
 class Arbiter:
     def __init__(self, config: Config, handler: LoadedHandler) -> None:
         self.config = config
@@ -54,13 +69,14 @@ class Arbiter:
         self.handler = handler
         self.num_workers = config.workers
         self.listeners: list[Listener] = []  # shared by every worker
-        # --reuse-port: each worker slot's own sockets, kept across respawns
+        # --reuse-port: each worker position's own sockets, kept across
+        # respawns and reloads (the next worker in that position inherits them)
         self.slot_listeners: dict[int, list[Listener]] = {}
         self.reuse_addresses: list[Address] = []
-        self.workers: dict[int, int] = {}  # pid -> age
-        self.slots: dict[int, int] = {}  # pid -> scoreboard slot
+        self.workers: dict[int, WorkerRecord] = {}  # by pid
         self.scoreboard = Scoreboard()
         self.worker_age = 0
+        self.generation = 0
         self.sig_queue: deque[int] = deque()
         self.wakeup_r = -1
         self.wakeup_w = -1
@@ -132,7 +148,7 @@ class Arbiter:
                 self.num_workers -= 1
             self.log.info("TTOU: %d worker(s)", self.num_workers)
         elif sig == signal.SIGHUP:
-            self.log.warning("HUP: reload is not supported yet; ignored")
+            self.reload()
         # SIGCHLD only wakes the loop, which reaps every time round.
 
     def sleep(self, timeout: float) -> None:
@@ -147,29 +163,57 @@ class Arbiter:
 
     # -- workers --------------------------------------------------------------
 
-    def manage_workers(self) -> None:
-        """Fork until there are ``num_workers``; TERM the oldest extras."""
-        while len(self.workers) < self.num_workers:
-            self.spawn_worker()
-        extra = len(self.workers) - self.num_workers
-        if extra > 0:
-            oldest = sorted(self.workers, key=self.workers.__getitem__)[:extra]
-            for pid in oldest:
-                self.kill_worker(pid, signal.SIGTERM)
-        # A slot nobody will serve again (after TTOU) must not keep a queue.
-        for slot in set(self.slot_listeners) - set(self.slots.values()):
-            close_listeners(self.slot_listeners.pop(slot))
+    def reload(self) -> None:
+        """HUP: a new generation of workers with the handler imported afresh."""
+        try:
+            handler = reload_handler(self.handler)
+        except HandlerLoadError as exc:
+            self.log.error("HUP: reload failed, keeping the running workers: %s", exc)
+            return
+        self.handler = handler
+        old = [pid for pid, w in self.workers.items() if w.generation == self.generation]
+        self.generation += 1
+        self.manage_workers()
+        for pid in old:  # they stop accepting at once and finish what they have
+            self.kill_worker(pid, signal.SIGTERM)
+        self.log.info(
+            "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
+        )
 
-    def listeners_for(self, slot: int) -> list[Listener]:
-        """What the worker in ``slot`` accepts on; with --reuse-port the slot's
-        own sockets, made on first use and then kept for its next workers."""
+    def current_workers(self) -> list[int]:
+        return [pid for pid, w in self.workers.items() if w.generation == self.generation]
+
+    def manage_workers(self) -> None:
+        """Fork until the current generation has ``num_workers``; TERM extras
+        (the oldest, or with --reuse-port the highest position, so that the
+        positions in use stay 0..N-1 and every kept socket has a worker)."""
+        current = self.current_workers()
+        for _ in range(self.num_workers - len(current)):
+            self.spawn_worker()
+        extra = len(current) - self.num_workers
+        if extra > 0:
+            if self.config.reuse_port:
+                current.sort(key=lambda pid: -self.workers[pid].position)
+            else:
+                current.sort(key=lambda pid: self.workers[pid].age)
+            for pid in current[:extra]:
+                self.kill_worker(pid, signal.SIGTERM)
+        # A position nobody will serve again (after TTOU) must not keep a queue.
+        held = {w.position for w in self.workers.values()}
+        for position in set(self.slot_listeners) - held:
+            if position >= self.num_workers:
+                close_listeners(self.slot_listeners.pop(position))
+
+    def listeners_for(self, position: int) -> list[Listener]:
+        """What the worker in ``position`` accepts on; with --reuse-port the
+        position's own sockets, made on first use and then kept."""
         if not self.config.reuse_port:
             return self.listeners
-        if slot not in self.slot_listeners:
-            self.slot_listeners[slot] = create_listeners(
+        if position not in self.slot_listeners:
+            self.slot_listeners[position] = create_listeners(
                 self.reuse_addresses, self.config.backlog, reuse_port=True
             )
-        return self.listeners + self.slot_listeners[slot]
+        return self.listeners + self.slot_listeners[position]
 
     def close_all_listeners(self) -> None:
         close_listeners(self.listeners, unlink=True)
@@ -178,12 +222,16 @@ class Arbiter:
 
     def spawn_worker(self) -> int:
         self.worker_age += 1
-        slot = min(set(range(self.scoreboard.slots)) - set(self.slots.values()))
+        slot = min(set(range(self.scoreboard.slots)) - {w.slot for w in self.workers.values()})
         self.scoreboard.clear(slot)
+        position = -1
+        if self.config.reuse_port:
+            taken = {self.workers[pid].position for pid in self.current_workers()}
+            position = min(set(range(self.scoreboard.slots)) - taken)
         worker = self.worker_class(
             self.worker_age,
             self.pid,
-            self.listeners_for(slot),
+            self.listeners_for(position),
             self.config,
             self.handler,
             self.scoreboard,
@@ -199,8 +247,7 @@ class Arbiter:
             if pid != 0:  # the master, whether fork worked or not
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         if pid:
-            self.workers[pid] = self.worker_age
-            self.slots[pid] = slot
+            self.workers[pid] = WorkerRecord(self.worker_age, self.generation, slot, position)
             self.log.debug("spawned worker %d (pid %d)", self.worker_age, pid)
             return pid
         # The child: never return into the master's code.
@@ -241,10 +288,11 @@ class Arbiter:
                 return
             if pid == 0:
                 return
-            age = self.workers.pop(pid, None)
-            if age is None:
+            record = self.workers.pop(pid, None)
+            if record is None:
                 continue
-            stats = self.scoreboard.read(self.slots.pop(pid))
+            age = record.age
+            stats = self.scoreboard.read(record.slot)
             served = (
                 f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"

@@ -88,6 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
         "respawns (TCP and UDP; UNIX sockets stay shared)",
     )
     serve.add_argument(
+        "--max-requests",
+        metavar="N",
+        default="0",
+        help="replace a worker after it has served N connections, with nothing dropped "
+        "(default 0 = never)",
+    )
+    serve.add_argument(
+        "--max-requests-jitter",
+        metavar="J",
+        default="0",
+        help="add a random 0..J to --max-requests per worker (default 0)",
+    )
+    serve.add_argument(
         "--max-connections",
         metavar="N",
         default="1024",
@@ -139,6 +152,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
         threads=parse_int(args.threads, "--threads", minimum=1),
         reuse_port=args.reuse_port,
+        max_requests=parse_int(args.max_requests, "--max-requests", minimum=0),
+        max_requests_jitter=parse_int(args.max_requests_jitter, "--max-requests-jitter", minimum=0),
         max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
         max_buffer=parse_size(args.max_buffer, "--max-buffer"),
         idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),

@@ -50,6 +50,8 @@ class Config:
     backlog: int = 2048
     graceful_timeout: float = 30.0
     reuse_port: bool = False  # one SO_REUSEPORT socket per worker slot
+    max_requests: int = 0  # connections a worker serves before it is replaced; 0 = never
+    max_requests_jitter: int = 0  # plus a random 0..jitter, so workers do not all go at once
     max_connections: int = 1024  # per event worker
     max_buffer: int = 256 * 1024  # bytes a connection may owe its peer
     idle_timeout: float = 300.0  # seconds; 0 = never

@@ -152,6 +152,25 @@ def load_handler(spec: str) -> LoadedHandler:
     )
 
 
+def reload_handler(loaded: LoadedHandler) -> LoadedHandler:
+    """Import the handler's module afresh (HUP); built-ins stay as they are.
+
+    Raises ``HandlerLoadError`` when the new code does not load.
+    """
+    if loaded.builtin is not None:
+        return loaded
+    module_name = loaded.spec.partition(":")[0]
+    module = sys.modules.get(module_name)
+    if module is not None:
+        try:
+            importlib.reload(module)
+        except Exception as exc:
+            raise HandlerLoadError(
+                f"--handler {loaded.spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
+            ) from None
+    return load_handler(loaded.spec)
+
+
 class BlockingTransport:
     """The transport a protocol gets in a sync or thread worker."""
 

@@ -145,14 +145,24 @@ def test_ttin_and_ttou_change_the_worker_count(serve):
         assert exchange(sock, b"one left") == b"one left"
 
 
-def test_hup_does_not_kill_anything(serve):
+def test_hup_starts_a_new_generation_and_old_connections_finish(serve):
     server = serve("-w", "2")
-    workers = server.wait_workers(2)
-    server.signal(signal.SIGHUP)
-    for pid in workers:  # a HUP sent to the whole group must not kill workers
+    old = server.wait_workers(2)
+    for pid in old:  # a HUP sent to a worker (say, to the whole group) is ignored
         os.kill(pid, signal.SIGHUP)
-    assert wait_until(lambda: "HUP" in server.log, 5)
-    assert sorted(server.workers()) == sorted(workers)
+    time.sleep(0.3)
+    assert sorted(server.workers()) == sorted(old)
+    with server.connect() as in_flight:
+        assert echo_once(in_flight, b"before") == b"before"
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: "generation 1 started" in server.log, 5), server.log
+        new = server.wait_workers(3, timeout=10)  # 2 new + the old one finishing
+        assert echo_once(in_flight, b"after") == b"after"  # the old worker finishes it
+        with server.connect() as fresh:
+            assert exchange(fresh, b"new generation") == b"new generation"
+    assert wait_until(lambda: len(server.workers()) == 2, 10)
+    assert not set(server.workers()) & set(old)
+    assert set(server.workers()) <= set(new)
 
 
 def test_resets_and_broken_pipes_never_kill_a_worker(serve):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import signal
 import sys
 import threading
@@ -63,6 +64,7 @@ class Worker:
         self.config = config
         self.handler = handler
         self.alive = True
+        self.max_requests = 0  # set in the child, where the jitter is drawn
         self.booted = False  # False until run(): a failure before is a boot error
         self.log = get_logger()
         self.wakeup_r = -1
@@ -82,6 +84,10 @@ class Worker:
         if os.getppid() != self.ppid:  # the master died before prctl
             self.log.warning("master is gone; worker exiting")
             return
+        if self.config.max_requests:
+            self.max_requests = self.config.max_requests + random.randint(
+                0, self.config.max_requests_jitter
+            )
         self.log.debug("worker %d booted", self.age)
         self.booted = True
         self.publish()
@@ -111,6 +117,13 @@ class Worker:
         # connection and the listeners must stop taking connections now.
         self.alive = False
         self.stop_accepting()
+
+    def recycle(self) -> None:
+        """Served ``max_requests``: stop accepting, finish, exit to be replaced."""
+        if self.alive:
+            self.alive = False
+            self.log.info("worker %d recycled after %d connections", self.age, self.accepted)
+            self.stop_accepting()
 
     def stop_accepting(self) -> None:
         """Close this worker's copies of the listeners (idempotent)."""

@@ -32,6 +32,7 @@ class EventWorker(Worker):
             max_buffer=config.max_buffer,
             idle_timeout=config.idle_timeout,
             pattern=CHARGEN_PATTERN,
+            max_accepts=self.max_requests,
         )
         if not self.alive:  # TERM arrived while booting
             self.loop.stop_accepting()
@@ -40,6 +41,8 @@ class EventWorker(Worker):
             while self.loop.accepting or self.loop.active:
                 self.loop.run(TICK)
                 self.collect_stats()
+                if self.alive and not self.loop.accepting:  # max_accepts reached
+                    self.recycle()
                 if not self.parent_alive():
                     self.log.warning("master is gone; worker exiting")
                     return

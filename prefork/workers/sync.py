@@ -102,3 +102,5 @@ class SyncWorker(Worker):
                 self.bytes_in += nin
                 self.bytes_out += nout
                 self.publish()
+                if self.max_requests and self.accepted >= self.max_requests:
+                    self.recycle()

@@ -1,0 +1,156 @@
+"""Lifecycle: reloads, recycling, and not one connection lost through them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+from test_signals import WORKER_CLASS_ARGS
+
+from conftest import exchange, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def handler_env(path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"  # a rewritten module is read again, not a stale .pyc
+    return env
+
+
+PROTOCOL = """
+class Case:
+    def connection_made(self, transport):
+        self.transport = transport
+    def data_received(self, data):
+        self.transport.write(data.{method}())
+    def eof_received(self):
+        return False
+    def connection_lost(self, exc):
+        pass
+"""
+
+
+@pytest.mark.parametrize("k", list(WORKER_CLASS_ARGS))
+def test_hup_reimports_the_handler(server_factory, tmp_path, k):
+    module = tmp_path / "casing.py"
+    module.write_text(PROTOCOL.format(method="upper"))
+    server = server_factory(
+        "-w", "2", *WORKER_CLASS_ARGS[k], "--handler", "casing:Case", env=handler_env(tmp_path)
+    )
+    old = server.wait_workers(2)
+    with server.connect() as sock:
+        assert exchange(sock, b"MiXeD") == b"MIXED"
+    module.write_text(PROTOCOL.format(method="lower"))
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: not set(server.workers()) & set(old), 10), server.log
+    with server.connect() as sock:
+        assert exchange(sock, b"MiXeD") == b"mixed"
+
+
+def test_hup_with_a_broken_handler_keeps_the_running_workers(server_factory, tmp_path):
+    module = tmp_path / "casing2.py"
+    module.write_text(PROTOCOL.format(method="upper"))
+    server = server_factory("-w", "2", "--handler", "casing2:Case", env=handler_env(tmp_path))
+    old = server.wait_workers(2)
+    module.write_text("this is not python (\n")
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: "HUP: reload failed" in server.log, 5), server.log
+    assert "SyntaxError" in server.log
+    time.sleep(0.3)
+    assert sorted(server.workers()) == sorted(old)
+    with server.connect() as sock:
+        assert exchange(sock, b"still") == b"STILL"
+
+
+@pytest.mark.parametrize("k", list(WORKER_CLASS_ARGS))
+def test_max_requests_recycles_workers(server_factory, k):
+    server = server_factory("-w", "1", *WORKER_CLASS_ARGS[k], "--max-requests", "5")
+    seen = set()
+    for i in range(17):
+        with server.connect() as sock:
+            assert exchange(sock, b"%d" % i) == b"%d" % i
+        seen.update(server.workers())
+    assert wait_until(lambda: server.log.count("recycled after 5 connections") >= 3, 10), server.log
+    assert len(seen) >= 3
+
+
+def test_max_requests_jitter(server_factory):
+    server = server_factory(
+        "-w", "1", "-k", "sync", "--max-requests", "3", "--max-requests-jitter", "4"
+    )
+    for _ in range(40):
+        with server.connect() as sock:
+            assert exchange(sock, b"x") == b"x"
+    counts = [int(n) for n in re.findall(r"recycled after (\d+) connections", server.log)]
+    assert counts and all(3 <= n <= 7 for n in counts), counts
+    assert len(set(counts)) > 1  # jitter: not all the same
+
+
+ALL_ACTIONS = [
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGHUP,
+    signal.SIGTTOU,
+    signal.SIGTTOU,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+]
+# With --reuse-port, TTOU retires a worker position and closes its socket: the
+# kernel resets what is queued on it unless net.ipv4.tcp_migrate_req=1 (Linux
+# 5.14). That gap is open (see the README); these cases prove the rest.
+NO_TTOU = [sig for sig in ALL_ACTIONS if sig != signal.SIGTTOU]
+ZERO_DROP_CASES = {
+    "event": (["-k", "event"], ALL_ACTIONS),
+    "sync": (["-k", "sync"], ALL_ACTIONS),
+    "thread": (["-k", "thread", "--threads", "2"], ALL_ACTIONS),
+    "event-reuse-port": (["-k", "event", "--reuse-port"], NO_TTOU),
+    "sync-reuse-port": (["-k", "sync", "--reuse-port"], NO_TTOU),
+}
+
+
+@pytest.mark.parametrize("case", list(ZERO_DROP_CASES))
+def test_no_connection_is_lost_through_reloads_scaling_and_recycling(server_factory, case):
+    options, actions = ZERO_DROP_CASES[case]
+    server = server_factory(
+        "-w", "3", *options, "--max-requests", "60", "--max-requests-jitter", "20"
+    )
+    server.wait_workers(3)
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0] * 6
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            payload = os.urandom(1 + (i * 7919 + n * 104729) % 200_000)
+            try:
+                with server.connect(timeout=20) as sock:
+                    if exchange(sock, payload, timeout=20) != payload:
+                        failures.append(f"client {n}: echo differs")
+            except OSError as exc:
+                failures.append(f"client {n}: {exc!r}")
+            done[n] += 1
+            i += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(len(done))]
+    for thread in threads:
+        thread.start()
+    try:
+        for sig in actions:
+            time.sleep(0.6)
+            server.signal(sig)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert not failures, failures[:5]
+    assert sum(done) > 100, done
+    assert server.log.count("generation") >= 3
+    assert "recycled after" in server.log, "no worker was recycled under this load"
