@@ -40,6 +40,15 @@ from prefork.workers import WORKER_CLASSES
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
+# Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
+# raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
+# wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
+HEALTHY_LIFETIME = 1.0  # seconds
+RESPAWN_DELAY_FIRST = 0.1  # seconds
+RESPAWN_DELAY_MAX = 10.0  # seconds
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+)
 HANDLED_SIGNALS = (
     signal.SIGTERM,
     signal.SIGINT,
@@ -59,6 +68,7 @@ class WorkerRecord:
     generation: int  # bumped by every HUP
     slot: int  # its counters in the scoreboard
     position: int  # its --reuse-port socket group, -1 without
+    started: float  # time.monotonic() at fork
 
 
 class Arbiter:
@@ -77,6 +87,8 @@ class Arbiter:
         self.scoreboard = Scoreboard()
         self.worker_age = 0
         self.generation = 0
+        self.crashes = 0  # quick crashes in a row
+        self.respawn_at = 0.0  # no respawn before this time.monotonic()
         self.sig_queue: deque[int] = deque()
         self.wakeup_r = -1
         self.wakeup_w = -1
@@ -122,7 +134,7 @@ class Arbiter:
         try:
             self.manage_workers()
             while True:
-                self.sleep(LOOP_INTERVAL)
+                self.sleep(self.loop_timeout())
                 self.reap_workers()
                 while self.sig_queue:
                     sig = self.sig_queue.popleft()
@@ -150,6 +162,11 @@ class Arbiter:
         elif sig == signal.SIGHUP:
             self.reload()
         # SIGCHLD only wakes the loop, which reaps every time round.
+
+    def loop_timeout(self) -> float:
+        """Sleep no longer than until a delayed respawn is due."""
+        delay = self.respawn_at - time.monotonic()
+        return max(0.0, min(LOOP_INTERVAL, delay)) if delay > 0 else LOOP_INTERVAL
 
     def sleep(self, timeout: float) -> None:
         """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds."""
@@ -188,7 +205,10 @@ class Arbiter:
         (the oldest, or with --reuse-port the highest position, so that the
         positions in use stay 0..N-1 and every kept socket has a worker)."""
         current = self.current_workers()
-        for _ in range(self.num_workers - len(current)):
+        missing = self.num_workers - len(current)
+        if missing > 0 and time.monotonic() < self.respawn_at:
+            missing = 0  # backing off after crashes; the loop wakes when it is due
+        for _ in range(missing):
             self.spawn_worker()
         extra = len(current) - self.num_workers
         if extra > 0:
@@ -247,7 +267,9 @@ class Arbiter:
             if pid != 0:  # the master, whether fork worked or not
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
         if pid:
-            self.workers[pid] = WorkerRecord(self.worker_age, self.generation, slot, position)
+            self.workers[pid] = WorkerRecord(
+                self.worker_age, self.generation, slot, position, time.monotonic()
+            )
             self.log.debug("spawned worker %d (pid %d)", self.worker_age, pid)
             return pid
         # The child: never return into the master's code.
@@ -297,19 +319,35 @@ class Arbiter:
                 f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"
             )
+            crashed = False
             if os.WIFSIGNALED(status):
-                sig = signal.Signals(os.WTERMSIG(status)).name
-                self.log.warning("worker %d (pid %d) killed by %s: %s", age, pid, sig, served)
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if code == WORKER_BOOT_ERROR:
-                raise WorkerBootError(f"worker {age} (pid {pid}) failed to boot")
-            if code != EXIT_OK:
-                self.log.warning(
-                    "worker %d (pid %d) exited with code %d: %s", age, pid, code, served
-                )
+                sig = signal.Signals(os.WTERMSIG(status))
+                crashed = sig in CRASH_SIGNALS
+                self.log.warning("worker %d (pid %d) killed by %s: %s", age, pid, sig.name, served)
             else:
-                self.log.info("worker %d (pid %d) exited: %s", age, pid, served)
+                code = os.waitstatus_to_exitcode(status)
+                if code == WORKER_BOOT_ERROR:
+                    raise WorkerBootError(f"worker {age} (pid {pid}) failed to boot")
+                crashed = code != EXIT_OK
+                if crashed:
+                    self.log.warning(
+                        "worker %d (pid %d) exited with code %d: %s", age, pid, code, served
+                    )
+                else:
+                    self.log.info("worker %d (pid %d) exited: %s", age, pid, served)
+            self.note_exit(crashed, time.monotonic() - record.started)
+
+    def note_exit(self, crashed: bool, lifetime: float) -> None:
+        """Back off respawns while workers keep crashing soon after they start."""
+        if not crashed or lifetime >= HEALTHY_LIFETIME:
+            self.crashes = 0
+            return
+        self.crashes += 1
+        delay = min(RESPAWN_DELAY_FIRST * 2 ** (self.crashes - 1), RESPAWN_DELAY_MAX)
+        self.respawn_at = time.monotonic() + delay
+        self.log.warning(
+            "workers crashed %d times in a row; next respawn in %.1fs", self.crashes, delay
+        )
 
     # -- stopping -------------------------------------------------------------
 

@@ -154,3 +154,32 @@ def test_no_connection_is_lost_through_reloads_scaling_and_recycling(server_fact
     assert sum(done) > 100, done
     assert server.log.count("generation") >= 3
     assert "recycled after" in server.log, "no worker was recycled under this load"
+
+
+def test_crashing_workers_are_respawned_with_a_growing_delay(server_factory):
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    server = server_factory("-w", "1", "--handler", "handlers.faulty:CrashOnConnect", env=env)
+    server.wait_workers(1)
+    socks = [server.connect() for _ in range(6)]  # each one takes a worker down
+    try:
+        assert wait_until(lambda: "crashed 5 times in a row" in server.log, 20), server.log
+        delays = [float(d) for d in re.findall(r"next respawn in ([\d.]+)s", server.log)]
+        assert delays[:5] == [0.1, 0.2, 0.4, 0.8, 1.6]
+        assert "exited with code 70" in server.log
+        assert server.proc.poll() is None  # the master itself carries on
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_worker_killed_from_outside_is_replaced_at_once(server_factory):
+    server = server_factory("-w", "2")
+    workers = server.wait_workers(2)
+    for pid in workers:  # SIGKILL is an operator's act, not a crash loop
+        os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not set(server.workers()) & set(workers), 5)
+    new = server.wait_workers(2, timeout=5)
+    assert not set(new) & set(workers)
+    assert "crashed" not in server.log

@@ -54,3 +54,21 @@ def peer_handle(sock: socket.socket, address: Any) -> None:
 
 
 not_callable = 42
+
+
+class CrashOnConnect:
+    """Takes the whole worker down with each connection: a crash loop."""
+
+    def connection_made(self, transport: Any) -> None:
+        import os
+
+        os._exit(70)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
