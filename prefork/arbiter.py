@@ -33,6 +33,7 @@ from prefork.config import Address, Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, HandlerLoadError, WorkerBootError
 from prefork.handlers import LoadedHandler, reload_handler
 from prefork.log import get_logger
+from prefork.pidfile import PidFile
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
 from prefork.wakeup import drain, open_wakeup_pipe
@@ -93,11 +94,14 @@ class Arbiter:
         self.wakeup_r = -1
         self.wakeup_w = -1
         self.pid = os.getpid()
+        self.pid_file = PidFile(config.pid_file) if config.pid_file else None
 
     # -- set-up ---------------------------------------------------------------
 
     def start(self) -> None:
         """Bind every listener (raises BindError), then take over signals."""
+        if self.pid_file is not None:
+            self.pid_file.create(self.pid)
         listeners = create_listeners(
             self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
         )
@@ -130,8 +134,8 @@ class Arbiter:
 
     def run(self) -> int:
         """Serve until a stop signal; return the exit code."""
-        self.start()
         try:
+            self.start()
             self.manage_workers()
             while True:
                 self.sleep(self.loop_timeout())
@@ -150,6 +154,8 @@ class Arbiter:
             raise
         finally:
             self.close_all_listeners()
+            if self.pid_file is not None:
+                self.pid_file.remove(self.pid)
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGTTIN:

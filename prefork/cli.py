@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="660",
         help="permissions of UNIX sockets, octal (default 660)",
     )
+    serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
     serve.add_argument(
         "--log-level", metavar="LEVEL", default="info", help=f"{', '.join(LEVELS)} (default info)"
     )
@@ -160,6 +161,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         handler=parse_handler(args.handler, "--handler", tuple(BUILTIN)),
         unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
         log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),
+        pid_file=args.pid,
         **extra,
     )
 

@@ -57,6 +57,7 @@ class Config:
     idle_timeout: float = 300.0  # seconds; 0 = never
     handler: str = "echo"
     log_level: str = "info"
+    pid_file: str | None = None
     unix_mode: int = 0o660
 
 

@@ -215,3 +215,32 @@ def test_backlog_option_reaches_listen(server_factory):
         ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10, check=True
     ).stdout.split()
     assert out[:3] == ["LISTEN", "0", "17"], out  # Send-Q of a listener is its backlog
+
+
+def test_pid_file_is_written_and_removed(server_factory, tmp_path):
+    pid_file = tmp_path / "prefork.pid"
+    server = server_factory("-w", "1", "--pid", str(pid_file))
+    assert pid_file.read_text() == f"{server.pid}\n"
+    server.signal(15)
+    assert server.wait(30) == 0
+    assert not pid_file.exists()
+
+
+def test_unwritable_pid_file_is_a_one_line_error(tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    target = tmp_path / "no-such-dir" / "prefork.pid"
+    assert_one_line_error(run("serve", "--pid", str(target)), 1, str(target), "cannot write")
+
+
+def test_pid_file_is_removed_when_binding_fails(tmp_path):
+    from test_cli import assert_one_line_error, run
+
+    pid_file = tmp_path / "prefork.pid"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("serve", "-b", f"127.0.0.1:{port}", "--pid", str(pid_file))
+    assert_one_line_error(result, 1, "address already in use")
+    assert not pid_file.exists()
