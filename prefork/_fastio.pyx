@@ -37,6 +37,7 @@ from prefork._posix cimport (
 from prefork._fastio_py import (
     ACCEPT_BATCH, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, _byte_view, _check_loop_args, _fileno,
+    STATS_SIZE, _stats_view,
 )
 
 _log = logging.getLogger("prefork")
@@ -316,6 +317,8 @@ cdef class EventLoop:
     cdef int n_dgrams
     cdef Datagrams *dgram
     cdef uint64_t rng  # xorshift state for chargen's random reply sizes
+    cdef object stats_view  # keeps the stats memory alive
+    cdef unsigned char *stats  # a scoreboard slot, written at every wake-up without the GIL
     cdef int n_active
     cdef bint _accepting, armed
     cdef double paused_until, next_sweep, sweep_interval
@@ -337,8 +340,9 @@ cdef class EventLoop:
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
                  max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None,
-                 datagram_sockets=(), max_accepts=0):
+                 datagram_sockets=(), max_accepts=0, stats=None):
         cdef const unsigned char[::1] view
+        cdef unsigned char[::1] stats_bytes
         cdef int index
         pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
                                         pattern, protocol_factory)
@@ -352,6 +356,10 @@ cdef class EventLoop:
         self.factory = protocol_factory
         self.max_connections = max_connections
         self.max_accepts = max_accepts
+        self.stats_view = _stats_view(stats)
+        if self.stats_view is not None:
+            stats_bytes = self.stats_view
+            self.stats = &stats_bytes[0]
         self.max_buffer = max_buffer
         self.idle_timeout = idle_timeout
         self.read_size = min(READ_SIZE, max_buffer)
@@ -513,6 +521,8 @@ cdef class EventLoop:
                 _check_signals()
                 continue
             now = _monotonic()
+            if self.stats != NULL:
+                self._publish(now)
             woken = False
             for i in range(n):
                 tag = self.events[i].data.u64
@@ -531,6 +541,16 @@ cdef class EventLoop:
             self._free_graveyard()
             if woken:
                 return 0
+
+    cdef void _publish(self, double now) noexcept nogil:
+        # The slot layout is <dqqqqq: heartbeat, pid, accepted, active, in, out.
+        cdef long long counters[4]
+        counters[0] = <long long>self.accepted
+        counters[1] = self.n_active
+        counters[2] = <long long>self.bytes_in
+        counters[3] = <long long>self.bytes_out
+        memcpy(self.stats, &now, 8)
+        memcpy(self.stats + 16, counters, 32)
 
     cdef void _drain_wakeup(self) noexcept nogil:
         cdef char sink[512]

@@ -28,6 +28,7 @@ import os
 import random
 import select
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -217,6 +218,19 @@ def _check_loop_args(
     return _byte_view(pattern, writable=False) if service == "chargen" else None
 
 
+STATS_SIZE = 48  # a scoreboard slot: <dqqqqq
+
+
+def _stats_view(buffer: Any) -> memoryview | None:
+    """A byte view of a writable 48-byte stats buffer (None stays None)."""
+    if buffer is None:
+        return None
+    view = memoryview(buffer)
+    if view.readonly or view.nbytes != STATS_SIZE:
+        raise ValueError(f"stats must be a writable {STATS_SIZE}-byte buffer")
+    return view.cast("B")
+
+
 def _log() -> Any:
     import logging
 
@@ -306,6 +320,12 @@ class EventLoop:
     one idle for ``idle_timeout`` seconds (no byte read or written; 0 =
     never) is closed.
 
+    ``stats`` (a writable 48-byte buffer laid out as a scoreboard slot,
+    ``<dqqqqq``: heartbeat, pid, accepted, active, bytes_in, bytes_out; or
+    None) receives ``time.monotonic()`` and the counters every time the loop
+    wakes, at least once per ``run``; the pid field is left alone. The
+    master's watchdog and summaries read it.
+
     ``max_accepts`` (0 = no limit) stops accepting after that many
     connections, for recycling: ``run`` then returns once they are done.
 
@@ -332,6 +352,7 @@ class EventLoop:
         protocol_factory: Any = None,
         datagram_sockets: Any = (),
         max_accepts: int = 0,
+        stats: Any = None,
     ) -> None:
         self._pattern = _check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -343,6 +364,7 @@ class EventLoop:
         self.service = service
         self.max_connections = max_connections
         self.max_accepts = max_accepts
+        self._stats = _stats_view(stats)
         self.max_buffer = max_buffer
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
@@ -424,6 +446,8 @@ class EventLoop:
                 return
             events = self._epoll.poll(max(wait, 0.0))
             now = time.monotonic()
+            if self._stats is not None:
+                self._publish(now)
             woken = False
             for fd, mask in events:
                 conn = self._conns.get(fd)
@@ -438,6 +462,19 @@ class EventLoop:
                     self._serve_datagrams(fd)
             if woken:
                 return
+
+    def _publish(self, now: float) -> None:
+        assert self._stats is not None
+        struct.pack_into("<d", self._stats, 0, now)
+        struct.pack_into(
+            "<qqqq",
+            self._stats,
+            16,
+            self.accepted,
+            len(self._conns),
+            self.bytes_in,
+            self.bytes_out,
+        )
 
     def _arm_if_ready(self, now: float) -> None:
         want = (

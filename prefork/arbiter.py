@@ -38,9 +38,12 @@ from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
 from prefork.wakeup import drain, open_wakeup_pipe
 from prefork.workers import WORKER_CLASSES
+from prefork.workers.base import DUMP_SIGNAL
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
+WATCHDOG_INTERVAL = 0.25  # seconds between heartbeat checks when --timeout is on
+DUMP_GRACE = 0.2  # seconds a silent worker gets to dump its stack before KILL
 # Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
 # raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
 # wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
@@ -70,6 +73,7 @@ class WorkerRecord:
     slot: int  # its counters in the scoreboard
     position: int  # its --reuse-port socket group, -1 without
     started: float  # time.monotonic() at fork
+    killed: bool = False  # the watchdog has killed it
 
 
 class Arbiter:
@@ -140,6 +144,7 @@ class Arbiter:
             while True:
                 self.sleep(self.loop_timeout())
                 self.reap_workers()
+                self.murder_workers()
                 while self.sig_queue:
                     sig = self.sig_queue.popleft()
                     if sig == signal.SIGTERM:
@@ -170,9 +175,36 @@ class Arbiter:
         # SIGCHLD only wakes the loop, which reaps every time round.
 
     def loop_timeout(self) -> float:
-        """Sleep no longer than until a delayed respawn is due."""
+        """Sleep no longer than until a delayed respawn is due, and look at
+        the heartbeats often enough to act within a second of --timeout."""
+        interval = WATCHDOG_INTERVAL if self.config.timeout > 0 else LOOP_INTERVAL
         delay = self.respawn_at - time.monotonic()
-        return max(0.0, min(LOOP_INTERVAL, delay)) if delay > 0 else LOOP_INTERVAL
+        return max(0.0, min(interval, delay)) if delay > 0 else interval
+
+    def murder_workers(self) -> None:
+        """Dump and kill every worker silent for longer than --timeout."""
+        if self.config.timeout <= 0:
+            return
+        now = time.monotonic()
+        for pid, record in list(self.workers.items()):
+            stats = self.scoreboard.read(record.slot)
+            if stats.heartbeat <= 0 or record.killed:  # waiting on a client, or done for
+                continue
+            silent = now - stats.heartbeat
+            if silent <= self.config.timeout:
+                continue
+            self.log.error(
+                "worker %d (pid %d) silent for %.1fs with %d active connection(s): "
+                "dumping its stack, then killing it",
+                record.age,
+                pid,
+                silent,
+                stats.active,
+            )
+            self.kill_worker(pid, DUMP_SIGNAL)
+            time.sleep(DUMP_GRACE)  # faulthandler writes from the signal handler
+            self.kill_worker(pid, signal.SIGKILL)
+            record.killed = True
 
     def sleep(self, timeout: float) -> None:
         """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds."""

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="close connections idle this many seconds, 0 = never (default 300)",
     )
     serve.add_argument(
+        "--timeout",
+        metavar="S",
+        default="30",
+        help="a worker silent this many seconds (stuck, not waiting on a client) gets its "
+        "stack dumped to the log and is replaced; 0 = never (default 30)",
+    )
+    serve.add_argument(
         "--handler",
         metavar="NAME",
         default="echo",
@@ -151,6 +158,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),
         backlog=parse_int(args.backlog, "--backlog", minimum=1),
         graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
+        timeout=parse_seconds(args.timeout, "--timeout"),
         threads=parse_int(args.threads, "--threads", minimum=1),
         reuse_port=args.reuse_port,
         max_requests=parse_int(args.max_requests, "--max-requests", minimum=0),

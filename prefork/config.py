@@ -49,6 +49,7 @@ class Config:
     threads: int = 1  # per thread worker
     backlog: int = 2048
     graceful_timeout: float = 30.0
+    timeout: float = 30.0  # a worker silent this long is dumped and killed; 0 = never
     reuse_port: bool = False  # one SO_REUSEPORT socket per worker slot
     max_requests: int = 0  # connections a worker serves before it is replaced; 0 = never
     max_requests_jitter: int = 0  # plus a random 0..jitter, so workers do not all go at once

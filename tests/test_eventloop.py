@@ -514,3 +514,24 @@ def test_udp_is_refused_for_protocols(impl):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         with pytest.raises(ValueError):
             impl.EventLoop([], "protocol", protocol_factory=Recorder, datagram_sockets=[sock])
+
+
+def test_loop_publishes_heartbeat_and_counters(running):
+    import struct
+
+    stats = bytearray(48)
+    r = running(stats=stats)
+    with r.connect() as sock:
+        sock.sendall(b"12345")
+        assert read_exactly(sock, 5) == b"12345"
+        assert wait_until(lambda: struct.unpack_from("<qqqq", stats, 16) == (1, 1, 5, 5), 5)
+    beat = struct.unpack_from("<d", stats, 0)[0]
+    assert 0 < time.monotonic() - beat < 2  # the same clock as the master's
+    assert wait_until(lambda: struct.unpack_from("<q", stats, 24)[0] == 0, 5)  # none active
+
+
+def test_stats_buffer_is_checked(impl):
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", stats=bytearray(8))
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", stats=bytes(48))

@@ -183,3 +183,50 @@ def test_a_worker_killed_from_outside_is_replaced_at_once(server_factory):
     new = server.wait_workers(2, timeout=5)
     assert not set(new) & set(workers)
     assert "crashed" not in server.log
+
+
+def faulty_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = (
+        os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env.get("PYTHONPATH", "")
+    )
+    return env
+
+
+@pytest.mark.parametrize(
+    ("k", "handler", "frame"),
+    [
+        (["-k", "event"], "handlers.faulty:HangOnData", "data_received"),
+        (["-k", "sync"], "handlers.faulty:HangOnData", "data_received"),
+        (["-k", "sync"], "handlers.faulty:hang_handle", "hang_handle"),
+    ],
+)
+def test_a_stuck_worker_is_dumped_and_replaced_within_timeout(server_factory, k, handler, frame):
+    timeout = 2.0
+    server = server_factory(
+        "-w", "1", *k, "--timeout", str(timeout), "--handler", handler, env=faulty_env()
+    )
+    (stuck,) = server.wait_workers(1)
+    with server.connect() as sock:
+        sock.sendall(b"x")
+        started = time.monotonic()
+        assert wait_until(lambda: stuck not in server.workers() and server.workers(), 10)
+        replaced_after = time.monotonic() - started
+    assert replaced_after <= timeout + 1.0, replaced_after
+    assert wait_until(lambda: f"in {frame}" in server.log, 5), server.log  # the stack dump
+    assert re.search(r"silent for \d+\.\ds with 1 active connection", server.log), server.log
+    assert "crashed" not in server.log  # killed by the watchdog, not a crash loop
+
+
+@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"], ["-k", "thread"]])
+def test_idle_connections_are_not_silence(server_factory, k):
+    server = server_factory("-w", "1", *k, "--timeout", "1")
+    (worker,) = server.wait_workers(1)
+    with server.connect() as sock:
+        sock.sendall(b"a")
+        assert sock.recv(1) == b"a"
+        time.sleep(2.5)  # the client says nothing for longer than --timeout
+        sock.sendall(b"b")
+        assert sock.recv(1) == b"b"
+    assert server.workers() == [worker]
+    assert "silent for" not in server.log

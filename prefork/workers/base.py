@@ -15,11 +15,13 @@ Signals a worker obeys:
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import random
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 
 from prefork.config import Config
@@ -32,7 +34,11 @@ from prefork.wakeup import drain, open_wakeup_pipe
 PR_SET_PDEATHSIG = 1
 
 # Signals the master owns; a worker must not die of them or act on them.
-_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
+_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+# The master's watchdog sends this before it kills a silent worker: faulthandler
+# dumps every thread's Python stack from the C signal handler, even when the
+# interpreter is stuck.
+DUMP_SIGNAL = signal.SIGUSR2
 
 
 def set_parent_death_signal(sig: int) -> None:
@@ -65,6 +71,9 @@ class Worker:
         self.handler = handler
         self.alive = True
         self.max_requests = 0  # set in the child, where the jitter is drawn
+        # How often the loop wakes to beat and to look at the master: well
+        # inside --timeout, so a healthy worker is never taken for a stuck one.
+        self.tick = min(1.0, config.timeout / 4) if config.timeout > 0 else 1.0
         self.booted = False  # False until run(): a failure before is a boot error
         self.log = get_logger()
         self.wakeup_r = -1
@@ -90,11 +99,21 @@ class Worker:
             )
         self.log.debug("worker %d booted", self.age)
         self.booted = True
+        self.notify()
         self.publish()
         try:
             self.run()
         finally:
             self.publish()
+
+    def notify(self) -> None:
+        """Tell the master's watchdog this worker is alive. Call it at least
+        every second while working, or the master kills it after --timeout."""
+        self.scoreboard.beat(self.slot, time.monotonic())
+
+    def waiting_on_peer(self) -> None:
+        """A blocking wait for a client is not silence: pause the watchdog."""
+        self.scoreboard.beat(self.slot, 0.0)
 
     def publish(self) -> None:
         """Write this worker's counters where the master can read them."""
@@ -109,6 +128,7 @@ class Worker:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_quit)
         signal.signal(signal.SIGQUIT, self.handle_quit)
+        faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
         # A fresh wake-up pipe: the master's stays the master's.
         self.wakeup_r, _ = open_wakeup_pipe()
 

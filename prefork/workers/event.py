@@ -1,9 +1,10 @@
 """The event worker: one epoll loop serving many connections at once.
 
 The whole loop (accept, read, write back, buffer what the kernel did not
-take) runs inside ``fastio.EventLoop`` without the GIL; this class only
-starts it, wakes up once a second (or at a signal) to check on the master
-and report trouble, and stops it gracefully.
+take, publish the heartbeat and counters) runs inside ``fastio.EventLoop``
+without the GIL; this class only starts it, wakes up every tick (a second,
+or a quarter of --timeout) or at a signal to check on the master and report
+trouble, and stops it gracefully.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ from __future__ import annotations
 from prefork import fastio
 from prefork.handlers import CHARGEN_PATTERN
 from prefork.workers.base import Worker
-
-TICK = 1.0  # seconds between checks on the master
 
 
 class EventWorker(Worker):
@@ -33,13 +32,14 @@ class EventWorker(Worker):
             idle_timeout=config.idle_timeout,
             pattern=CHARGEN_PATTERN,
             max_accepts=self.max_requests,
+            stats=self.scoreboard.slot_view(self.slot),
         )
         if not self.alive:  # TERM arrived while booting
             self.loop.stop_accepting()
         reported_errors = 0
         try:
             while self.loop.accepting or self.loop.active:
-                self.loop.run(TICK)
+                self.loop.run(self.tick)
                 self.collect_stats()
                 if self.alive and not self.loop.accepting:  # max_accepts reached
                     self.recycle()

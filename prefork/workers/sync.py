@@ -28,10 +28,13 @@ CONNECTION_ERRORS = frozenset(
 # Out of descriptors: the connection stays queued; back off instead of spinning.
 DESCRIPTOR_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 EMFILE_BACKOFF = 0.1  # seconds
-PARENT_CHECK_INTERVAL = 1.0  # seconds: poll timeout, so a lost master is seen
 
 
 class SyncWorker(Worker):
+    # One thread: the heartbeat follows the connection (see serve). The
+    # thread worker's main thread beats for the whole process instead.
+    beats_per_connection = True
+
     def run(self) -> None:
         self.accept_loop(self.wakeup_r, drain=True)
 
@@ -55,7 +58,9 @@ class SyncWorker(Worker):
             if not self.parent_alive():
                 self.log.warning("master is gone; worker exiting")
                 return
-            events = poller.poll(PARENT_CHECK_INTERVAL * 1000)
+            if self.beats_per_connection:
+                self.notify()
+            events = poller.poll(self.tick * 1000)
             for fd, _ in events:
                 if fd == wake_fd:
                     if drain:
@@ -85,6 +90,12 @@ class SyncWorker(Worker):
         with self.stats_lock:
             self.active += 1
             self.publish()
+        if self.beats_per_connection:
+            # The built-in loops only wait on the client; user code is timed.
+            if self.handler.builtin is not None:
+                self.waiting_on_peer()
+            else:
+                self.notify()
         try:
             nin, nout = handler(conn, buffer)
         except OSError as exc:
@@ -96,6 +107,8 @@ class SyncWorker(Worker):
             self.log.exception("handler failed; connection closed")
         finally:
             os.close(conn)
+            if self.beats_per_connection:
+                self.notify()
             with self.stats_lock:  # threads of a ThreadWorker share the counters
                 self.accepted += 1
                 self.active -= 1

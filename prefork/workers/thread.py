@@ -14,7 +14,7 @@ import select
 import signal
 import threading
 
-from prefork.workers.sync import PARENT_CHECK_INTERVAL, SyncWorker
+from prefork.workers.sync import SyncWorker
 
 _THREAD_BLOCKED = {
     signal.SIGTERM,
@@ -32,6 +32,7 @@ _THREAD_BLOCKED = {
 
 class ThreadWorker(SyncWorker):
     stop_w = -1
+    beats_per_connection = False
 
     def run(self) -> None:
         stop_r, self.stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -44,7 +45,8 @@ class ThreadWorker(SyncWorker):
         for thread in threads:
             thread.start()
         while self.alive and any(t.is_alive() for t in threads):
-            select.select([self.wakeup_r], [], [], PARENT_CHECK_INTERVAL)
+            self.notify()
+            select.select([self.wakeup_r], [], [], self.tick)
             self.drain_wakeup()
             if not self.parent_alive():
                 self.log.warning("master is gone; worker exiting")

@@ -72,3 +72,28 @@ class CrashOnConnect:
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
+
+
+class HangOnData:
+    """Stuck for good in its first data_received: the watchdog's business."""
+
+    def connection_made(self, transport: Any) -> None:
+        pass
+
+    def data_received(self, data: bytes) -> None:
+        import time
+
+        time.sleep(3600)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+def hang_handle(sock: socket.socket, address: Any) -> None:
+    import time
+
+    sock.recv(1)
+    time.sleep(3600)
