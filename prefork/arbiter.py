@@ -33,6 +33,7 @@ from prefork.config import Address, Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, HandlerLoadError, WorkerBootError
 from prefork.handlers import LoadedHandler, reload_handler
 from prefork.log import get_logger
+from prefork.metrics import MetricsServer, Sample, render
 from prefork.pidfile import PidFile
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
@@ -92,6 +93,9 @@ class Arbiter:
         self.scoreboard = Scoreboard()
         self.worker_age = 0
         self.generation = 0
+        self.metrics: MetricsServer | None = None
+        # What workers that have exited served, for the metrics totals.
+        self.exited_totals = {"connections_accepted": 0, "bytes_in": 0, "bytes_out": 0}
         self.crashes = 0  # quick crashes in a row
         self.respawn_at = 0.0  # no respawn before this time.monotonic()
         self.sig_queue: deque[int] = deque()
@@ -106,6 +110,9 @@ class Arbiter:
         """Bind every listener (raises BindError), then take over signals."""
         if self.pid_file is not None:
             self.pid_file.create(self.pid)
+        if self.config.metrics is not None:
+            self.metrics = MetricsServer(self.config.metrics)
+            self.log.info("metrics on http://%s/metrics", self.metrics.name)
         listeners = create_listeners(
             self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
         )
@@ -207,14 +214,53 @@ class Arbiter:
             record.killed = True
 
     def sleep(self, timeout: float) -> None:
-        """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds."""
+        """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds,
+        serving the metrics endpoint meanwhile."""
         if self.sig_queue:
             return
+        watched = [self.wakeup_r]
+        if self.metrics is not None:
+            watched += self.metrics.fds()
+            client_due = self.metrics.timeout(time.monotonic())
+            if client_due is not None:
+                timeout = min(timeout, client_due)
         try:
-            select.select([self.wakeup_r], [], [], timeout)
+            readable, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
-            pass
+            readable = []
         drain(self.wakeup_r)
+        if self.metrics is not None:
+            self.metrics.handle(readable, self.metrics_page)
+
+    def samples(self) -> list[Sample]:
+        """What every live worker has done, from the scoreboard."""
+        now = time.monotonic()
+        samples = []
+        for pid, record in sorted(self.workers.items(), key=lambda item: item[1].age):
+            stats = self.scoreboard.read(record.slot)
+            beat_age = now - stats.heartbeat if stats.heartbeat > 0 else -1.0
+            samples.append(
+                Sample(
+                    record.age,
+                    pid,
+                    record.generation,
+                    stats.active,
+                    stats.accepted,
+                    stats.bytes_in,
+                    stats.bytes_out,
+                    beat_age,
+                )
+            )
+        return samples
+
+    def metrics_page(self) -> bytes:
+        samples = self.samples()
+        totals = dict(self.exited_totals)
+        for s in samples:
+            totals["connections_accepted"] += s.accepted
+            totals["bytes_in"] += s.bytes_in
+            totals["bytes_out"] += s.bytes_out
+        return render(samples, self.generation, totals)
 
     # -- workers --------------------------------------------------------------
 
@@ -274,6 +320,9 @@ class Arbiter:
         return self.listeners + self.slot_listeners[position]
 
     def close_all_listeners(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         close_listeners(self.listeners, unlink=True)
         for listeners in self.slot_listeners.values():
             close_listeners(listeners)
@@ -315,6 +364,8 @@ class Arbiter:
         try:
             os.close(self.wakeup_r)
             os.close(self.wakeup_w)
+            if self.metrics is not None:  # the master's, not ours
+                self.metrics.close()
             # Other slots' sockets must not outlive the master's copy in us.
             for listeners in self.slot_listeners.values():
                 close_listeners([lst for lst in listeners if lst not in worker.listeners])
@@ -353,6 +404,9 @@ class Arbiter:
                 continue
             age = record.age
             stats = self.scoreboard.read(record.slot)
+            self.exited_totals["connections_accepted"] += stats.accepted
+            self.exited_totals["bytes_in"] += stats.bytes_in
+            self.exited_totals["bytes_out"] += stats.bytes_out
             served = (
                 f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"

@@ -14,6 +14,7 @@ from typing import NoReturn
 from prefork import __version__, fastio
 from prefork.config import (
     DEFAULT_BIND,
+    Address,
     Config,
     parse_address,
     parse_choice,
@@ -142,8 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
     serve.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
+    )
+    serve.add_argument(
         "--log-level", metavar="LEVEL", default="info", help=f"{', '.join(LEVELS)} (default info)"
     )
+    status = commands.add_parser(
+        "status",
+        help="show a running server's workers",
+        description="Show a running server's workers, read from its --metrics endpoint.",
+    )
+    status.add_argument("address", metavar="HOST:PORT", help="the server's --metrics address")
     return parser
 
 
@@ -170,8 +182,18 @@ def config_from_args(args: argparse.Namespace) -> Config:
         unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
         log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),
         pid_file=args.pid,
+        metrics=parse_metrics_address(args.metrics),
         **extra,
     )
+
+
+def parse_metrics_address(text: str | None) -> Address | None:
+    if text is None:
+        return None
+    address = parse_address(text, "--metrics")
+    if address.kind != "tcp":
+        raise ConfigError(f"--metrics: expected HOST:PORT or [V6ADDR]:PORT, got {text!r}")
+    return address
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -200,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == "status":
+            from prefork.status import fetch, table
+
+            print(table(fetch(args.address)))
+            return 0
         return serve(args)
     except PreforkError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

@@ -59,6 +59,7 @@ class Config:
     handler: str = "echo"
     log_level: str = "info"
     pid_file: str | None = None
+    metrics: Address | None = None  # where the master serves /metrics
     unix_mode: int = 0o660
 
 
