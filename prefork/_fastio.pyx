@@ -392,7 +392,7 @@ cdef class EventLoop:
             _raise_oserror(errno)
         self.wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
-            self._ctl(EPOLL_CTL_ADD, wakeup_fd, EPOLLIN, ((<uint64_t>self.n_listeners) << 1) | 1)
+            self._ctl(EPOLL_CTL_ADD, wakeup_fd, EPOLLIN, self._listener_tag(self.n_listeners))
         for i in range(self.n_dgrams):
             self._ctl(EPOLL_CTL_ADD, self.dgram_fds[i], EPOLLIN | EPOLLEXCLUSIVE,
                       self._dgram_tag(i))
@@ -468,14 +468,10 @@ cdef class EventLoop:
         cdef int i
         if self.armed:
             for i in range(self.n_listeners):
-                self._ctl(EPOLL_CTL_DEL, self.listeners[i], 0, 0)
-                self._ctl(EPOLL_CTL_ADD, self.listeners[i], EPOLLIN | EPOLLEXCLUSIVE,
-                          ((<uint64_t>i) << 1) | 1)
+                self._readd(self.listeners[i], self._listener_tag(i))
         if self._accepting:
             for i in range(self.n_dgrams):
-                self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
-                self._ctl(EPOLL_CTL_ADD, self.dgram_fds[i], EPOLLIN | EPOLLEXCLUSIVE,
-                          self._dgram_tag(i))
+                self._readd(self.dgram_fds[i], self._dgram_tag(i))
         return 0
 
     cdef void _free_graveyard(self) noexcept nogil:
@@ -564,7 +560,7 @@ cdef class EventLoop:
         if want and not self.armed:
             for i in range(self.n_listeners):
                 self._ctl(EPOLL_CTL_ADD, self.listeners[i], EPOLLIN | EPOLLEXCLUSIVE,
-                          ((<uint64_t>i) << 1) | 1)
+                          self._listener_tag(i))
             self.armed = True
         elif not want and self.armed:
             self._disarm()
@@ -594,6 +590,15 @@ cdef class EventLoop:
         return 0
 
     # -- datagrams --------------------------------------------------------------------
+
+    cdef inline uint64_t _listener_tag(self, int index) noexcept nogil:
+        return ((<uint64_t>index) << 1) | 1
+
+    cdef int _readd(self, int fd, uint64_t tag) except -1 nogil:
+        """Remove and re-add an exclusive socket: to the back of its wait queue."""
+        self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
+        self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, tag)
+        return 0
 
     cdef inline uint64_t _dgram_tag(self, int index) noexcept nogil:
         return ((<uint64_t>(self.n_listeners + 1 + index)) << 1) | 1
@@ -669,9 +674,7 @@ cdef class EventLoop:
             done += r
         if not self._accepting:
             return 0
-        # re-arm: to the back of the socket's wait queue
-        self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
-        self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, self._dgram_tag(index))
+        self._readd(fd, self._dgram_tag(index))  # to the back of the socket's wait queue
         return 0
 
     # -- connections ------------------------------------------------------------------
@@ -703,8 +706,7 @@ cdef class EventLoop:
                 _raise_oserror(err)
             self._open(fd, now)
         if self.armed:  # re-arm: to the back of the listener's wait queue
-            self._ctl(EPOLL_CTL_DEL, lfd, 0, 0)
-            self._ctl(EPOLL_CTL_ADD, lfd, EPOLLIN | EPOLLEXCLUSIVE, ((<uint64_t>index) << 1) | 1)
+            self._readd(lfd, self._listener_tag(index))
         return 0
 
     cdef int _open(self, int fd, double now) except -1 nogil:
