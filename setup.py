@@ -3,6 +3,7 @@
 PREFORK_NO_EXTENSIONS=1 at install time skips the compiled module; otherwise a
 failed build fails the install (no silent fallback).
 """
+
 import os
 
 from setuptools import Extension, setup

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 from prefork import __version__, fastio
 from prefork.config import (
@@ -60,85 +65,91 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_BIND})",
     )
     serve.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="a TOML file with the same keys as the long options (bind, workers, "
+        "worker-class, ...); options given on the command line win",
+    )
+    serve.add_argument(
         "-w", "--workers", metavar="N", help="worker processes (default: the CPU count)"
     )
     serve.add_argument(
         "-k",
         "--worker-class",
         metavar="CLASS",
-        default="event",
+        default=None,
         help="event: an epoll loop per worker, many connections each (default); "
         "sync: one connection at a time per worker; thread: --threads connections at a time",
     )
     serve.add_argument(
-        "--threads", metavar="T", default="1", help="threads per thread worker (default 1)"
+        "--threads", metavar="T", default=None, help="threads per thread worker (default 1)"
     )
-    serve.add_argument(
-        "--backlog", metavar="N", default="2048", help="listen backlog (default 2048)"
-    )
+    serve.add_argument("--backlog", metavar="N", default=None, help="listen backlog (default 2048)")
     serve.add_argument(
         "--graceful-timeout",
         metavar="S",
-        default="30",
+        default=None,
         help="seconds TERM waits for connections to finish (default 30)",
     )
     serve.add_argument(
         "--reuse-port",
         action="store_true",
+        default=None,
         help="give each worker slot its own SO_REUSEPORT socket, kept by the master across "
         "respawns (TCP and UDP; UNIX sockets stay shared)",
     )
     serve.add_argument(
         "--max-requests",
         metavar="N",
-        default="0",
+        default=None,
         help="replace a worker after it has served N connections, with nothing dropped "
         "(default 0 = never)",
     )
     serve.add_argument(
         "--max-requests-jitter",
         metavar="J",
-        default="0",
+        default=None,
         help="add a random 0..J to --max-requests per worker (default 0)",
     )
     serve.add_argument(
         "--max-connections",
         metavar="N",
-        default="1024",
+        default=None,
         help="connections per event worker; at the cap new ones are left to the others "
         "(default 1024)",
     )
     serve.add_argument(
         "--max-buffer",
         metavar="BYTES",
-        default="256K",
+        default=None,
         help="bytes a connection may owe a peer that does not read; it is not read from "
         "meanwhile (default 256K)",
     )
     serve.add_argument(
         "--idle-timeout",
         metavar="S",
-        default="300",
+        default=None,
         help="close connections idle this many seconds, 0 = never (default 300)",
     )
     serve.add_argument(
         "--timeout",
         metavar="S",
-        default="30",
+        default=None,
         help="a worker silent this many seconds (stuck, not waiting on a client) gets its "
         "stack dumped to the log and is replaced; 0 = never (default 30)",
     )
     serve.add_argument(
         "--handler",
         metavar="NAME",
-        default="echo",
+        default=None,
         help=f"a built-in service ({', '.join(BUILTIN)}; default echo) or module:attr, "
         "a protocol class or a handle(sock, address) function",
     )
     serve.add_argument(
         "--unix-mode",
         metavar="MODE",
-        default="660",
+        default=None,
         help="permissions of UNIX sockets, octal (default 660)",
     )
     serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
@@ -148,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
     )
     serve.add_argument(
-        "--log-level", metavar="LEVEL", default="info", help=f"{', '.join(LEVELS)} (default info)"
+        "--log-level", metavar="LEVEL", default=None, help=f"{', '.join(LEVELS)} (default info)"
     )
     status = commands.add_parser(
         "status",
@@ -159,40 +170,118 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Text defaults of the options, parsed like what a user types.
+OPTION_DEFAULTS = {
+    "worker-class": "event",
+    "threads": "1",
+    "backlog": "2048",
+    "graceful-timeout": "30",
+    "timeout": "30",
+    "max-requests": "0",
+    "max-requests-jitter": "0",
+    "max-connections": "1024",
+    "max-buffer": "256K",
+    "idle-timeout": "300",
+    "handler": "echo",
+    "unix-mode": "660",
+    "log-level": "info",
+}
+# What a -c file may set: every serve option but -c itself.
+FILE_KEYS = frozenset({*OPTION_DEFAULTS, "bind", "workers", "reuse-port", "pid", "metrics"})
+_SHORT = {"bind": "-b/", "workers": "-w/", "worker-class": "-k/"}
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The keys of a TOML config file, by option name (``_`` or ``-``)."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"-c {path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"-c {path}: invalid TOML: {exc}") from None
+    values = {}
+    for key, value in data.items():
+        name = key.replace("_", "-")
+        if name not in FILE_KEYS:
+            raise ConfigError(f"{path}: unknown key {key!r}")
+        values[name] = value
+    return values
+
+
+class _Options:
+    """Each option's text and the label to name it by in an error: from the
+    command line if given, else from the config file, else the default."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.path = args.config
+        self.file = read_config_file(args.config) if args.config else {}
+
+    def get(self, name: str) -> tuple[Any, str]:
+        given = getattr(self.args, name.replace("-", "_"))
+        if given is not None:
+            return given, f"{_SHORT.get(name, '')}--{name}"
+        if name in self.file:
+            return self.file[name], f"{self.path}: {name}"
+        return OPTION_DEFAULTS.get(name), f"{_SHORT.get(name, '')}--{name}"
+
+    def text(self, name: str) -> str:
+        value, label = self.get(name)
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{label}: expected a string or a number, got {value!r}")
+        return str(value)
+
+    def __call__(self, name: str, parse: Any, *extra: Any, **options: Any) -> Any:
+        _, label = self.get(name)
+        return parse(self.text(name), label, *extra, **options)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Validate the text of every option (raises ConfigError)."""
-    binds = tuple(parse_address(text) for text in args.bind) if args.bind else (DEFAULT_BIND,)
+    opt = _Options(args)
+    bind, bind_label = opt.get("bind")
+    if isinstance(bind, str):
+        bind = [bind]
+    if bind is not None and not (isinstance(bind, list) and all(isinstance(b, str) for b in bind)):
+        raise ConfigError(f"{bind_label}: expected an address or a list of addresses")
+    binds = tuple(parse_address(text, bind_label) for text in bind) if bind else (DEFAULT_BIND,)
     extra = {}
-    if args.workers is not None:
-        extra["workers"] = parse_int(args.workers, "-w/--workers", minimum=1, maximum=MAX_SLOTS)
+    if opt.get("workers")[0] is not None:
+        extra["workers"] = opt("workers", parse_int, minimum=1, maximum=MAX_SLOTS)
+    reuse_port, reuse_label = opt.get("reuse-port")
+    if reuse_port is not None and not isinstance(reuse_port, bool):
+        raise ConfigError(f"{reuse_label}: expected true or false, got {reuse_port!r}")
+    pid_file = opt.text("pid") if opt.get("pid")[0] is not None else None
+    metrics = None
+    if opt.get("metrics")[0] is not None:
+        metrics = parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
     return Config(
         binds=binds,
-        worker_class=parse_choice(args.worker_class, "-k/--worker-class", tuple(WORKER_CLASSES)),
-        backlog=parse_int(args.backlog, "--backlog", minimum=1),
-        graceful_timeout=parse_seconds(args.graceful_timeout, "--graceful-timeout"),
-        timeout=parse_seconds(args.timeout, "--timeout"),
-        threads=parse_int(args.threads, "--threads", minimum=1),
-        reuse_port=args.reuse_port,
-        max_requests=parse_int(args.max_requests, "--max-requests", minimum=0),
-        max_requests_jitter=parse_int(args.max_requests_jitter, "--max-requests-jitter", minimum=0),
-        max_connections=parse_int(args.max_connections, "--max-connections", minimum=1),
-        max_buffer=parse_size(args.max_buffer, "--max-buffer"),
-        idle_timeout=parse_seconds(args.idle_timeout, "--idle-timeout"),
-        handler=parse_handler(args.handler, "--handler", tuple(BUILTIN)),
-        unix_mode=parse_mode(args.unix_mode, "--unix-mode"),
-        log_level=parse_choice(args.log_level.lower(), "--log-level", LEVELS),
-        pid_file=args.pid,
-        metrics=parse_metrics_address(args.metrics),
+        worker_class=opt("worker-class", parse_choice, tuple(WORKER_CLASSES)),
+        backlog=opt("backlog", parse_int, minimum=1),
+        graceful_timeout=opt("graceful-timeout", parse_seconds),
+        timeout=opt("timeout", parse_seconds),
+        threads=opt("threads", parse_int, minimum=1),
+        reuse_port=bool(reuse_port),
+        max_requests=opt("max-requests", parse_int, minimum=0),
+        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0),
+        max_connections=opt("max-connections", parse_int, minimum=1),
+        max_buffer=opt("max-buffer", parse_size),
+        idle_timeout=opt("idle-timeout", parse_seconds),
+        handler=opt("handler", parse_handler, tuple(BUILTIN)),
+        unix_mode=opt("unix-mode", parse_mode),
+        log_level=parse_choice(opt.text("log-level").lower(), opt.get("log-level")[1], LEVELS),
+        pid_file=pid_file,
+        metrics=metrics,
         **extra,
     )
 
 
-def parse_metrics_address(text: str | None) -> Address | None:
-    if text is None:
-        return None
-    address = parse_address(text, "--metrics")
+def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
+    address = parse_address(text, option)
     if address.kind != "tcp":
-        raise ConfigError(f"--metrics: expected HOST:PORT or [V6ADDR]:PORT, got {text!r}")
+        raise ConfigError(f"{option}: expected HOST:PORT or [V6ADDR]:PORT, got {text!r}")
     return address
 
 

@@ -158,3 +158,44 @@ def test_unix_path_that_is_not_a_socket_is_left_alone(tmp_path):
 
 def test_unresolvable_host_exits_1():
     assert_one_line_error(run("serve", "-b", "no-such-host.invalid:7007"), 1, "cannot resolve")
+
+
+def test_config_file_sets_options_and_the_command_line_wins(tmp_path, server_factory):
+    config = tmp_path / "prefork.toml"
+    config.write_text(
+        'bind = ["127.0.0.1:0", "[::1]:0"]\n'
+        "workers = 3\n"
+        'worker_class = "sync"\n'
+        'handler = "discard"\n'
+        "reuse-port = true\n"
+    )
+    server = server_factory("-c", str(config), "-w", "2", any_port=False)  # -w wins
+    assert server.addresses[0].startswith("127.0.0.1:") and server.addresses[1].startswith("[::1]:")
+    assert "2 sync worker(s), handler discard" in server.log
+    with server.connect() as sock:
+        sock.sendall(b"dropped")
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(10) == b""
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ("workers = 0\n", ["workers", "'0'"]),
+        ("no_such_key = 1\n", ["unknown key 'no_such_key'"]),
+        ("workers = [1, 2]\n", ["workers", "expected a string or a number"]),
+        ('bind = "127.0.0.1:99999"\n', ["bind", "127.0.0.1:99999"]),
+        ('reuse_port = "yes"\n', ["reuse-port", "true or false"]),
+        ("this is = not toml\n", ["invalid TOML"]),
+        ('handler = "nope"\n', ["handler", "'nope'"]),
+    ],
+)
+def test_bad_config_file_values_are_one_line_usage_errors(tmp_path, text, needles):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert_one_line_error(run("serve", "-c", str(config)), 2, str(config), *needles)
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    missing = tmp_path / "nope.toml"
+    assert_one_line_error(run("serve", "-c", str(missing)), 2, str(missing), "cannot read")
