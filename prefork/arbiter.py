@@ -11,11 +11,14 @@ Signals:
   ``graceful_timeout`` for their connections to finish, KILL the rest, exit 0.
 - INT, QUIT: fast stop. Close the listeners, QUIT the workers, KILL what is
   left after ``FAST_STOP_TIMEOUT``, exit 0.
-- HUP: graceful reload. Re-import the handler module, start a new
-  generation of workers, TERM the old one (it stops accepting and finishes
-  its connections). The listeners never close, so nothing queued is lost.
-  If the handler no longer imports, the running workers are kept.
+- HUP: graceful reload. Read the command line and the -c file again,
+  re-import the handler module, start a new generation of workers, TERM the
+  old one (it stops accepting and finishes its connections). The listeners
+  never close, so nothing queued is lost. If the new settings or handler do
+  not load, the running workers are kept. Settings tied to the listeners
+  (bind, backlog, --reuse-port, --metrics, --pid) need a restart.
 - TTIN, TTOU: one worker more, one fewer (never fewer than one).
+- USR1: reopen --log-file, then tell the workers to reopen theirs.
 - CHLD: reap and replace.
 """
 
@@ -26,17 +29,20 @@ import select
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import FrameType
 
 from prefork.config import Address, Config
-from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, HandlerLoadError, WorkerBootError
-from prefork.handlers import LoadedHandler, reload_handler
-from prefork.log import get_logger
+from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
+from prefork.handlers import LoadedHandler, check_fit, load_handler, reload_handler
+from prefork.log import get_logger, log_file_path, reopen_log_file, setup_logging
 from prefork.metrics import MetricsServer, Sample, render
 from prefork.pidfile import PidFile
+from prefork.proctitle import set_title
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener, close_listeners, create_listeners
+from prefork.systemd import Notifier
 from prefork.wakeup import drain, open_wakeup_pipe
 from prefork.workers import WORKER_CLASSES
 from prefork.workers.base import DUMP_SIGNAL
@@ -62,7 +68,10 @@ HANDLED_SIGNALS = (
     signal.SIGTTIN,
     signal.SIGTTOU,
     signal.SIGHUP,
+    signal.SIGUSR1,
 )
+# Settings a HUP cannot change: they belong to sockets and files made at start.
+RESTART_ONLY = ("binds", "backlog", "reuse_port", "metrics", "pid_file", "unix_mode")
 
 
 @dataclass
@@ -75,11 +84,18 @@ class WorkerRecord:
     position: int  # its --reuse-port socket group, -1 without
     started: float  # time.monotonic() at fork
     killed: bool = False  # the watchdog has killed it
+    stopping: bool = False  # told to finish and exit (reload, TTOU)
 
 
 class Arbiter:
-    def __init__(self, config: Config, handler: LoadedHandler) -> None:
+    def __init__(
+        self,
+        config: Config,
+        handler: LoadedHandler,
+        reload_config: Callable[[], Config] | None = None,
+    ) -> None:
         self.config = config
+        self.reload_config = reload_config  # HUP reads the settings again with it
         self.log = get_logger()
         self.worker_class = WORKER_CLASSES[config.worker_class]
         self.handler = handler
@@ -103,11 +119,15 @@ class Arbiter:
         self.wakeup_w = -1
         self.pid = os.getpid()
         self.pid_file = PidFile(config.pid_file) if config.pid_file else None
+        self.notifier = Notifier()
 
     # -- set-up ---------------------------------------------------------------
 
     def start(self) -> None:
         """Bind every listener (raises BindError), then take over signals."""
+        if self.config.umask is not None:
+            os.umask(self.config.umask)
+        self.give_log_file_to_workers()
         if self.pid_file is not None:
             self.pid_file.create(self.pid)
         if self.config.metrics is not None:
@@ -118,19 +138,46 @@ class Arbiter:
         )
         for listener in listeners:
             self.log.info("listening on %s", listener.name)
+        datagram = next((lst.name for lst in listeners if lst.datagram), None)
+        try:
+            check_fit(self.handler, self.config.worker_class, datagram)
+        except PreforkError:
+            close_listeners(listeners, unlink=True)
+            raise
+        self.give_unix_sockets_to_workers(listeners)
         if self.config.reuse_port:
-            self.listeners = [lst for lst in listeners if lst.address.kind == "unix"]
-            self.slot_listeners[0] = [lst for lst in listeners if lst.address.kind != "unix"]
+            self.listeners = [lst for lst in listeners if not lst.per_slot]
+            self.slot_listeners[0] = [lst for lst in listeners if lst.per_slot]
             self.reuse_addresses = [lst.bound_address() for lst in self.slot_listeners[0]]
         else:
             self.listeners = listeners
         self.init_signals()
+        names = " ".join(lst.name for lst in listeners)
+        set_title(f"master [{self.config.handler} {names}]")
         self.log.info(
             "master started: %d %s worker(s), handler %s",
             self.num_workers,
             self.config.worker_class,
             self.config.handler,
         )
+
+    def give_log_file_to_workers(self) -> None:
+        """Workers that drop privileges reopen --log-file on USR1 as their
+        user: the file must be theirs (as gunicorn does)."""
+        path = log_file_path()
+        if path is not None and self.config.user is not None and os.geteuid() == 0:
+            os.chown(path, self.config.user, -1 if self.config.group is None else self.config.group)
+
+    def give_unix_sockets_to_workers(self, listeners: list[Listener]) -> None:
+        """A UNIX socket file belongs to --user/--group, so that the service's
+        group can connect (mode --unix-mode, 660 by default)."""
+        if self.config.user is None and self.config.group is None:
+            return
+        for listener in listeners:
+            if listener.address.kind == "unix":
+                uid = -1 if self.config.user is None else self.config.user
+                gid = -1 if self.config.group is None else self.config.group
+                os.chown(listener.address.path, uid, gid)
 
     def init_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
@@ -148,8 +195,10 @@ class Arbiter:
         try:
             self.start()
             self.manage_workers()
+            self.notifier.notify(f"READY=1\nMAINPID={self.pid}\nSTATUS={self.status_text()}")
             while True:
                 self.sleep(self.loop_timeout())
+                self.notifier.ping()
                 self.reap_workers()
                 self.murder_workers()
                 while self.sig_queue:
@@ -166,8 +215,14 @@ class Arbiter:
             raise
         finally:
             self.close_all_listeners()
+            self.notifier.close()
             if self.pid_file is not None:
                 self.pid_file.remove(self.pid)
+
+    def status_text(self) -> str:
+        return (
+            f"{self.num_workers} {self.config.worker_class} worker(s), generation {self.generation}"
+        )
 
     def handle_signal(self, sig: int) -> None:
         if sig == signal.SIGTTIN:
@@ -178,13 +233,20 @@ class Arbiter:
                 self.num_workers -= 1
             self.log.info("TTOU: %d worker(s)", self.num_workers)
         elif sig == signal.SIGHUP:
+            self.notifier.notify("RELOADING=1")
             self.reload()
+            self.notifier.notify(f"READY=1\nSTATUS={self.status_text()}")
+        elif sig == signal.SIGUSR1:
+            self.reopen_logs()
         # SIGCHLD only wakes the loop, which reaps every time round.
 
     def loop_timeout(self) -> float:
         """Sleep no longer than until a delayed respawn is due, and look at
         the heartbeats often enough to act within a second of --timeout."""
         interval = WATCHDOG_INTERVAL if self.config.timeout > 0 else LOOP_INTERVAL
+        ping_due = self.notifier.ping()
+        if ping_due is not None:
+            interval = min(interval, ping_due)
         delay = self.respawn_at - time.monotonic()
         return max(0.0, min(interval, delay)) if delay > 0 else interval
 
@@ -264,19 +326,55 @@ class Arbiter:
 
     # -- workers --------------------------------------------------------------
 
-    def reload(self) -> None:
-        """HUP: a new generation of workers with the handler imported afresh."""
-        try:
+    def reopen_logs(self) -> None:
+        """USR1: reopen --log-file here, then in every worker."""
+        if reopen_log_file():
+            self.log.info("USR1: log file reopened")
+        else:
+            self.log.error("USR1: cannot reopen the log file; still writing to the old one")
+        self.kill_workers(signal.SIGUSR1)
+
+    def reload_settings(self) -> tuple[Config, LoadedHandler]:
+        """HUP: the settings read again and the handler imported afresh
+        (raises PreforkError; nothing is changed then)."""
+        config = self.config
+        if self.reload_config is not None:
+            config = self.reload_config()
+            for name in RESTART_ONLY:
+                if getattr(config, name) != getattr(self.config, name):
+                    self.log.warning("HUP: changing %s needs a restart; keeping it", name)
+                    config = replace(config, **{name: getattr(self.config, name)})
+        if config.handler == self.handler.spec:
             handler = reload_handler(self.handler)
-        except HandlerLoadError as exc:
+        else:
+            handler = load_handler(config.handler)
+        datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
+        check_fit(handler, config.worker_class, datagram)
+        if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
+            setup_logging(config.log_level, config.log_file)
+        return config, handler
+
+    def reload(self) -> None:
+        """HUP: a new generation of workers with the settings read again and
+        the handler imported afresh."""
+        try:
+            config, handler = self.reload_settings()
+        except PreforkError as exc:
             self.log.error("HUP: reload failed, keeping the running workers: %s", exc)
             return
+        if config.workers != self.config.workers:  # else keep what TTIN/TTOU made
+            self.num_workers = config.workers
+        if config.umask is not None:
+            os.umask(config.umask)
+        self.config = config
+        self.worker_class = WORKER_CLASSES[config.worker_class]
         self.handler = handler
+        self.give_log_file_to_workers()
         old = [pid for pid, w in self.workers.items() if w.generation == self.generation]
         self.generation += 1
         self.manage_workers()
         for pid in old:  # they stop accepting at once and finish what they have
-            self.kill_worker(pid, signal.SIGTERM)
+            self.stop_worker(pid)
         self.log.info(
             "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
         )
@@ -301,7 +399,7 @@ class Arbiter:
             else:
                 current.sort(key=lambda pid: self.workers[pid].age)
             for pid in current[:extra]:
-                self.kill_worker(pid, signal.SIGTERM)
+                self.stop_worker(pid)
         # A position nobody will serve again (after TTOU) must not keep a queue.
         held = {w.position for w in self.workers.values()}
         for position in set(self.slot_listeners) - held:
@@ -318,6 +416,9 @@ class Arbiter:
                 self.reuse_addresses, self.config.backlog, reuse_port=True
             )
         return self.listeners + self.slot_listeners[position]
+
+    def all_listeners(self) -> list[Listener]:
+        return self.listeners + [lst for group in self.slot_listeners.values() for lst in group]
 
     def close_all_listeners(self) -> None:
         if self.metrics is not None:
@@ -378,6 +479,11 @@ class Arbiter:
             code = 1 if worker.booted else WORKER_BOOT_ERROR
         finally:
             os._exit(code)
+
+    def stop_worker(self, pid: int) -> None:
+        """TERM: stop accepting, finish the connections in hand, exit."""
+        self.workers[pid].stopping = True
+        self.kill_worker(pid, signal.SIGTERM)
 
     def kill_worker(self, pid: int, sig: int) -> None:
         try:
@@ -445,6 +551,7 @@ class Arbiter:
 
     def stop(self, graceful: bool) -> int:
         """Close listeners, signal workers, wait, KILL stragglers; return 0."""
+        self.notifier.notify(f"STOPPING=1\nSTATUS={'graceful' if graceful else 'fast'} stop")
         self.close_all_listeners()
         if graceful:
             timeout = self.config.graceful_timeout

@@ -8,6 +8,7 @@ code (2 for usage), never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, NoReturn
 
@@ -28,10 +29,12 @@ from prefork.config import (
     parse_mode,
     parse_seconds,
     parse_size,
+    parse_umask,
 )
 from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
-from prefork.handlers import BUILTIN, load_handler
+from prefork.handlers import BUILTIN, check_fit, load_handler
 from prefork.log import LEVELS, setup_logging
+from prefork.privileges import check_can_switch, parse_group, parse_user
 from prefork.scoreboard import MAX_SLOTS
 from prefork.workers import WORKER_CLASSES
 
@@ -154,6 +157,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
     serve.add_argument(
+        "--log-file",
+        metavar="FILE",
+        help="append the log to FILE instead of stderr; USR1 reopens it (for logrotate)",
+    )
+    serve.add_argument(
+        "--user",
+        metavar="USER",
+        help="workers switch to USER (name or uid) after binding, with USER's groups",
+    )
+    serve.add_argument(
+        "--group",
+        metavar="GROUP",
+        help="workers switch to GROUP (name or gid) after binding (default: USER's group)",
+    )
+    serve.add_argument(
+        "--umask", metavar="MASK", help="the processes' umask, octal (default: inherited)"
+    )
+    serve.add_argument(
         "--metrics",
         metavar="HOST:PORT",
         help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
@@ -187,7 +208,8 @@ OPTION_DEFAULTS = {
     "log-level": "info",
 }
 # What a -c file may set: every serve option but -c itself.
-FILE_KEYS = frozenset({*OPTION_DEFAULTS, "bind", "workers", "reuse-port", "pid", "metrics"})
+_OPTIONAL = ("pid", "metrics", "log-file", "user", "group", "umask")  # default None
+FILE_KEYS = frozenset({*OPTION_DEFAULTS, *_OPTIONAL, "bind", "workers", "reuse-port"})
 _SHORT = {"bind": "-b/", "workers": "-w/", "worker-class": "-k/"}
 
 
@@ -252,10 +274,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
     reuse_port, reuse_label = opt.get("reuse-port")
     if reuse_port is not None and not isinstance(reuse_port, bool):
         raise ConfigError(f"{reuse_label}: expected true or false, got {reuse_port!r}")
-    pid_file = opt.text("pid") if opt.get("pid")[0] is not None else None
-    metrics = None
-    if opt.get("metrics")[0] is not None:
-        metrics = parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
+    given = {name for name in _OPTIONAL if opt.get(name)[0] is not None}
+    pid_file = opt.text("pid") if "pid" in given else None
+    log_file = opt.text("log-file") if "log-file" in given else None
+    metrics = (
+        parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
+        if "metrics" in given
+        else None
+    )
     return Config(
         binds=binds,
         worker_class=opt("worker-class", parse_choice, tuple(WORKER_CLASSES)),
@@ -274,6 +300,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         log_level=parse_choice(opt.text("log-level").lower(), opt.get("log-level")[1], LEVELS),
         pid_file=pid_file,
         metrics=metrics,
+        log_file=log_file,
+        user=opt("user", parse_user) if "user" in given else None,
+        group=opt("group", parse_group) if "group" in given else None,
+        umask=opt("umask", parse_umask) if "umask" in given else None,
         **extra,
     )
 
@@ -287,21 +317,25 @@ def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
 
 def serve(args: argparse.Namespace) -> int:
     from prefork.arbiter import Arbiter
+    from prefork.systemd import inherited_fds
 
     config = config_from_args(args)
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, config.log_file)
+    check_can_switch(config.user, config.group)
+    # systemd socket activation: its sockets take the place of --bind.
+    activated = tuple(Address("fd", fd=fd) for fd in inherited_fds())
+    if activated:
+        config = dataclasses.replace(config, binds=activated)
     udp = [str(a) for a in config.binds if a.kind == "udp"]
-    if udp and config.worker_class != "event":
-        raise ConfigError(f"-b {udp[0]}: datagram listeners need the event worker (-k event)")
     handler = load_handler(config.handler)
-    if udp and handler.builtin is None:
-        raise ConfigError(f"-b {udp[0]}: datagram listeners serve the built-in handlers only")
-    if config.worker_class == "event" and handler.handle is not None:
-        raise ConfigError(
-            f"--handler {config.handler} is a blocking handle(sock, address) function; "
-            "the event worker runs protocol classes: use -k sync or -k thread"
-        )
-    return Arbiter(config, handler).run()
+    check_fit(handler, config.worker_class, udp[0] if udp else None)
+
+    def reload_config() -> Config:
+        """HUP: the command line and the -c file, read again."""
+        fresh = config_from_args(args)
+        return dataclasses.replace(fresh, binds=activated) if activated else fresh
+
+    return Arbiter(config, handler, reload_config).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,16 +18,20 @@ DEFAULT_PORT = 7007
 
 @dataclass(frozen=True)
 class Address:
-    """Where to listen: ``kind`` is ``tcp`` or ``udp`` (host, port) or ``unix`` (path)."""
+    """Where to listen: ``kind`` is ``tcp`` or ``udp`` (host, port), ``unix``
+    (path), or ``fd`` (a listening socket inherited as descriptor ``fd``)."""
 
     kind: str
     host: str = ""
     port: int = 0
     path: str = ""
+    fd: int = -1
 
     def __str__(self) -> str:
         if self.kind == "unix":
             return f"unix:{self.path}"
+        if self.kind == "fd":
+            return f"fd://{self.fd}"
         scheme = "udp://" if self.kind == "udp" else ""
         if ":" in self.host:
             return f"{scheme}[{self.host}]:{self.port}"
@@ -61,11 +65,21 @@ class Config:
     pid_file: str | None = None
     metrics: Address | None = None  # where the master serves /metrics
     unix_mode: int = 0o660
+    log_file: str | None = None  # None: stderr
+    user: int | None = None  # workers switch to this uid after binding
+    group: int | None = None  # ... and this gid (default: the user's)
+    umask: int | None = None  # the master's and workers' umask; None: inherited
 
 
 def parse_address(text: str, option: str = "-b/--bind") -> Address:
-    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``unix:PATH``, or ``udp://`` and a host and port."""
+    """``HOST:PORT``, ``[V6ADDR]:PORT``, ``unix:PATH``, ``fd://N``, or
+    ``udp://`` and a host and port."""
     bad = f"{option}: invalid address {text!r}"
+    if text.startswith("fd://"):
+        number = text[len("fd://") :]
+        if not number.isdigit() or int(number) < 3:
+            raise ConfigError(f"{bad}: expected fd://N, an inherited descriptor N >= 3")
+        return Address("fd", fd=int(number))
     if text.startswith("udp://"):
         try:
             inner = parse_address(text[len("udp://") :], option)
@@ -149,6 +163,18 @@ def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise ConfigError(f"{option}: unknown value {text!r} (choose from {', '.join(choices)})")
     return text
+
+
+def parse_umask(text: str, option: str) -> int:
+    """An octal umask such as 022 or 0o027."""
+    digits = text[2:] if text.lower().startswith("0o") else text
+    try:
+        value = int(digits, 8)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 0o777:
+        raise ConfigError(f"{option}: expected an octal umask such as 022, got {text!r}")
+    return value
 
 
 def parse_mode(text: str, option: str) -> int:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prefork import fastio
-from prefork.errors import HandlerLoadError
+from prefork.errors import ConfigError, HandlerLoadError
 
 Handler = Callable[[int, Any], tuple[int, int]]
 
@@ -150,6 +150,20 @@ def load_handler(spec: str) -> LoadedHandler:
         f"--handler {spec}: expected a protocol class or a handle(sock, address) "
         f"function, got {type(target).__name__}"
     )
+
+
+def check_fit(handler: LoadedHandler, worker_class: str, datagram: str | None) -> None:
+    """Raise ConfigError if this handler cannot run in ``worker_class``, or
+    over the datagram listener ``datagram`` (its name, None if there is none)."""
+    if datagram is not None and worker_class != "event":
+        raise ConfigError(f"-b {datagram}: datagram listeners need the event worker (-k event)")
+    if datagram is not None and handler.builtin is None:
+        raise ConfigError(f"-b {datagram}: datagram listeners serve the built-in handlers only")
+    if worker_class == "event" and handler.handle is not None:
+        raise ConfigError(
+            f"--handler {handler.spec} is a blocking handle(sock, address) function; "
+            "the event worker runs protocol classes: use -k sync or -k thread"
+        )
 
 
 def reload_handler(loaded: LoadedHandler) -> LoadedHandler:

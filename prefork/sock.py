@@ -38,6 +38,16 @@ class Listener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    @property
+    def datagram(self) -> bool:
+        return self.sock.type == socket.SOCK_DGRAM
+
+    @property
+    def per_slot(self) -> bool:
+        """Whether --reuse-port can give each worker slot its own copy: only
+        for TCP and UDP addresses we bind ourselves."""
+        return self.address.kind in ("tcp", "udp")
+
     def bound_address(self) -> Address:
         """The address as bound (port 0 resolved), to bind it again."""
         if self.address.kind == "unix":
@@ -142,6 +152,8 @@ def create_listener(
 ) -> Listener:
     """Bind one address. ``reuse_port`` (TCP and UDP only: Linux refuses it on
     UNIX sockets since 6.12.9) joins a SO_REUSEPORT group."""
+    if address.kind == "fd":
+        return inherit_listener(address)
     inode = 0
     if address.kind == "unix":
         sock, inode = _unix_socket(address, backlog, unix_mode)
@@ -149,6 +161,32 @@ def create_listener(
         sock = _inet_socket(address, backlog, reuse_port)
     sock.setblocking(False)
     return Listener(address, sock, describe(sock), inode)
+
+
+def inherit_listener(address: Address) -> Listener:
+    """Adopt a socket bound by someone else (``fd://N``, systemd socket
+    activation): a listening TCP or UNIX stream socket, or a bound UDP one."""
+    fd = address.fd
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        reason = "not a socket" if exc.errno == errno.ENOTSOCK else "not an open descriptor"
+        raise BindError(f"{address}: {reason}") from None
+    try:
+        families = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+        if sock.family not in families:
+            raise BindError(f"{address}: not an IP or UNIX socket")
+        if sock.type == socket.SOCK_STREAM:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                raise BindError(f"{address}: not a listening socket")
+        elif sock.type != socket.SOCK_DGRAM or sock.family == socket.AF_UNIX:
+            raise BindError(f"{address}: not a stream or UDP socket")
+    except BindError:
+        sock.detach()  # not ours to close
+        raise
+    os.set_inheritable(fd, False)  # a handler's subprocess must not keep it
+    sock.setblocking(False)
+    return Listener(address, sock, describe(sock))
 
 
 def create_listeners(

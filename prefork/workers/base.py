@@ -10,6 +10,7 @@ Signals a worker obeys:
   handler, so the kernel refuses new connections instead of queueing them
   for a worker that will never accept), finish the connection in hand, exit.
 - INT, QUIT: fast. Exit now; the connection in hand is closed.
+- USR1: reopen --log-file (the master sends it on after reopening its own).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from types import FrameType
 
 from prefork.config import Config
 from prefork.handlers import LoadedHandler
-from prefork.log import get_logger
+from prefork.log import get_logger, log_stream, reopen_log_file
+from prefork.privileges import drop_privileges
+from prefork.proctitle import set_title
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener
 from prefork.wakeup import drain, open_wakeup_pipe
@@ -34,7 +37,7 @@ from prefork.wakeup import drain, open_wakeup_pipe
 PR_SET_PDEATHSIG = 1
 
 # Signals the master owns; a worker must not die of them or act on them.
-_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 # The master's watchdog sends this before it kills a silent worker: faulthandler
 # dumps every thread's Python stack from the C signal handler, even when the
 # interpreter is stuck.
@@ -85,10 +88,14 @@ class Worker:
         self.bytes_out = 0
 
     def init_process(self) -> None:
-        """In the child: signals, wake-up pipe, orphan protection, then run."""
+        """In the child: signals, wake-up pipe, privileges, orphan protection,
+        then run."""
         self.init_signals()
+        set_title(f"worker {self.age} [{self.title_suffix}]")
+        drop_privileges(self.config.user, self.config.group)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked across fork
         # Fast stop if the master dies; SIGQUIT is handled, so we log and go.
+        # (After the privilege drop: changing credentials clears this setting.)
         set_parent_death_signal(signal.SIGQUIT)
         if os.getppid() != self.ppid:  # the master died before prctl
             self.log.warning("master is gone; worker exiting")
@@ -128,9 +135,19 @@ class Worker:
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_quit)
         signal.signal(signal.SIGQUIT, self.handle_quit)
-        faulthandler.register(DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+        signal.signal(signal.SIGUSR1, self.handle_usr1)
+        faulthandler.register(DUMP_SIGNAL, file=log_stream(), all_threads=True)
         # A fresh wake-up pipe: the master's stays the master's.
         self.wakeup_r, _ = open_wakeup_pipe()
+
+    @property
+    def title_suffix(self) -> str:
+        names = " ".join(listener.name for listener in self.listeners)
+        return f"{self.config.handler} {names}"
+
+    def handle_usr1(self, signum: int, frame: FrameType | None) -> None:
+        if reopen_log_file():
+            faulthandler.register(DUMP_SIGNAL, file=log_stream(), all_threads=True)
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         # Acting here, not in the loop: the loop may be inside a long

@@ -19,8 +19,8 @@ class EventWorker(Worker):
 
     def run(self) -> None:
         config = self.config
-        streams = [lst.sock for lst in self.listeners if lst.address.kind != "udp"]
-        datagrams = [lst.sock for lst in self.listeners if lst.address.kind == "udp"]
+        streams = [lst.sock for lst in self.listeners if not lst.datagram]
+        datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.loop = fastio.EventLoop(
             streams,
             self.handler.builtin or "protocol",
