@@ -311,6 +311,7 @@ class Arbiter:
                     stats.bytes_in,
                     stats.bytes_out,
                     beat_age,
+                    "stopping" if record.stopping else "serving" if stats.pid else "booting",
                 )
             )
         return samples

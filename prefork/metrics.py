@@ -43,6 +43,7 @@ class Sample:
     bytes_in: int
     bytes_out: int
     heartbeat_age: float  # seconds; -1 while it waits on a client
+    state: str = "serving"  # booting, serving, stopping (told to finish and exit)
 
 
 def render(samples: list[Sample], generation: int, totals: dict[str, int]) -> bytes:
@@ -84,6 +85,13 @@ def render(samples: list[Sample], generation: int, totals: dict[str, int]) -> by
             value = getattr(s, attr)
             text = f"{value:.3f}" if isinstance(value, float) else str(value)
             lines.append(f"prefork_{name}{{{labels}}} {text}")
+    lines += [
+        "# HELP prefork_worker_state A worker's state: booting, serving or stopping.",
+        "# TYPE prefork_worker_state gauge",
+    ]
+    for s in samples:
+        labels = f'worker="{s.age}",pid="{s.pid}",generation="{s.generation}",state="{s.state}"'
+        lines.append(f"prefork_worker_state{{{labels}}} 1")
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -12,7 +12,9 @@ import urllib.request
 
 from prefork.errors import PreforkError
 
-_SAMPLE = re.compile(r'^prefork_(\w+)\{worker="(\d+)",pid="(\d+)",generation="(\d+)"\} (\S+)$')
+_SAMPLE = re.compile(
+    r'^prefork_(\w+)\{worker="(\d+)",pid="(\d+)",generation="(\d+)"(?:,state="(\w+)")?\} (\S+)$'
+)
 COLUMNS = (
     ("worker_connections_active", "active"),
     ("worker_connections_accepted_total", "accepted"),
@@ -38,12 +40,13 @@ def table(text: str) -> str:
     for line in text.splitlines():
         match = _SAMPLE.match(line)
         if match:
-            name, worker, pid, generation, value = match.groups()
-            rows.setdefault((int(worker), int(pid), int(generation)), {})[name] = value
-    header = ["worker", "pid", "gen", *(title for _, title in COLUMNS)]
+            name, worker, pid, generation, state, value = match.groups()
+            row = rows.setdefault((int(worker), int(pid), int(generation)), {})
+            row[name] = state if name == "worker_state" else value
+    header = ["worker", "pid", "gen", "state", *(title for _, title in COLUMNS)]
     body = []
     for (worker, pid, generation), values in sorted(rows.items()):
-        cells = [str(worker), str(pid), str(generation)]
+        cells = [str(worker), str(pid), str(generation), values.get("worker_state", "")]
         for name, _ in COLUMNS:
             value = values.get(name, "")
             if name.endswith("seconds"):

@@ -161,21 +161,37 @@ def prefork_command(*args: str) -> list[str]:
 
 
 def start_server(
-    *args: str, env: dict[str, str] | None = None, any_port: bool = True, preexec_fn=None
+    *args: str,
+    env: dict[str, str] | None = None,
+    any_port: bool = True,
+    preexec_fn=None,
+    pass_fds: tuple[int, ...] = (),
 ) -> Server:
     """Start ``prefork serve ARGS``, on 127.0.0.1:0 unless ``-b`` is given or
     ``any_port`` is false (then the server's own default applies)."""
     argv = list(args)
     if any_port and "-b" not in argv:
         argv = ["-b", "127.0.0.1:0", *argv]
+    return launch(prefork_command("serve", *argv), env, preexec_fn, pass_fds)
+
+
+def launch(
+    command: list[str],
+    env: dict[str, str] | None = None,
+    preexec_fn=None,
+    pass_fds: tuple[int, ...] = (),
+) -> Server:
+    """Run ``command`` (a server, or a wrapper that execs one) in its own
+    session and wait for its "master started" log line."""
     proc = subprocess.Popen(
-        prefork_command("serve", *argv),
+        command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
         env=env,
         preexec_fn=preexec_fn,
+        pass_fds=pass_fds,
     )
     server = Server(proc)
     ready = threading.Event()

@@ -69,6 +69,7 @@ def test_metrics_match_the_traffic_sent(server_factory, k):
         "worker",
         "pid",
         "gen",
+        "state",
         "active",
         "accepted",
         "bytes",
@@ -78,8 +79,42 @@ def test_metrics_match_the_traffic_sent(server_factory, k):
         "heartbeat",
     ]
     assert sorted(int(line.split()[1]) for line in lines[1:]) == sorted(server.workers())
-    assert sum(int(line.split()[4]) for line in lines[1:]) == len(sizes)
-    assert sum(int(line.split()[5]) for line in lines[1:]) == total
+    assert {line.split()[3] for line in lines[1:]} == {"serving"}
+    assert sum(int(line.split()[5]) for line in lines[1:]) == len(sizes)
+    assert sum(int(line.split()[6]) for line in lines[1:]) == total
+
+
+def test_a_worker_told_to_stop_shows_as_stopping_until_it_exits(server_factory):
+    server = server_factory("-w", "1", "--metrics", "127.0.0.1:0")
+    address = metrics_address(server)
+    server.wait_workers(1)
+    # The first worker holds connections; TTIN then TTOU: it is the oldest,
+    # so it is the one told to finish them.
+    held = [server.connect() for _ in range(4)]
+    try:
+        for sock in held:
+            assert exchange_one(sock, b"x") == b"x"
+        server.signal(signal.SIGTTIN)
+        server.wait_workers(2)
+        server.signal(signal.SIGTTOU)
+
+        def states() -> list[str]:
+            return sorted(
+                name.split('state="')[1].split('"')[0]
+                for name in scrape(address)
+                if name.startswith("prefork_worker_state{")
+            )
+
+        assert wait_until(lambda: states() == ["serving", "stopping"], 5), states()
+    finally:
+        for sock in held:
+            sock.close()
+    assert wait_until(lambda: states() == ["serving"], 10), states()
+
+
+def exchange_one(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    return sock.recv(100)
 
 
 def test_totals_survive_worker_replacement(server_factory):

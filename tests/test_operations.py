@@ -1,0 +1,451 @@
+"""Operations: log files and USR1, privilege drop, umask, process titles,
+inherited sockets (fd:// and systemd socket activation), sd_notify, and HUP
+reading the configuration again. All through real processes."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import stat
+import subprocess
+import threading
+
+import pytest
+
+from conftest import Server, exchange, launch, pid_alive, prefork_command, wait_until
+
+pytestmark = pytest.mark.timeout(90)
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+NOBODY = "nobody"
+
+
+def run_prefork(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        prefork_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
+    assert result.returncode == code, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("prefork: error: "), result.stderr
+    for word in words:
+        assert word in lines[0], result.stderr
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode().strip()
+
+
+def echo(server: Server, payload: bytes = b"ping\n") -> bytes:
+    with server.connect() as sock:
+        return exchange(sock, payload, timeout=10)
+
+
+# -- --log-file and USR1 -----------------------------------------------------
+
+
+class FileLogServer:
+    """A server that logs to a file: it is read for the start and the address."""
+
+    def __init__(self, log_path, *args: str) -> None:
+        self.log_path = log_path
+        self.proc = subprocess.Popen(
+            prefork_command("serve", "-b", "127.0.0.1:0", "--log-file", str(log_path), *args),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def text(self, path=None) -> str:
+        try:
+            with open(path or self.log_path) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def started(self) -> bool:
+        return "master started" in self.text()
+
+    def address(self) -> tuple[str, int]:
+        for line in self.text().splitlines():
+            if "listening on " in line:
+                host, _, port = line.rsplit("listening on ", 1)[1].rpartition(":")
+                return host, int(port)
+        raise AssertionError(self.text())
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def file_log_server(tmp_path):
+    started: list[FileLogServer] = []
+
+    def factory(*args: str) -> FileLogServer:
+        server = FileLogServer(tmp_path / "prefork.log", *args)
+        started.append(server)
+        assert wait_until(server.started, 15), server.text()
+        return server
+
+    yield factory
+    for server in started:
+        server.kill_all()
+
+
+def test_log_file_gets_the_log_and_usr1_reopens_it_in_master_and_workers(file_log_server):
+    server = file_log_server("-w", "1", "--max-requests", "1")
+    first = server.text()
+    address = server.address()
+    assert f"[{server.proc.pid}] [INFO] master started" in first
+    rotated = server.log_path.with_suffix(".log.1")
+    os.rename(server.log_path, rotated)  # what logrotate does
+    server.proc.send_signal(signal.SIGUSR1)
+    assert wait_until(lambda: "USR1: log file reopened" in server.text(), 10), server.text(rotated)
+    # The worker reopened too: its own line (it recycles after one
+    # connection) lands in the new file, under its pid.
+    assert wait_until(lambda: len(children(server.proc.pid)) == 1, 10)
+    worker = children(server.proc.pid)[0]
+    with socket.create_connection(address, timeout=10) as sock:
+        assert exchange(sock, b"rotate me", timeout=10) == b"rotate me"
+    assert wait_until(lambda: f"[{worker}] [INFO] worker" in server.text(), 10), server.text()
+    assert f"[{worker}] [INFO] worker" not in server.text(rotated)
+
+
+def children(pid: int) -> list[int]:
+    from conftest import children_of
+
+    return [p for p in children_of(pid) if pid_alive(p)]
+
+
+def test_unwritable_log_file_is_a_one_line_error(tmp_path):
+    result = run_prefork("serve", "--log-file", str(tmp_path / "missing" / "x.log"))
+    assert_one_line_error(result, 1, "--log-file", "cannot open")
+
+
+# -- --user, --group, --umask --------------------------------------------------
+
+
+UID_HANDLER = """
+import os
+
+class WhoAmI:
+    def connection_made(self, transport):
+        try:
+            os.setuid(0)
+            regained = "yes"
+        except PermissionError:
+            regained = "no"
+        transport.write(f"{os.getuid()} {os.geteuid()} {os.getgid()} {regained}\\n".encode())
+        transport.close()
+    def data_received(self, data):
+        pass
+    def eof_received(self):
+        return False
+    def connection_lost(self, exc):
+        pass
+"""
+
+
+def handler_env(path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@needs_root
+def test_workers_run_as_user_and_group_with_no_way_back_to_root(server_factory, tmp_path):
+    (tmp_path / "whoami_handler.py").write_text(UID_HANDLER)
+    nobody = pwd.getpwnam(NOBODY)
+    sock_path = tmp_path / "s.sock"
+    server = server_factory(
+        "-b",
+        "127.0.0.1:0",
+        "-b",
+        f"unix:{sock_path}",
+        "-w",
+        "2",
+        "--user",
+        NOBODY,
+        "--group",
+        str(nobody.pw_gid),
+        "--handler",
+        "whoami_handler:WhoAmI",
+        env=handler_env(tmp_path),
+    )
+    for pid in server.wait_workers(2):
+        status = proc_status(pid)
+        assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
+        assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
+        assert "0" not in status["Groups"].split(), status["Groups"]
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+    assert proc_status(server.pid)["Uid"].split()[0] == "0"  # the master keeps root
+    with server.connect() as sock:
+        reply = exchange(sock, b"", timeout=10).decode().split()
+    assert reply == [str(nobody.pw_uid), str(nobody.pw_uid), str(nobody.pw_gid), "no"]
+    # The UNIX socket is the workers' group's, mode 660.
+    st = os.stat(sock_path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        nobody.pw_uid,
+        nobody.pw_gid,
+        0o660,
+    )
+
+
+@needs_root
+def test_workers_that_dropped_root_still_die_with_the_master(server_factory):
+    """Changing credentials clears PR_SET_PDEATHSIG: it must be set after."""
+    server = server_factory("-w", "2", "--user", NOBODY)
+    workers = server.wait_workers(2)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait(10)
+    assert wait_until(lambda: not any(pid_alive(p) for p in workers), 3)
+
+
+@needs_root
+def test_log_file_is_handed_to_the_user_so_workers_can_reopen_it(file_log_server):
+    server = file_log_server("-w", "1", "--user", NOBODY)
+    assert os.stat(server.log_path).st_uid == pwd.getpwnam(NOBODY).pw_uid
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "words"),
+    [
+        ("--user", "no-such-user-here", ["--user", "no such user"]),
+        ("--group", "no-such-group-here", ["--group", "no such group"]),
+        ("--umask", "999", ["--umask", "octal"]),
+    ],
+)
+def test_bad_user_group_and_umask_are_one_line_usage_errors(option, value, words):
+    assert_one_line_error(run_prefork("serve", option, value), 2, *words)
+
+
+def test_umask_applies_to_the_files_the_server_creates(server_factory, tmp_path):
+    pid_file = tmp_path / "prefork.pid"
+    server_factory("-w", "1", "--umask", "077", "--pid", str(pid_file))
+    assert stat.S_IMODE(os.stat(pid_file).st_mode) == 0o600
+    other = tmp_path / "other.pid"
+    server_factory("-w", "1", "--umask", "022", "--pid", str(other))
+    assert stat.S_IMODE(os.stat(other).st_mode) == 0o644
+
+
+# -- process titles -------------------------------------------------------------
+
+
+def test_process_titles_name_master_and_workers(server_factory):
+    server = server_factory("-w", "2")
+    workers = server.wait_workers(2)
+    address = server.addresses[0]
+    assert cmdline(server.pid) == f"prefork: master [echo {address}]"
+    titles = sorted(cmdline(pid) for pid in workers)
+    assert all(t.startswith("prefork: worker ") and t.endswith(f"[echo {address}]") for t in titles)
+    assert len(set(titles)) == 2, titles
+
+
+# -- inherited sockets ----------------------------------------------------------
+
+
+@pytest.fixture
+def listening_socket():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    yield sock
+    sock.close()
+
+
+def test_bind_fd_serves_an_inherited_listening_socket(server_factory, listening_socket):
+    fd = listening_socket.fileno()
+    server = server_factory("-b", f"fd://{fd}", "-w", "2", pass_fds=(fd,))
+    port = listening_socket.getsockname()[1]
+    assert server.addresses == [f"127.0.0.1:{port}"]
+    listening_socket.close()  # the server's copy is the one that serves now
+    for _ in range(4):
+        assert echo(server) == b"ping\n"
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
+
+
+def test_bind_fd_serves_an_inherited_udp_socket(server_factory):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        fd = udp.fileno()
+        server_factory("-b", f"fd://{fd}", "-w", "1", pass_fds=(fd,))
+        address = udp.getsockname()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.settimeout(5)
+            client.sendto(b"datagram", address)
+            assert client.recvfrom(100)[0] == b"datagram"
+
+
+def test_bind_fd_refuses_what_is_not_a_listener(tmp_path):
+    with socket.socket() as unbound:
+        fd = unbound.fileno()
+        result = subprocess.run(
+            prefork_command("serve", "-b", f"fd://{fd}"),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            pass_fds=(fd,),
+        )
+    assert_one_line_error(result, 1, f"fd://{fd}", "not a listening socket")
+    with open(tmp_path / "file", "w") as f:
+        result = subprocess.run(
+            prefork_command("serve", "-b", f"fd://{f.fileno()}"),
+            capture_output=True,
+            text=True,
+            timeout=20,
+            pass_fds=(f.fileno(),),
+        )
+    assert_one_line_error(result, 1, "not a socket")
+    assert_one_line_error(run_prefork("serve", "-b", "fd://77"), 1, "not an open descriptor")
+    assert_one_line_error(run_prefork("serve", "-b", "fd://1"), 2, "fd://N")
+
+
+ENV_HANDLER = """
+import os
+
+class Env:
+    def connection_made(self, transport):
+        transport.write(repr(sorted(k for k in os.environ if k.startswith("LISTEN_"))).encode())
+        transport.close()
+    def data_received(self, data):
+        pass
+    def eof_received(self):
+        return False
+    def connection_lost(self, exc):
+        pass
+"""
+
+
+def test_systemd_socket_activation(listening_socket, tmp_path):
+    """LISTEN_FDS/LISTEN_PID as systemd sets them: descriptor 3 on, our pid."""
+    (tmp_path / "env_handler.py").write_text(ENV_HANDLER)
+    fd = listening_socket.fileno()
+
+    def as_fd_3() -> None:
+        os.dup2(fd, 3)
+
+    # sh sets LISTEN_PID to its own pid, which exec hands on to prefork.
+    script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+    argv = prefork_command("serve", "-w", "2", "--handler", "env_handler:Env")
+    server = launch(
+        ["sh", "-c", script, "sh", *argv],
+        env=handler_env(tmp_path),
+        preexec_fn=as_fd_3,
+        pass_fds=(3,),
+    )
+    try:
+        port = listening_socket.getsockname()[1]
+        assert server.addresses == [f"127.0.0.1:{port}"], server.log
+        listening_socket.close()
+        server.wait_workers(2)
+        # Served, and the variables are not handed on to what workers run.
+        assert echo(server, b"") == b"[]"
+    finally:
+        server.kill_all()
+
+
+# -- sd_notify ------------------------------------------------------------------
+
+
+class NotifySocket:
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.messages: list[str] = []
+        self.lock = threading.Lock()
+
+    def wait_for(self, text: str, timeout: float = 10.0) -> list[str]:
+        """Read until a message contains ``text``; return every message so far."""
+        self.sock.settimeout(timeout)
+        while not any(text in m for m in self.messages):
+            self.messages.append(self.sock.recv(4096).decode())
+        return self.messages
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_sd_notify_ready_reloading_stopping(server_factory, tmp_path):
+    path = str(tmp_path / "notify")
+    notify = NotifySocket(path)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET=path)
+        server = server_factory("-w", "1", env=env)
+        ready = notify.wait_for("READY=1")[0].splitlines()
+        assert "READY=1" in ready and f"MAINPID={server.pid}" in ready
+        server.signal(signal.SIGHUP)
+        messages = notify.wait_for("generation 1")
+        assert messages[1] == "RELOADING=1" and messages[2].startswith("READY=1"), messages
+        server.signal(signal.SIGTERM)
+        assert notify.wait_for("STOPPING=1")[-1].startswith("STOPPING=1")
+        assert server.wait(15) == 0
+    finally:
+        notify.close()
+
+
+def test_sd_notify_watchdog_and_abstract_socket(server_factory):
+    name = f"prefork-test-{os.getpid()}-{threading.get_ident()}"
+    notify = NotifySocket("\0" + name)
+    try:
+        env = dict(os.environ, NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="200000")
+        server_factory("-w", "1", env=env)
+        notify.wait_for("READY=1")
+        for _ in range(3):  # every 0.1 s: half the 0.2 s WatchdogSec
+            notify.messages.clear()
+            notify.wait_for("WATCHDOG=1", timeout=2)
+    finally:
+        notify.close()
+
+
+# -- HUP reads the configuration again -----------------------------------------
+
+
+def test_hup_reads_the_config_file_again(server_factory, tmp_path):
+    config = tmp_path / "prefork.toml"
+    config.write_text('workers = 2\nworker-class = "event"\n')
+    server = server_factory("-c", str(config))
+    old = server.wait_workers(2)
+    config.write_text('workers = 3\nworker-class = "sync"\nbacklog = 7\n')
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: len(set(server.workers()) - set(old)) == 3, 10), server.log
+    assert wait_until(lambda: not set(server.workers()) & set(old), 10), server.log
+    assert "changing backlog needs a restart" in server.log
+    assert echo(server) == b"ping\n"  # still on the port it started with
+    # A file that no longer parses: the log says why, the workers stay.
+    current = server.workers()
+    config.write_text("workers = = 3\n")
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: "HUP: reload failed" in server.log, 10), server.log
+    assert "invalid TOML" in server.log
+    assert sorted(server.workers()) == sorted(current)
+    assert echo(server) == b"ping\n"
+
+
+def test_hup_keeps_ttin_adjustments_when_the_count_did_not_change(server_factory):
+    server = server_factory("-w", "1")
+    server.wait_workers(1)
+    server.signal(signal.SIGTTIN)
+    server.wait_workers(2)
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: "generation 1 started" in server.log, 10)
+    server.wait_workers(2)
