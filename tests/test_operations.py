@@ -14,7 +14,15 @@ import threading
 
 import pytest
 
-from conftest import Server, exchange, launch, pid_alive, prefork_command, wait_until
+from conftest import (
+    Server,
+    children_of,
+    exchange,
+    launch,
+    pid_alive,
+    prefork_command,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -131,9 +139,13 @@ def test_log_file_gets_the_log_and_usr1_reopens_it_in_master_and_workers(file_lo
 
 
 def children(pid: int) -> list[int]:
-    from conftest import children_of
-
+    """Live children, zombies not counted."""
     return [p for p in children_of(pid) if pid_alive(p)]
+
+
+def all_children_of(pid: int) -> list[int]:
+    """Children, zombies included."""
+    return children_of(pid)
 
 
 def test_unwritable_log_file_is_a_one_line_error(tmp_path):
@@ -192,6 +204,8 @@ def test_workers_run_as_user_and_group_with_no_way_back_to_root(server_factory, 
         env=handler_env(tmp_path),
     )
     for pid in server.wait_workers(2):
+        # A worker drops privileges while it boots, just after the fork.
+        wait_until(lambda pid=pid: proc_status(pid)["Uid"].split()[0] != "0", 5)
         status = proc_status(pid)
         assert status["Uid"].split() == [str(nobody.pw_uid)] * 4, status["Uid"]
         assert status["Gid"].split() == [str(nobody.pw_gid)] * 4, status["Gid"]
@@ -449,3 +463,68 @@ def test_hup_keeps_ttin_adjustments_when_the_count_did_not_change(server_factory
     server.signal(signal.SIGHUP)
     assert wait_until(lambda: "generation 1 started" in server.log, 10)
     server.wait_workers(2)
+
+
+# -- PID 1 ----------------------------------------------------------------------
+
+ORPHAN_HANDLER = """
+import os
+import time
+
+class Orphan:
+    def connection_made(self, transport):
+        child = os.fork()
+        if child == 0:  # leave a grandchild behind: it is re-parented to PID 1
+            if os.fork() == 0:
+                os.closerange(3, 4096)  # not the client's connection: it must end now
+                time.sleep(3.0)
+            os._exit(0)
+        os.waitpid(child, 0)
+        transport.write(b"orphaned\\n")
+        transport.close()
+    def data_received(self, data):
+        pass
+    def eof_received(self):
+        return False
+    def connection_lost(self, exc):
+        pass
+"""
+
+
+def state_of(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
+def pid_in_namespace(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+    raise AssertionError("no NSpid line")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace needs root")
+def test_master_as_pid_1_reaps_orphans(tmp_path):
+    """In a container the master is PID 1: orphans become its children."""
+    (tmp_path / "orphan_handler.py").write_text(ORPHAN_HANDLER)
+    argv = prefork_command("serve", "-w", "1", "-k", "sync", "--handler", "orphan_handler:Orphan")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", *argv, "-b", "127.0.0.1:0"]
+    server = launch(command, env=handler_env(tmp_path))
+    try:
+        master = children(server.pid)[0]  # unshare's child
+        assert pid_in_namespace(master) == 1
+        assert wait_until(lambda: len(children(master)) == 1, 10)
+        worker = children(master)[0]
+        assert echo(server, b"") == b"orphaned\n"
+        # The grandchild is the master's child now, for the 3 s it lives...
+        assert wait_until(lambda: len(all_children_of(master)) == 2, 2.5), all_children_of(master)
+        # ... and once it exits the master reaps it: no zombie stays.
+        assert wait_until(lambda: all_children_of(master) == [worker], 5), [
+            (p, state_of(p)) for p in all_children_of(master)
+        ]
+    finally:
+        server.kill_all()
