@@ -104,7 +104,7 @@ def connect(address: Address, timeout: float | None) -> socket.socket:
         return sock
     except OSError as exc:
         if isinstance(exc, TimeoutError) and exc.errno is None:  # our own timeout
-            raise ClientError(f"{address}: connection timed out after {timeout} s") from None
+            raise ClientError(f"{address}: connection timed out after {timeout:g} s") from None
         raise _error(address, exc) from None
 
 
