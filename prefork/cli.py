@@ -188,6 +188,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Show a running server's workers, read from its --metrics endpoint.",
     )
     status.add_argument("address", metavar="HOST:PORT", help="the server's --metrics address")
+    client = commands.add_parser(
+        "client",
+        help="send lines to a server and print the replies",
+        description="Send each line of standard input (or -e TEXT) to a server and print "
+        "what comes back.",
+    )
+    client.add_argument(
+        "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
+    )
+    client.add_argument(
+        "-u", "--udp", action="store_true", help="datagrams: the same as udp://HOST:PORT"
+    )
+    client.add_argument(
+        "-e", "--send", metavar="TEXT", help="send TEXT and a newline, print the reply, exit"
+    )
+    client.add_argument(
+        "-n", "--no-newline", action="store_true", help="with -e: send TEXT without a newline"
+    )
+    client.add_argument(
+        "--timeout",
+        metavar="S",
+        default="5",
+        help="seconds to connect, and to wait for the replies after the end of input "
+        "(default 5; 0 = no limit)",
+    )
     return parser
 
 
@@ -345,6 +370,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == "client":
+            from prefork import client
+
+            timeout = parse_seconds(args.timeout, "--timeout") or None
+            return client.run(args.address, args.udp, args.send, not args.no_newline, timeout)
         if args.command == "status":
             from prefork.status import fetch, table
 

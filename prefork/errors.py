@@ -39,3 +39,9 @@ class WorkerBootError(PreforkError):
     """A worker exited with WORKER_BOOT_ERROR: respawning would loop forever."""
 
     exit_code = WORKER_BOOT_ERROR
+
+
+class ClientError(PreforkError):
+    """``prefork client`` could not reach the server, or lost it (refused, reset)."""
+
+    exit_code = EXIT_FAILURE
