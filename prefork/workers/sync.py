@@ -36,6 +36,8 @@ class SyncWorker(Worker):
     beats_per_connection = True
 
     def run(self) -> None:
+        if not self.alive:  # TERM arrived while booting: the listeners are closed
+            return
         self.accept_loop(self.wakeup_r, drain=True)
 
     def accept_loop(self, wake_fd: int, drain: bool) -> None:
@@ -51,8 +53,12 @@ class SyncWorker(Worker):
         poller.register(wake_fd, select.POLLIN)
         by_fd = {}
         for listener in self.listeners:
-            poller.register(listener.fileno(), select.POLLIN)
-            by_fd[listener.fileno()] = listener
+            fd = listener.fileno()
+            try:
+                poller.register(fd, select.POLLIN)
+            except ValueError:  # fd -1: TERM closed the listener before we got here
+                return
+            by_fd[fd] = listener
         last_emfile_log = 0.0
         while self.alive:
             if not self.parent_alive():
