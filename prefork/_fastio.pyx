@@ -37,8 +37,9 @@ from prefork._posix cimport (
 from prefork._fastio_py import (
     ACCEPT_BATCH, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, _byte_view, _check_loop_args, _fileno,
-    STATS_SIZE, _stats_view,
+    STATS_SIZE, _stats_view, _proxy_fds,
 )
+from prefork import proxy
 
 _log = logging.getLogger("prefork")
 
@@ -255,8 +256,21 @@ cdef struct Conn:
     double last_active
     PyObject *protocol  # owned reference, or NULL
     PyObject *transport  # owned reference, or NULL
+    PyObject *header  # owned bytearray while a PROXY header is read, else NULL
+    PyObject *peer  # owned: the client's address from a PROXY header, or NULL
     Conn *prev
     Conn *next
+
+
+def _peer_of(int fd):
+    """The peer address of a connected socket ``fd``, for logs."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -305,6 +319,8 @@ cdef class EventLoop:
     cdef int wakeup_fd
     cdef int *listeners
     cdef int n_listeners
+    cdef unsigned char *proxied  # per listener: its connections start with a PROXY header
+    cdef object proxy_trusted
     cdef Service svc
     cdef readonly str service
     cdef readonly int max_connections
@@ -340,7 +356,8 @@ cdef class EventLoop:
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
                  max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None,
-                 datagram_sockets=(), max_accepts=0, stats=None):
+                 datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
+                 proxy_trusted=None):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef int index
@@ -365,11 +382,15 @@ cdef class EventLoop:
         self.read_size = min(READ_SIZE, max_buffer)
         self.buf = <unsigned char *>malloc(self.read_size)
         self.listeners = <int *>malloc(sizeof(int) * (len(fds) + 1))
-        if self.buf == NULL or self.listeners == NULL:
+        self.proxied = <unsigned char *>calloc(len(fds) + 1, 1)
+        if self.buf == NULL or self.listeners == NULL or self.proxied == NULL:
             raise MemoryError()
+        proxy_fds = _proxy_fds(proxy_listeners, fds)
+        self.proxy_trusted = proxy_trusted
         self.n_listeners = len(fds)
         for i, fd in enumerate(fds):
             self.listeners[i] = fd
+            self.proxied[i] = fd in proxy_fds
         self.n_dgrams = len(dgram_fds)
         if self.n_dgrams:
             self.dgram_fds = <int *>malloc(sizeof(int) * self.n_dgrams)
@@ -439,6 +460,8 @@ cdef class EventLoop:
             free(conn.pending)
             Py_XDECREF(conn.protocol)
             Py_XDECREF(conn.transport)
+            Py_XDECREF(conn.header)
+            Py_XDECREF(conn.peer)
             free(conn)
         self._free_graveyard()
         if self.epfd >= 0:
@@ -448,6 +471,8 @@ cdef class EventLoop:
         self.buf = NULL
         free(self.listeners)
         self.listeners = NULL
+        free(self.proxied)
+        self.proxied = NULL
         free(self.dgram_fds)
         self.dgram_fds = NULL
         free(self.dgram)
@@ -704,17 +729,13 @@ cdef class EventLoop:
                     self._disarm()
                     return 0
                 _raise_oserror(err)
-            self._open(fd, now)
+            self._open(fd, now, self.proxied[index])
         if self.armed:  # re-arm: to the back of the listener's wait queue
             self._readd(lfd, self._listener_tag(index))
         return 0
 
-    cdef int _open(self, int fd, double now) except -1 nogil:
+    cdef int _open(self, int fd, double now, bint proxied) except -1 nogil:
         cdef Conn *conn = <Conn *>calloc(1, sizeof(Conn))
-        cdef char line[128]
-        cdef time_t t
-        cdef tm parts
-        cdef size_t length
         if conn == NULL:
             close(fd)
             return 0  # like a connection the peer aborted: the worker lives on
@@ -727,6 +748,34 @@ cdef class EventLoop:
         self.head = conn
         self.n_active += 1
         self.accepted += 1
+        if proxied:
+            with gil:
+                self._expect_header(conn)  # the service starts once it is read
+        else:
+            self._start(conn)
+        if not conn.closed:
+            self._update(conn)
+        return 0
+
+    cdef int _expect_header(self, Conn *conn) except -1:
+        """A PROXY listener's connection: turn away untrusted peers, else
+        start collecting the header."""
+        peer = _peer_of(conn.fd)
+        if self.proxy_trusted is not None and not self.proxy_trusted(peer):
+            _log.warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
+            self._close_quietly(conn)
+            return 0
+        header = bytearray()
+        conn.header = <PyObject *>header
+        Py_INCREF(header)
+        return 0
+
+    cdef int _start(self, Conn *conn) except -1 nogil:
+        """The service's first move on a new connection (no epoll update)."""
+        cdef char line[128]
+        cdef time_t t
+        cdef tm parts
+        cdef size_t length
         if self.svc == DAYTIME:
             t = time(NULL)
             gmtime_r(&t, &parts)
@@ -738,8 +787,6 @@ cdef class EventLoop:
         elif self.svc == PROTOCOL:
             with gil:
                 self._open_protocol(conn)
-        if not conn.closed:
-            self._update(conn)
         return 0
 
     cdef int _open_protocol(self, Conn *conn) except -1:
@@ -750,7 +797,10 @@ cdef class EventLoop:
                 peer = sock.getpeername()
             except OSError:
                 peer = None
-            (<Transport>transport)._extra = {"peername": peer, "sockname": sock.getsockname()}
+            extra = {"peername": peer, "sockname": sock.getsockname()}
+            if conn.peer != NULL:  # behind a PROXY protocol balancer
+                extra.update(peername=<object>conn.peer, proxy_peername=peer)
+            (<Transport>transport)._extra = extra
         finally:
             sock.detach()
         (<Transport>transport)._loop = self
@@ -779,10 +829,13 @@ cdef class EventLoop:
         """Make the epoll set wait for what ``conn`` needs now."""
         cdef unsigned int events = 0
         cdef bint owes = _owed(conn) > 0
-        if conn.reading and not owes:
-            events |= EPOLLIN
-        if owes or (self.svc == CHARGEN and not conn.eof):
-            events |= EPOLLOUT
+        if conn.header != NULL:
+            events = EPOLLIN
+        else:
+            if conn.reading and not owes:
+                events |= EPOLLIN
+            if owes or (self.svc == CHARGEN and not conn.eof):
+                events |= EPOLLOUT
         if not conn.registered:
             self._ctl(EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
             conn.registered = True
@@ -833,11 +886,14 @@ cdef class EventLoop:
         conn.pending_len = conn.sent = conn.pending_cap = 0
         conn.closed = True
         conn.eof = True
-        if conn.transport != NULL:
+        if conn.transport != NULL or conn.header != NULL or conn.peer != NULL:
             with gil:
-                (<Transport>conn.transport)._loop = None
+                if conn.transport != NULL:
+                    (<Transport>conn.transport)._loop = None
                 Py_XDECREF(conn.transport)
-            conn.transport = NULL
+                Py_XDECREF(conn.header)
+                Py_XDECREF(conn.peer)
+            conn.transport = conn.header = conn.peer = NULL
         conn.next = self.graveyard
         self.graveyard = conn
         return 0
@@ -902,15 +958,19 @@ cdef class EventLoop:
 
     cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -1 nogil:
         cdef int err = 0
-        if _owed(conn) > 0:
-            err = self._flush(conn, now)
-        elif self.svc == CHARGEN and mask & EPOLLOUT:
-            err = self._generate(conn, now)
-        if err == 0 and not conn.closed and _owed(conn) == 0 and mask & ~(<unsigned int>EPOLLOUT):
-            if conn.reading:
-                err = self._read(conn, now)
-            else:  # error or hang-up on a connection no longer read
-                self._close(conn, CLOSED_OK)
+        if conn.header != NULL:  # nothing else before the header is whole
+            err = self._read_header(conn, now)
+        else:
+            if _owed(conn) > 0:
+                err = self._flush(conn, now)
+            elif self.svc == CHARGEN and mask & EPOLLOUT:
+                err = self._generate(conn, now)
+            if (err == 0 and not conn.closed and _owed(conn) == 0
+                    and mask & ~(<unsigned int>EPOLLOUT)):
+                if conn.reading:
+                    err = self._read(conn, now)
+                else:  # error or hang-up on a connection no longer read
+                    self._close(conn, CLOSED_OK)
         if err > 0 and not conn.closed:
             self._close(conn, err)
         if not conn.closed:
@@ -934,6 +994,64 @@ cdef class EventLoop:
             self._end_of_file(conn)
             return 0
         conn.last_active = now
+        return self._received(conn, n)
+
+    cdef int _read_header(self, Conn *conn, double now) except -1 nogil:
+        """Read towards a whole PROXY header; then start the service and hand
+        it what came after the header."""
+        cdef ssize_t n
+        cdef Py_ssize_t rest
+        while True:
+            n = recv(conn.fd, self.buf, self.read_size, 0)
+            if n >= 0:
+                break
+            if errno == EAGAIN or errno == EWOULDBLOCK:
+                return 0
+            if errno != EINTR:
+                return errno
+            _check_signals()
+        if n == 0:
+            with gil:
+                _log.debug("%s closed before its PROXY header", _peer_of(conn.fd))
+            self._close(conn, CLOSED_OK)
+            return 0
+        conn.last_active = now
+        with gil:
+            rest = self._take_header(conn, n)
+        if rest > 0 and not conn.closed and conn.reading:
+            self._received(conn, rest)
+        return 0
+
+    cdef Py_ssize_t _take_header(self, Conn *conn, Py_ssize_t n) except -2:
+        """Add ``n`` read bytes to the header; once it is whole, start the
+        service and return how many bytes followed it (moved to the front of
+        the read buffer). -1 while incomplete or once closed."""
+        cdef Py_ssize_t rest
+        header = <object>conn.header
+        header.extend(self.buf[:n])
+        try:
+            parsed = proxy.parse(header)
+        except proxy.ProxyHeaderError as exc:
+            _log.warning("PROXY header from %s: %s; closing", _peer_of(conn.fd), exc)
+            self._close_quietly(conn)
+            return -1
+        if parsed is None:
+            return -1
+        rest = len(header) - parsed.length  # at most this read's n bytes
+        if rest > 0:
+            tail = bytes(header[parsed.length:])
+            memcpy(self.buf, <const char *>tail, rest)
+        conn.header = NULL
+        Py_XDECREF(<PyObject *>header)
+        if parsed.source is not None:
+            source = parsed.source
+            conn.peer = <PyObject *>source
+            Py_INCREF(source)
+        self._start(conn)
+        return rest
+
+    cdef int _received(self, Conn *conn, ssize_t n) except -1 nogil:
+        """Serve the ``n`` bytes at the start of the read buffer."""
         self.bytes_in += <unsigned long long>n
         if self.svc == ECHO:
             self._write(conn, self.buf, <size_t>n)

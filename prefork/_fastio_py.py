@@ -34,6 +34,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from prefork import proxy
+
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
 
@@ -250,6 +252,8 @@ class _Conn:
         "registered",
         "protocol",
         "transport",
+        "header",
+        "peer",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -264,6 +268,8 @@ class _Conn:
         self.registered = False
         self.protocol: Any = None
         self.transport: Transport | None = None
+        self.header: bytearray | None = None  # a PROXY header being read
+        self.peer: Any = None  # the client's address, from a PROXY header
 
 
 class Transport:
@@ -276,7 +282,10 @@ class Transport:
     def __init__(self, loop: EventLoop, conn: _Conn) -> None:
         self._loop: EventLoop | None = loop
         self._conn: _Conn | None = conn
-        self._extra = {"peername": _peername(conn.sock), "sockname": conn.sock.getsockname()}
+        peer = _peername(conn.sock)
+        self._extra = {"peername": peer, "sockname": conn.sock.getsockname()}
+        if conn.peer is not None:  # behind a PROXY protocol balancer
+            self._extra.update(peername=conn.peer, proxy_peername=peer)
 
     def write(self, data: Any) -> None:
         if self._loop is not None and self._conn is not None and not self._conn.eof:
@@ -329,6 +338,14 @@ class EventLoop:
     ``max_accepts`` (0 = no limit) stops accepting after that many
     connections, for recycling: ``run`` then returns once they are done.
 
+    ``proxy_listeners`` (a subset of ``listeners``) carry the PROXY protocol:
+    a connection accepted on one first sends a v1 or v2 header, and nothing
+    reaches the service before it is whole (``prefork.proxy.parse``); a
+    missing or malformed header closes the connection with a logged reason.
+    ``proxy_trusted(peer)`` says which peers may send one (None: any); others
+    are closed at once. The header's address becomes the protocol's
+    ``peername`` (the balancer's is ``proxy_peername``).
+
     ``datagram_sockets`` are bound UDP sockets (borrowed, non-blocking) on
     which the built-in service answers every datagram with one datagram to
     its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
@@ -353,6 +370,8 @@ class EventLoop:
         datagram_sockets: Any = (),
         max_accepts: int = 0,
         stats: Any = None,
+        proxy_listeners: Any = (),
+        proxy_trusted: Any = None,
     ) -> None:
         self._pattern = _check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -374,6 +393,8 @@ class EventLoop:
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
+        self._proxy_fds = _proxy_fds(proxy_listeners, fds)
+        self._proxy_trusted = proxy_trusted
         self._accepting = True
         self._armed = False
         self._paused_until = 0.0
@@ -536,7 +557,7 @@ class EventLoop:
                 self._paused_until = now + EMFILE_PAUSE
                 self._disarm()
                 return
-            self._open(sock, now)
+            self._open(sock, now, fd in self._proxy_fds)
         if self._armed:  # re-arm: to the back of the listener's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
@@ -572,11 +593,24 @@ class EventLoop:
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
 
-    def _open(self, sock: socket.socket, now: float) -> None:
+    def _open(self, sock: socket.socket, now: float, proxied: bool = False) -> None:
         sock.setblocking(False)
         conn = _Conn(sock, now)
         self._conns[conn.fd] = conn
         self.accepted += 1
+        if proxied:
+            peer = _peername(sock)
+            if self._proxy_trusted is not None and not self._proxy_trusted(peer):
+                _log().warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
+                self._close(conn)
+                return
+            conn.header = bytearray()  # the service starts once it is read
+            self._update(conn)
+            return
+        self._start(conn)
+
+    def _start(self, conn: _Conn) -> None:
+        """The service's first move on a new connection."""
         if self.service == "daytime":
             line = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
             conn.reading = False
@@ -593,7 +627,9 @@ class EventLoop:
     def _update(self, conn: _Conn) -> None:
         """Make the epoll set wait for what ``conn`` needs now."""
         events = 0
-        if conn.reading and not conn.pending:
+        if conn.header is not None:
+            events = _EPOLLIN
+        elif conn.reading and not conn.pending:
             events |= _EPOLLIN
         if conn.pending or (self.service == "chargen" and not conn.eof):
             events |= _EPOLLOUT
@@ -634,20 +670,56 @@ class EventLoop:
 
     def _serve(self, conn: _Conn, mask: int, now: float) -> None:
         try:
-            if conn.pending:
-                self._flush(conn, now)
-            elif self.service == "chargen" and mask & _EPOLLOUT:
-                self._generate(conn, now)
-            if conn.fd in self._conns and not conn.pending and mask & ~_EPOLLOUT:
-                if conn.reading:
-                    self._read(conn, now)
-                else:  # error or hang-up on a connection no longer read
-                    self._close(conn)
+            if conn.header is not None:  # nothing else before the header is whole
+                self._read_header(conn, now)
+            else:
+                self._serve_started(conn, mask, now)
         except OSError as exc:  # reset, broken pipe...: this connection only
             if conn.fd in self._conns:
                 self._close(conn, exc)
         if conn.fd in self._conns and self._conns[conn.fd] is conn:
             self._update(conn)
+
+    def _serve_started(self, conn: _Conn, mask: int, now: float) -> None:
+        if conn.pending:
+            self._flush(conn, now)
+        elif self.service == "chargen" and mask & _EPOLLOUT:
+            self._generate(conn, now)
+        if conn.fd in self._conns and not conn.pending and mask & ~_EPOLLOUT:
+            if conn.reading:
+                self._read(conn, now)
+            else:  # error or hang-up on a connection no longer read
+                self._close(conn)
+
+    def _read_header(self, conn: _Conn, now: float) -> None:
+        """Read towards a whole PROXY header; then start the service and hand
+        it what came after the header."""
+        assert conn.header is not None
+        try:
+            n = conn.sock.recv_into(self._buffer)
+        except BlockingIOError:
+            return
+        if n == 0:
+            _log().debug("%s closed before its PROXY header", _peername(conn.sock))
+            self._close(conn)
+            return
+        conn.last_active = now
+        conn.header += self._buffer[:n]
+        try:
+            header = proxy.parse(conn.header)
+        except proxy.ProxyHeaderError as exc:
+            _log().warning("PROXY header from %s: %s; closing", _peername(conn.sock), exc)
+            self._close(conn)
+            return
+        if header is None:
+            return
+        rest = len(conn.header) - header.length  # at most this read's n bytes
+        self._buffer[:rest] = conn.header[header.length :]
+        conn.header = None
+        conn.peer = header.source
+        self._start(conn)
+        if rest and conn.fd in self._conns and conn.reading:
+            self._received(conn, rest)
 
     def _read(self, conn: _Conn, now: float) -> None:
         try:
@@ -658,6 +730,10 @@ class EventLoop:
             self._end_of_file(conn)
             return
         conn.last_active = now
+        self._received(conn, n)
+
+    def _received(self, conn: _Conn, n: int) -> None:
+        """Serve the ``n`` bytes at the start of the read buffer."""
         self.bytes_in += n
         if self.service == "echo":
             self._write(conn, self._buffer[:n])
@@ -716,6 +792,13 @@ class EventLoop:
         conn.last_active = now
         self.bytes_out += sent
         conn.offset = (conn.offset + sent) % len(self._pattern)
+
+
+def _proxy_fds(proxy_listeners: Any, fds: list[int]) -> frozenset[int]:
+    proxied = frozenset(_fileno(listener) for listener in proxy_listeners)
+    if not proxied <= set(fds):
+        raise ValueError("proxy_listeners must be among the listeners")
+    return proxied
 
 
 def _drain(fd: int) -> None:

@@ -136,8 +136,10 @@ class Arbiter:
         listeners = create_listeners(
             self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
         )
+        self.mark_proxy(listeners)
         for listener in listeners:
-            self.log.info("listening on %s", listener.name)
+            note = " (PROXY protocol)" if listener.proxy else ""
+            self.log.info("listening on %s%s", listener.name, note)
         datagram = next((lst.name for lst in listeners if lst.datagram), None)
         try:
             check_fit(self.handler, self.config.worker_class, datagram)
@@ -160,6 +162,12 @@ class Arbiter:
             self.config.worker_class,
             self.config.handler,
         )
+
+    def mark_proxy(self, listeners: list[Listener]) -> None:
+        """--proxy-protocol: every stream listener expects a PROXY header."""
+        if self.config.proxy_protocol:
+            for listener in listeners:
+                listener.proxy = not listener.datagram
 
     def give_log_file_to_workers(self) -> None:
         """Workers that drop privileges reopen --log-file on USR1 as their
@@ -416,6 +424,7 @@ class Arbiter:
             self.slot_listeners[position] = create_listeners(
                 self.reuse_addresses, self.config.backlog, reuse_port=True
             )
+            self.mark_proxy(self.slot_listeners[position])
         return self.listeners + self.slot_listeners[position]
 
     def all_listeners(self) -> list[Listener]:

@@ -35,6 +35,7 @@ from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
 from prefork.handlers import BUILTIN, check_fit, load_handler
 from prefork.log import LEVELS, setup_logging
 from prefork.privileges import check_can_switch, parse_group, parse_user
+from prefork.proxy import parse_allowed
 from prefork.scoreboard import MAX_SLOTS
 from prefork.workers import WORKER_CLASSES
 
@@ -155,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="permissions of UNIX sockets, octal (default 660)",
     )
+    serve.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        default=None,
+        help="every TCP and UNIX listener expects a PROXY protocol v1 or v2 header (one "
+        "listener alone: -b proxy:HOST:PORT)",
+    )
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        metavar="LIST",
+        default=None,
+        help="addresses or networks allowed to send a PROXY header, comma-separated, * for "
+        "any (default 127.0.0.1,::1)",
+    )
     serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
     serve.add_argument(
         "--log-file",
@@ -231,10 +246,13 @@ OPTION_DEFAULTS = {
     "handler": "echo",
     "unix-mode": "660",
     "log-level": "info",
+    "forwarded-allow-ips": "127.0.0.1,::1",
 }
 # What a -c file may set: every serve option but -c itself.
 _OPTIONAL = ("pid", "metrics", "log-file", "user", "group", "umask")  # default None
-FILE_KEYS = frozenset({*OPTION_DEFAULTS, *_OPTIONAL, "bind", "workers", "reuse-port"})
+FILE_KEYS = frozenset(
+    {*OPTION_DEFAULTS, *_OPTIONAL, "bind", "workers", "reuse-port", "proxy-protocol"}
+)
 _SHORT = {"bind": "-b/", "workers": "-w/", "worker-class": "-k/"}
 
 
@@ -273,6 +291,12 @@ class _Options:
             return self.file[name], f"{self.path}: {name}"
         return OPTION_DEFAULTS.get(name), f"{_SHORT.get(name, '')}--{name}"
 
+    def flag(self, name: str) -> bool:
+        value, label = self.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"{label}: expected true or false, got {value!r}")
+        return bool(value)
+
     def text(self, name: str) -> str:
         value, label = self.get(name)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
@@ -296,9 +320,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     extra = {}
     if opt.get("workers")[0] is not None:
         extra["workers"] = opt("workers", parse_int, minimum=1, maximum=MAX_SLOTS)
-    reuse_port, reuse_label = opt.get("reuse-port")
-    if reuse_port is not None and not isinstance(reuse_port, bool):
-        raise ConfigError(f"{reuse_label}: expected true or false, got {reuse_port!r}")
+    reuse_port = opt.flag("reuse-port")
+    proxy_protocol = opt.flag("proxy-protocol")
+    allowed, allowed_label = opt.get("forwarded-allow-ips")
+    if isinstance(allowed, list) and all(isinstance(item, str) for item in allowed):
+        allowed = ",".join(allowed)  # a TOML list of addresses
+    elif not isinstance(allowed, str):
+        raise ConfigError(f"{allowed_label}: expected addresses or networks, got {allowed!r}")
     given = {name for name in _OPTIONAL if opt.get(name)[0] is not None}
     pid_file = opt.text("pid") if "pid" in given else None
     log_file = opt.text("log-file") if "log-file" in given else None
@@ -314,7 +342,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         graceful_timeout=opt("graceful-timeout", parse_seconds),
         timeout=opt("timeout", parse_seconds),
         threads=opt("threads", parse_int, minimum=1),
-        reuse_port=bool(reuse_port),
+        reuse_port=reuse_port,
+        proxy_protocol=proxy_protocol,
+        forwarded_allow_ips=parse_allowed(allowed, allowed_label),
         max_requests=opt("max-requests", parse_int, minimum=0),
         max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0),
         max_connections=opt("max-connections", parse_int, minimum=1),

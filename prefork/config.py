@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from prefork.errors import ConfigError
 
@@ -26,8 +26,11 @@ class Address:
     port: int = 0
     path: str = ""
     fd: int = -1
+    proxy: bool = False  # connections start with a PROXY protocol header
 
     def __str__(self) -> str:
+        if self.proxy:
+            return f"proxy:{replace(self, proxy=False)}"
         if self.kind == "unix":
             return f"unix:{self.path}"
         if self.kind == "fd":
@@ -69,12 +72,19 @@ class Config:
     user: int | None = None  # workers switch to this uid after binding
     group: int | None = None  # ... and this gid (default: the user's)
     umask: int | None = None  # the master's and workers' umask; None: inherited
+    proxy_protocol: bool = False  # every stream listener expects a PROXY header
+    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # who may send one
 
 
 def parse_address(text: str, option: str = "-b/--bind") -> Address:
     """``HOST:PORT``, ``[V6ADDR]:PORT``, ``unix:PATH``, ``fd://N``, or
     ``udp://`` and a host and port."""
     bad = f"{option}: invalid address {text!r}"
+    if text.startswith("proxy:"):
+        inner = parse_address(text[len("proxy:") :], option)
+        if inner.kind == "udp":
+            raise ConfigError(f"{bad}: the PROXY protocol is for stream listeners")
+        return replace(inner, proxy=True)
     if text.startswith("fd://"):
         number = text[len("fd://") :]
         if not number.isdigit() or int(number) < 3:

@@ -37,6 +37,9 @@ from prefork import fastio
 from prefork.errors import ConfigError, HandlerLoadError
 
 Handler = Callable[[int, Any], tuple[int, int]]
+# What the blocking workers call: (connection fd, buffer, the client's address
+# from a PROXY header or None) -> (bytes in, bytes out).
+BlockingHandler = Callable[[int, Any, Any], tuple[int, int]]
 
 
 def echo(fd: int, buffer: Any) -> tuple[int, int]:
@@ -107,15 +110,18 @@ class LoadedHandler:
             return "built-in"
         return "protocol" if self.protocol_factory is not None else "blocking handle"
 
-    def for_blocking_workers(self) -> Handler:
-        """The ``handler(fd, buffer)`` callable the sync and thread workers run."""
+    def for_blocking_workers(self) -> BlockingHandler:
+        """The ``handler(fd, buffer, peer)`` callable the sync and thread
+        workers run; ``peer`` is the client's address from a PROXY header,
+        or None for the socket's own peer."""
         if self.builtin is not None:
-            return BUILTIN[self.builtin]
+            builtin = BUILTIN[self.builtin]
+            return lambda fd, buffer, peer: builtin(fd, buffer)
         factory, handle = self.protocol_factory, self.handle
         if factory is not None:
-            return lambda fd, buffer: serve_protocol(fd, buffer, factory)
+            return lambda fd, buffer, peer: serve_protocol(fd, buffer, factory, peer)
         assert handle is not None
-        return lambda fd, buffer: serve_handle(fd, handle)
+        return lambda fd, buffer, peer: serve_handle(fd, handle, peer)
 
 
 def load_handler(spec: str) -> LoadedHandler:
@@ -188,7 +194,7 @@ def reload_handler(loaded: LoadedHandler) -> LoadedHandler:
 class BlockingTransport:
     """The transport a protocol gets in a sync or thread worker."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, client: Any = None) -> None:
         self._sock = sock
         self._closing = False
         self.bytes_out = 0
@@ -197,6 +203,8 @@ class BlockingTransport:
         except OSError:
             peer = None
         self._extra = {"peername": peer, "sockname": sock.getsockname()}
+        if client is not None:  # behind a PROXY protocol balancer
+            self._extra.update(peername=client, proxy_peername=peer)
 
     def write(self, data: Any) -> None:
         if not self._closing:
@@ -213,7 +221,9 @@ class BlockingTransport:
         return self._extra.get(name, default)
 
 
-def serve_protocol(fd: int, buffer: Any, factory: Callable[[], Any]) -> tuple[int, int]:
+def serve_protocol(
+    fd: int, buffer: Any, factory: Callable[[], Any], client: Any = None
+) -> tuple[int, int]:
     """Run a protocol over a blocking socket until either side closes.
 
     A blocking worker cannot wait for both the peer and the protocol, so a
@@ -222,7 +232,7 @@ def serve_protocol(fd: int, buffer: Any, factory: Callable[[], Any]) -> tuple[in
     sock = socket.socket(fileno=fd)
     nin = 0
     try:
-        transport = BlockingTransport(sock)
+        transport = BlockingTransport(sock, client)
         protocol = factory()
         error: Exception | None = None
         try:
@@ -245,16 +255,20 @@ def serve_protocol(fd: int, buffer: Any, factory: Callable[[], Any]) -> tuple[in
         sock.detach()
 
 
-def serve_handle(fd: int, handle: Callable[[socket.socket, Any], Any]) -> tuple[int, int]:
+def serve_handle(
+    fd: int, handle: Callable[[socket.socket, Any], Any], client: Any = None
+) -> tuple[int, int]:
     """Call ``handle(sock, address)`` on a socket of its own.
 
     The handler gets a duplicate descriptor, so it may close its socket (or
     not) as it likes; the worker closes the original. Bytes are not counted.
     """
     with socket.socket(fileno=os.dup(fd)) as sock:
-        try:
-            address = sock.getpeername()
-        except OSError:
-            address = None
+        address = client
+        if address is None:
+            try:
+                address = sock.getpeername()
+            except OSError:
+                address = None
         handle(sock, address)
     return 0, 0

@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prefork.config import Address
 from prefork.errors import BindError
@@ -34,6 +34,7 @@ class Listener:
     sock: socket.socket
     name: str  # the real address: port 0 resolved, e.g. 127.0.0.1:40123
     unix_inode: int = 0  # to remove only our own UNIX socket file
+    proxy: bool = False  # connections start with a PROXY protocol header
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -53,7 +54,7 @@ class Listener:
         if self.address.kind == "unix":
             return self.address
         host, port = self.sock.getsockname()[:2]
-        return Address(self.address.kind, host, port)
+        return replace(self.address, host=host, port=port)
 
     def close(self, unlink: bool = False) -> None:
         """Close the socket; the master also removes its UNIX socket file."""
@@ -160,7 +161,7 @@ def create_listener(
     else:
         sock = _inet_socket(address, backlog, reuse_port)
     sock.setblocking(False)
-    return Listener(address, sock, describe(sock), inode)
+    return Listener(address, sock, describe(sock), inode, address.proxy)
 
 
 def inherit_listener(address: Address) -> Listener:
@@ -186,7 +187,8 @@ def inherit_listener(address: Address) -> Listener:
         raise
     os.set_inheritable(fd, False)  # a handler's subprocess must not keep it
     sock.setblocking(False)
-    return Listener(address, sock, describe(sock))
+    proxy = address.proxy and sock.type == socket.SOCK_STREAM
+    return Listener(address, sock, describe(sock), proxy=proxy)
 
 
 def create_listeners(

@@ -30,6 +30,7 @@ from prefork.handlers import LoadedHandler
 from prefork.log import get_logger, log_stream, reopen_log_file
 from prefork.privileges import drop_privileges
 from prefork.proctitle import set_title
+from prefork.proxy import TrustedPeers
 from prefork.scoreboard import Scoreboard
 from prefork.sock import Listener
 from prefork.wakeup import drain, open_wakeup_pipe
@@ -86,6 +87,8 @@ class Worker:
         self.active = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Who may send a PROXY protocol header (--forwarded-allow-ips).
+        self.proxy_trusted = TrustedPeers(config.forwarded_allow_ips)
 
     def init_process(self) -> None:
         """In the child: signals, wake-up pipe, privileges, orphan protection,

@@ -20,6 +20,7 @@ class EventWorker(Worker):
     def run(self) -> None:
         config = self.config
         streams = [lst.sock for lst in self.listeners if not lst.datagram]
+        proxied = [lst.sock for lst in self.listeners if lst.proxy and not lst.datagram]
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.loop = fastio.EventLoop(
             streams,
@@ -33,6 +34,8 @@ class EventWorker(Worker):
             pattern=CHARGEN_PATTERN,
             max_accepts=self.max_requests,
             stats=self.scoreboard.slot_view(self.slot),
+            proxy_listeners=proxied,
+            proxy_trusted=self.proxy_trusted,
         )
         if not self.alive:  # TERM arrived while booting
             self.loop.stop_accepting()

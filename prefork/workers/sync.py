@@ -13,10 +13,12 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import time
+from typing import Any
 
-from prefork import fastio
-from prefork.handlers import Handler
+from prefork import fastio, proxy
+from prefork.handlers import BlockingHandler
 from prefork.workers.base import Worker
 
 BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
@@ -88,10 +90,36 @@ class SyncWorker(Worker):
                         continue
                     raise
                 if conn is not None:
-                    self.serve(conn, buffer, handler)
+                    self.serve(conn, buffer, handler, by_fd[fd].proxy)
 
-    def serve(self, conn: int, buffer: bytearray, handler: Handler) -> None:
-        """Run the handler on one connection, then close it, whatever happened."""
+    def read_proxy_header(self, conn: int) -> Any:
+        """The client's address from the PROXY header (None: keep the
+        socket's peer), or False if the connection must be closed."""
+        sock = socket.socket(fileno=conn)
+        try:
+            peer = sock.getpeername()
+            if not self.proxy_trusted(peer):
+                self.log.warning(
+                    "PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer
+                )
+                return False
+            if self.beats_per_connection:
+                self.waiting_on_peer()
+            try:
+                header = proxy.read_header(sock)
+            except (proxy.ProxyHeaderError, TimeoutError) as exc:
+                reason = exc if isinstance(exc, proxy.ProxyHeaderError) else "timed out"
+                self.log.warning("PROXY header from %s: %s; closing", peer, reason)
+                return False
+            return header.source
+        finally:
+            sock.detach()
+
+    def serve(
+        self, conn: int, buffer: bytearray, handler: BlockingHandler, proxied: bool = False
+    ) -> None:
+        """Run the handler on one connection, then close it, whatever happened.
+        On a PROXY listener the header is read first, and must be whole."""
         nin = nout = 0
         with self.stats_lock:
             self.active += 1
@@ -103,7 +131,9 @@ class SyncWorker(Worker):
             else:
                 self.notify()
         try:
-            nin, nout = handler(conn, buffer)
+            client = self.read_proxy_header(conn) if proxied else None
+            if client is not False:
+                nin, nout = handler(conn, buffer, client)
         except OSError as exc:
             if exc.errno not in CONNECTION_ERRORS:
                 self.log.error("connection error: %s", exc)
