@@ -35,7 +35,7 @@ from prefork._posix cimport (
 # Argument checking is part of the specification: share it, so both
 # implementations reject bad arguments identically before touching the fd.
 from prefork._fastio_py import (
-    ACCEPT_BATCH, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
+    ACCEPT_BATCH, DRAIN_MAX, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, _byte_view, _check_loop_args, _fileno,
     STATS_SIZE, _stats_view, _proxy_fds,
 )
@@ -218,6 +218,7 @@ def sendall(conn, data):
 
 DEF MAX_EVENTS = 256
 cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
+cdef unsigned long long C_DRAIN_MAX = DRAIN_MAX
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 DEF DGRAM_BATCH = 16  # == DATAGRAM_BATCH, checked at import
 DEF DGRAM_SIZE = 65536  # == DATAGRAM_SIZE, checked at import
@@ -336,7 +337,8 @@ cdef class EventLoop:
     cdef object stats_view  # keeps the stats memory alive
     cdef unsigned char *stats  # a scoreboard slot, written at every wake-up without the GIL
     cdef int n_active
-    cdef bint _accepting, armed
+    cdef bint _accepting, armed, draining
+    cdef unsigned long long drained
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
     cdef size_t read_size
@@ -431,6 +433,12 @@ cdef class EventLoop:
     def accepting(self):
         return self._accepting
 
+    def drain(self):
+        """Accept what is queued, then stop accepting (see the spec)."""
+        if self._accepting and not self.draining:
+            self.draining = True
+            self.drained = 0
+
     def stop_accepting(self):
         """Take the listeners out of the loop for good (graceful stop)."""
         self._stop_accepting()
@@ -524,6 +532,8 @@ cdef class EventLoop:
         self._rearm()
         while True:
             now = _monotonic()
+            if self.draining and self._accepting:
+                self._drain(now)
             self._arm_if_ready(now)
             if not self._accepting and self.n_active == 0:
                 return 0
@@ -580,7 +590,7 @@ cdef class EventLoop:
 
     cdef int _arm_if_ready(self, double now) except -1 nogil:
         cdef bint want = (self._accepting and self.n_active < self.max_connections
-                          and now >= self.paused_until)
+                          and now >= self.paused_until and not self.draining)
         cdef int i
         if want and not self.armed:
             for i in range(self.n_listeners):
@@ -703,6 +713,31 @@ cdef class EventLoop:
         return 0
 
     # -- connections ------------------------------------------------------------------
+
+    cdef int _drain(self, double now) except -1 nogil:
+        """Take what is queued, as room allows; stop once the queues are empty."""
+        cdef int i, fd, err, empty = 0
+        for i in range(self.n_listeners):
+            while self.n_active < self.max_connections and self.drained < C_DRAIN_MAX:
+                fd = accept4(self.listeners[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+                if fd < 0:
+                    err = errno
+                    if err == EINTR:
+                        _check_signals()
+                        if not self._accepting:
+                            return 0
+                        continue
+                    if err == ECONNABORTED:
+                        continue
+                    if err == EAGAIN or err == EWOULDBLOCK:
+                        empty += 1
+                    break  # EMFILE and kin: try again at the next turn
+                self.drained += 1
+                self._open(fd, now, self.proxied[i])
+        if empty == self.n_listeners or self.drained >= C_DRAIN_MAX:
+            self.draining = False
+            self._stop_accepting()
+        return 0
 
     cdef int _accept(self, int index, double now) except -1 nogil:
         cdef int lfd = self.listeners[index]

@@ -189,6 +189,7 @@ def sendall(conn: Any, data: Any) -> int:
 SERVICES = ("echo", "discard", "chargen", "daytime", "protocol")
 READ_SIZE = 64 * 1024  # bytes per recv; capped by max_buffer
 ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
+DRAIN_MAX = 4096  # connections a draining loop takes at most (more than any backlog)
 EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
 SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
 DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
@@ -397,6 +398,8 @@ class EventLoop:
         self._proxy_trusted = proxy_trusted
         self._accepting = True
         self._armed = False
+        self._draining = False
+        self._drained = 0
         self._paused_until = 0.0
         self._wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
@@ -415,6 +418,18 @@ class EventLoop:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    def drain(self) -> None:
+        """Graceful stop: accept what the listeners have queued, then stop
+        accepting. Connections still queued when the last process closes a
+        listener are reset by the kernel, so a worker that leaves takes what
+        is waiting first: at most ``max_connections`` at a time (it takes
+        more as connections end) and ``DRAIN_MAX`` in all, and it stops once
+        every listener's queue is empty. It takes effect at the loop's next
+        turn: a signal handler may call it."""
+        if self._accepting and not self._draining:
+            self._draining = True
+            self._drained = 0
 
     def stop_accepting(self) -> None:
         """Take the listeners out of the loop for good (graceful stop).
@@ -455,6 +470,8 @@ class EventLoop:
         self._rearm()
         while True:
             now = time.monotonic()
+            if self._draining and self._accepting:
+                self._drain(now)
             self._arm_if_ready(now)
             if not self._accepting and not self._conns:
                 return
@@ -498,6 +515,10 @@ class EventLoop:
         )
 
     def _arm_if_ready(self, now: float) -> None:
+        if self._draining:  # _drain takes the queued connections itself
+            if self._armed:
+                self._disarm()
+            return
         want = (
             self._accepting
             and len(self._conns) < self.max_connections
@@ -561,6 +582,26 @@ class EventLoop:
         if self._armed:  # re-arm: to the back of the listener's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
+
+    def _drain(self, now: float) -> None:
+        """Take what is queued, as room allows; stop once the queues are empty."""
+        empty = 0
+        for fd, listener in self._listeners.items():
+            while len(self._conns) < self.max_connections and self._drained < DRAIN_MAX:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    empty += 1
+                    break
+                except ConnectionAbortedError:
+                    continue
+                except OSError:  # EMFILE and kin: try again at the next turn
+                    break
+                self._drained += 1
+                self._open(sock, now, fd in self._proxy_fds)
+        if empty == len(self._listeners) or self._drained >= DRAIN_MAX:
+            self._draining = False
+            self.stop_accepting()
 
     def _serve_datagrams(self, fd: int) -> None:
         """Answer a batch of datagrams, each to its own sender."""

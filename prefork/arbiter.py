@@ -105,6 +105,7 @@ class Arbiter:
         # respawns and reloads (the next worker in that position inherits them)
         self.slot_listeners: dict[int, list[Listener]] = {}
         self.reuse_addresses: list[Address] = []
+        self.retiring_positions: set[int] = set()  # sockets dropping new connections
         self.workers: dict[int, WorkerRecord] = {}  # by pid
         self.scoreboard = Scoreboard()
         self.worker_age = 0
@@ -408,12 +409,18 @@ class Arbiter:
             else:
                 current.sort(key=lambda pid: self.workers[pid].age)
             for pid in current[:extra]:
+                position = self.workers[pid].position
+                if position >= self.num_workers:  # retired: its queue must drain, not grow
+                    self.retiring_positions.add(position)
+                    for listener in self.slot_listeners.get(position, []):
+                        listener.drop_new_connections()
                 self.stop_worker(pid)
         # A position nobody will serve again (after TTOU) must not keep a queue.
         held = {w.position for w in self.workers.values()}
         for position in set(self.slot_listeners) - held:
             if position >= self.num_workers:
                 close_listeners(self.slot_listeners.pop(position))
+                self.retiring_positions.discard(position)
 
     def listeners_for(self, position: int) -> list[Listener]:
         """What the worker in ``position`` accepts on; with --reuse-port the
@@ -425,6 +432,10 @@ class Arbiter:
                 self.reuse_addresses, self.config.backlog, reuse_port=True
             )
             self.mark_proxy(self.slot_listeners[position])
+        elif position in self.retiring_positions:  # TTIN took back a retiring position
+            self.retiring_positions.discard(position)
+            for listener in self.slot_listeners[position]:
+                listener.accept_new_connections()
         return self.listeners + self.slot_listeners[position]
 
     def all_listeners(self) -> list[Listener]:
@@ -562,6 +573,9 @@ class Arbiter:
     def stop(self, graceful: bool) -> int:
         """Close listeners, signal workers, wait, KILL stragglers; return 0."""
         self.notifier.notify(f"STOPPING=1\nSTATUS={'graceful' if graceful else 'fast'} stop")
+        if graceful:  # no new connections, but the queued ones get served
+            for listener in self.all_listeners():
+                listener.drop_new_connections()
         self.close_all_listeners()
         if graceful:
             timeout = self.config.graceful_timeout

@@ -8,10 +8,12 @@ EAGAIN. (O_NONBLOCK lives on the shared open file, so it is set once, here.)
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
 import stat
+import struct
 from dataclasses import dataclass, replace
 
 from prefork.config import Address
@@ -56,6 +58,34 @@ class Listener:
         host, port = self.sock.getsockname()[:2]
         return replace(self.address, host=host, port=port)
 
+    def drop_new_connections(self) -> None:
+        """Stop new TCP connections from joining the queue, and keep the ones
+        queued, so that workers can still accept them before the socket is
+        closed (closing a listener resets whatever is still queued).
+
+        A classic BPF socket filter drops every bare SYN: a client that comes
+        now retries after a second and is refused once the socket is closed,
+        or (with --reuse-port) lands on another worker's socket. The ACKs that
+        finish handshakes already under way still pass. Other sockets are
+        left alone (a UNIX listener has no SYN to drop)."""
+        if self.sock.fileno() < 0 or self.sock.type != socket.SOCK_STREAM:
+            return
+        if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        program = ctypes.create_string_buffer(_DROP_SYN)
+        fprog = struct.pack("HL", len(_DROP_SYN) // 8, ctypes.addressof(program))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
+        except OSError:
+            pass  # without the filter a stop is as before: queued connections reset
+
+    def accept_new_connections(self) -> None:
+        """Undo ``drop_new_connections`` (the socket is in use again)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:
+            pass  # ENOENT: no filter attached
+
     def close(self, unlink: bool = False) -> None:
         """Close the socket; the master also removes its UNIX socket file."""
         self.sock.close()
@@ -65,6 +95,22 @@ class Listener:
                     os.unlink(self.address.path)
             except OSError:
                 pass
+
+
+_SO_ATTACH_FILTER = 26  # asm-generic/socket.h
+_SO_DETACH_FILTER = 27
+# The filter sees the TCP header: byte 13 holds the flags. "SYN and not ACK"
+# is a new connection: drop it (return 0); keep everything else.
+_DROP_SYN = b"".join(
+    struct.pack("HBBI", code, jt, jf, k)
+    for code, jt, jf, k in (
+        (0x30, 0, 0, 13),  # ldb [13]          A = TCP flags
+        (0x54, 0, 0, 0x12),  # and #0x12       A &= SYN|ACK
+        (0x15, 0, 1, 0x02),  # jeq #SYN        bare SYN? next : skip one
+        (0x06, 0, 0, 0),  # ret #0             drop
+        (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1   keep the whole packet
+    )
+)
 
 
 def _bind_error(address: Address, exc: OSError) -> BindError:

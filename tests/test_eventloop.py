@@ -541,3 +541,34 @@ def test_stats_buffer_is_checked(impl):
         impl.EventLoop([], "echo", stats=bytearray(8))
     with pytest.raises(ValueError):
         impl.EventLoop([], "echo", stats=bytes(48))
+
+
+def test_drain_takes_every_queued_connection_as_room_allows(running):
+    """drain(): what is queued when a worker leaves is served, not reset,
+    even when the loop is full and must wait for room."""
+    r = running("echo", max_connections=1)
+    busy = r.connect()
+    busy.sendall(b"busy")
+    assert read_exactly(busy, 4) == b"busy"  # the loop is full: no more accepts
+    queued = [r.connect() for _ in range(4)]
+    for i, sock in enumerate(queued):
+        sock.sendall(b"queued %d" % i)
+        sock.shutdown(socket.SHUT_WR)
+    r.loop.drain()
+    r.wake()
+    time.sleep(0.3)
+    assert r.loop.accepting  # still draining: the queue is not empty yet
+    busy.close()  # room: the loop takes the queued ones one by one
+    for i, sock in enumerate(queued):
+        with sock:
+            assert read_until_eof(sock) == b"queued %d" % i
+    assert wait_until(lambda: not r.loop.accepting, 5)  # queue empty: done
+    assert r.loop.accepted == 5
+
+
+def read_until_eof(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data

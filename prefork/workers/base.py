@@ -6,9 +6,9 @@ The constructor runs in the master and touches nothing process-wide;
 acts, woken by ``signal.set_wakeup_fd``.
 
 Signals a worker obeys:
-- TERM: graceful. Stop accepting at once (the listeners are closed in the
-  handler, so the kernel refuses new connections instead of queueing them
-  for a worker that will never accept), finish the connection in hand, exit.
+- TERM: graceful. Take what is queued on the listeners, then close them at
+  once (a listener's last close resets whatever is still queued, and the
+  master's copy may already be gone), finish every connection, exit.
 - INT, QUIT: fast. Exit now; the connection in hand is closed.
 - USR1: reopen --log-file (the master sends it on after reopening its own).
 """

@@ -38,12 +38,14 @@ class EventWorker(Worker):
             proxy_trusted=self.proxy_trusted,
         )
         if not self.alive:  # TERM arrived while booting
-            self.loop.stop_accepting()
+            self.loop.drain()
         reported_errors = 0
         try:
             while self.loop.accepting or self.loop.active:
                 self.loop.run(self.tick)
                 self.collect_stats()
+                if not self.alive and not self.loop.accepting:  # drained: let go
+                    super().stop_accepting()
                 if self.alive and not self.loop.accepting:  # max_accepts reached
                     self.recycle()
                 if not self.parent_alive():
@@ -69,8 +71,9 @@ class EventWorker(Worker):
         self.publish()
 
     def stop_accepting(self) -> None:
-        # Out of the epoll set first: it would keep watching a listener that
-        # other processes still hold open, even after this one closes it.
+        # The loop takes what is queued at its next turn, then stops watching
+        # the listeners; the run loop closes them after that (closing them
+        # while still in the epoll set would leave it watching sockets that
+        # other processes hold open).
         if self.loop is not None:
-            self.loop.stop_accepting()
-        super().stop_accepting()
+            self.loop.drain()

@@ -15,6 +15,7 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from typing import Any
 
 from prefork import fastio, proxy
@@ -29,6 +30,7 @@ CONNECTION_ERRORS = frozenset(
 )
 # Out of descriptors: the connection stays queued; back off instead of spinning.
 DESCRIPTOR_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+DRAIN_MAX = 4096  # connections a leaving worker takes from a listener's queue
 EMFILE_BACKOFF = 0.1  # seconds
 
 
@@ -37,10 +39,41 @@ class SyncWorker(Worker):
     # thread worker's main thread beats for the whole process instead.
     beats_per_connection = True
 
+    # Connections taken from the queues on the way out, served before exit:
+    # (fd, whether it starts with a PROXY header). Threads share it.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: deque[tuple[int, bool]] = deque()
+
     def run(self) -> None:
-        if not self.alive:  # TERM arrived while booting: the listeners are closed
-            return
-        self.accept_loop(self.wakeup_r, drain=True)
+        if self.alive:  # else TERM arrived while booting: the listeners are closed
+            self.accept_loop(self.wakeup_r, drain=True)
+        self.serve_held()
+
+    def stop_accepting(self) -> None:
+        """Take what is queued on the listeners (it is served before this
+        worker exits: a listener's last close would reset it), then close
+        them. Runs in the TERM handler, even while a connection is served."""
+        for listener in self.listeners:
+            for _ in range(DRAIN_MAX):
+                try:
+                    fd = fastio.accept(listener.sock)
+                except (OSError, ValueError):  # EMFILE and kin, or already closed
+                    break
+                if fd is None:
+                    break
+                self.held.append((fd, listener.proxy))
+        super().stop_accepting()
+
+    def serve_held(self) -> None:
+        buffer = bytearray(BUFFER_SIZE)
+        handler = self.handler.for_blocking_workers()
+        while self.held:
+            try:
+                fd, proxied = self.held.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            self.serve(fd, buffer, handler, proxied)
 
     def accept_loop(self, wake_fd: int, drain: bool) -> None:
         """Accept and serve one connection at a time until stopped.

@@ -58,10 +58,11 @@ class ThreadWorker(SyncWorker):
         signal.pthread_sigmask(signal.SIG_BLOCK, _THREAD_BLOCKED)
         try:
             self.accept_loop(stop_r, drain=False)
+            self.serve_held()
         except Exception:
             self.log.exception("worker thread failed")
 
     def stop_accepting(self) -> None:
+        super().stop_accepting()  # take the queued ones first: threads serve them on the way out
         if self.stop_w >= 0:
             os.write(self.stop_w, b"x")  # wakes every thread's poll at once
-        super().stop_accepting()
