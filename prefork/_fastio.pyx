@@ -847,12 +847,15 @@ cdef class EventLoop:
             return 0
         conn.protocol = <PyObject *>protocol
         Py_INCREF(protocol)
-        self._call(conn, protocol.connection_made, (transport,))
+        self._call(conn, protocol, (transport,), "connection_made")
         return 0
 
-    cdef object _call(self, Conn *conn, object func, tuple args):
-        """Call user code; an exception is logged and closes ``conn`` only."""
+    cdef object _call(self, Conn *conn, object func, tuple args, str method=None):
+        """Call user code (``func``, or its ``method``); an exception, a
+        missing method included, is logged and closes ``conn`` only."""
         try:
+            if method is not None:
+                func = getattr(func, method)
             return func(*args)
         except Exception as exc:
             _log.exception("handler failed; connection closed")
@@ -900,7 +903,7 @@ cdef class EventLoop:
         conn.protocol = NULL
         self._close_quietly(conn)
         if protocol != NULL:
-            self._call(NULL, (<object>protocol).connection_lost, (exc,))
+            self._call(NULL, <object>protocol, (exc,), "connection_lost")
             Py_XDECREF(protocol)
         return 0
 
@@ -959,6 +962,8 @@ cdef class EventLoop:
         cdef size_t owed = _owed(conn)
         cdef size_t need
         cdef unsigned char *grown
+        if self.svc == PROTOCOL:  # a protocol writing is activity (echo's read was)
+            conn.last_active = _monotonic()
         if owed == 0:
             sent = self._send(conn.fd, data, length)
             if sent < 0:
@@ -970,7 +975,8 @@ cdef class EventLoop:
         length -= <size_t>sent
         if owed + length > self.max_buffer:
             with gil:
-                _log.warning("peer does not read: more than --max-buffer owed; closing")
+                _log.warning("more than --max-buffer (%d bytes) owed to the peer; closing",
+                             self.max_buffer)
             self._close(conn, CLOSED_OVERFLOW)
             return 0
         if conn.sent > 0:  # move what is owed to the front
@@ -1092,8 +1098,7 @@ cdef class EventLoop:
             self._write(conn, self.buf, <size_t>n)
         elif self.svc == PROTOCOL:
             with gil:
-                self._call(conn, (<object>conn.protocol).data_received,
-                           (self.buf[:n],))
+                self._call(conn, <object>conn.protocol, (self.buf[:n],), "data_received")
         return 0  # discard and chargen drop their input
 
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:
@@ -1103,7 +1108,7 @@ cdef class EventLoop:
             return 0  # half-closed: the peer still reads the stream
         if self.svc == PROTOCOL:
             with gil:
-                keep_open = bool(self._call(conn, (<object>conn.protocol).eof_received, ()))
+                keep_open = bool(self._call(conn, <object>conn.protocol, (), "eof_received"))
         if not keep_open and not conn.closed:
             self._close_when_flushed(conn)  # flush what is owed, then close
         return 0

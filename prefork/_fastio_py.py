@@ -661,7 +661,7 @@ class EventLoop:
             conn.transport = Transport(self, conn)
             conn.protocol = self._call(conn, self._factory)
             if conn.protocol is not None:
-                self._call(conn, conn.protocol.connection_made, conn.transport)
+                self._call(conn, conn.protocol, conn.transport, method="connection_made")
         if conn.fd in self._conns:
             self._update(conn)
 
@@ -691,7 +691,7 @@ class EventLoop:
             conn.transport._loop = None
         if conn.protocol is not None:
             protocol, conn.protocol = conn.protocol, None
-            self._call(None, protocol.connection_lost, exc)
+            self._call(None, protocol, exc, method="connection_lost")
 
     def _close_when_flushed(self, conn: _Conn) -> None:
         conn.eof = True
@@ -699,9 +699,12 @@ class EventLoop:
         if not conn.pending and conn.fd in self._conns:
             self._close(conn)
 
-    def _call(self, conn: _Conn | None, func: Any, *args: Any) -> Any:
-        """Call user code; an exception is logged and closes ``conn`` only."""
+    def _call(self, conn: _Conn | None, func: Any, *args: Any, method: str | None = None) -> Any:
+        """Call user code (``func``, or its ``method``); an exception, a
+        missing method included, is logged and closes ``conn`` only."""
         try:
+            if method is not None:
+                func = getattr(func, method)
             return func(*args)
         except Exception as exc:
             _log().exception("handler failed; connection closed")
@@ -779,7 +782,7 @@ class EventLoop:
         if self.service == "echo":
             self._write(conn, self._buffer[:n])
         elif self.service == "protocol":
-            self._call(conn, conn.protocol.data_received, bytes(self._buffer[:n]))
+            self._call(conn, conn.protocol, bytes(self._buffer[:n]), method="data_received")
         # discard and chargen drop their input
 
     def _end_of_file(self, conn: _Conn) -> None:
@@ -788,12 +791,14 @@ class EventLoop:
             return  # half-closed: the peer still reads the stream
         keep_open = False
         if self.service == "protocol":
-            keep_open = bool(self._call(conn, conn.protocol.eof_received))
+            keep_open = bool(self._call(conn, conn.protocol, method="eof_received"))
         if not keep_open and conn.fd in self._conns:
             self._close_when_flushed(conn)  # flush what is owed, then close
 
     def _write(self, conn: _Conn, data: memoryview) -> None:
         """Send what the kernel takes now; keep the rest, up to max_buffer."""
+        if self.service == "protocol":  # a protocol writing is activity (echo's read was)
+            conn.last_active = time.monotonic()
         sent = 0
         if not conn.pending:
             try:
@@ -806,7 +811,9 @@ class EventLoop:
             self.bytes_out += sent
         if sent < len(data):
             if len(conn.pending) + len(data) - sent > self.max_buffer:
-                _log().warning("peer does not read: more than --max-buffer owed; closing")
+                _log().warning(
+                    "more than --max-buffer (%d bytes) owed to the peer; closing", self.max_buffer
+                )
                 self._close(conn, BufferError("max_buffer exceeded"))
                 return
             conn.pending += data[sent:]

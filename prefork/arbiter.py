@@ -85,6 +85,7 @@ class WorkerRecord:
     started: float  # time.monotonic() at fork
     killed: bool = False  # the watchdog has killed it
     stopping: bool = False  # told to finish and exit (reload, TTOU)
+    stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
 
 
 class Arbiter:
@@ -242,7 +243,8 @@ class Arbiter:
                 self.num_workers -= 1
             self.log.info("TTOU: %d worker(s)", self.num_workers)
         elif sig == signal.SIGHUP:
-            self.notifier.notify("RELOADING=1")
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
             self.reload()
             self.notifier.notify(f"READY=1\nSTATUS={self.status_text()}")
         elif sig == signal.SIGUSR1:
@@ -260,10 +262,22 @@ class Arbiter:
         return max(0.0, min(interval, delay)) if delay > 0 else interval
 
     def murder_workers(self) -> None:
-        """Dump and kill every worker silent for longer than --timeout."""
+        """KILL workers told to stop (reload, TTOU) that are still there
+        after --graceful-timeout; dump and kill every worker silent for
+        longer than --timeout."""
+        now = time.monotonic()
+        for pid, record in list(self.workers.items()):
+            if record.stopping and not record.killed and now >= record.stop_deadline:
+                self.log.warning(
+                    "worker %d (pid %d) still finishing after --graceful-timeout %gs: killing it",
+                    record.age,
+                    pid,
+                    self.config.graceful_timeout,
+                )
+                self.kill_worker(pid, signal.SIGKILL)
+                record.killed = True
         if self.config.timeout <= 0:
             return
-        now = time.monotonic()
         for pid, record in list(self.workers.items()):
             stats = self.scoreboard.read(record.slot)
             if stats.heartbeat <= 0 or record.killed:  # waiting on a client, or done for
@@ -339,6 +353,7 @@ class Arbiter:
     def reopen_logs(self) -> None:
         """USR1: reopen --log-file here, then in every worker."""
         if reopen_log_file():
+            self.give_log_file_to_workers()  # a new file is root's: the workers must reopen it
             self.log.info("USR1: log file reopened")
         else:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
@@ -503,7 +518,9 @@ class Arbiter:
 
     def stop_worker(self, pid: int) -> None:
         """TERM: stop accepting, finish the connections in hand, exit."""
-        self.workers[pid].stopping = True
+        record = self.workers[pid]
+        record.stopping = True
+        record.stop_deadline = time.monotonic() + self.config.graceful_timeout
         self.kill_worker(pid, signal.SIGTERM)
 
     def kill_worker(self, pid: int, sig: int) -> None:

@@ -245,7 +245,7 @@ def serve_protocol(
                     break
                 nin += n
                 protocol.data_received(bytes(view[:n]))
-        except OSError as exc:
+        except Exception as exc:  # the connection ends with it: tell the protocol why
             error = exc
             raise
         finally:

@@ -572,3 +572,65 @@ def read_until_eof(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+class NoEof:
+    """A protocol that forgot eof_received."""
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.write(data)
+
+    def connection_lost(self, exc):
+        pass
+
+
+def test_a_missing_callback_closes_its_connection_only(running, caplog):
+    r = running("protocol", protocol_factory=NoEof)
+    for _ in range(2):  # the loop lives on
+        with r.connect() as sock:
+            sock.sendall(b"hi")
+            assert read_exactly(sock, 2) == b"hi"
+            sock.shutdown(socket.SHUT_WR)
+            assert read_until_eof(sock) == b""
+    assert "eof_received" in caplog.text
+
+
+class Broadcast:
+    """Whatever one client sends is written to every other client."""
+
+    members: list = []
+
+    def connection_made(self, transport):
+        self.transport = transport
+        Broadcast.members.append(self)
+
+    def data_received(self, data):
+        for member in Broadcast.members:
+            if member is not self:
+                member.transport.write(data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        Broadcast.members.remove(self)
+
+
+def test_idle_timeout_counts_what_a_protocol_writes(running):
+    """A client that only listens is not idle while it is being written to."""
+    Broadcast.members = []
+    r = running("protocol", protocol_factory=Broadcast, idle_timeout=0.6)
+    with r.connect() as listener, r.connect() as talker:
+        assert wait_until(lambda: len(Broadcast.members) == 2, 5)
+        for i in range(6):  # 1.5 s in all, a message every 0.25 s
+            talker.sendall(b"%d" % i)
+            assert read_exactly(listener, 1) == b"%d" % i
+            time.sleep(0.25)
+        assert r.loop.idle_closed == 0
+    # Silence for real: both are closed at the timeout.
+    with r.connect() as quiet:
+        assert read_until_eof(quiet) == b""
+    assert r.loop.idle_closed == 1

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -105,11 +109,15 @@ class FileLogServer:
 
 
 @pytest.fixture
-def file_log_server(tmp_path):
+def file_log_server():
+    # Not pytest's tmp_path: its directories are 0700, and a worker that has
+    # dropped root must be able to reach the file to reopen it.
+    directory = tempfile.mkdtemp(prefix="prefork-log-")
+    os.chmod(directory, 0o755)
     started: list[FileLogServer] = []
 
     def factory(*args: str) -> FileLogServer:
-        server = FileLogServer(tmp_path / "prefork.log", *args)
+        server = FileLogServer(Path(directory) / "prefork.log", *args)
         started.append(server)
         assert wait_until(server.started, 15), server.text()
         return server
@@ -117,6 +125,7 @@ def file_log_server(tmp_path):
     yield factory
     for server in started:
         server.kill_all()
+    shutil.rmtree(directory)
 
 
 def test_log_file_gets_the_log_and_usr1_reopens_it_in_master_and_workers(file_log_server):
@@ -236,8 +245,21 @@ def test_workers_that_dropped_root_still_die_with_the_master(server_factory):
 
 @needs_root
 def test_log_file_is_handed_to_the_user_so_workers_can_reopen_it(file_log_server):
-    server = file_log_server("-w", "1", "--user", NOBODY)
-    assert os.stat(server.log_path).st_uid == pwd.getpwnam(NOBODY).pw_uid
+    server = file_log_server("-w", "1", "--user", NOBODY, "--max-requests", "1")
+    nobody = pwd.getpwnam(NOBODY).pw_uid
+    assert os.stat(server.log_path).st_uid == nobody
+    address = server.address()
+    rotated = server.log_path.with_suffix(".log.1")
+    os.rename(server.log_path, rotated)
+    server.proc.send_signal(signal.SIGUSR1)  # the master makes the new file: it is root's
+    assert wait_until(lambda: "USR1: log file reopened" in server.text(), 10)
+    assert os.stat(server.log_path).st_uid == nobody  # ... and hands it over
+    assert wait_until(lambda: len(children(server.proc.pid)) == 1, 10)
+    worker = children(server.proc.pid)[0]
+    with socket.create_connection(address, timeout=10) as sock:
+        assert exchange(sock, b"x", timeout=10) == b"x"
+    # The worker (no longer root) reopened the new file and logs into it.
+    assert wait_until(lambda: f"[{worker}] [INFO] worker" in server.text(), 10), server.text()
 
 
 @pytest.mark.parametrize(
@@ -409,7 +431,11 @@ def test_sd_notify_ready_reloading_stopping(server_factory, tmp_path):
         assert "READY=1" in ready and f"MAINPID={server.pid}" in ready
         server.signal(signal.SIGHUP)
         messages = notify.wait_for("generation 1")
-        assert messages[1] == "RELOADING=1" and messages[2].startswith("READY=1"), messages
+        reloading = messages[1].splitlines()
+        assert reloading[0] == "RELOADING=1" and messages[2].startswith("READY=1"), messages
+        assert reloading[1].startswith("MONOTONIC_USEC=")  # for Type=notify-reload
+        usec = int(reloading[1].split("=")[1])
+        assert abs(usec - time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000) < 10_000_000
         server.signal(signal.SIGTERM)
         assert notify.wait_for("STOPPING=1")[-1].startswith("STOPPING=1")
         assert server.wait(15) == 0
@@ -528,3 +554,16 @@ def test_master_as_pid_1_reaps_orphans(tmp_path):
         ]
     finally:
         server.kill_all()
+
+
+def test_a_reloaded_worker_that_does_not_finish_is_killed_after_graceful_timeout(
+    server_factory,
+):
+    server = server_factory("-w", "1", "--graceful-timeout", "1", "--idle-timeout", "0")
+    (old,) = server.wait_workers(1)
+    with server.connect() as held:  # an idle connection keeps the old worker busy
+        held.sendall(b"x")
+        assert held.recv(1) == b"x"
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: not pid_alive(old), 5), server.log
+        assert "still finishing after --graceful-timeout 1s: killing it" in server.log

@@ -151,6 +151,8 @@ class Worker:
     def handle_usr1(self, signum: int, frame: FrameType | None) -> None:
         if reopen_log_file():
             faulthandler.register(DUMP_SIGNAL, file=log_stream(), all_threads=True)
+        else:
+            self.log.error("USR1: cannot reopen the log file; still writing to the old one")
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         # Acting here, not in the loop: the loop may be inside a long

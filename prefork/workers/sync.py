@@ -168,10 +168,12 @@ class SyncWorker(Worker):
             if client is not False:
                 nin, nout = handler(conn, buffer, client)
         except OSError as exc:
-            if exc.errno not in CONNECTION_ERRORS:
-                self.log.error("connection error: %s", exc)
-            else:
+            if exc.errno in CONNECTION_ERRORS:
                 self.log.debug("connection closed by peer: %s", exc)
+            elif self.handler.builtin is None:  # user code: where it failed matters
+                self.log.exception("handler failed; connection closed")
+            else:
+                self.log.error("connection error: %s", exc)
         except Exception:
             self.log.exception("handler failed; connection closed")
         finally:
