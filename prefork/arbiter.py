@@ -106,7 +106,6 @@ class Arbiter:
         # respawns and reloads (the next worker in that position inherits them)
         self.slot_listeners: dict[int, list[Listener]] = {}
         self.reuse_addresses: list[Address] = []
-        self.retiring_positions: set[int] = set()  # sockets dropping new connections
         self.workers: dict[int, WorkerRecord] = {}  # by pid
         self.scoreboard = Scoreboard()
         self.worker_age = 0
@@ -399,18 +398,27 @@ class Arbiter:
         self.generation += 1
         self.manage_workers()
         for pid in old:  # they stop accepting at once and finish what they have
+            if self.config.reuse_port and self.workers[pid].position >= self.num_workers:
+                self.retire_position(self.workers[pid].position)  # fewer workers now
             self.stop_worker(pid)
         self.log.info(
             "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
         )
 
     def current_workers(self) -> list[int]:
-        return [pid for pid, w in self.workers.items() if w.generation == self.generation]
+        """This generation's workers, not counting those told to stop."""
+        return [
+            pid
+            for pid, w in self.workers.items()
+            if w.generation == self.generation and not w.stopping
+        ]
 
     def manage_workers(self) -> None:
         """Fork until the current generation has ``num_workers``; TERM extras
-        (the oldest, or with --reuse-port the highest position, so that the
-        positions in use stay 0..N-1 and every kept socket has a worker)."""
+        (the oldest; with --reuse-port, see manage_positions)."""
+        if self.config.reuse_port:
+            self.manage_positions()
+            return
         current = self.current_workers()
         missing = self.num_workers - len(current)
         if missing > 0 and time.monotonic() < self.respawn_at:
@@ -419,23 +427,39 @@ class Arbiter:
             self.spawn_worker()
         extra = len(current) - self.num_workers
         if extra > 0:
-            if self.config.reuse_port:
-                current.sort(key=lambda pid: -self.workers[pid].position)
-            else:
-                current.sort(key=lambda pid: self.workers[pid].age)
+            current.sort(key=lambda pid: self.workers[pid].age)
             for pid in current[:extra]:
-                position = self.workers[pid].position
-                if position >= self.num_workers:  # retired: its queue must drain, not grow
-                    self.retiring_positions.add(position)
-                    for listener in self.slot_listeners.get(position, []):
-                        listener.drop_new_connections()
                 self.stop_worker(pid)
+
+    def manage_positions(self) -> None:
+        """--reuse-port: positions 0..N-1 each have exactly one current
+        worker, since each has its own socket and queue. A worker in a higher
+        position is retired: its sockets stop taking new connections, it
+        takes what is queued, and once it is gone the sockets are closed."""
+        current = self.current_workers()
+        served = {self.workers[pid].position for pid in current}
+        for pid in current:
+            if self.workers[pid].position >= self.num_workers:
+                self.retire_position(self.workers[pid].position)
+                self.stop_worker(pid)
+        if time.monotonic() >= self.respawn_at:  # else backing off after crashes
+            for position in sorted(set(range(self.num_workers)) - served):
+                self.spawn_worker(position)
         # A position nobody will serve again (after TTOU) must not keep a queue.
         held = {w.position for w in self.workers.values()}
         for position in set(self.slot_listeners) - held:
             if position >= self.num_workers:
                 close_listeners(self.slot_listeners.pop(position))
-                self.retiring_positions.discard(position)
+
+    def retire_position(self, position: int) -> None:
+        """--reuse-port: a position no worker will take again. Its sockets
+        stop taking new connections (clients retry onto the other sockets),
+        and the master lets go of them now: the worker leaving it takes
+        what is queued, and the sockets close when it closes its copies."""
+        listeners = self.slot_listeners.pop(position, [])
+        for listener in listeners:
+            listener.drop_new_connections()
+        close_listeners(listeners)
 
     def listeners_for(self, position: int) -> list[Listener]:
         """What the worker in ``position`` accepts on; with --reuse-port the
@@ -447,10 +471,6 @@ class Arbiter:
                 self.reuse_addresses, self.config.backlog, reuse_port=True
             )
             self.mark_proxy(self.slot_listeners[position])
-        elif position in self.retiring_positions:  # TTIN took back a retiring position
-            self.retiring_positions.discard(position)
-            for listener in self.slot_listeners[position]:
-                listener.accept_new_connections()
         return self.listeners + self.slot_listeners[position]
 
     def all_listeners(self) -> list[Listener]:
@@ -464,14 +484,11 @@ class Arbiter:
         for listeners in self.slot_listeners.values():
             close_listeners(listeners)
 
-    def spawn_worker(self) -> int:
+    def spawn_worker(self, position: int = -1) -> int:
+        """Fork a worker (in ``position``, with --reuse-port)."""
         self.worker_age += 1
         slot = min(set(range(self.scoreboard.slots)) - {w.slot for w in self.workers.values()})
         self.scoreboard.clear(slot)
-        position = -1
-        if self.config.reuse_port:
-            taken = {self.workers[pid].position for pid in self.current_workers()}
-            position = min(set(range(self.scoreboard.slots)) - taken)
         worker = self.worker_class(
             self.worker_age,
             self.pid,
@@ -519,6 +536,8 @@ class Arbiter:
     def stop_worker(self, pid: int) -> None:
         """TERM: stop accepting, finish the connections in hand, exit."""
         record = self.workers[pid]
+        if record.stopping:
+            return
         record.stopping = True
         record.stop_deadline = time.monotonic() + self.config.graceful_timeout
         self.kill_worker(pid, signal.SIGTERM)

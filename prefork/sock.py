@@ -70,6 +70,8 @@ class Listener:
         left alone (a UNIX listener has no SYN to drop)."""
         if self.sock.fileno() < 0 or self.sock.type != socket.SOCK_STREAM:
             return
+        if self.address.kind == "fd":  # not ours: it outlives us, queue and all
+            return
         if self.sock.family not in (socket.AF_INET, socket.AF_INET6):
             return
         program = ctypes.create_string_buffer(_DROP_SYN)
@@ -78,13 +80,6 @@ class Listener:
             self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
         except OSError:
             pass  # without the filter a stop is as before: queued connections reset
-
-    def accept_new_connections(self) -> None:
-        """Undo ``drop_new_connections`` (the socket is in use again)."""
-        try:
-            self.sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
-        except OSError:
-            pass  # ENOENT: no filter attached
 
     def close(self, unlink: bool = False) -> None:
         """Close the socket; the master also removes its UNIX socket file."""
@@ -233,6 +228,13 @@ def inherit_listener(address: Address) -> Listener:
         raise
     os.set_inheritable(fd, False)  # a handler's subprocess must not keep it
     sock.setblocking(False)
+    # A filter a crashed predecessor attached (drop_new_connections) would
+    # stay on a socket systemd keeps: make sure it takes connections.
+    if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:
+            pass  # ENOENT: none attached
     proxy = address.proxy and sock.type == socket.SOCK_STREAM
     return Listener(address, sock, describe(sock), proxy=proxy)
 

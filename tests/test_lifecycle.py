@@ -150,7 +150,7 @@ def test_no_connection_is_lost_through_reloads_scaling_and_recycling(server_fact
         stop.set()
         for thread in threads:
             thread.join(60)
-    assert not failures, failures[:5]
+    assert not failures, (failures[:5], server.log[-3000:])
     assert sum(done) > 100, done
     assert server.log.count("generation") >= 3
     assert "recycled after" in server.log, "no worker was recycled under this load"
