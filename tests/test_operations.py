@@ -291,6 +291,8 @@ def test_process_titles_name_master_and_workers(server_factory):
     workers = server.wait_workers(2)
     address = server.addresses[0]
     assert cmdline(server.pid) == f"prefork: master [echo {address}]"
+    # A worker names itself as it boots, just after the fork.
+    wait_until(lambda: all(cmdline(p).startswith("prefork: worker") for p in workers), 5)
     titles = sorted(cmdline(pid) for pid in workers)
     assert all(t.startswith("prefork: worker ") and t.endswith(f"[echo {address}]") for t in titles)
     assert len(set(titles)) == 2, titles
