@@ -858,9 +858,12 @@ cdef class EventLoop:
                 func = getattr(func, method)
             return func(*args)
         except Exception as exc:
-            _log.exception("handler failed; connection closed")
             if conn != NULL and not conn.closed:
+                client = <object>conn.peer if conn.peer != NULL else _peer_of(conn.fd)
+                _log.exception("handler failed; connection from %s closed", client)
                 self._close_exc(conn, exc)
+            else:
+                _log.exception("handler failed")
             return None
 
     cdef int _update(self, Conn *conn) except -1 nogil:

@@ -707,9 +707,12 @@ class EventLoop:
                 func = getattr(func, method)
             return func(*args)
         except Exception as exc:
-            _log().exception("handler failed; connection closed")
             if conn is not None and conn.fd in self._conns:
+                client = conn.peer if conn.peer is not None else _peername(conn.sock)
+                _log().exception("handler failed; connection from %s closed", client)
                 self._close(conn, exc)
+            else:
+                _log().exception("handler failed")
             return None
 
     def _serve(self, conn: _Conn, mask: int, now: float) -> None:

@@ -300,6 +300,10 @@ class Peer:
     def connection_lost(self, exc):
         pass
 
+class Boom(Peer):
+    def data_received(self, data):
+        raise RuntimeError("boom")
+
 def handle(sock, address):
     sock.sendall(repr(address).encode() + b"\\n")
     while data := sock.recv(65536):
@@ -383,3 +387,23 @@ def test_bad_proxy_options_are_one_line_usage_errors(args, words):
     assert len(result.stderr.strip().splitlines()) == 1
     for word in words:
         assert word in result.stderr
+
+
+@pytest.mark.parametrize("k", ["event", "sync"])
+def test_logs_name_the_client_from_the_header(server_factory, tmp_path, k):
+    (tmp_path / "peer_handler.py").write_text(PEER_HANDLER)
+    server = server_factory(
+        "-b",
+        "proxy:127.0.0.1:0",
+        "-w",
+        "1",
+        "-k",
+        k,
+        "--handler",
+        "peer_handler:Boom",
+        env=handler_env(tmp_path),
+    )
+    with server.connect() as sock:
+        exchange(sock, v1() + b"explode", timeout=10)
+    expected = "handler failed; connection from ('192.0.2.7', 40000) closed"
+    assert wait_until(lambda: expected in server.log, 5), server.log

@@ -34,6 +34,19 @@ DRAIN_MAX = 4096  # connections a leaving worker takes from a listener's queue
 EMFILE_BACKOFF = 0.1  # seconds
 
 
+def peer_of(conn: int, client: Any) -> Any:
+    """Who a connection is from, for logs: the PROXY header's client if any."""
+    if client:
+        return client
+    sock = socket.socket(fileno=conn)
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
 class SyncWorker(Worker):
     # One thread: the heartbeat follows the connection (see serve). The
     # thread worker's main thread beats for the whole process instead.
@@ -163,19 +176,22 @@ class SyncWorker(Worker):
                 self.waiting_on_peer()
             else:
                 self.notify()
+        client: Any = None
         try:
             client = self.read_proxy_header(conn) if proxied else None
             if client is not False:
                 nin, nout = handler(conn, buffer, client)
         except OSError as exc:
             if exc.errno in CONNECTION_ERRORS:
-                self.log.debug("connection closed by peer: %s", exc)
+                self.log.debug("connection from %s closed: %s", peer_of(conn, client), exc)
             elif self.handler.builtin is None:  # user code: where it failed matters
-                self.log.exception("handler failed; connection closed")
+                self.log.exception(
+                    "handler failed; connection from %s closed", peer_of(conn, client)
+                )
             else:
-                self.log.error("connection error: %s", exc)
+                self.log.error("connection from %s: %s", peer_of(conn, client), exc)
         except Exception:
-            self.log.exception("handler failed; connection closed")
+            self.log.exception("handler failed; connection from %s closed", peer_of(conn, client))
         finally:
             os.close(conn)
             if self.beats_per_connection:
