@@ -34,6 +34,9 @@ class SyncWorker(Worker):
     # One thread: the heartbeat follows the connection (see serve). The
     # thread worker's main thread beats for the whole process instead.
     beats_per_connection = True
+    # When EMFILE was last logged: one clock for the worker, not one per
+    # thread, so a thread worker logs it once a second however many threads.
+    last_emfile_log = 0.0
 
     def run(self) -> None:
         self.accept_loop(self.wakeup_r, drain=True)
@@ -53,7 +56,6 @@ class SyncWorker(Worker):
         for listener in self.listeners:
             poller.register(listener.fileno(), select.POLLIN)
             by_fd[listener.fileno()] = listener
-        last_emfile_log = 0.0
         while self.alive:
             if not self.parent_alive():
                 self.log.warning("master is gone; worker exiting")
@@ -75,9 +77,9 @@ class SyncWorker(Worker):
                         return
                     if isinstance(exc, OSError) and exc.errno in DESCRIPTOR_ERRORS:
                         now = time.monotonic()
-                        if now - last_emfile_log >= 1.0:
+                        if now - self.last_emfile_log >= 1.0:
+                            self.last_emfile_log = now
                             self.log.error("accept: %s; backing off", exc.strerror)
-                            last_emfile_log = now
                         time.sleep(EMFILE_BACKOFF)
                         continue
                     raise
