@@ -39,6 +39,11 @@ from prefork.scoreboard import MAX_SLOTS
 from prefork.workers import WORKER_CLASSES
 
 PROG = "prefork"
+# The largest values the numbers can take where they end up: listen() and the
+# compiled loop's connection cap are C ints; request counts and buffer sizes
+# are 64-bit (max-requests plus its jitter must fit an unsigned long long).
+C_INT_MAX = 2**31 - 1
+SIZE_MAX = sys.maxsize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -310,15 +315,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         binds=binds,
         worker_class=opt("worker-class", parse_choice, tuple(WORKER_CLASSES)),
-        backlog=opt("backlog", parse_int, minimum=1),
+        backlog=opt("backlog", parse_int, minimum=1, maximum=C_INT_MAX),
         graceful_timeout=opt("graceful-timeout", parse_seconds),
         timeout=opt("timeout", parse_seconds),
         threads=opt("threads", parse_int, minimum=1),
         reuse_port=bool(reuse_port),
-        max_requests=opt("max-requests", parse_int, minimum=0),
-        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0),
-        max_connections=opt("max-connections", parse_int, minimum=1),
-        max_buffer=opt("max-buffer", parse_size),
+        max_requests=opt("max-requests", parse_int, minimum=0, maximum=SIZE_MAX),
+        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0, maximum=SIZE_MAX),
+        max_connections=opt("max-connections", parse_int, minimum=1, maximum=C_INT_MAX),
+        max_buffer=opt("max-buffer", parse_size, SIZE_MAX),
         idle_timeout=opt("idle-timeout", parse_seconds),
         handler=opt("handler", parse_handler, tuple(BUILTIN)),
         unix_mode=opt("unix-mode", parse_mode),

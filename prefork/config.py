@@ -133,14 +133,18 @@ def parse_seconds(text: str, option: str) -> float:
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def parse_size(text: str, option: str) -> int:
-    """A byte count >= 1, optionally with a K, M or G suffix (powers of 1024)."""
+def parse_size(text: str, option: str, maximum: int | None = None) -> int:
+    """A byte count >= 1 (and <= ``maximum``), optionally with a K, M or G
+    suffix (powers of 1024)."""
     number, suffix = text, ""
     if text[-1:].lower() in _SIZE_SUFFIXES:
         number, suffix = text[:-1], text[-1:].lower()
     if not number.isdigit() or int(number) < 1:
         raise ConfigError(f"{option}: expected a size in bytes such as 65536 or 256K, got {text!r}")
-    return int(number) * _SIZE_SUFFIXES[suffix]
+    value = int(number) * _SIZE_SUFFIXES[suffix]
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{option}: expected a size of at most {maximum} bytes, got {text!r}")
+    return value
 
 
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
