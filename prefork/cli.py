@@ -27,6 +27,7 @@ from prefork.config import (
     parse_handler,
     parse_int,
     parse_mode,
+    parse_path,
     parse_seconds,
     parse_size,
     parse_umask,
@@ -268,6 +269,8 @@ class _Options:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.path = args.config
+        if args.config is not None and not args.config:
+            raise ConfigError("-c/--config: expected a file name, got ''")
         self.file = read_config_file(args.config) if args.config else {}
 
     def get(self, name: str) -> tuple[Any, str]:
@@ -305,8 +308,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if reuse_port is not None and not isinstance(reuse_port, bool):
         raise ConfigError(f"{reuse_label}: expected true or false, got {reuse_port!r}")
     given = {name for name in _OPTIONAL if opt.get(name)[0] is not None}
-    pid_file = opt.text("pid") if "pid" in given else None
-    log_file = opt.text("log-file") if "log-file" in given else None
+    pid_file = opt("pid", parse_path) if "pid" in given else None
+    log_file = opt("log-file", parse_path) if "log-file" in given else None
     metrics = (
         parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
         if "metrics" in given

@@ -169,6 +169,13 @@ def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:
     return text
 
 
+def parse_path(text: str, option: str) -> str:
+    """A file name: not empty (an empty one would silently mean no file)."""
+    if not text or "\0" in text:
+        raise ConfigError(f"{option}: expected a file name, got {text!r}")
+    return text
+
+
 def parse_umask(text: str, option: str) -> int:
     """An octal umask such as 022 or 0o027."""
     digits = text[2:] if text.lower().startswith("0o") else text
