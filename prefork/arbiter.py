@@ -190,6 +190,8 @@ class Arbiter:
 
     def init_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
+        # A stray alarm must not take the master (and so every worker) down.
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self.record_signal)
 

@@ -27,6 +27,7 @@ from prefork.config import (
     parse_handler,
     parse_int,
     parse_mode,
+    parse_path,
     parse_seconds,
     parse_size,
     parse_umask,
@@ -40,6 +41,12 @@ from prefork.scoreboard import MAX_SLOTS
 from prefork.workers import WORKER_CLASSES
 
 PROG = "prefork"
+MAX_THREADS = 4096  # per thread worker: each is a thread with its own stack
+# The largest values the numbers can take where they end up: listen() and the
+# compiled loop's connection cap are C ints; request counts and buffer sizes
+# are 64-bit (max-requests plus its jitter must fit an unsigned long long).
+C_INT_MAX = 2**31 - 1
+SIZE_MAX = sys.maxsize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -281,6 +288,8 @@ class _Options:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.path = args.config
+        if args.config is not None and not args.config:
+            raise ConfigError("-c/--config: expected a file name, got ''")
         self.file = read_config_file(args.config) if args.config else {}
 
     def get(self, name: str) -> tuple[Any, str]:
@@ -328,8 +337,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     elif not isinstance(allowed, str):
         raise ConfigError(f"{allowed_label}: expected addresses or networks, got {allowed!r}")
     given = {name for name in _OPTIONAL if opt.get(name)[0] is not None}
-    pid_file = opt.text("pid") if "pid" in given else None
-    log_file = opt.text("log-file") if "log-file" in given else None
+    pid_file = opt("pid", parse_path) if "pid" in given else None
+    log_file = opt("log-file", parse_path) if "log-file" in given else None
     metrics = (
         parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
         if "metrics" in given
@@ -338,17 +347,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         binds=binds,
         worker_class=opt("worker-class", parse_choice, tuple(WORKER_CLASSES)),
-        backlog=opt("backlog", parse_int, minimum=1),
+        backlog=opt("backlog", parse_int, minimum=1, maximum=C_INT_MAX),
         graceful_timeout=opt("graceful-timeout", parse_seconds),
         timeout=opt("timeout", parse_seconds),
-        threads=opt("threads", parse_int, minimum=1),
+        threads=opt("threads", parse_int, minimum=1, maximum=MAX_THREADS),
         reuse_port=reuse_port,
         proxy_protocol=proxy_protocol,
         forwarded_allow_ips=parse_allowed(allowed, allowed_label),
-        max_requests=opt("max-requests", parse_int, minimum=0),
-        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0),
-        max_connections=opt("max-connections", parse_int, minimum=1),
-        max_buffer=opt("max-buffer", parse_size),
+        max_requests=opt("max-requests", parse_int, minimum=0, maximum=SIZE_MAX),
+        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0, maximum=SIZE_MAX),
+        max_connections=opt("max-connections", parse_int, minimum=1, maximum=C_INT_MAX),
+        max_buffer=opt("max-buffer", parse_size, SIZE_MAX),
         idle_timeout=opt("idle-timeout", parse_seconds),
         handler=opt("handler", parse_handler, tuple(BUILTIN)),
         unix_mode=opt("unix-mode", parse_mode),

@@ -143,14 +143,18 @@ def parse_seconds(text: str, option: str) -> float:
 _SIZE_SUFFIXES = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def parse_size(text: str, option: str) -> int:
-    """A byte count >= 1, optionally with a K, M or G suffix (powers of 1024)."""
+def parse_size(text: str, option: str, maximum: int | None = None) -> int:
+    """A byte count >= 1 (and <= ``maximum``), optionally with a K, M or G
+    suffix (powers of 1024)."""
     number, suffix = text, ""
     if text[-1:].lower() in _SIZE_SUFFIXES:
         number, suffix = text[:-1], text[-1:].lower()
     if not number.isdigit() or int(number) < 1:
         raise ConfigError(f"{option}: expected a size in bytes such as 65536 or 256K, got {text!r}")
-    return int(number) * _SIZE_SUFFIXES[suffix]
+    value = int(number) * _SIZE_SUFFIXES[suffix]
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{option}: expected a size of at most {maximum} bytes, got {text!r}")
+    return value
 
 
 _IDENTIFIER_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
@@ -172,6 +176,13 @@ def parse_handler(text: str, option: str, builtins: tuple[str, ...]) -> str:
 def parse_choice(text: str, option: str, choices: tuple[str, ...]) -> str:
     if text not in choices:
         raise ConfigError(f"{option}: unknown value {text!r} (choose from {', '.join(choices)})")
+    return text
+
+
+def parse_path(text: str, option: str) -> str:
+    """A file name: not empty (an empty one would silently mean no file)."""
+    if not text or "\0" in text:
+        raise ConfigError(f"{option}: expected a file name, got {text!r}")
     return text
 
 

@@ -24,6 +24,14 @@ import pytest
 from prefork import _fastio_py, fastio
 
 STARTUP_TIMEOUT = 15.0
+RELIABILITY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reliability")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/reliability/ carries the ``reliability`` marker."""
+    for item in items:
+        if str(item.path).startswith(RELIABILITY_DIR + os.sep):
+            item.add_marker(pytest.mark.reliability)
 
 
 def _compiled() -> ModuleType | None:

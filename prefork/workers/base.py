@@ -38,7 +38,9 @@ from prefork.wakeup import drain, open_wakeup_pipe
 PR_SET_PDEATHSIG = 1
 
 # Signals the master owns; a worker must not die of them or act on them.
-_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+# SIGALRM too: no worker sets an alarm, and its default action would kill the
+# worker and every connection on it (a handler's own signal.signal() still wins).
+_IGNORED = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGALRM)
 # The master's watchdog sends this before it kills a silent worker: faulthandler
 # dumps every thread's Python stack from the C signal handler, even when the
 # interpreter is stuck.

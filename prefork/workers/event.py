@@ -22,6 +22,7 @@ class EventWorker(Worker):
         streams = [lst.sock for lst in self.listeners if not lst.datagram]
         proxied = [lst.sock for lst in self.listeners if lst.proxy and not lst.datagram]
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
+        self.booted = False  # a loop that cannot be built is a boot failure (exit 3)
         self.loop = fastio.EventLoop(
             streams,
             self.handler.builtin or "protocol",
@@ -37,6 +38,7 @@ class EventWorker(Worker):
             proxy_listeners=proxied,
             proxy_trusted=self.proxy_trusted,
         )
+        self.booted = True
         if not self.alive:  # TERM arrived while booting
             self.loop.drain()
         reported_errors = 0

@@ -51,6 +51,9 @@ class SyncWorker(Worker):
     # One thread: the heartbeat follows the connection (see serve). The
     # thread worker's main thread beats for the whole process instead.
     beats_per_connection = True
+    # When EMFILE was last logged: one clock for the worker, not one per
+    # thread, so a thread worker logs it once a second however many threads.
+    last_emfile_log = 0.0
 
     # Connections taken from the queues on the way out, served before exit:
     # (fd, whether it starts with a PROXY header). Threads share it.
@@ -107,7 +110,6 @@ class SyncWorker(Worker):
             except ValueError:  # fd -1: TERM closed the listener before we got here
                 return
             by_fd[fd] = listener
-        last_emfile_log = 0.0
         while self.alive:
             if not self.parent_alive():
                 self.log.warning("master is gone; worker exiting")
@@ -129,9 +131,9 @@ class SyncWorker(Worker):
                         return
                     if isinstance(exc, OSError) and exc.errno in DESCRIPTOR_ERRORS:
                         now = time.monotonic()
-                        if now - last_emfile_log >= 1.0:
+                        if now - self.last_emfile_log >= 1.0:
+                            self.last_emfile_log = now
                             self.log.error("accept: %s; backing off", exc.strerror)
-                            last_emfile_log = now
                         time.sleep(EMFILE_BACKOFF)
                         continue
                     raise

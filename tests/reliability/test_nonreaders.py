@@ -1,0 +1,157 @@
+"""Clients that send a lot and never read, until they finally do.
+
+What a user is owed: backpressure instead of memory. A connection owes its
+peer at most --max-buffer and is not read while it owes anything, so the
+server tree's memory grows by less than workers x --max-connections x
+--max-buffer however much the clients push; and when the clients read at
+last, every byte comes back intact and in order.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+import threading
+import time
+
+from conftest import exchange
+from harness import Stream, rss_bytes, scaled, timeout
+
+CLIENTS = scaled(4, 32)
+SHARE = scaled(16 << 20, 32 << 20)  # per client: 64 MiB in all, 1 GiB soaked
+# The kernel alone absorbs about 8 MiB a connection here (autotuned buffers
+# both ways): a share twice that is sure to meet the backpressure.
+WORKERS = 2
+MAX_CONNECTIONS = 16
+MAX_BUFFER = 64 * 1024
+BOUND = WORKERS * MAX_CONNECTIONS * MAX_BUFFER
+SEND = 256 * 1024
+
+
+def tree_rss(server) -> int:
+    return rss_bytes(server.pid) + sum(rss_bytes(pid) for pid in server.workers())
+
+
+class Sampler:
+    """The server tree's largest RSS, sampled every 20 ms in a thread."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, tree_rss(self.server))
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(5)
+        return self.peak
+
+
+def push_without_reading(socks, streams, sent) -> None:
+    """Send until every client is stuck (no progress for 0.5 s), bounded in time."""
+    for sock in socks:
+        sock.setblocking(False)
+    deadline = time.monotonic() + scaled(10, 30)
+    last_progress = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - last_progress < 0.5:
+        progressed = False
+        for i, sock in enumerate(socks):
+            if sent[i] >= SHARE:
+                continue
+            try:
+                n = sock.send(streams[i].at(sent[i], min(SEND, SHARE - sent[i])))
+            except BlockingIOError:
+                continue
+            sent[i] += n
+            progressed = True
+        if progressed:
+            last_progress = time.monotonic()
+        else:
+            time.sleep(0.01)
+
+
+def drain(socks, streams, sent) -> list[int]:
+    """Now read: send the rest, half-close, check everything that comes back."""
+    received = [0] * len(socks)
+    sel = selectors.DefaultSelector()
+    for i, sock in enumerate(socks):
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, i)
+    open_count = len(socks)
+    deadline = time.monotonic() + scaled(60, 400)
+    while open_count and time.monotonic() < deadline:
+        for key, mask in sel.select(1.0):
+            i, sock = key.data, key.fileobj
+            if mask & selectors.EVENT_WRITE:
+                try:
+                    sent[i] += sock.send(streams[i].at(sent[i], min(SEND, SHARE - sent[i])))
+                except BlockingIOError:
+                    pass
+                if sent[i] >= SHARE:
+                    sock.shutdown(socket.SHUT_WR)
+                    sel.modify(sock, selectors.EVENT_READ, i)
+            if mask & selectors.EVENT_READ:
+                try:
+                    data = sock.recv(1 << 20)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    sel.unregister(sock)
+                    open_count -= 1
+                    continue
+                assert data == streams[i].at(received[i], len(data)), (
+                    f"client {i}: echo differs at byte {received[i]}"
+                )
+                received[i] += len(data)
+    sel.close()
+    assert not open_count, f"{open_count} clients still waiting for their echo"
+    return received
+
+
+@timeout(90, 600)
+def test_clients_that_never_read_get_backpressure_not_memory(server_factory):
+    server = server_factory(
+        "-w",
+        str(WORKERS),
+        "-k",
+        "event",
+        "--max-buffer",
+        str(MAX_BUFFER),
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+    )
+    server.wait_workers(WORKERS)
+    for _ in range(2 * WORKERS):  # every worker has echoed a few MiB: buffers exist
+        with server.connect() as sock:
+            data = Stream(0).at(0, 4 << 20)
+            assert exchange(sock, data) == data
+    time.sleep(0.3)
+    baseline = tree_rss(server)
+    sampler = Sampler(server)
+    socks = [server.connect(timeout=30) for _ in range(CLIENTS)]
+    streams = [Stream(4099 * i) for i in range(CLIENTS)]
+    sent = [0] * CLIENTS
+    try:
+        push_without_reading(socks, streams, sent)
+        stalled = sum(n < SHARE for n in sent)
+        pushed = sum(sent)
+        stuck_growth = tree_rss(server) - baseline
+        received = drain(socks, streams, sent)
+    finally:
+        peak = sampler.stop()
+        for sock in socks:
+            sock.close()
+    print(
+        f"\n{CLIENTS} clients pushed {pushed >> 20} MiB before they read; "
+        f"{stalled} were stalled; RSS +{stuck_growth >> 10} KiB while stalled, "
+        f"peak +{(peak - baseline) >> 10} KiB over {baseline >> 20} MiB (bound {BOUND >> 10} KiB)"
+    )
+    assert stalled == CLIENTS, "some clients were never pushed back: the test proves nothing"
+    assert peak - baseline < BOUND, (baseline, peak)
+    assert received == [SHARE] * CLIENTS
+    assert server.workers(), "a worker died"
+    assert "Traceback" not in server.log, server.log
