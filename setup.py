@@ -1,9 +1,10 @@
 """The extension list, and nothing else: metadata lives in pyproject.toml.
 
-The compiled module is built from prefork/_fastio.pyx through Cython when
-both are there (a checkout), or else from the generated prefork/_fastio.c
-that every sdist ships (so an sdist builds without Cython).
-PREFORK_NO_EXTENSIONS=1 at install time skips the compiled module; otherwise
+Each compiled module (prefork/_fastio, the server's hot loop, and
+prefork/_loadgen, the load generator's) is built from its .pyx through
+Cython when both are there (a checkout), or else from the generated .c that
+every sdist ships (so an sdist builds without Cython).
+PREFORK_NO_EXTENSIONS=1 at install time skips the compiled modules; otherwise
 a failed build fails the install (no silent fallback).
 """
 
@@ -12,36 +13,45 @@ import os
 from setuptools import Extension, setup
 from setuptools.command.sdist import sdist
 
-PYX = "prefork/_fastio.pyx"
-C = "prefork/_fastio.c"
+MODULES = ("_fastio", "_loadgen")
+PYX = [f"prefork/{name}.pyx" for name in MODULES]
+C = [f"prefork/{name}.c" for name in MODULES]
 
 
-def fastio_extension(source):
-    return Extension("prefork._fastio", [source], define_macros=[("_GNU_SOURCE", None)])
+def extension(name, source):
+    return Extension(f"prefork.{name}", [source], define_macros=[("_GNU_SOURCE", None)])
 
 
 def cythonized():
-    """The extension from the .pyx (its .c regenerated when older), or None
-    without Cython or the .pyx."""
+    """The extensions from the .pyx files (each .c regenerated when older), or
+    None without Cython or the .pyx files."""
     try:
         from Cython.Build import cythonize
     except ImportError:
         return None
-    if not os.path.exists(PYX):
+    if not all(os.path.exists(pyx) for pyx in PYX):
         return None
-    return cythonize([fastio_extension(PYX)], compiler_directives={"language_level": "3"})
+    return cythonize(
+        [extension(name, f"prefork/{name}.pyx") for name in MODULES],
+        compiler_directives={"language_level": "3"},
+    )
+
+
+def generated_c_exists():
+    return all(os.path.exists(c) for c in C)
 
 
 def extensions():
     if os.environ.get("PREFORK_NO_EXTENSIONS", "") not in ("", "0"):
         return []
     ext_modules = cythonized()
-    if ext_modules is None and os.path.exists(C):
-        ext_modules = [fastio_extension(C)]
+    if ext_modules is None and generated_c_exists():
+        ext_modules = [extension(name, f"prefork/{name}.c") for name in MODULES]
     if ext_modules is None:
         raise SystemExit(
-            f"prefork: cannot build the compiled module: {PYX} needs Cython and there is "
-            f"no generated {C}; install Cython, or set PREFORK_NO_EXTENSIONS=1 for pure Python"
+            f"prefork: cannot build the compiled modules: compiling {', '.join(PYX)} needs "
+            f"Cython and the generated {', '.join(C)} are missing; install Cython, or set "
+            "PREFORK_NO_EXTENSIONS=1 for pure Python"
         )
     return ext_modules
 
@@ -50,8 +60,10 @@ class sdist_with_c(sdist):
     """An sdist always carries the generated C, whatever PREFORK_NO_EXTENSIONS says."""
 
     def run(self):
-        if cythonized() is None and not os.path.exists(C):
-            raise SystemExit(f"prefork: an sdist needs {C}: install Cython to generate it")
+        if cythonized() is None and not generated_c_exists():
+            raise SystemExit(
+                f"prefork: an sdist needs {', '.join(C)}: install Cython to generate them"
+            )
         super().run()
 
 

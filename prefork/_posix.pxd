@@ -99,3 +99,24 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int MSG_DONTWAIT
     int MSG_TRUNC
+
+# Opening connections (the load generator, prefork/_loadgen.pyx).
+cdef extern from "<sys/socket.h>" nogil:
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
+    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
+    int AF_UNIX
+    int SOCK_STREAM
+    int SOCK_DGRAM
+    int SOL_SOCKET
+    int SO_ERROR
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    int TCP_NODELAY
+
+cdef extern from "<errno.h>" nogil:
+    int EINPROGRESS

@@ -17,7 +17,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from prefork import __version__, fastio
+from prefork import __version__, bench, fastio
 from prefork.config import (
     DEFAULT_BIND,
     Address,
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to connect, and to wait for the replies after the end of input "
         "(default 5; 0 = no limit)",
     )
+    bench.add_parser(commands)
     return parser
 
 
@@ -414,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
 
             timeout = parse_seconds(args.timeout, "--timeout") or None
             return client.run(args.address, args.udp, args.send, not args.no_newline, timeout)
+        if args.command == "bench":
+            return bench.run(args)
         if args.command == "status":
             from prefork.status import fetch, table
 

@@ -34,8 +34,9 @@ def fetch(address: str, timeout: float = 5.0) -> str:
         raise PreforkError(f"{url}: {reason}") from None
 
 
-def table(text: str) -> str:
-    """The per-worker metrics of ``text`` as an aligned table."""
+def per_worker(text: str) -> dict[tuple[int, int, int], dict[str, str]]:
+    """The per-worker samples of ``text``: (worker, pid, generation) -> metric
+    name without ``prefork_`` -> value (the state's name for ``worker_state``)."""
     rows: dict[tuple[int, int, int], dict[str, str]] = {}
     for line in text.splitlines():
         match = _SAMPLE.match(line)
@@ -43,6 +44,12 @@ def table(text: str) -> str:
             name, worker, pid, generation, state, value = match.groups()
             row = rows.setdefault((int(worker), int(pid), int(generation)), {})
             row[name] = state if name == "worker_state" else value
+    return rows
+
+
+def table(text: str) -> str:
+    """The per-worker metrics of ``text`` as an aligned table."""
+    rows = per_worker(text)
     header = ["worker", "pid", "gen", "state", *(title for _, title in COLUMNS)]
     body = []
     for (worker, pid, generation), values in sorted(rows.items()):

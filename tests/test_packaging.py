@@ -54,6 +54,8 @@ _NOT_SOURCE = shutil.ignore_patterns(
     "*.so",
     "_fastio.c",
     "_fastio.html",
+    "_loadgen.c",
+    "_loadgen.html",
     ".*_cache",
     ".hypothesis",
     ".benchmarks",
@@ -136,8 +138,13 @@ def test_sdist_carries_the_sources_and_the_generated_c(sdist: Path):
         "prefork/_fastio.pyx",
         "prefork/_posix.pxd",
         "prefork/_fastio.pyi",
+        "prefork/_loadgen.c",
+        "prefork/_loadgen.pyx",
+        "prefork/_loadgen.pyi",
+        "prefork/_loadgen_py.py",
         "prefork/py.typed",
         "prefork/client.py",
+        "prefork/bench.py",
         "setup.py",
         "pyproject.toml",
         "MANIFEST.in",
@@ -152,9 +159,11 @@ def test_wheel_carries_the_compiled_module_and_the_types(wheel: Path):
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = archive.read(f"{NAME}.dist-info/METADATA").decode()
-    assert f"prefork/_fastio{SO_SUFFIX}" in names
+    assert {f"prefork/_fastio{SO_SUFFIX}", f"prefork/_loadgen{SO_SUFFIX}"} <= names
     assert {"prefork/py.typed", "prefork/_fastio.pyi", "prefork/workers/event.py"} <= names
-    assert "prefork/_fastio.c" not in names  # the C is for building, in the sdist
+    assert {"prefork/_loadgen.pyi", "prefork/_loadgen_py.py", "prefork/bench.py"} <= names
+    # The C is for building, in the sdist.
+    assert not {"prefork/_fastio.c", "prefork/_loadgen.c"} & names
     assert f"\nVersion: {prefork.__version__}\n" in metadata  # from prefork/__init__.py
     assert f"{NAME}.dist-info/entry_points.txt" in names
 
@@ -168,6 +177,10 @@ def test_installed_wheel_reports_the_compiled_loop(venv: Path, tmp_path: Path):
     )
     module, prefix = where.split()
     assert module.startswith(prefix) and Path(prefix) == venv.parent  # not the checkout
+    chosen = check(
+        [venv / "python", "-c", "import prefork.loadgen as m; print(m.IMPLEMENTATION)"], tmp_path
+    )
+    assert chosen == "cython\n"
 
 
 def test_installed_wheel_serves_and_its_client_talks(venv: Path, tmp_path: Path):
@@ -190,6 +203,9 @@ def test_installed_wheel_serves_and_its_client_talks(venv: Path, tmp_path: Path)
             assert exchange(sock, b"hello from the wheel\n") == b"hello from the wheel\n"
         reply = check([venv / "prefork", "client", "-e", "hi", server.addresses[0]], cwd=tmp_path)
         assert reply == "hi\n"
+        load = [venv / "prefork", "bench", server.addresses[0], "-n", "100", "--warmup", "0"]
+        report = check([*load, "-c", "2"], cwd=tmp_path)
+        assert report.splitlines()[-1].split() == ["errors", "none"]
     finally:
         server.kill_all()
 
@@ -233,6 +249,7 @@ def test_sdist_builds_from_the_generated_c_without_cython(venv: Path, unpacked: 
     assert result.returncode == 0, result.stderr
     built = unpacked / "prefork" / f"_fastio{SO_SUFFIX}"
     assert built.exists()
+    assert (unpacked / "prefork" / f"_loadgen{SO_SUFFIX}").exists()
     out = check([venv / "python", "-c", "import prefork._fastio as m; print(m.__file__)"], unpacked)
     assert Path(out.strip()) == built
 
@@ -250,7 +267,7 @@ def test_a_failed_compile_fails_the_build(venv: Path, unpacked: Path, tmp_path: 
 
 def test_without_cython_or_c_the_build_says_why(venv: Path, unpacked: Path, tmp_path: Path):
     bare = tmp_path / NAME
-    shutil.copytree(unpacked, bare, ignore=shutil.ignore_patterns("build", "*.so", "_fastio.c"))
+    shutil.copytree(unpacked, bare, ignore=shutil.ignore_patterns("build", "*.so", "*.c"))
     result = build_ext(venv, bare)
     assert result.returncode != 0
     assert "needs Cython" in result.stderr and "PREFORK_NO_EXTENSIONS=1" in result.stderr

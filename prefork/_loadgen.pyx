@@ -1,0 +1,644 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+"""The load generator's loop, compiled: the fast copy of ``prefork._loadgen_py``.
+
+``_loadgen_py`` is the specification (read its docstrings); this module keeps
+the same state in C arrays and makes the same syscalls in the same order,
+with the GIL released for a whole ``run`` slice, so the client costs a few
+syscalls per message and no interpreter time.
+
+Bounds: checking is off. Every slot index comes from ``range(connections)``
+or from an epoll tag we stored; a window position is below ``depth`` (a
+datagram's claimed position is checked before use); every length passed to
+``recv``/``send``/``memcmp`` is at most ``CHUNK``, the size of the receive
+buffer, and a pattern offset is below ``PERIOD``, so ``offset + length``
+stays inside the ``PERIOD + CHUNK`` bytes of the pattern.
+
+Signals: on ``EINTR`` from ``epoll_wait`` the loop takes the GIL and runs
+``PyErr_CheckSignals``: Ctrl-C raises ``KeyboardInterrupt`` out of ``run``
+between two events, with every counter consistent.
+"""
+
+import os
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcmp, memcpy
+
+from prefork._posix cimport (
+    AF_UNIX, CLOCK_MONOTONIC, EAGAIN, EINPROGRESS, EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD,
+    EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, EWOULDBLOCK, IPPROTO_TCP, MSG_NOSIGNAL, SO_ERROR,
+    SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY,
+    clock_gettime, close, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
+    getsockopt, recv, send, setsockopt, sockaddr, sockaddr_storage, socket, socklen_t, ssize_t,
+    timespec, uint32_t, uint64_t,
+)
+
+# Argument checking and the constants are part of the specification: shared.
+from prefork._loadgen_py import (
+    BUCKETS, CHUNK, DATAGRAM_BATCH, ERROR_KINDS, HEADER, MAX_BITS, MAX_EVENTS, MODES, PERIOD,
+    SUB_BITS, SWEEP_INTERVAL_NS, check_args, make_pattern, sockaddr_bytes,
+)
+
+__all__ = ["LoadGen", "bucket_index"]
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long x) nogil
+
+# The same numbers as the specification's states (IDLE, ...) and ERROR_KINDS.
+cdef enum:
+    IDLE, CONNECTING, OPEN, DEAD
+cdef enum:
+    EMPTY, WAITING, ANSWERED, LOST
+cdef enum:
+    MODE_STREAM, MODE_CONNECT, MODE_DATAGRAM
+cdef enum:
+    E_CONNECT, E_RESET, E_CLOSED, E_MISMATCH, E_EXCESS, E_TIMEOUT, E_LOST, N_ERRORS
+cdef enum:
+    QUIET = -1  # a close that is no error
+    C_MAX_EVENTS = 256
+    HEADER_SIZE = 8
+
+assert tuple(ERROR_KINDS) == (
+    "connect", "reset", "closed", "mismatch", "excess", "timeout", "lost"
+) and len(ERROR_KINDS) == N_ERRORS
+assert MAX_EVENTS == C_MAX_EVENTS and HEADER.size == HEADER_SIZE
+
+cdef int C_SUB_BITS = SUB_BITS
+cdef int C_MAX_BITS = MAX_BITS
+cdef int C_BUCKETS = BUCKETS
+cdef size_t C_CHUNK = CHUNK
+cdef uint64_t C_PERIOD = PERIOD
+cdef int C_DATAGRAM_BATCH = DATAGRAM_BATCH
+cdef uint64_t C_SWEEP_INTERVAL_NS = SWEEP_INTERVAL_NS
+
+
+cdef int _check_signals() except -1 with gil:
+    PyErr_CheckSignals()
+    return 0
+
+
+cdef int _raise_oserror(int err) except -1 with gil:
+    raise OSError(err, os.strerror(err))
+
+
+cdef inline uint64_t _now() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline int _bucket(uint64_t ns) noexcept nogil:
+    cdef int shift
+    if ns < (1ULL << C_SUB_BITS):
+        return <int>ns
+    shift = 63 - __builtin_clzll(ns) - C_SUB_BITS  # bit_length - SUB_BITS - 1
+    if shift > C_MAX_BITS - C_SUB_BITS - 1:
+        return C_BUCKETS - 1
+    return ((shift + 1) << C_SUB_BITS) + <int>(ns >> shift) - (1 << C_SUB_BITS)
+
+
+def bucket_index(ns):
+    """The histogram bucket of a latency of ``ns`` nanoseconds (see the spec)."""
+    if ns < 0:
+        raise ValueError("a latency cannot be negative")
+    if ns >= 1 << 64:
+        return BUCKETS - 1
+    return _bucket(ns)
+
+
+cdef struct Slot:
+    int fd  # -1 when closed
+    int state
+    bint bad
+    bint writing
+    uint64_t since
+    uint64_t out, queued, inp  # stream offsets
+    uint64_t started, done  # messages
+
+
+cdef class LoadGen:
+    """A closed-loop load generator against an echo server.
+
+    See ``prefork._loadgen_py.LoadGen``.
+    """
+
+    cdef readonly int family
+    cdef readonly object address
+    cdef readonly str mode
+    cdef readonly int connections
+    cdef readonly unsigned long long size
+    cdef readonly int depth
+    cdef readonly double timeout
+    cdef readonly unsigned long long messages, failed, bytes_sent, bytes_received
+    cdef readonly unsigned long long connections_opened
+    cdef readonly unsigned long long latency_min, latency_max, latency_total
+    cdef readonly long long in_flight
+    cdef readonly int live
+    cdef int _mode, _type, _epfd, _idle
+    cdef bint _started
+    cdef uint64_t _timeout_ns, _next_sweep
+    cdef sockaddr_storage _addr
+    cdef socklen_t _addrlen
+    cdef Slot *_slots
+    cdef uint64_t *_starts  # [slot * depth + position]
+    cdef uint32_t *_seqs
+    cdef unsigned char *_waits
+    cdef unsigned long long *_histogram
+    cdef unsigned long long _errors[N_ERRORS]
+    cdef unsigned char *_pattern  # PERIOD + CHUNK bytes
+    cdef unsigned char *_buf  # CHUNK bytes
+    cdef unsigned char *_datagram  # size bytes in datagram mode
+    cdef epoll_event _events[C_MAX_EVENTS]
+
+    def __cinit__(self):
+        self._epfd = -1
+
+    def __init__(self, int family, address, str mode="stream", *, int connections=50,
+                 size=1024, int depth=1, timeout=2.0):
+        cdef bytes raw
+        cdef bytes pattern
+        cdef int i
+        check_args(family, mode, connections, size, depth, timeout)
+        if self._slots != NULL:
+            raise RuntimeError("LoadGen.__init__ called twice")
+        raw = sockaddr_bytes(family, address)
+        if <size_t>len(raw) > sizeof(sockaddr_storage):
+            raise ValueError(f"address too long: {address!r}")
+        memcpy(&self._addr, <const char *>raw, len(raw))
+        self._addrlen = <socklen_t>len(raw)
+        self.family = family
+        self.address = address
+        self.mode = mode
+        self._mode = MODES.index(mode)
+        self._type = SOCK_DGRAM if self._mode == MODE_DATAGRAM else SOCK_STREAM
+        self.connections = connections
+        self.size = size
+        self.depth = depth
+        self.timeout = float(timeout)
+        self._timeout_ns = <uint64_t>(self.timeout * 1e9)
+        self._slots = <Slot *>calloc(connections, sizeof(Slot))
+        self._starts = <uint64_t *>calloc(<size_t>connections * depth, sizeof(uint64_t))
+        self._seqs = <uint32_t *>calloc(<size_t>connections * depth, sizeof(uint32_t))
+        self._waits = <unsigned char *>calloc(<size_t>connections * depth, 1)
+        self._histogram = <unsigned long long *>calloc(C_BUCKETS, sizeof(unsigned long long))
+        self._pattern = <unsigned char *>malloc(C_PERIOD + C_CHUNK)
+        self._buf = <unsigned char *>malloc(C_CHUNK)
+        self._datagram = <unsigned char *>malloc(self.size if self._mode == MODE_DATAGRAM else 1)
+        if (self._slots == NULL or self._starts == NULL or self._seqs == NULL
+                or self._waits == NULL or self._histogram == NULL or self._pattern == NULL
+                or self._buf == NULL or self._datagram == NULL):
+            raise MemoryError()
+        pattern = make_pattern(C_PERIOD + C_CHUNK)
+        memcpy(self._pattern, <const char *>pattern, C_PERIOD + C_CHUNK)
+        if self._mode == MODE_DATAGRAM:
+            memcpy(self._datagram, self._pattern, self.size)
+        for i in range(connections):
+            self._slots[i].fd = -1
+            self._slots[i].state = IDLE
+        self._epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self._epfd < 0:
+            _raise_oserror(errno)
+        self.reset()
+
+    def __dealloc__(self):
+        cdef int i
+        if self._slots != NULL:
+            for i in range(self.connections):
+                if self._slots[i].fd >= 0:
+                    close(self._slots[i].fd)
+        if self._epfd >= 0:
+            close(self._epfd)
+        free(self._slots)
+        free(self._starts)
+        free(self._seqs)
+        free(self._waits)
+        free(self._histogram)
+        free(self._pattern)
+        free(self._buf)
+        free(self._datagram)
+
+    # -- counters -------------------------------------------------------------------
+
+    def reset(self):
+        """Zero the counters and the histogram (see the spec)."""
+        cdef int i
+        self.messages = self.failed = 0
+        self.bytes_sent = self.bytes_received = 0
+        self.connections_opened = 0
+        self.latency_min = self.latency_max = self.latency_total = 0
+        for i in range(N_ERRORS):
+            self._errors[i] = 0
+        for i in range(C_BUCKETS):
+            self._histogram[i] = 0
+
+    @property
+    def errors(self):
+        return {ERROR_KINDS[i]: self._errors[i] for i in range(N_ERRORS)}
+
+    def histogram(self):
+        """The count of messages per latency bucket (see ``bucket_index``)."""
+        return [self._histogram[i] for i in range(C_BUCKETS)]
+
+    cdef inline void _record(self, uint64_t now, uint64_t start) noexcept nogil:
+        cdef uint64_t ns = now - start if now > start else 0
+        self._histogram[_bucket(ns)] += 1
+        self.latency_total += ns
+        if self.messages == 1 or ns < self.latency_min:
+            self.latency_min = ns
+        if ns > self.latency_max:
+            self.latency_max = ns
+
+    # -- the loop -------------------------------------------------------------------
+
+    def run(self, seconds, limit=0):
+        """Run for up to ``seconds``; True once the run is over (see the spec)."""
+        cdef uint64_t deadline
+        cdef uint64_t c_limit
+        cdef int finished
+        if self._epfd < 0:
+            raise ValueError("load generator is closed")
+        if not 0 <= seconds < float("inf") or limit < 0:
+            raise ValueError("seconds and limit must not be negative")
+        c_limit = limit
+        deadline = _now() + <uint64_t>(seconds * 1e9)
+        with nogil:
+            finished = self._run(deadline, c_limit)
+        return finished == 1
+
+    def close(self):
+        """Close every socket and the epoll set."""
+        cdef int i
+        for i in range(self.connections):
+            if self._slots[i].fd >= 0:
+                self._close(i)
+        if self._epfd >= 0:
+            close(self._epfd)
+            self._epfd = -1
+
+    cdef int _run(self, uint64_t deadline, uint64_t limit) except -1 nogil:
+        cdef uint64_t now, wait
+        cdef int n, i, ms
+        if not self._started:
+            self._started = True
+            now = _now()
+            self._next_sweep = now + C_SWEEP_INTERVAL_NS
+            for i in range(self.connections):
+                if self._mode != MODE_CONNECT:
+                    self._open(i, now, limit)
+                elif self._may_start(limit):
+                    self._restart(i, now, limit)
+                else:
+                    self._idle += 1
+        while True:
+            now = _now()
+            if self._idle:
+                self._restart_idle(now, limit)
+            if now >= self._next_sweep:
+                self._sweep(now, limit)
+                self._next_sweep = now + C_SWEEP_INTERVAL_NS
+            if self._finished(limit):
+                return 1
+            if now >= deadline:
+                return 0
+            wait = min(deadline, self._next_sweep) - now
+            ms = <int>((wait + 999999) // 1000000)
+            n = epoll_wait(self._epfd, self._events, C_MAX_EVENTS, ms)
+            if n < 0:
+                if errno != EINTR:
+                    _raise_oserror(errno)
+                _check_signals()
+                continue
+            for i in range(n):
+                self._serve(<int>self._events[i].data.u64, self._events[i].events, _now(),
+                            limit)
+
+    cdef inline bint _finished(self, uint64_t limit) noexcept nogil:
+        if self.in_flight:
+            return False
+        if limit and self.messages + self.failed >= limit:
+            return True
+        return self.live == 0 and self._idle == 0
+
+    cdef inline bint _may_start(self, uint64_t limit) noexcept nogil:
+        return not limit or self.messages + self.failed + <uint64_t>self.in_flight < limit
+
+    cdef int _ctl(self, int op, int fd, unsigned int events, int i) except -1 nogil:
+        cdef epoll_event ev
+        ev.events = events
+        ev.data.u64 = <uint64_t>i
+        if epoll_ctl(self._epfd, op, fd, &ev) < 0:
+            _raise_oserror(errno)
+        return 0
+
+    # -- opening and closing ----------------------------------------------------------
+
+    cdef int _open(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef int fd, err
+        cdef int one = 1
+        slot.since = now
+        fd = socket(self.family, self._type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            self._errors[E_CONNECT] += 1
+            self._lose(i)
+            return 0
+        if self.family != AF_UNIX and self._type == SOCK_STREAM:
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        slot.fd = fd
+        self.live += 1
+        err = 0
+        if connect(fd, <sockaddr *>&self._addr, self._addrlen) < 0:
+            err = errno
+        if err == EINPROGRESS or err == EINTR:
+            slot.state = CONNECTING
+            self._ctl(EPOLL_CTL_ADD, fd, EPOLLOUT, i)
+            slot.writing = True
+        elif err:
+            self._fail(i, E_CONNECT)
+        else:
+            self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN, i)
+            slot.writing = False
+            self._connected(i, now, limit)
+        return 0
+
+    cdef int _connected(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef int position
+        slot.state = OPEN
+        self.connections_opened += 1
+        if self._mode == MODE_DATAGRAM:
+            for position in range(self.depth):
+                if self._may_start(limit):
+                    self._send_datagram(i, position, now)
+            return 0
+        if self._mode == MODE_STREAM:
+            for position in range(self.depth):
+                if self._may_start(limit):
+                    self._start_message(slot, i, now)
+        self._flush(i)
+        return 0
+
+    cdef int _restart(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        slot.out = slot.queued = slot.inp = slot.started = slot.done = 0
+        slot.bad = False
+        self._start_message(slot, i, now)
+        self._open(i, now, limit)
+        return 0
+
+    cdef int _restart_idle(self, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef int i
+        for i in range(self.connections):
+            if self._slots[i].state == IDLE and self._may_start(limit):
+                self._idle -= 1
+                self._restart(i, now, limit)
+        return 0
+
+    cdef void _close(self, int i) noexcept nogil:
+        close(self._slots[i].fd)  # leaves the epoll set with it
+        self._slots[i].fd = -1
+        self.live -= 1
+
+    cdef void _lose(self, int i) noexcept nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef long long owed = 0
+        cdef int position
+        if self._mode == MODE_DATAGRAM:
+            for position in range(self.depth):
+                if self._waits[i * self.depth + position] == WAITING:
+                    owed += 1
+        else:
+            owed = <long long>(slot.started - slot.done)
+        self.failed += <unsigned long long>owed
+        self.in_flight -= owed
+        slot.started = slot.done
+        if self._mode == MODE_CONNECT:
+            slot.state = IDLE
+            self._idle += 1
+        else:
+            slot.state = DEAD
+
+    cdef void _fail(self, int i, int kind) noexcept nogil:
+        if kind != QUIET:
+            self._errors[kind] += 1
+        self._close(i)
+        self._lose(i)
+
+    cdef int _sweep(self, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef uint64_t expired = now - self._timeout_ns if now > self._timeout_ns else 0
+        cdef Slot *slot
+        cdef int i, position, k
+        for i in range(self.connections):
+            slot = &self._slots[i]
+            if slot.state == CONNECTING and slot.since < expired:
+                self._fail(i, E_CONNECT)
+            elif slot.state != OPEN:
+                continue
+            elif self._mode == MODE_DATAGRAM:
+                for position in range(self.depth):
+                    k = i * self.depth + position
+                    if self._waits[k] == WAITING and self._starts[k] < expired:
+                        self._waits[k] = LOST
+                        self.in_flight -= 1
+                        self.failed += 1
+                        self._errors[E_LOST] += 1
+                    if self._waits[k] != WAITING and self._may_start(limit):
+                        self._send_datagram(i, position, now)
+            elif (slot.started > slot.done
+                    and self._starts[i * self.depth + <int>(slot.done % <uint64_t>self.depth)]
+                    < expired):
+                self._fail(i, E_TIMEOUT)
+        return 0
+
+    # -- streams ------------------------------------------------------------------------
+
+    cdef int _serve(self, int i, uint32_t mask, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef int err = 0
+        cdef socklen_t length = sizeof(err)
+        if slot.state == CONNECTING:
+            if getsockopt(slot.fd, SOL_SOCKET, SO_ERROR, &err, &length) < 0:
+                err = errno
+            if err:
+                self._fail(i, E_CONNECT)
+                return 0
+            self._ctl(EPOLL_CTL_MOD, slot.fd, EPOLLIN, i)
+            slot.writing = False
+            self._connected(i, now, limit)
+        elif self._mode == MODE_DATAGRAM:
+            self._receive_datagrams(i, limit)
+        elif mask & EPOLLOUT and not mask & EPOLLIN:
+            self._flush(i)
+        else:  # readable, or an error or hang-up that recv reports
+            self._receive(i, now, limit)
+        return 0
+
+    cdef inline void _start_message(self, Slot *slot, int i, uint64_t now) noexcept nogil:
+        self._starts[i * self.depth + <int>(slot.started % <uint64_t>self.depth)] = now
+        slot.started += 1
+        slot.queued += self.size
+        self.in_flight += 1
+
+    cdef int _flush(self, int i) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef uint64_t offset, length
+        cdef ssize_t sent
+        cdef int err
+        cdef bint writing
+        while slot.out < slot.queued:
+            offset = slot.out % C_PERIOD
+            length = min(slot.queued - slot.out, <uint64_t>C_CHUNK)
+            sent = send(slot.fd, self._pattern + offset, <size_t>length, MSG_NOSIGNAL)
+            if sent < 0:
+                err = errno
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    break
+                if err == EINTR:
+                    continue
+                self._fail(i, E_RESET)
+                return 0
+            slot.out += <uint64_t>sent
+            self.bytes_sent += <uint64_t>sent
+        writing = slot.out < slot.queued
+        if writing != slot.writing:
+            self._ctl(EPOLL_CTL_MOD, slot.fd, EPOLLIN | EPOLLOUT if writing else EPOLLIN, i)
+            slot.writing = writing
+        return 0
+
+    cdef int _receive(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef ssize_t r
+        cdef uint64_t n, position, take, offset
+        cdef int err
+        r = recv(slot.fd, self._buf, C_CHUNK, 0)
+        if r < 0:
+            err = errno
+            if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+                return 0  # level-triggered: it comes back
+            self._fail(i, E_RESET)
+            return 0
+        if r == 0:
+            self._fail(i, E_CLOSED if slot.started > slot.done else QUIET)
+            return 0
+        n = <uint64_t>r
+        self.bytes_received += n
+        if slot.inp + n > slot.out:
+            self._fail(i, E_EXCESS)
+            return 0
+        position = 0
+        while position < n:
+            take = min(n - position, self.size - slot.inp % self.size)
+            offset = slot.inp % C_PERIOD
+            if not slot.bad and memcmp(self._buf + position, self._pattern + offset,
+                                       <size_t>take) != 0:
+                slot.bad = True
+                self._errors[E_MISMATCH] += 1
+            position += take
+            slot.inp += take
+            if slot.inp % self.size == 0:
+                self._answered(i, now, limit)
+                if self._mode == MODE_CONNECT:  # closed, and maybe a new connection begun
+                    return 0
+        self._flush(i)
+        return 0
+
+    cdef int _answered(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef Slot *slot = &self._slots[i]
+        cdef uint64_t start = self._starts[i * self.depth + <int>(slot.done % <uint64_t>self.depth)]
+        slot.done += 1
+        self.in_flight -= 1
+        if slot.bad:
+            slot.bad = False
+            self.failed += 1
+        else:
+            self.messages += 1
+            self._record(now, start)
+        if self._mode == MODE_CONNECT:
+            self._close(i)
+            if self._may_start(limit):
+                self._restart(i, now, limit)
+            else:
+                slot.state = IDLE
+                self._idle += 1
+        elif self._may_start(limit):
+            self._start_message(slot, i, now)
+        return 0
+
+    # -- datagrams ------------------------------------------------------------------
+
+    cdef int _send_datagram(self, int i, int position, uint64_t now) except -1 nogil:
+        cdef int k = i * self.depth + position
+        cdef uint32_t header[2]
+        cdef ssize_t sent
+        cdef int err
+        self._seqs[k] += 1  # wraps at 2**32, as the spec's & 0xFFFFFFFF
+        header[0] = <uint32_t>position
+        header[1] = self._seqs[k]
+        memcpy(self._datagram, header, HEADER_SIZE)
+        self._starts[k] = now
+        self._waits[k] = WAITING
+        self.in_flight += 1
+        sent = send(self._slots[i].fd, self._datagram, <size_t>self.size, 0)
+        if sent < 0:
+            err = errno
+            if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+                return 0  # dropped here rather than on the way: it will count as lost
+            self._waits[k] = EMPTY  # the next sweep sends another
+            self.in_flight -= 1
+            self.failed += 1
+            self._errors[E_CONNECT] += 1
+            return 0
+        self.bytes_sent += <uint64_t>sent
+        return 0
+
+    cdef int _receive_datagrams(self, int i, uint64_t limit) except -1 nogil:
+        cdef ssize_t r
+        cdef int err, count
+        for count in range(C_DATAGRAM_BATCH):
+            r = recv(self._slots[i].fd, self._buf, C_CHUNK, 0)
+            if r < 0:
+                err = errno
+                if err == EAGAIN or err == EWOULDBLOCK:
+                    return 0
+                if err != EINTR:  # ECONNREFUSED: an ICMP error for an earlier datagram
+                    self._errors[E_CONNECT] += 1
+                continue
+            self.bytes_received += <uint64_t>r
+            # A fresh time for each: a reply to a datagram sent in this batch can be in it.
+            self._check_reply(i, <uint64_t>r, _now(), limit)
+        return 0
+
+    cdef int _check_reply(self, int i, uint64_t n, uint64_t now, uint64_t limit) except -1 nogil:
+        cdef uint32_t header[2]
+        cdef uint32_t behind
+        cdef int k
+        if n < HEADER_SIZE:
+            self._errors[E_MISMATCH] += 1
+            return 0
+        memcpy(header, self._buf, HEADER_SIZE)
+        if header[0] >= <uint32_t>self.depth:
+            self._errors[E_MISMATCH] += 1
+            return 0
+        k = i * self.depth + <int>header[0]
+        behind = self._seqs[k] - header[1]  # modulo 2**32
+        if behind >= <uint32_t>0x80000000:  # a sequence number not sent yet
+            self._errors[E_MISMATCH] += 1
+        elif behind or self._waits[k] == LOST:
+            pass  # a late reply, already counted lost (or a copy of one)
+        elif self._waits[k] == ANSWERED:
+            self._errors[E_EXCESS] += 1
+        elif self._waits[k] == EMPTY:  # its send failed: it never left
+            self._errors[E_MISMATCH] += 1
+        else:
+            self._waits[k] = ANSWERED
+            self.in_flight -= 1
+            if n == self.size and memcmp(self._buf + HEADER_SIZE, self._pattern + HEADER_SIZE,
+                                         <size_t>(n - HEADER_SIZE)) == 0:
+                self.messages += 1
+                self._record(now, self._starts[k])
+            else:
+                self.failed += 1
+                self._errors[E_MISMATCH] += 1
+            if self._may_start(limit):
+                self._send_datagram(i, <int>header[0], now)
+        return 0

@@ -1,0 +1,537 @@
+"""``prefork bench ADDRESS``: a closed-loop load generator for echo servers.
+
+How it works: the loop itself is ``prefork.loadgen.LoadGen`` (compiled, or
+its pure-Python twin), which keeps ``-c`` connections with ``-d`` messages
+in flight each, checks every echoed byte and records every latency in a
+histogram. This module turns options into one, runs it in slices of
+``SLICE`` seconds (between slices it draws the progress line; Ctrl-C raises
+``KeyboardInterrupt`` out of a slice at once), then reports. The warm-up's
+figures are dropped when it ends, but not its errors: every error of the run
+counts.
+
+Exit status: 0; 1 if any error was counted (a one-line summary on stderr
+after the report) or the address cannot be resolved or scraped; 2 for bad
+options. Ctrl-C ends the run early like the end of ``-t``: what was measured
+is reported and the status is as above.
+
+With ``--metrics HOST:PORT`` (the server's metrics endpoint) it scrapes the
+per-worker counters before and after the run and reports how the
+connections and bytes spread over the server's workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from prefork.config import (
+    Address,
+    parse_address,
+    parse_int,
+    parse_seconds,
+    parse_size,
+)
+from prefork.errors import EXIT_FAILURE, EXIT_OK, ConfigError, PreforkError
+
+__all__ = ["Options", "Result", "add_parser", "options_from_args", "run"]
+
+SLICE = 0.1  # seconds per run() call: the progress line's and Ctrl-C's granularity
+PROGRESS_INTERVAL = 0.5  # seconds between progress lines
+MAX_IN_FLIGHT = 1_000_000  # connections x depth
+QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
+DEFAULTS = {"connections": "50", "size": "1024", "depth": "1", "duration": "5"}
+DEFAULTS |= {"warmup": "0.5", "timeout": "2"}
+
+
+def add_parser(commands: Any) -> None:
+    """The ``bench`` subcommand and its options, on ``commands`` (argparse's
+    subparsers action)."""
+    bench = commands.add_parser(
+        "bench",
+        help="load an echo server and report its throughput and latency",
+        description="Keep connections busy with messages against an echo server, check "
+        "every byte that comes back, and report messages/s, MB/s and latency percentiles. "
+        "Exit status 1 if any echo was wrong, short or lost, or a connection failed.",
+    )
+    bench.add_argument(
+        "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
+    )
+    bench.add_argument(
+        "-c",
+        "--connections",
+        metavar="N",
+        default=DEFAULTS["connections"],
+        help=f"connections (UDP sockets) kept busy at once (default {DEFAULTS['connections']})",
+    )
+    bench.add_argument(
+        "-s",
+        "--size",
+        metavar="SIZE",
+        default=DEFAULTS["size"],
+        help=f"bytes per message, e.g. 64 or 16K (default {DEFAULTS['size']})",
+    )
+    bench.add_argument(
+        "-d",
+        "--depth",
+        metavar="D",
+        default=DEFAULTS["depth"],
+        help="messages in flight per connection: pipelining depth (default 1)",
+    )
+    bench.add_argument(
+        "-t",
+        "--duration",
+        metavar="SECONDS",
+        default=None,
+        help=f"measure this long (default {DEFAULTS['duration']}, or no limit with -n)",
+    )
+    bench.add_argument(
+        "-n", "--count", metavar="COUNT", default=None, help="measure this many messages, then stop"
+    )
+    bench.add_argument(
+        "--warmup",
+        metavar="SECONDS",
+        default=DEFAULTS["warmup"],
+        help=f"run this long first, left out of the figures (default {DEFAULTS['warmup']})",
+    )
+    bench.add_argument(
+        "--udp",
+        action="store_true",
+        help="datagrams: one message per datagram, one reply each (the same as udp://)",
+    )
+    bench.add_argument(
+        "--connect-per-request",
+        action="store_true",
+        help="each message on a new connection: connect, send, read the echo, close",
+    )
+    bench.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        default=DEFAULTS["timeout"],
+        help="a connect or an echo taking longer is an error; a UDP reply is then lost "
+        f"(default {DEFAULTS['timeout']})",
+    )
+    bench.add_argument(
+        "--json", action="store_true", help="print the result as JSON on standard output"
+    )
+    bench.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="the server's --metrics address: report how the load spread over its workers",
+    )
+
+
+@dataclass(frozen=True)
+class Options:
+    address: Address
+    mode: str  # stream, connect or datagram (the LoadGen modes)
+    connections: int
+    size: int
+    depth: int
+    duration: float | None  # None: until -n messages
+    count: int  # 0: until -t seconds
+    warmup: float
+    timeout: float
+    json: bool = False
+    metrics: str | None = None
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """Validate the text of every option (raises ConfigError)."""
+    from prefork.client import target_address
+
+    address = target_address(args.address, args.udp)
+    if address.kind not in ("tcp", "udp", "unix") or address.proxy:
+        raise ConfigError(
+            f"ADDRESS: expected HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT, "
+            f"got {args.address!r}"
+        )
+    mode = "datagram" if address.kind == "udp" else "stream"
+    if args.connect_per_request:
+        if mode == "datagram":
+            raise ConfigError("--connect-per-request: UDP has no connections")
+        mode = "connect"
+    connections = parse_int(args.connections, "-c/--connections", minimum=1)
+    size = parse_size(args.size, "-s/--size")
+    depth = parse_int(args.depth, "-d/--depth", minimum=1)
+    if mode == "connect" and depth != 1:
+        raise ConfigError("-d/--depth: --connect-per-request sends one message per connection")
+    if connections * depth > MAX_IN_FLIGHT:
+        raise ConfigError(
+            f"-c/--connections x -d/--depth: at most {MAX_IN_FLIGHT:,} messages in flight, "
+            f"got {connections * depth:,}"
+        )
+    from prefork.loadgen import HEADER, MAX_DATAGRAM
+
+    if mode == "datagram" and not HEADER.size <= size <= MAX_DATAGRAM:
+        raise ConfigError(
+            f"-s/--size: a datagram carries {HEADER.size} to {MAX_DATAGRAM} bytes "
+            f"(its first {HEADER.size} number it), got {args.size!r}"
+        )
+    count = 0 if args.count is None else parse_int(args.count, "-n/--count", minimum=1)
+    duration: float | None = None
+    if args.duration is not None or not count:
+        text = DEFAULTS["duration"] if args.duration is None else args.duration
+        duration = parse_seconds(text, "-t/--duration")
+        if duration == 0:
+            raise ConfigError(f"-t/--duration: expected a number of seconds > 0, got {text!r}")
+    timeout = parse_seconds(args.timeout, "--timeout")
+    if timeout == 0:
+        raise ConfigError(f"--timeout: expected a number of seconds > 0, got {args.timeout!r}")
+    metrics = None
+    if args.metrics is not None:
+        where = parse_address(args.metrics, "--metrics")
+        if where.kind != "tcp" or where.proxy:
+            raise ConfigError(
+                f"--metrics: expected HOST:PORT or [V6ADDR]:PORT, got {args.metrics!r}"
+            )
+        metrics = str(where)
+    return Options(
+        address=address,
+        mode=mode,
+        connections=connections,
+        size=size,
+        depth=depth,
+        duration=duration,
+        count=count,
+        warmup=parse_seconds(args.warmup, "--warmup"),
+        timeout=timeout,
+        json=args.json,
+        metrics=metrics,
+    )
+
+
+def resolve(address: Address) -> tuple[int, Any]:
+    """The (family, socket address) to connect to; PreforkError if unresolvable."""
+    if address.kind == "unix":
+        return socket.AF_UNIX, address.path
+    kind = socket.SOCK_DGRAM if address.kind == "udp" else socket.SOCK_STREAM
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address.host, address.port, 0, kind)[0]
+    except socket.gaierror as exc:
+        raise PreforkError(f"{address}: cannot resolve host: {exc.strerror}") from None
+    return family, sockaddr
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft limit on open files towards ``needed`` (up to the hard
+    limit): each connection is a descriptor. Past it, connects fail and count."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """What a run measured (after the warm-up) and every error it saw."""
+
+    seconds: float = 0.0
+    messages: int = 0
+    failed: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connections_opened: int = 0
+    histogram: list[int] = field(default_factory=list)
+    latency_min: int = 0  # ns
+    latency_max: int = 0
+    latency_total: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
+    warmed_up: bool = False  # the warm-up ended before the run did
+
+    @property
+    def error_total(self) -> int:
+        return sum(self.errors.values())
+
+    def rate(self, amount: int) -> float:
+        return amount / self.seconds if self.seconds > 0 else 0.0
+
+    def latency(self, fraction: float) -> int:
+        from prefork.loadgen import percentile
+
+        return percentile(self.histogram, fraction, self.latency_max)
+
+
+class Progress:
+    """A live line on a terminal (rewritten in place with a carriage return);
+    nothing when ``stream`` is not a terminal."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty()
+        self.last = time.monotonic()
+        self.last_messages = self.last_bytes = 0
+        self.shown = False
+
+    def update(self, generator: Any, phase: str, elapsed: float, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self.last < PROGRESS_INTERVAL:
+            return
+        span = max(now - self.last, 1e-9)
+        messages, received = generator.messages, generator.bytes_received
+        if messages < self.last_messages:  # the warm-up's counters were dropped
+            self.last_messages = self.last_bytes = 0
+        from prefork.loadgen import percentile
+
+        p99 = percentile(generator.histogram(), 0.99, generator.latency_max)
+        errors = sum(generator.errors.values())
+        line = (
+            f"{phase} {elapsed:6.1f} s  {(messages - self.last_messages) / span:12,.0f} msg/s  "
+            f"{(received - self.last_bytes) / span / 1e6:9,.1f} MB/s  "
+            f"p99 {format_ns(p99):>9}  errors {errors:,}"
+        )
+        self.stream.write(f"\r{line}\x1b[K")
+        self.stream.flush()
+        self.shown = True
+        self.last, self.last_messages, self.last_bytes = now, messages, received
+
+    def clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def measure(generator: Any, options: Options, progress: Progress) -> Result:
+    """Warm up, reset, then run until ``-t`` or ``-n`` or Ctrl-C."""
+    result = Result()
+    warm_errors: dict[str, int] = {}
+    started = time.monotonic()
+    measuring_since: float | None = None
+    finished = False
+    try:
+        end = started + options.warmup
+        while not finished and (now := time.monotonic()) < end:
+            finished = generator.run(min(SLICE, end - now))
+            progress.update(generator, "warm-up", now - started)
+        warm_errors = generator.errors
+        generator.reset()
+        result.warmed_up = True
+        measuring_since = time.monotonic()
+        deadline = None if options.duration is None else measuring_since + options.duration
+        while not finished:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            wait = SLICE if deadline is None else min(SLICE, deadline - now)
+            finished = generator.run(wait, options.count)
+            progress.update(generator, "running", time.monotonic() - measuring_since)
+    except KeyboardInterrupt:
+        result.interrupted = True
+    if measuring_since is not None:
+        result.seconds = time.monotonic() - measuring_since
+        result.messages = generator.messages
+        result.failed = generator.failed
+        result.bytes_sent = generator.bytes_sent
+        result.bytes_received = generator.bytes_received
+        result.connections_opened = generator.connections_opened
+        result.histogram = generator.histogram()
+        result.latency_min = generator.latency_min
+        result.latency_max = generator.latency_max
+        result.latency_total = generator.latency_total
+    errors = generator.errors
+    result.errors = {kind: errors[kind] + warm_errors.get(kind, 0) for kind in errors}
+    return result
+
+
+# -- worker balance ----------------------------------------------------------------------
+
+BALANCE_METRICS = (
+    ("connections", "worker_connections_accepted_total"),
+    ("bytes_in", "worker_bytes_in_total"),
+)
+
+
+def scrape(address: str) -> dict[tuple[int, int], dict[str, int]]:
+    """Per worker (worker, pid): the counters ``BALANCE_METRICS`` names."""
+    from prefork.status import fetch, per_worker
+
+    workers: dict[tuple[int, int], dict[str, int]] = {}
+    for (worker, pid, _), values in per_worker(fetch(address)).items():
+        workers[(worker, pid)] = {
+            key: int(float(values.get(name, "0"))) for key, name in BALANCE_METRICS
+        }
+    return workers
+
+
+def scrape_settled(address: str, settle: float = 1.5) -> dict[tuple[int, int], dict[str, int]]:
+    """Scrape until two scrapes agree (a worker publishes its counters when it
+    wakes), at most ``settle`` seconds."""
+    deadline = time.monotonic() + settle
+    time.sleep(0.05)
+    previous = scrape(address)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        current = scrape(address)
+        if current == previous:
+            break
+        previous = current
+    return previous
+
+
+def balance(
+    before: dict[tuple[int, int], dict[str, int]], after: dict[tuple[int, int], dict[str, int]]
+) -> dict[str, Any]:
+    """How the run's connections and bytes spread over the workers alive at
+    the end (a worker started during the run counts from zero)."""
+    rows = []
+    for (worker, pid), values in sorted(after.items()):
+        old = before.get((worker, pid), {})
+        row: dict[str, Any] = {"worker": worker, "pid": pid}
+        for key, _ in BALANCE_METRICS:
+            row[key] = values[key] - old.get(key, 0)
+        rows.append(row)
+    spread: dict[str, Any] = {"per_worker": rows}
+    for key, _ in BALANCE_METRICS:
+        figures = [row[key] for row in rows]
+        low, high = (min(figures), max(figures)) if figures else (0, 0)
+        ratio = high / low if low else None
+        spread[key] = {"min": low, "max": high, "ratio": ratio}
+    return spread
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def format_ns(ns: float) -> str:
+    if ns < 1e6:
+        return f"{ns / 1e3:.1f} us"
+    if ns < 1e9:
+        return f"{ns / 1e6:.2f} ms"
+    return f"{ns / 1e9:.2f} s"
+
+
+def describe(options: Options) -> str:
+    kinds = {"stream": "", "connect": ", a new connection per message", "datagram": ""}
+    sockets = "UDP sockets" if options.mode == "datagram" else "connections"
+    return (
+        f"{options.connections} {sockets} x {options.depth} in flight, "
+        f"{options.size}-byte messages{kinds[options.mode]}"
+    )
+
+
+def as_dict(result: Result, options: Options, implementation: str) -> dict[str, Any]:
+    latency = {"min": result.latency_min / 1e3}
+    latency["mean"] = result.latency_total / result.messages / 1e3 if result.messages else 0.0
+    for name, fraction in QUANTILES:
+        latency[name] = result.latency(fraction) / 1e3
+    latency["max"] = result.latency_max / 1e3
+    return {
+        "address": str(options.address),
+        "mode": options.mode,
+        "implementation": implementation,
+        "connections": options.connections,
+        "depth": options.depth,
+        "size": options.size,
+        "warmup_seconds": options.warmup,
+        "seconds": result.seconds,
+        "interrupted": result.interrupted,
+        "messages": result.messages,
+        "failed": result.failed,
+        "messages_per_second": result.rate(result.messages),
+        "bytes_sent": result.bytes_sent,
+        "bytes_received": result.bytes_received,
+        "mb_per_second": result.rate(result.bytes_received) / 1e6,
+        "connections_opened": result.connections_opened,
+        "latency_us": latency,
+        "errors": result.errors,
+        "error_total": result.error_total,
+    }
+
+
+def report(
+    result: Result, options: Options, implementation: str, spread: dict[str, Any] | None
+) -> str:
+    """The human-readable table."""
+    rows: list[tuple[str, str]] = []
+    seconds = f"{result.seconds:.2f} s"
+    if result.interrupted:
+        seconds += " (interrupted" + ("" if result.warmed_up else " in the warm-up") + ")"
+    if options.warmup:
+        seconds += f", after a {options.warmup:g} s warm-up"
+    rows.append(("duration", seconds))
+    answered = f"{result.messages:,}"
+    if result.failed:
+        answered += f" (and {result.failed:,} failed)"
+    rows.append(("messages", answered))
+    rows.append(("messages/s", f"{result.rate(result.messages):,.0f}"))
+    rows.append(("MB/s", f"{result.rate(result.bytes_received) / 1e6:,.2f} echoed"))
+    for name, fraction in QUANTILES:
+        rows.append((f"latency {name}", format_ns(result.latency(fraction))))
+    rows.append(("latency max", format_ns(result.latency_max)))
+    if options.mode == "connect":
+        opened = f"{result.connections_opened:,} ({result.rate(result.connections_opened):,.0f}/s)"
+        rows.append(("connections", opened))
+    found = [f"{kind} {count:,}" for kind, count in result.errors.items() if count]
+    rows.append(("errors", ", ".join(found) if found else "none"))
+    if spread is not None:
+        for row in spread["per_worker"]:
+            rows.append(
+                (
+                    f"worker {row['worker']} (pid {row['pid']})",
+                    f"{row['connections']:,} connections, {row['bytes_in']:,} bytes in",
+                )
+            )
+        for key, title in (("connections", "connections"), ("bytes_in", "bytes in")):
+            figures = spread[key]
+            ratio = "-" if figures["ratio"] is None else f"{figures['ratio']:.2f}"
+            rows.append(
+                (
+                    f"{title} per worker",
+                    f"min {figures['min']:,}, max {figures['max']:,}, max/min {ratio}",
+                )
+            )
+    width = max(len(label) for label, _ in rows)
+    head = f"prefork bench {options.address} ({implementation}): {describe(options)}"
+    return "\n".join([head, *(f"  {label:<{width}}  {value}" for label, value in rows)])
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``prefork bench`` command: its exit status, or raise PreforkError."""
+    options = options_from_args(args)
+    family, sockaddr = resolve(options.address)
+    from prefork import loadgen
+
+    before = scrape(options.metrics) if options.metrics else None
+    raise_fd_limit(options.connections + 64)
+    generator = loadgen.LoadGen(
+        family,
+        sockaddr,
+        options.mode,
+        connections=options.connections,
+        size=options.size,
+        depth=options.depth,
+        timeout=options.timeout,
+    )
+    progress = Progress(sys.stderr)
+    try:
+        result = measure(generator, options, progress)
+    finally:
+        generator.close()
+        progress.clear()
+    spread = None
+    if options.metrics and before is not None:
+        spread = balance(before, scrape_settled(options.metrics))
+    if options.json:
+        document = as_dict(result, options, loadgen.IMPLEMENTATION)
+        document["workers"] = spread
+        print(json.dumps(document, indent=2))
+    else:
+        print(report(result, options, loadgen.IMPLEMENTATION, spread))
+    sys.stdout.flush()
+    if result.error_total:
+        found = ", ".join(f"{kind} {count:,}" for kind, count in result.errors.items() if count)
+        plural = "s" if result.error_total != 1 else ""
+        print(f"prefork: error: {result.error_total:,} error{plural}: {found}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK

@@ -1,0 +1,61 @@
+"""Picks the load generator's loop once; ``prefork bench`` imports this.
+
+The same order as ``prefork.fastio``: ``PREFORK_NO_EXTENSIONS=1`` forces the
+pure-Python ``prefork._loadgen_py``; otherwise the compiled
+``prefork._loadgen``, falling back to the twin only when the extension is
+absent. Both stay importable under their own names so one process can test
+both. The histogram helpers and constants are the specification's, shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+from prefork import _loadgen_py
+from prefork._loadgen_py import (
+    BUCKETS,
+    ERROR_KINDS,
+    HEADER,
+    MAX_DATAGRAM,
+    bucket_high,
+    percentile,
+)
+from prefork.fastio import extensions_disabled
+
+__all__ = [
+    "BUCKETS",
+    "ERROR_KINDS",
+    "HEADER",
+    "IMPLEMENTATION",
+    "MAX_DATAGRAM",
+    "LoadGen",
+    "bucket_high",
+    "bucket_index",
+    "load_compiled",
+    "percentile",
+]
+
+
+def load_compiled() -> ModuleType | None:
+    """The compiled module, or None when it is not built."""
+    try:
+        from prefork import _loadgen
+    except ImportError:
+        return None
+    return _loadgen
+
+
+def _choose() -> tuple[ModuleType, str]:
+    if not extensions_disabled():
+        compiled = load_compiled()
+        if compiled is not None:
+            return compiled, "cython"
+    return _loadgen_py, "python"
+
+
+_impl, IMPLEMENTATION = _choose()
+
+# Typed as the specification's class: the compiled one has the same interface.
+LoadGen: type[_loadgen_py.LoadGen] = _impl.LoadGen
+bucket_index: Callable[[int], int] = _impl.bucket_index
