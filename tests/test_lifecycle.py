@@ -73,7 +73,9 @@ def test_hup_with_a_broken_handler_keeps_the_running_workers(server_factory, tmp
 def test_max_requests_recycles_workers(server_factory, k):
     server = server_factory("-w", "1", *WORKER_CLASS_ARGS[k], "--max-requests", "5")
     seen = set()
-    for i in range(17):
+    # A leaving worker also serves what is already queued when it stops
+    # accepting, so a worker may serve a few more than 5: give it room.
+    for i in range(30):
         with server.connect() as sock:
             assert exchange(sock, b"%d" % i) == b"%d" % i
         seen.update(server.workers())

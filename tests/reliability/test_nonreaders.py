@@ -133,6 +133,9 @@ def test_clients_that_never_read_get_backpressure_not_memory(server_factory):
     baseline = tree_rss(server)
     sampler = Sampler(server)
     socks = [server.connect(timeout=30) for _ in range(CLIENTS)]
+    for sock in socks:  # small client buffers: the kernel's share must not hide the server's
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
     streams = [Stream(4099 * i) for i in range(CLIENTS)]
     sent = [0] * CLIENTS
     try:
