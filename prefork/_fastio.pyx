@@ -40,6 +40,7 @@ from prefork._fastio_py import (
     STATS_SIZE, _stats_view, _proxy_fds,
 )
 from prefork import proxy
+from prefork.sock import peer_name, peer_of_fd
 
 _log = logging.getLogger("prefork")
 
@@ -261,17 +262,6 @@ cdef struct Conn:
     PyObject *peer  # owned: the client's address from a PROXY header, or NULL
     Conn *prev
     Conn *next
-
-
-def _peer_of(int fd):
-    """The peer address of a connected socket ``fd``, for logs."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
-    finally:
-        sock.detach()
 
 
 cdef inline double _monotonic() noexcept nogil:
@@ -795,7 +785,7 @@ cdef class EventLoop:
     cdef int _expect_header(self, Conn *conn) except -1:
         """A PROXY listener's connection: turn away untrusted peers, else
         start collecting the header."""
-        peer = _peer_of(conn.fd)
+        peer = peer_of_fd(conn.fd)
         if self.proxy_trusted is not None and not self.proxy_trusted(peer):
             _log.warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
             self._close_quietly(conn)
@@ -828,10 +818,7 @@ cdef class EventLoop:
         transport = Transport.__new__(Transport)
         sock = socket.socket(fileno=conn.fd)
         try:
-            try:
-                peer = sock.getpeername()
-            except OSError:
-                peer = None
+            peer = peer_name(sock)
             extra = {"peername": peer, "sockname": sock.getsockname()}
             if conn.peer != NULL:  # behind a PROXY protocol balancer
                 extra.update(peername=<object>conn.peer, proxy_peername=peer)
@@ -859,7 +846,7 @@ cdef class EventLoop:
             return func(*args)
         except Exception as exc:
             if conn != NULL and not conn.closed:
-                client = <object>conn.peer if conn.peer != NULL else _peer_of(conn.fd)
+                client = <object>conn.peer if conn.peer != NULL else peer_of_fd(conn.fd)
                 _log.exception("handler failed; connection from %s closed", client)
                 self._close_exc(conn, exc)
             else:
@@ -1021,19 +1008,27 @@ cdef class EventLoop:
             self._update(conn)
         return 0
 
+    cdef ssize_t _recv(self, int fd) except -2 nogil:
+        """Bytes read into the shared buffer (0 at end of file); -errno when
+        none (-EAGAIN: nothing there now)."""
+        cdef ssize_t r
+        while True:
+            r = recv(fd, self.buf, self.read_size, 0)
+            if r >= 0:
+                return r
+            if errno != EINTR:
+                return -errno
+            _check_signals()
+
     # _read, _flush and _generate return 0, or an errno that ends the connection.
 
     cdef int _read(self, Conn *conn, double now) except -1 nogil:
         cdef ssize_t n
-        while True:
-            n = recv(conn.fd, self.buf, self.read_size, 0)
-            if n >= 0:
-                break
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                return 0
-            if errno != EINTR:
-                return errno
-            _check_signals()
+        n = self._recv(conn.fd)
+        if n == -EAGAIN or n == -EWOULDBLOCK:
+            return 0
+        if n < 0:
+            return <int>-n
         if n == 0:
             self._end_of_file(conn)
             return 0
@@ -1045,18 +1040,14 @@ cdef class EventLoop:
         it what came after the header."""
         cdef ssize_t n
         cdef Py_ssize_t rest
-        while True:
-            n = recv(conn.fd, self.buf, self.read_size, 0)
-            if n >= 0:
-                break
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                return 0
-            if errno != EINTR:
-                return errno
-            _check_signals()
+        n = self._recv(conn.fd)
+        if n == -EAGAIN or n == -EWOULDBLOCK:
+            return 0
+        if n < 0:
+            return <int>-n
         if n == 0:
             with gil:
-                _log.debug("%s closed before its PROXY header", _peer_of(conn.fd))
+                _log.debug("%s closed before its PROXY header", peer_of_fd(conn.fd))
             self._close(conn, CLOSED_OK)
             return 0
         conn.last_active = now
@@ -1076,7 +1067,7 @@ cdef class EventLoop:
         try:
             parsed = proxy.parse(header)
         except proxy.ProxyHeaderError as exc:
-            _log.warning("PROXY header from %s: %s; closing", _peer_of(conn.fd), exc)
+            _log.warning("PROXY header from %s: %s; closing", peer_of_fd(conn.fd), exc)
             self._close_quietly(conn)
             return -1
         if parsed is None:

@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefork import proxy
+from prefork.sock import peer_name
 
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
@@ -283,7 +284,7 @@ class Transport:
     def __init__(self, loop: EventLoop, conn: _Conn) -> None:
         self._loop: EventLoop | None = loop
         self._conn: _Conn | None = conn
-        peer = _peername(conn.sock)
+        peer = peer_name(conn.sock)
         self._extra = {"peername": peer, "sockname": conn.sock.getsockname()}
         if conn.peer is not None:  # behind a PROXY protocol balancer
             self._extra.update(peername=conn.peer, proxy_peername=peer)
@@ -301,13 +302,6 @@ class Transport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)
-
-
-def _peername(sock: socket.socket) -> Any:
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
 
 
 class EventLoop:
@@ -640,7 +634,7 @@ class EventLoop:
         self._conns[conn.fd] = conn
         self.accepted += 1
         if proxied:
-            peer = _peername(sock)
+            peer = peer_name(sock)
             if self._proxy_trusted is not None and not self._proxy_trusted(peer):
                 _log().warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
                 self._close(conn)
@@ -708,7 +702,7 @@ class EventLoop:
             return func(*args)
         except Exception as exc:
             if conn is not None and conn.fd in self._conns:
-                client = conn.peer if conn.peer is not None else _peername(conn.sock)
+                client = conn.peer if conn.peer is not None else peer_name(conn.sock)
                 _log().exception("handler failed; connection from %s closed", client)
                 self._close(conn, exc)
             else:
@@ -747,7 +741,7 @@ class EventLoop:
         except BlockingIOError:
             return
         if n == 0:
-            _log().debug("%s closed before its PROXY header", _peername(conn.sock))
+            _log().debug("%s closed before its PROXY header", peer_name(conn.sock))
             self._close(conn)
             return
         conn.last_active = now
@@ -755,7 +749,7 @@ class EventLoop:
         try:
             header = proxy.parse(conn.header)
         except proxy.ProxyHeaderError as exc:
-            _log().warning("PROXY header from %s: %s; closing", _peername(conn.sock), exc)
+            _log().warning("PROXY header from %s: %s; closing", peer_name(conn.sock), exc)
             self._close(conn)
             return
         if header is None:

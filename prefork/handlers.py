@@ -35,6 +35,7 @@ from typing import Any
 
 from prefork import fastio
 from prefork.errors import ConfigError, HandlerLoadError
+from prefork.sock import peer_name
 
 Handler = Callable[[int, Any], tuple[int, int]]
 # What the blocking workers call: (connection fd, buffer, the client's address
@@ -198,10 +199,7 @@ class BlockingTransport:
         self._sock = sock
         self._closing = False
         self.bytes_out = 0
-        try:
-            peer = sock.getpeername()
-        except OSError:
-            peer = None
+        peer = peer_name(sock)
         self._extra = {"peername": peer, "sockname": sock.getsockname()}
         if client is not None:  # behind a PROXY protocol balancer
             self._extra.update(peername=client, proxy_peername=peer)
@@ -264,11 +262,5 @@ def serve_handle(
     not) as it likes; the worker closes the original. Bytes are not counted.
     """
     with socket.socket(fileno=os.dup(fd)) as sock:
-        address = client
-        if address is None:
-            try:
-                address = sock.getpeername()
-            except OSError:
-                address = None
-        handle(sock, address)
+        handle(sock, peer_name(sock) if client is None else client)
     return 0, 0

@@ -20,6 +20,7 @@ from typing import Any
 
 from prefork import fastio, proxy
 from prefork.handlers import BlockingHandler
+from prefork.sock import peer_of_fd
 from prefork.workers.base import Worker
 
 BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
@@ -36,15 +37,7 @@ EMFILE_BACKOFF = 0.1  # seconds
 
 def peer_of(conn: int, client: Any) -> Any:
     """Who a connection is from, for logs: the PROXY header's client if any."""
-    if client:
-        return client
-    sock = socket.socket(fileno=conn)
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
-    finally:
-        sock.detach()
+    return client or peer_of_fd(conn)
 
 
 class SyncWorker(Worker):
