@@ -51,6 +51,16 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     return compiled
 
 
+def handler_env(path) -> dict[str, str]:
+    """The environment for a server that imports handler modules from ``path``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # holds handlers/faulty.py
+
+
 def tcp_pair() -> tuple[socket.socket, socket.socket]:
     """A connected (client, server) pair of TCP sockets over loopback."""
     with socket.socket() as listener:

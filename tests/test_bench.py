@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from prefork import _loadgen_py, fastio, loadgen
 
-from conftest import Server, prefork_command, start_server
+from conftest import Server, handler_env, prefork_command, start_server
 from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -78,8 +78,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
     socket, two workers, metrics), and the misbehaving ones."""
     home = tmp_path_factory.mktemp("bench")
     (home / "misbehave.py").write_text(MISBEHAVING)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(home) + os.pathsep + env.get("PYTHONPATH", "")
+    env = handler_env(home)
     sock = home / "echo.sock"
     started: dict[str, Server] = {}
     try:

@@ -8,7 +8,7 @@ import time
 import pytest
 from test_signals import WORKER_CLASS_ARGS
 
-from conftest import exchange, wait_until
+from conftest import TESTS_DIR, exchange, handler_env, wait_until
 from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -117,12 +117,7 @@ def test_handlers_see_the_client_address(server_factory, k, handler):
 
 
 def _tests_on_path() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    here = os.path.dirname(os.path.abspath(__file__))
-    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return handler_env(TESTS_DIR)
 
 
 @pytest.mark.parametrize(

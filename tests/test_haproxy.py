@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import wait_until
+from conftest import handler_env, wait_until
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -73,8 +73,7 @@ def free_port() -> int:
 def balanced(server_factory, tmp_path):
     """Two prefork instances behind HAProxy: (front port, instance a, instance b)."""
     (tmp_path / "who_handler.py").write_text(WHO_HANDLER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    env = handler_env(tmp_path)
     instances = [
         server_factory(
             "-b", "proxy:127.0.0.1:0", "-w", "2", "--handler", "who_handler:Who", env=env

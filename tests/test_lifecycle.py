@@ -12,14 +12,13 @@ import time
 import pytest
 from test_signals import WORKER_CLASS_ARGS
 
-from conftest import exchange, wait_until
+from conftest import TESTS_DIR, exchange, handler_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def handler_env(path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+def reload_env(path) -> dict[str, str]:
+    env = handler_env(path)
     env["PYTHONDONTWRITEBYTECODE"] = "1"  # a rewritten module is read again, not a stale .pyc
     return env
 
@@ -42,7 +41,7 @@ def test_hup_reimports_the_handler(server_factory, tmp_path, k):
     module = tmp_path / "casing.py"
     module.write_text(PROTOCOL.format(method="upper"))
     server = server_factory(
-        "-w", "2", *WORKER_CLASS_ARGS[k], "--handler", "casing:Case", env=handler_env(tmp_path)
+        "-w", "2", *WORKER_CLASS_ARGS[k], "--handler", "casing:Case", env=reload_env(tmp_path)
     )
     old = server.wait_workers(2)
     with server.connect() as sock:
@@ -57,7 +56,7 @@ def test_hup_reimports_the_handler(server_factory, tmp_path, k):
 def test_hup_with_a_broken_handler_keeps_the_running_workers(server_factory, tmp_path):
     module = tmp_path / "casing2.py"
     module.write_text(PROTOCOL.format(method="upper"))
-    server = server_factory("-w", "2", "--handler", "casing2:Case", env=handler_env(tmp_path))
+    server = server_factory("-w", "2", "--handler", "casing2:Case", env=reload_env(tmp_path))
     old = server.wait_workers(2)
     module.write_text("this is not python (\n")
     server.signal(signal.SIGHUP)
@@ -190,9 +189,7 @@ def exchange_part(sock, data: bytes) -> bytes:
 
 
 def test_crashing_workers_are_respawned_with_a_growing_delay(server_factory):
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = here + os.pathsep + env.get("PYTHONPATH", "")
+    env = handler_env(TESTS_DIR)
     server = server_factory("-w", "1", "--handler", "handlers.faulty:CrashOnConnect", env=env)
     server.wait_workers(1)
     socks = [server.connect() for _ in range(6)]  # each one takes a worker down
@@ -219,11 +216,7 @@ def test_a_worker_killed_from_outside_is_replaced_at_once(server_factory):
 
 
 def faulty_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = (
-        os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env.get("PYTHONPATH", "")
-    )
-    return env
+    return handler_env(TESTS_DIR)
 
 
 @pytest.mark.parametrize(

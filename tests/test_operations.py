@@ -22,6 +22,7 @@ from conftest import (
     Server,
     children_of,
     exchange,
+    handler_env,
     launch,
     pid_alive,
     prefork_command,
@@ -184,12 +185,6 @@ class WhoAmI:
     def connection_lost(self, exc):
         pass
 """
-
-
-def handler_env(path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @needs_root

@@ -4,7 +4,6 @@ sockets, and real servers with every worker class."""
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import socket
 import struct
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 from prefork import proxy
 from prefork.proxy import ProxyHeaderError, TrustedPeers, parse
 
-from conftest import exchange, prefork_command, wait_until
+from conftest import exchange, handler_env, prefork_command, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -309,12 +308,6 @@ def handle(sock, address):
     while data := sock.recv(65536):
         sock.sendall(data)
 """
-
-
-def handler_env(path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
 
 
 @pytest.mark.parametrize(

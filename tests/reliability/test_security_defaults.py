@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import exchange, start_server
+from conftest import exchange, handler_env, start_server
 from harness import rss_bytes, timeout
 
 pytestmark = timeout(60, 60)
@@ -100,8 +100,7 @@ class Amplifier:
 
 def test_no_connection_owes_more_than_max_buffer_whatever_the_peer_does(server_factory, tmp_path):
     (tmp_path / "amplifier.py").write_text(AMPLIFIER)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tmp_path) + os.pathsep + env.get("PYTHONPATH", "")
+    env = handler_env(tmp_path)
     max_buffer = 64 * 1024
     server = server_factory(
         "-w", "1", "--max-buffer", str(max_buffer), "--handler", "amplifier:Amplifier", env=env
