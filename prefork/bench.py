@@ -247,6 +247,7 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
     warmed_up: bool = False  # the warm-up ended before the run did
+    cpu_seconds: float = 0.0  # this process's user + system time while measuring
 
     @property
     def error_total(self) -> int:
@@ -302,6 +303,12 @@ class Progress:
             self.stream.flush()
 
 
+def process_cpu() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def measure(generator: Any, options: Options, progress: Progress) -> Result:
     """Warm up, reset, then run until ``-t`` or ``-n`` or Ctrl-C."""
     result = Result()
@@ -317,6 +324,7 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
         warm_errors = generator.errors
         generator.reset()
         result.warmed_up = True
+        cpu_since = process_cpu()
         measuring_since = time.monotonic()
         deadline = None if options.duration is None else measuring_since + options.duration
         while not finished:
@@ -330,6 +338,7 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
         result.interrupted = True
     if measuring_since is not None:
         result.seconds = time.monotonic() - measuring_since
+        result.cpu_seconds = process_cpu() - cpu_since
         result.messages = generator.messages
         result.failed = generator.failed
         result.bytes_sent = generator.bytes_sent
@@ -443,6 +452,10 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
         "bytes_received": result.bytes_received,
         "mb_per_second": result.rate(result.bytes_received) / 1e6,
         "connections_opened": result.connections_opened,
+        "cpu_seconds": result.cpu_seconds,
+        "cpu_us_per_message": result.cpu_seconds / result.messages * 1e6
+        if result.messages
+        else None,
         "latency_us": latency,
         "errors": result.errors,
         "error_total": result.error_total,
@@ -466,6 +479,9 @@ def report(
     rows.append(("messages", answered))
     rows.append(("messages/s", f"{result.rate(result.messages):,.0f}"))
     rows.append(("MB/s", f"{result.rate(result.bytes_received) / 1e6:,.2f} echoed"))
+    if result.messages:
+        per_message = result.cpu_seconds / result.messages * 1e6
+        rows.append(("client CPU", f"{result.cpu_seconds:.2f} s, {per_message:.2f} us/message"))
     for name, fraction in QUANTILES:
         rows.append((f"latency {name}", format_ns(result.latency(fraction))))
     rows.append(("latency max", format_ns(result.latency_max)))

@@ -442,6 +442,9 @@ def test_json_result(servers, name, scheme):
     order = [latency[k] for k in ("min", "p50", "p90", "p99", "p99.9", "max")]
     assert order == sorted(order) and 0 < order[0]
     assert latency["min"] <= latency["mean"] <= latency["max"]
+    # The client's own CPU while measuring: one thread cannot use more than the wall time.
+    assert 0 < document["cpu_seconds"] <= document["seconds"] + 0.01
+    assert document["cpu_us_per_message"] == pytest.approx(document["cpu_seconds"] / 600 * 1e6)
     assert document["workers"] is None
 
 
@@ -451,7 +454,15 @@ def test_text_report(servers):
     lines = result.stdout.splitlines()
     assert lines[0].startswith(f"prefork bench {address(servers['echo'])} (")
     labels = [line.split("  ")[1] if line.startswith("  ") else "" for line in lines]
-    for label in ("duration", "messages/s", "MB/s", "latency p50", "latency p99.9", "errors"):
+    for label in (
+        "duration",
+        "messages/s",
+        "MB/s",
+        "client CPU",
+        "latency p50",
+        "latency p99.9",
+        "errors",
+    ):
         assert any(text.startswith(label) for text in labels), result.stdout
     assert re.search(r"duration\s+\d+\.\d\d s, after a 0.2 s warm-up", result.stdout)
     assert re.search(r"errors\s+none", result.stdout)
