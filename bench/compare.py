@@ -1,0 +1,673 @@
+"""prefork next to the echo servers users would pick instead, in one command.
+
+    python bench/compare.py [--rounds 3] [--seconds 2] [--servers a,b] [--workloads a,b]
+
+For each workload, each server is started in turn on a fresh port, pinned to
+core 0, and loaded by ``prefork bench`` (the compiled load generator) pinned
+to core 1: a warm-up run, then a measured run. Per run it records messages/s,
+MB/s, p50/p99 latency (from the generator), the server process tree's CPU
+time per message (from ``/proc``: the efficiency figure that stays meaningful
+when the generator, sharing this machine, is the bottleneck), how busy the
+server's core was, and the generator's own CPU per message.
+
+Rounds are interleaved (every server once per workload, then again, in a
+rotating order) because absolute figures on a shared machine drift from
+minute to minute; each server is compared with its C reference *within a
+round* and the median of those paired ratios is quoted. The references are
+two minimal C servers in ``bench/peers/`` compiled here with ``cc``: an epoll
+loop for the event-driven servers, a blocking prefork (a process per
+connection) for the servers that give each connection a process or thread.
+
+Then: user-space memory per idle connection (RSS growth over 1,000 idle
+connections), and a check of the load generator itself (its CPU per
+message against the C epoll server's, and what a second generator adds
+against a saturated server).
+
+Writes ``bench/RESULTS.md`` (between its generated-section markers, keeping
+the rest of the file) and ``bench/results.png`` (with matplotlib, if
+installed). Peers that are not installed (uvloop, gevent) are skipped with a
+note. ``pip install -e '.[bench]'`` installs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+BUILD = HERE / ".build"
+PYTHON = sys.executable
+IDLE_CONNECTIONS = 1000
+BEGIN = "<!-- bench/compare.py: generated section begins -->"
+END = "<!-- bench/compare.py: generated section ends -->"
+
+
+# -- what is compared --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    connections: int
+    size: int
+    depth: int = 1
+
+
+WORKLOADS = [
+    Workload("latency", "1 x 1 KiB ping-pong", 1, 1024),
+    Workload("pingpong", "50 x 1 KiB ping-pong", 50, 1024),
+    Workload("pipelined", "50 x 1 KiB, 8 in flight", 50, 1024, 8),
+    Workload("small", "200 x 128 B ping-pong", 200, 128),
+    Workload("bulk", "4 x 64 KiB, 4 in flight", 4, 65536, 4),
+]
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    family: str  # "event" (one process serves every connection) or "blocking"
+    argv: tuple[str, ...]  # {build}, {port}, {workers} (= connections), {metrics} are filled in
+    env: tuple[tuple[str, str], ...] = ()
+    needs: str | None = None  # a module that must be importable
+    prefork: bool = False  # has --metrics: the generator reports worker balance
+
+    def command(self, port: int, workers: int, metrics: int) -> list[str]:
+        values = {"build": BUILD, "port": port, "workers": workers, "metrics": metrics}
+        return [part.format(**values) for part in self.argv]
+
+
+def prefork_argv(*extra: str) -> tuple[str, ...]:
+    return (
+        PYTHON, "-m", "prefork", "serve", "-b", "127.0.0.1:{port}",
+        "--metrics", "127.0.0.1:{metrics}", "--log-level", "warning", *extra,
+    )  # fmt: skip
+
+
+def peer(script: str, *args: str) -> tuple[str, ...]:
+    return (PYTHON, str(PEERS / script), *args)
+
+
+NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
+SERVERS = [
+    # Event-driven: one process (one core) serves every connection.
+    Server("c-epoll", "event", ("{build}/epoll_echo", "{port}")),
+    Server("prefork-event", "event", prefork_argv("-k", "event", "-w", "1"), prefork=True),
+    Server(
+        "prefork-event-py",
+        "event",
+        prefork_argv("-k", "event", "-w", "1"),
+        NO_EXTENSIONS,
+        prefork=True,
+    ),
+    Server("asyncio", "event", peer("asyncio_echo.py", "asyncio", "{port}")),
+    Server("uvloop", "event", peer("asyncio_echo.py", "uvloop", "{port}"), needs="uvloop"),
+    Server("gevent", "event", peer("gevent_echo.py", "{port}"), needs="gevent"),
+    # A process or a thread per connection (as many as the workload has connections).
+    Server("c-prefork", "blocking", ("{build}/blocking_prefork", "{port}", "{workers}")),
+    Server("prefork-sync", "blocking", prefork_argv("-k", "sync", "-w", "{workers}"), prefork=True),
+    Server(
+        "prefork-thread",
+        "blocking",
+        prefork_argv("-k", "thread", "-w", "1", "--threads", "{workers}"),
+        prefork=True,
+    ),
+    Server("tutorial-prefork", "blocking", peer("tutorial_prefork.py", "{port}", "{workers}")),
+    Server("socketserver", "blocking", peer("socketserver_echo.py", "{port}")),
+]
+REFERENCE = {"event": "c-epoll", "blocking": "c-prefork"}
+# A process per connection cannot hold 1,000 idle connections sensibly.
+NO_IDLE = {"c-prefork", "prefork-sync", "tutorial-prefork"}
+
+
+# -- processes and /proc -----------------------------------------------------------------
+
+
+def build(name: str) -> Path:
+    """Compile ``peers/NAME.c`` into ``.build/NAME`` unless it is up to date."""
+    BUILD.mkdir(exist_ok=True)
+    target, source = BUILD / name, PEERS / f"{name}.c"
+    if not target.exists() or target.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["cc", "-O2", "-Wall", "-o", str(target), str(source)], check=True)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    found, pending = [], [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                pending.extend(int(c) for c in f.read().split())
+        except FileNotFoundError:
+            continue
+        found.append(p)
+    return found
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``pid`` and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants."""
+    total = 0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except FileNotFoundError:
+            continue
+    return total
+
+
+class Running:
+    """A server process group on a fresh port, pinned to the server core; killed on exit."""
+
+    def __init__(self, server: Server, workers: int, pinning: Pinning) -> None:
+        self.port, self.metrics = free_port(), free_port()
+        self.proc = subprocess.Popen(
+            pinning.server + server.command(self.port, workers, self.metrics),
+            env={**os.environ, **dict(server.env)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
+    def __enter__(self) -> Running:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exited with {self.proc.returncode}: {self.errors()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("did not start listening within 20 s")
+
+    def errors(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read().decode(errors="replace").strip()[-300:]
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.killpg(self.proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
+
+SERVERS_BY_NAME = {s.name: s for s in SERVERS}
+
+
+@dataclass(frozen=True)
+class Pinning:
+    server: list[str]
+    client: list[str]
+
+
+def pinning() -> Pinning:
+    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
+        cores = sorted(os.sched_getaffinity(0))
+        return Pinning(["taskset", "-c", str(cores[0])], ["taskset", "-c", str(cores[1])])
+    print("note: fewer than 2 cores (or no taskset): server and generator are not pinned")
+    return Pinning([], [])
+
+
+# -- one measurement ---------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    rate: float  # messages/s
+    mbps: float  # MB/s echoed
+    p50: float  # us
+    p99: float  # us
+    server_cpu: float  # us per message
+    busy: float  # server CPU seconds per wall second
+    client_cpu: float  # us per message
+    balance: str = ""  # connections per worker, where prefork reports it
+
+
+def bench(
+    address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
+) -> dict[str, Any]:
+    argv = [
+        *pin.client, PYTHON, "-m", "prefork", "bench", address, "--json",
+        "-c", str(load.connections), "-s", str(load.size), "-d", str(load.depth),
+        "-t", str(seconds), "--warmup", "0",
+    ]  # fmt: skip
+    if metrics:
+        argv += ["--metrics", metrics]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefork bench: {done.stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run:
+    with Running(server, load.connections, pin) as running:
+        address = f"127.0.0.1:{running.port}"
+        bench(address, load, min(1.0, seconds / 2), pin)  # warm-up: workers up, caches warm
+        metrics = f"127.0.0.1:{running.metrics}" if server.prefork else None
+        before = tree_cpu(running.proc.pid)
+        result = bench(address, load, seconds, pin, metrics)
+        cpu = tree_cpu(running.proc.pid) - before
+    messages = max(result["messages"], 1)
+    if cpu <= 0:
+        raise RuntimeError("the server's processes used no CPU: they were not found in /proc")
+    balance = ""
+    spread = result.get("workers")
+    if spread and len(spread["per_worker"]) > 1:
+        balance = f"{spread['connections']['min']}-{spread['connections']['max']}"
+    return Run(
+        rate=result["messages_per_second"],
+        mbps=result["mb_per_second"],
+        p50=result["latency_us"]["p50"],
+        p99=result["latency_us"]["p99"],
+        server_cpu=cpu / messages * 1e6,
+        busy=cpu / result["seconds"],
+        client_cpu=result["cpu_us_per_message"] or 0.0,
+        balance=balance,
+    )
+
+
+def idle_memory(server: Server, pin: Pinning) -> float:
+    """Bytes of server resident memory per idle connection."""
+    socks: list[socket.socket] = []
+    with Running(server, IDLE_CONNECTIONS + 20, pin) as running:
+        try:
+
+            def open_echoing(n: int) -> None:
+                for _ in range(n):
+                    sock = socket.create_connection(("127.0.0.1", running.port), timeout=10)
+                    sock.sendall(b"x")
+                    if sock.recv(1) != b"x":  # accepted and served once
+                        raise RuntimeError("no echo on an idle connection")
+                    socks.append(sock)
+
+            open_echoing(20)  # warm: first-connection allocations are not per connection
+            time.sleep(0.3)
+            before = tree_rss(running.proc.pid)
+            open_echoing(IDLE_CONNECTIONS)
+            time.sleep(0.3)
+            return (tree_rss(running.proc.pid) - before) / IDLE_CONNECTIONS
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+# -- the whole comparison ----------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    runs: dict[tuple[str, str], list[Run | None]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    memory: dict[str, float | None] = field(default_factory=dict)
+    generator: dict[str, Any] = field(default_factory=dict)
+
+
+def paired(results: Results, load: str, name: str, reference: str, key: str) -> float | None:
+    """Median over rounds of name's figure / reference's figure in the same round."""
+    ratios = [
+        getattr(x, key) / getattr(r, key)
+        for x, r in zip(results.runs[(load, name)], results.runs[(load, reference)], strict=True)
+        if x is not None and r is not None and getattr(r, key) > 0
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
+def median(runs: list[Run | None], key: str) -> float | None:
+    figures = [getattr(run, key) for run in runs if run is not None]
+    return statistics.median(figures) if figures else None
+
+
+def compare(
+    servers: list[Server], workloads: list[Workload], rounds: int, seconds: float, pin: Pinning
+) -> Results:
+    results = Results()
+    for load in workloads:
+        for server in servers:
+            results.runs[(load.name, server.name)] = []
+    for r in range(rounds):
+        for load in workloads:
+            shift = r % len(servers)
+            for server in servers[shift:] + servers[:shift]:
+                try:
+                    run: Run | None = measure(server, load, seconds, pin)
+                except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+                    run = None
+                    results.failures.append(f"round {r + 1}, {load.name}, {server.name}: {exc}")
+                    print(f"  failed: {server.name} {load.name}: {exc}", file=sys.stderr)
+                results.runs[(load.name, server.name)].append(run)
+            print(f"round {r + 1}/{rounds}: {load.name} done", file=sys.stderr)
+    return results
+
+
+def check_generator(seconds: float, rounds: int, pin: Pinning, results: Results) -> None:
+    """A second generator against a saturated server (the pure-Python event worker,
+    whose core is the limit): how much does it add to the total rate?"""
+    server = SERVERS_BY_NAME["prefork-event-py"]
+    load = WORKLOADS[1]
+    added = []
+    for _ in range(rounds):
+        with Running(server, load.connections, pin) as running:
+            address = f"127.0.0.1:{running.port}"
+            bench(address, load, 0.5, pin)
+            one = bench(address, load, seconds, pin)["messages_per_second"]
+            pair = [
+                subprocess.Popen(
+                    [
+                        *pin.client,
+                        PYTHON,
+                        "-m",
+                        "prefork",
+                        "bench",
+                        address,
+                        "--json",
+                        "-c",
+                        str(load.connections),
+                        "-s",
+                        str(load.size),
+                        "-t",
+                        str(seconds),
+                        "--warmup",
+                        "0",
+                    ],  # fmt: skip
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            two = sum(
+                json.loads(p.communicate(timeout=seconds + 60)[0])["messages_per_second"]
+                for p in pair
+            )
+        added.append(two / one - 1)
+    results.generator["second_instance_adds"] = statistics.median(added)
+
+
+# -- reporting ---------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def tables(results: Results, servers: list[Server], workloads: list[Workload]) -> str:
+    lines = []
+    names = [s.name for s in servers]
+    for load in workloads:
+        lines.append(f"\n{load.title}")
+        for family, reference in REFERENCE.items():
+            members = [s for s in servers if s.family == family]
+            if not members:
+                continue
+            have_reference = reference in names
+            lines.append(
+                f"  {'server':<17}{'msg/s':>10}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
+                f"{'cpu us/msg':>11}{'busy':>6}{'client us':>10}"
+                + (
+                    f"{'msg/s vs ' + reference:>20}{'cpu vs ' + reference:>18}"
+                    if have_reference
+                    else ""
+                )
+                + f"{'  workers':>9}"
+            )
+            for server in members:
+                runs = results.runs[(load.name, server.name)]
+                row = (
+                    f"  {server.name:<17}{fmt(median(runs, 'rate'), ',.0f'):>10}"
+                    f"{fmt(median(runs, 'mbps'), ',.1f'):>9}{fmt(median(runs, 'p50'), ',.0f'):>9}"
+                    f"{fmt(median(runs, 'p99'), ',.0f'):>9}{fmt(median(runs, 'server_cpu'), '.2f'):>11}"
+                    f"{fmt(median(runs, 'busy'), '.0%'):>6}{fmt(median(runs, 'client_cpu'), '.2f'):>10}"
+                )
+                if have_reference:
+                    rate = paired(results, load.name, server.name, reference, "rate")
+                    cpu = paired(results, load.name, server.name, reference, "server_cpu")
+                    row += f"{fmt(rate, '.2f', 'x'):>20}{fmt(cpu, '.2f', 'x'):>18}"
+                balances = [run.balance for run in runs if run is not None and run.balance]
+                row += f"  {balances[-1] if balances else '':>7}"
+                lines.append(row.rstrip())
+    return "\n".join(lines)
+
+
+def headline(results: Results, names: list[str]) -> list[str]:
+    """The issue's targets, as paired ratios."""
+    out = []
+
+    def ratio(load: str, a: str, b: str, key: str) -> str:
+        if (load, a) not in results.runs or (load, b) not in results.runs:
+            return "not measured"
+        return fmt(paired(results, load, a, b, key), ".2f", "x")
+
+    out.append(
+        f"event worker, 50 x 1 KiB: msg/s {ratio('pingpong', 'prefork-event', 'c-epoll', 'rate')} "
+        f"of C epoll, CPU/msg {ratio('pingpong', 'prefork-event', 'c-epoll', 'server_cpu')} of C epoll, "
+        f"{ratio('pingpong', 'prefork-event', 'uvloop', 'server_cpu')} of uvloop"
+    )
+    out.append(
+        f"sync worker (a worker per connection), 50 x 1 KiB: msg/s "
+        f"{ratio('pingpong', 'prefork-sync', 'c-prefork', 'rate')} of C prefork, CPU/msg "
+        f"{ratio('pingpong', 'prefork-sync', 'c-prefork', 'server_cpu')} of C prefork, "
+        f"{ratio('pingpong', 'prefork-sync', 'tutorial-prefork', 'server_cpu')} of the tutorial prefork"
+    )
+    out.append(
+        f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', 'prefork-event', 'c-epoll', 'mbps')} of C epoll, "
+        f"sync {ratio('bulk', 'prefork-sync', 'c-prefork', 'mbps')} of C prefork"
+    )
+    if "c-epoll" in names and results.runs.get(("pingpong", "c-epoll")):
+        runs = [r for r in results.runs[("pingpong", "c-epoll")] if r is not None]
+        gen = statistics.median(r.client_cpu / r.server_cpu for r in runs) if runs else None
+        out.append(
+            f"load generator, 50 x 1 KiB: its CPU/msg {fmt(gen, '.2f', 'x')} of the C epoll server's"
+        )
+    if "second_instance_adds" in results.generator:
+        out.append(
+            "a second generator against a saturated server (prefork-event-py) adds "
+            f"{results.generator['second_instance_adds']:+.1%} to the total rate"
+        )
+    return out
+
+
+def memory_table(results: Results) -> str:
+    lines = [f"\nuser-space memory per idle connection ({IDLE_CONNECTIONS:,} idle, RSS growth)"]
+    for name, value in results.memory.items():
+        lines.append(f"  {name:<17}{fmt(value, ',.0f', ' bytes'):>14}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    with open("/proc/cpuinfo") as f:
+        model = next(
+            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?"
+        )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores ({model}), {memory:.0f} GiB, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
+
+
+def write_markdown(text: str, command: str, path: Path) -> None:
+    """Replace the generated section of ``path`` (or add one after its title)."""
+    section = "\n".join(
+        [
+            BEGIN,
+            "## Side by side: `bench/compare.py`",
+            "",
+            f"Machine: {machine()}. Date: {date.today().isoformat()}.",
+            f"Command: `{command}`",
+            "",
+            "Each server alone on core 0, `prefork bench` on core 1. Medians of interleaved rounds; ratios",
+            "are paired within a round against the C reference of the server's kind (`c-epoll` for the",
+            "event-driven servers, `c-prefork`, a process per connection, for the others). `cpu us/msg`",
+            "is the server process tree's CPU per echoed message (from /proc), `busy` the share of its",
+            "core it used (near 100%: the server is the bottleneck), `client us` the generator's own CPU",
+            "per message, `workers` the fewest-most connections a prefork worker took.",
+            "",
+            "```",
+            text.strip("\n"),
+            "```",
+            "",
+            "![messages/s and CPU per message](results.png)",
+            END,
+        ]
+    )
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN)] + section + old[old.index(END) + len(END) :]
+    else:
+        head, sep, rest = old.partition("\n")
+        new = head + sep + "\n" + section + "\n" + rest
+    path.write_text(new)
+
+
+def plot(results: Results, servers: list[Server], workloads: list[Workload], out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed; no results.png (pip install matplotlib)")
+        return False
+    fig, axes = plt.subplots(2, 1, figsize=(14, 8), sharex=True)
+    width = 0.8 / len(servers)
+    for i, server in enumerate(servers):
+        xs = [j + (i - len(servers) / 2 + 0.5) * width for j in range(len(workloads))]
+        for ax, key in zip(axes, ("rate", "server_cpu"), strict=True):
+            values = [median(results.runs[(w.name, server.name)], key) or 0 for w in workloads]
+            ax.bar(xs, values, width, label=server.name)
+    axes[0].set_ylabel("messages/s")
+    axes[0].set_yscale("log")
+    axes[1].set_ylabel("server CPU us per message")
+    axes[1].set_yscale("log")
+    axes[1].set_xticks(range(len(workloads)), [w.title for w in workloads])
+    axes[0].legend(ncol=4, fontsize="small")
+    axes[0].set_title("echo servers, server on one core, prefork bench on another (medians)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return True
+
+
+def choose(names: str | None, table: list[Any], what: str) -> list[Any]:
+    if not names:
+        return table
+    known = {item.name: item for item in table}
+    picked = []
+    for name in names.split(","):
+        if name not in known:
+            sys.exit(f"compare.py: unknown {what} {name!r} (choose from {', '.join(known)})")
+        picked.append(known[name])
+    return picked
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measured run (default 2)")
+    parser.add_argument(
+        "--servers", help="comma-separated subset of: " + ", ".join(s.name for s in SERVERS)
+    )
+    parser.add_argument(
+        "--workloads", help="comma-separated subset of: " + ", ".join(w.name for w in WORKLOADS)
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the idle-connection memory")
+    parser.add_argument(
+        "--no-generator-check", action="store_true", help="skip the second-generator check"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=HERE, help="where RESULTS.md and results.png go"
+    )
+    args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        sys.exit("compare.py: --rounds must be at least 1 and --seconds positive")
+    servers = choose(args.servers, SERVERS, "server")
+    workloads = choose(args.workloads, WORKLOADS, "workload")
+    available = []
+    for server in servers:
+        if server.needs:
+            try:
+                __import__(server.needs)
+            except ImportError:
+                print(
+                    f"note: {server.needs} is not installed; {server.name} skipped (pip install {server.needs})"
+                )
+                continue
+        available.append(server)
+    build("epoll_echo")
+    build("blocking_prefork")
+    pin = pinning()
+    command = "python bench/compare.py " + " ".join(sys.argv[1:])
+    started = time.monotonic()
+    results = compare(available, workloads, args.rounds, args.seconds, pin)
+    if not args.no_memory:
+        for server in available:
+            if server.name in NO_IDLE:
+                continue
+            try:
+                results.memory[server.name] = idle_memory(server, pin)
+            except (RuntimeError, OSError) as exc:
+                results.memory[server.name] = None
+                results.failures.append(f"memory, {server.name}: {exc}")
+    names = [s.name for s in available]
+    if not args.no_generator_check and "prefork-event-py" in names:
+        check_generator(args.seconds, args.rounds, pin, results)
+    text = (
+        f"{args.rounds} interleaved rounds of {args.seconds:g} s per server and workload; "
+        f"medians; ratios paired within a round\n"
+        + tables(results, available, workloads)
+        + (memory_table(results) if results.memory else "")
+        + "\n\ntargets:\n"
+        + "\n".join(f"  {line}" for line in headline(results, names))
+        + (
+            "\n\nfailed runs:\n" + "\n".join(f"  {f}" for f in results.failures)
+            if results.failures
+            else ""
+        )
+        + f"\n\n({time.monotonic() - started:.0f} s)"
+    )
+    print(text)
+    write_markdown(text, command, args.output / "RESULTS.md")
+    plot(results, available, workloads, args.output / "results.png")
+    sys.exit(1 if results.failures else 0)
+
+
+if __name__ == "__main__":
+    main()
