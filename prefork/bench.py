@@ -28,7 +28,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from prefork.config import (
     Address,
@@ -38,6 +38,9 @@ from prefork.config import (
     parse_size,
 )
 from prefork.errors import EXIT_FAILURE, EXIT_OK, ConfigError, PreforkError
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 __all__ = ["Options", "Result", "add_parser", "options_from_args", "run"]
 
@@ -263,12 +266,14 @@ class Result:
 
 
 class Progress:
-    """A live line on a terminal (rewritten in place with a carriage return);
-    nothing when ``stream`` is not a terminal."""
+    """A live line on a terminal: drawn with rich when it is installed, else
+    rewritten in place with a carriage return; nothing when ``stream`` is not a
+    terminal. ``clear()`` must be called at the end (it restores the cursor)."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.enabled = stream.isatty()
+        self.live = rich_live(stream) if self.enabled else None
         self.last = time.monotonic()
         self.last_messages = self.last_bytes = 0
         self.shown = False
@@ -292,15 +297,40 @@ class Progress:
             f"{(received - self.last_bytes) / span / 1e6:9,.1f} MB/s  "
             f"p99 {format_ns(p99):>9}  errors {errors:,}"
         )
-        self.stream.write(f"\r{line}\x1b[K")
-        self.stream.flush()
+        if self.live is not None:
+            from rich.text import Text
+
+            self.live.start()  # once: a started display ignores it
+            self.live.update(Text(line, style="bold red" if errors else ""), refresh=True)
+        else:
+            self.stream.write(f"\r{line}\x1b[K")
+            self.stream.flush()
         self.shown = True
         self.last, self.last_messages, self.last_bytes = now, messages, received
 
     def clear(self) -> None:
-        if self.shown:
+        if self.live is not None:
+            self.live.stop()  # erases the line, shows the cursor again
+        elif self.shown:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+def rich_live(stream: TextIO) -> Live | None:
+    """A transient rich display on ``stream``, refreshed only by ``update()``
+    (no thread of its own: the load generator keeps the GIL to itself)."""
+    try:
+        from rich.console import Console
+        from rich.live import Live
+    except ImportError:  # rich is optional (pip install 'prefork[bench]'): draw the line by hand
+        return None
+    return Live(
+        console=Console(file=stream),
+        transient=True,
+        auto_refresh=False,
+        redirect_stdout=False,
+        redirect_stderr=False,
+    )
 
 
 def process_cpu() -> float:

@@ -572,18 +572,34 @@ def test_ctrl_c_reports_what_was_measured(servers, name):
     assert 0.3 < document["seconds"] < 10 and document["error_total"] == 0
 
 
-def test_progress_line_on_a_terminal(servers):
+@pytest.mark.parametrize("ending", ["time", "ctrl-c"])
+@pytest.mark.parametrize("drawing", ["rich", "plain"])
+def test_progress_line_on_a_terminal(servers, tmp_path, drawing, ending):
+    """Drawn with rich when it is importable, by hand when it is not (a
+    ``rich.py`` that raises ImportError comes first on the path); cleared in
+    either case, at the end of ``-t`` or on Ctrl-C, before the report, which
+    follows on the same terminal."""
+    if drawing == "rich":
+        pytest.importorskip("rich")
+        env = dict(os.environ)
+    else:
+        (tmp_path / "rich.py").write_text("raise ImportError('rich is blocked by this test')\n")
+        env = handler_env(tmp_path)
+    env["TERM"] = "xterm"  # rich draws nothing on a "dumb" terminal
+    seconds = "1.2" if ending == "time" else "60"
     leader, follower = os.openpty()
+    proc = subprocess.Popen(
+        prefork_command("bench", address(servers["echo"]), "-t", seconds, "-c", "2"),
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        start_new_session=True,
+    )
+    os.close(follower)
+    seen = b""
+    interrupted = False
     try:
-        proc = subprocess.Popen(
-            prefork_command("bench", address(servers["echo"]), "-t", "1.2", "-c", "2"),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=follower,
-            start_new_session=True,
-        )
-        os.close(follower)
-        seen = b""
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             ready, _, _ = select.select([leader], [], [], 0.5)
@@ -595,15 +611,32 @@ def test_progress_line_on_a_terminal(servers):
                 if not chunk:
                     break
                 seen += chunk
+                if ending == "ctrl-c" and not interrupted and b"running" in seen:
+                    proc.send_signal(signal.SIGINT)
+                    interrupted = True
             elif proc.poll() is not None:
                 break
         assert proc.wait(20) == 0
-        proc.stdout.close()
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
         os.close(leader)
     text = seen.decode()
-    assert "\r" in text and "msg/s" in text and "MB/s" in text and "p99" in text, text
-    assert text.endswith("\r\x1b[K")  # the line is cleared before the report
+    progress, _, report = text.partition(f"prefork bench {address(servers['echo'])} (")
+    assert report, text  # the report is there, after the progress line
+    assert ("(interrupted)" in report) == (ending == "ctrl-c"), report
+    figures = (
+        r"running +\d+\.\d s +[1-9][\d,]* msg/s +[\d,]+\.\d MB/s +p99 +[\d.]+ [um]?s +errors 0"
+    )
+    assert re.search(figures, progress), progress
+    if drawing == "rich":
+        # rich hides the cursor while it draws, then shows it and erases its line.
+        assert progress.startswith("\x1b[?25l") and "\x1b[K" not in progress, progress
+        assert re.search(r"\x1b\[\?25h\r(\x1b\[1A\x1b\[2K)+$", progress), progress
+    else:
+        assert "\x1b[?25" not in text and progress.count("\r") >= 2, progress
+        assert progress.endswith("\r\x1b[K")  # the line is cleared before the report
 
 
 @pytest.mark.parametrize(
