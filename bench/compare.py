@@ -48,9 +48,17 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
-BUILD = HERE / ".build"
+BUILD = HERE / ".build"  # the compiled C peers (--build-dir)
 PYTHON = sys.executable
 IDLE_CONNECTIONS = 1000
+EXPLANATION = """\
+Each server alone on core 0, `prefork bench` on core 1. Medians of interleaved
+rounds; ratios are paired within a round against the C reference of the
+server's kind (`c-epoll` for the event-driven servers, `c-prefork`, a process
+per connection, for the others). `cpu us/msg` is the server process tree's CPU
+per echoed message (from /proc), `busy` the share of its core it used (near
+100%: the server is the bottleneck), `client us` the generator's own CPU per
+message, `workers` the fewest-most connections a prefork worker took."""
 BEGIN = "<!-- bench/compare.py: generated section begins -->"
 END = "<!-- bench/compare.py: generated section ends -->"
 
@@ -451,12 +459,16 @@ def tables(results: Results, servers: list[Server], workloads: list[Workload]) -
             )
             for server in members:
                 runs = results.runs[(load.name, server.name)]
-                row = (
-                    f"  {server.name:<17}{fmt(median(runs, 'rate'), ',.0f'):>10}"
-                    f"{fmt(median(runs, 'mbps'), ',.1f'):>9}{fmt(median(runs, 'p50'), ',.0f'):>9}"
-                    f"{fmt(median(runs, 'p99'), ',.0f'):>9}{fmt(median(runs, 'server_cpu'), '.2f'):>11}"
-                    f"{fmt(median(runs, 'busy'), '.0%'):>6}{fmt(median(runs, 'client_cpu'), '.2f'):>10}"
-                )
+                cells = [
+                    fmt(median(runs, "rate"), ",.0f").rjust(10),
+                    fmt(median(runs, "mbps"), ",.1f").rjust(9),
+                    fmt(median(runs, "p50"), ",.0f").rjust(9),
+                    fmt(median(runs, "p99"), ",.0f").rjust(9),
+                    fmt(median(runs, "server_cpu"), ".2f").rjust(11),
+                    fmt(median(runs, "busy"), ".0%").rjust(6),
+                    fmt(median(runs, "client_cpu"), ".2f").rjust(10),
+                ]
+                row = f"  {server.name:<17}" + "".join(cells)
                 if have_reference:
                     rate = paired(results, load.name, server.name, reference, "rate")
                     cpu = paired(results, load.name, server.name, reference, "server_cpu")
@@ -476,27 +488,27 @@ def headline(results: Results, names: list[str]) -> list[str]:
             return "not measured"
         return fmt(paired(results, load, a, b, key), ".2f", "x")
 
+    event, sync = "prefork-event", "prefork-sync"
     out.append(
-        f"event worker, 50 x 1 KiB: msg/s {ratio('pingpong', 'prefork-event', 'c-epoll', 'rate')} "
-        f"of C epoll, CPU/msg {ratio('pingpong', 'prefork-event', 'c-epoll', 'server_cpu')} of C epoll, "
-        f"{ratio('pingpong', 'prefork-event', 'uvloop', 'server_cpu')} of uvloop"
+        f"event worker, 50 x 1 KiB: msg/s {ratio('pingpong', event, 'c-epoll', 'rate')} of "
+        f"C epoll, CPU/msg {ratio('pingpong', event, 'c-epoll', 'server_cpu')} of C epoll, "
+        f"{ratio('pingpong', event, 'uvloop', 'server_cpu')} of uvloop"
     )
     out.append(
         f"sync worker (a worker per connection), 50 x 1 KiB: msg/s "
-        f"{ratio('pingpong', 'prefork-sync', 'c-prefork', 'rate')} of C prefork, CPU/msg "
-        f"{ratio('pingpong', 'prefork-sync', 'c-prefork', 'server_cpu')} of C prefork, "
-        f"{ratio('pingpong', 'prefork-sync', 'tutorial-prefork', 'server_cpu')} of the tutorial prefork"
+        f"{ratio('pingpong', sync, 'c-prefork', 'rate')} of C prefork, CPU/msg "
+        f"{ratio('pingpong', sync, 'c-prefork', 'server_cpu')} of C prefork, "
+        f"{ratio('pingpong', sync, 'tutorial-prefork', 'server_cpu')} of the tutorial prefork"
     )
     out.append(
-        f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', 'prefork-event', 'c-epoll', 'mbps')} of C epoll, "
-        f"sync {ratio('bulk', 'prefork-sync', 'c-prefork', 'mbps')} of C prefork"
+        f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', event, 'c-epoll', 'mbps')} of C epoll, "
+        f"sync {ratio('bulk', sync, 'c-prefork', 'mbps')} of C prefork"
     )
     if "c-epoll" in names and results.runs.get(("pingpong", "c-epoll")):
         runs = [r for r in results.runs[("pingpong", "c-epoll")] if r is not None]
         gen = statistics.median(r.client_cpu / r.server_cpu for r in runs) if runs else None
-        out.append(
-            f"load generator, 50 x 1 KiB: its CPU/msg {fmt(gen, '.2f', 'x')} of the C epoll server's"
-        )
+        share = fmt(gen, ".2f", "x")
+        out.append(f"load generator, 50 x 1 KiB: its CPU/msg {share} of the C epoll server's")
     if "second_instance_adds" in results.generator:
         out.append(
             "a second generator against a saturated server (prefork-event-py) adds "
@@ -534,12 +546,7 @@ def write_markdown(text: str, command: str, path: Path) -> None:
             f"Machine: {machine()}. Date: {date.today().isoformat()}.",
             f"Command: `{command}`",
             "",
-            "Each server alone on core 0, `prefork bench` on core 1. Medians of interleaved rounds; ratios",
-            "are paired within a round against the C reference of the server's kind (`c-epoll` for the",
-            "event-driven servers, `c-prefork`, a process per connection, for the others). `cpu us/msg`",
-            "is the server process tree's CPU per echoed message (from /proc), `busy` the share of its",
-            "core it used (near 100%: the server is the bottleneck), `client us` the generator's own CPU",
-            "per message, `workers` the fewest-most connections a prefork worker took.",
+            EXPLANATION,
             "",
             "```",
             text.strip("\n"),
@@ -593,12 +600,13 @@ def choose(names: str | None, table: list[Any], what: str) -> list[Any]:
     picked = []
     for name in names.split(","):
         if name not in known:
-            sys.exit(f"compare.py: unknown {what} {name!r} (choose from {', '.join(known)})")
+            raise ValueError(f"unknown {what} {name!r} (choose from {', '.join(known)})")
         picked.append(known[name])
     return picked
 
 
 def main() -> None:
+    global BUILD  # noqa: PLW0603 - set once from --build-dir, before anything is built
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--seconds", type=float, default=2.0, help="per measured run (default 2)")
@@ -615,20 +623,26 @@ def main() -> None:
     parser.add_argument(
         "--output", type=Path, default=HERE, help="where RESULTS.md and results.png go"
     )
+    parser.add_argument(
+        "--build-dir", type=Path, default=BUILD, help="where the C peers are compiled"
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.seconds <= 0:
-        sys.exit("compare.py: --rounds must be at least 1 and --seconds positive")
-    servers = choose(args.servers, SERVERS, "server")
-    workloads = choose(args.workloads, WORKLOADS, "workload")
+        parser.error("--rounds must be at least 1 and --seconds positive")
+    BUILD = args.build_dir
+    try:
+        servers = choose(args.servers, SERVERS, "server")
+        workloads = choose(args.workloads, WORKLOADS, "workload")
+    except ValueError as exc:
+        parser.error(str(exc))
     available = []
     for server in servers:
         if server.needs:
             try:
                 __import__(server.needs)
             except ImportError:
-                print(
-                    f"note: {server.needs} is not installed; {server.name} skipped (pip install {server.needs})"
-                )
+                name = server.needs
+                print(f"note: {name} is not installed; {server.name} skipped (pip install {name})")
                 continue
         available.append(server)
     build("epoll_echo")

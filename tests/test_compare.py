@@ -1,0 +1,110 @@
+"""bench/compare.py, run for real on a small scale: it compiles the C peers,
+starts real servers, loads them with ``prefork bench`` and writes its
+results where it is told, keeping the rest of RESULTS.md. (The figures
+themselves are not judged here: speed belongs to the benchmark, not to a
+timed test.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+COMPARE = Path(__file__).resolve().parent.parent / "bench" / "compare.py"
+BEGIN = "<!-- bench/compare.py: generated section begins -->"
+END = "<!-- bench/compare.py: generated section ends -->"
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+
+
+def compare(tmp_path: Path, *args: str, timeout: float = 100) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, str(COMPARE), "--output", str(tmp_path), "--build-dir"]
+    argv += [str(tmp_path / "build"), *args]
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Processes still running one of this run's servers."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if str(tmp_path) in cmdline and pid != str(os.getpid()):
+            found.append(cmdline)
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_a_small_comparison_writes_its_section_and_keeps_the_rest(tmp_path: Path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\nA hand-written section that must stay.\n")
+    done = compare(
+        tmp_path, "--rounds", "1", "--seconds", "0.3", "--no-generator-check",
+        "--servers", "c-epoll,prefork-event,c-prefork,prefork-sync",
+        "--workloads", "latency,bulk",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not leftovers(tmp_path)
+    assert (tmp_path / "build" / "epoll_echo").exists()
+    assert (tmp_path / "build" / "blocking_prefork").exists()
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n")
+    assert "A hand-written section that must stay." in text
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    section = text[text.index(BEGIN) : text.index(END)]
+    assert re.search(
+        r"^Command: `python bench/compare.py .*--rounds 1 --seconds 0\.3 ", section, re.M
+    )
+    for title in ("1 x 1 KiB ping-pong", "4 x 64 KiB, 4 in flight"):
+        assert title in section
+    # Each server has a row per workload with figures, and each reference is 1.00x of itself.
+    for name in ("c-epoll", "prefork-event", "c-prefork", "prefork-sync"):
+        rows = re.findall(rf"^  {name} +([\d,]+) +[\d,]+\.\d ", section, re.MULTILINE)
+        assert len(rows) == 2 and all(int(r.replace(",", "")) > 0 for r in rows), section
+    for reference in ("c-epoll", "c-prefork"):
+        assert re.search(rf"^  {reference} .* 1\.00x +1\.00x$", section, re.MULTILINE), section
+    # Memory is measured where a server can hold 1,000 idle connections, not for sync.
+    assert re.search(r"^  prefork-event +[\d,]+ bytes$", section, re.MULTILINE)
+    assert not re.search(r"^  prefork-sync +[\d,]+ bytes$", section, re.MULTILINE)
+    assert "failed runs" not in section
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in done.stdout
+    else:
+        assert (tmp_path / "results.png").stat().st_size > 0
+
+    # A second run replaces the section instead of adding one.
+    again = compare(
+        tmp_path, "--rounds", "1", "--seconds", "0.2", "--no-generator-check", "--no-memory",
+        "--servers", "c-epoll", "--workloads", "latency",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    text = results.read_text()
+    assert text.count(BEGIN) == 1 and "A hand-written section that must stay." in text
+    assert "4 x 64 KiB, 4 in flight" not in text  # the first run's bulk table is gone
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--servers", "nginx"], "unknown server 'nginx'"),
+        (["--workloads", "huge"], "unknown workload 'huge'"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ],
+)
+def test_bad_choices_are_usage_errors(tmp_path: Path, args: list[str], needle: str):
+    done = compare(tmp_path, *args, timeout=30)
+    assert done.returncode == 2
+    assert needle in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "RESULTS.md").exists()
