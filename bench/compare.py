@@ -24,9 +24,10 @@ message against the C epoll server's, and what a second generator adds
 against a saturated server).
 
 Writes ``bench/RESULTS.md`` (between its generated-section markers, keeping
-the rest of the file) and ``bench/results.png`` (with matplotlib, if
-installed). Peers that are not installed (uvloop, gevent) are skipped with a
-note. ``pip install -e '.[bench]'`` installs them.
+the rest of the file), ``bench/results.json`` (every run) and
+``bench/results.png`` (with matplotlib, if installed). Peers that are not
+installed (uvloop, gevent) are skipped with a note; ``pip install -e
+'.[bench]'`` installs them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -565,6 +566,24 @@ def write_markdown(text: str, command: str, path: Path) -> None:
     path.write_text(new)
 
 
+def write_raw(results: Results, command: str, path: Path) -> None:
+    """Every run's figures, round by round, for anyone who wants to check a median."""
+    document = {
+        "command": command,
+        "machine": machine(),
+        "date": date.today().isoformat(),
+        "runs": [
+            {"workload": load, "server": name, "round": i + 1, **(asdict(run) if run else {})}
+            for (load, name), runs in results.runs.items()
+            for i, run in enumerate(runs)
+        ],
+        "idle_bytes_per_connection": results.memory,
+        "generator": results.generator,
+        "failures": results.failures,
+    }
+    path.write_text(json.dumps(document, indent=1) + "\n")
+
+
 def plot(results: Results, servers: list[Server], workloads: list[Workload], out: Path) -> bool:
     try:
         import matplotlib
@@ -679,6 +698,7 @@ def main() -> None:
     )
     print(text)
     write_markdown(text, command, args.output / "RESULTS.md")
+    write_raw(results, command, args.output / "results.json")
     plot(results, available, workloads, args.output / "results.png")
     sys.exit(1 if results.failures else 0)
 

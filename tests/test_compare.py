@@ -6,6 +6,7 @@ timed test.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,9 @@ def test_a_small_comparison_writes_its_section_and_keeps_the_rest(tmp_path: Path
     assert re.search(r"^  prefork-event +[\d,]+ bytes$", section, re.MULTILINE)
     assert not re.search(r"^  prefork-sync +[\d,]+ bytes$", section, re.MULTILINE)
     assert "failed runs" not in section
+    raw = json.loads((tmp_path / "results.json").read_text())
+    runs = {(run["workload"], run["server"]) for run in raw["runs"] if run["rate"] > 0}
+    assert len(runs) == 8 and raw["failures"] == []
     try:
         import matplotlib  # noqa: F401
     except ImportError:
