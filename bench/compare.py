@@ -595,11 +595,12 @@ def plot(results: Results, servers: list[Server], workloads: list[Workload], out
         return False
     fig, axes = plt.subplots(2, 1, figsize=(14, 8), sharex=True)
     width = 0.8 / len(servers)
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # 20 distinct: one each
     for i, server in enumerate(servers):
         xs = [j + (i - len(servers) / 2 + 0.5) * width for j in range(len(workloads))]
         for ax, key in zip(axes, ("rate", "server_cpu"), strict=True):
             values = [median(results.runs[(w.name, server.name)], key) or 0 for w in workloads]
-            ax.bar(xs, values, width, label=server.name)
+            ax.bar(xs, values, width, label=server.name, color=colors[i % len(colors)])
     axes[0].set_ylabel("messages/s")
     axes[0].set_yscale("log")
     axes[1].set_ylabel("server CPU us per message")
