@@ -8,6 +8,7 @@ Both stay importable under their own names so one process can test both.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from types import ModuleType
@@ -22,7 +23,9 @@ __all__ = [
     "chargen",
     "discard",
     "echo",
+    "choose",
     "extensions_disabled",
+    "import_compiled",
     "load_compiled",
     "sendall",
 ]
@@ -33,24 +36,30 @@ def extensions_disabled() -> bool:
     return os.environ.get("PREFORK_NO_EXTENSIONS", "") not in ("", "0")
 
 
-def load_compiled() -> ModuleType | None:
-    """The compiled module, or None when it is not built."""
+def import_compiled(name: str) -> ModuleType | None:
+    """The compiled module ``prefork.NAME``, or None when it is not built."""
     try:
-        from prefork import _fastio
+        return importlib.import_module(f"prefork.{name}")
     except ImportError:
         return None
-    return _fastio
 
 
-def _choose() -> tuple[ModuleType, str]:
+def choose(compiled: str, twin: ModuleType) -> tuple[ModuleType, str]:
+    """The compiled module ``prefork.COMPILED`` unless extensions are disabled
+    or it is not built, else its pure-Python ``twin``; and "cython" or "python"."""
     if not extensions_disabled():
-        compiled = load_compiled()
-        if compiled is not None:
-            return compiled, "cython"
-    return _fastio_py, "python"
+        module = import_compiled(compiled)
+        if module is not None:
+            return module, "cython"
+    return twin, "python"
 
 
-_impl, IMPLEMENTATION = _choose()
+def load_compiled() -> ModuleType | None:
+    """The compiled hot loops, or None when they are not built."""
+    return import_compiled("_fastio")
+
+
+_impl, IMPLEMENTATION = choose("_fastio", _fastio_py)
 
 EventLoop = _impl.EventLoop
 accept: Callable[[Any], int | None] = _impl.accept

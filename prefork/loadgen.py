@@ -1,9 +1,9 @@
 """Picks the load generator's loop once; ``prefork bench`` imports this.
 
-The same order as ``prefork.fastio``: ``PREFORK_NO_EXTENSIONS=1`` forces the
-pure-Python ``prefork._loadgen_py``; otherwise the compiled
-``prefork._loadgen``, falling back to the twin only when the extension is
-absent. Both stay importable under their own names so one process can test
+Chosen by ``prefork.fastio.choose``, like the hot loops:
+``PREFORK_NO_EXTENSIONS=1`` forces the pure-Python ``prefork._loadgen_py``;
+otherwise the compiled ``prefork._loadgen``, falling back to the twin only
+when the extension is absent. Both stay importable under their own names so one process can test
 both. The histogram helpers and constants are the specification's, shared.
 """
 
@@ -21,7 +21,7 @@ from prefork._loadgen_py import (
     bucket_high,
     percentile,
 )
-from prefork.fastio import extensions_disabled
+from prefork.fastio import choose, import_compiled
 
 __all__ = [
     "BUCKETS",
@@ -38,23 +38,11 @@ __all__ = [
 
 
 def load_compiled() -> ModuleType | None:
-    """The compiled module, or None when it is not built."""
-    try:
-        from prefork import _loadgen
-    except ImportError:
-        return None
-    return _loadgen
+    """The compiled load generator, or None when it is not built."""
+    return import_compiled("_loadgen")
 
 
-def _choose() -> tuple[ModuleType, str]:
-    if not extensions_disabled():
-        compiled = load_compiled()
-        if compiled is not None:
-            return compiled, "cython"
-    return _loadgen_py, "python"
-
-
-_impl, IMPLEMENTATION = _choose()
+_impl, IMPLEMENTATION = choose("_loadgen", _loadgen_py)
 
 # Typed as the specification's class: the compiled one has the same interface.
 LoadGen: type[_loadgen_py.LoadGen] = _impl.LoadGen
