@@ -256,6 +256,11 @@ class Result:
     def error_total(self) -> int:
         return sum(self.errors.values())
 
+    @property
+    def cpu_per_message(self) -> float | None:
+        """This process's CPU microseconds per answered message (None: none answered)."""
+        return self.cpu_seconds / self.messages * 1e6 if self.messages else None
+
     def rate(self, amount: int) -> float:
         return amount / self.seconds if self.seconds > 0 else 0.0
 
@@ -278,11 +283,11 @@ class Progress:
         self.last_messages = self.last_bytes = 0
         self.shown = False
 
-    def update(self, generator: Any, phase: str, elapsed: float, force: bool = False) -> None:
+    def update(self, generator: Any, phase: str, elapsed: float) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self.last < PROGRESS_INTERVAL:
+        if now - self.last < PROGRESS_INTERVAL:
             return
         span = max(now - self.last, 1e-9)
         messages, received = generator.messages, generator.bytes_received
@@ -483,9 +488,7 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
         "mb_per_second": result.rate(result.bytes_received) / 1e6,
         "connections_opened": result.connections_opened,
         "cpu_seconds": result.cpu_seconds,
-        "cpu_us_per_message": result.cpu_seconds / result.messages * 1e6
-        if result.messages
-        else None,
+        "cpu_us_per_message": result.cpu_per_message,
         "latency_us": latency,
         "errors": result.errors,
         "error_total": result.error_total,
@@ -509,9 +512,9 @@ def report(
     rows.append(("messages", answered))
     rows.append(("messages/s", f"{result.rate(result.messages):,.0f}"))
     rows.append(("MB/s", f"{result.rate(result.bytes_received) / 1e6:,.2f} echoed"))
-    if result.messages:
-        per_message = result.cpu_seconds / result.messages * 1e6
-        rows.append(("client CPU", f"{result.cpu_seconds:.2f} s, {per_message:.2f} us/message"))
+    if result.cpu_per_message is not None:
+        per_message = f"{result.cpu_per_message:.2f} us/message"
+        rows.append(("client CPU", f"{result.cpu_seconds:.2f} s, {per_message}"))
     for name, fraction in QUANTILES:
         rows.append((f"latency {name}", format_ns(result.latency(fraction))))
     rows.append(("latency max", format_ns(result.latency_max)))
