@@ -41,7 +41,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from pathlib import Path
@@ -137,6 +139,7 @@ SERVERS = [
     Server("tutorial-prefork", "blocking", peer("tutorial_prefork.py", "{port}", "{workers}")),
     Server("socketserver", "blocking", peer("socketserver_echo.py", "{port}")),
 ]
+SERVERS_BY_NAME = {s.name: s for s in SERVERS}
 REFERENCE = {"event": "c-epoll", "blocking": "c-prefork"}
 # A process per connection cannot hold 1,000 idle connections sensibly.
 NO_IDLE = {"c-prefork", "prefork-sync", "tutorial-prefork"}
@@ -174,29 +177,46 @@ def tree(pid: int) -> list[int]:
     return found
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by ``pid`` and its descendants."""
+def tree_total(pid: int, name: str, value: Callable[[str], int]) -> int:
+    """The sum of ``value(text of /proc/P/NAME)`` over ``pid`` and its
+    descendants (one that has just gone counts nothing)."""
     total = 0
     for p in tree(pid):
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{p}/{name}") as f:
+                total += value(f.read())
         except FileNotFoundError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) used so far by ``pid`` and its descendants."""
+    # utime and stime are fields 14 and 15 of stat: 11 and 12 after the ")" ending comm.
+    ticks = tree_total(
+        pid, "stat", lambda text: sum(map(int, text.rsplit(")", 1)[1].split()[11:13]))
+    )
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its descendants."""
-    total = 0
-    for p in tree(pid):
-        try:
-            with open(f"/proc/{p}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except FileNotFoundError:
-            continue
-    return total
+    pages = tree_total(pid, "statm", lambda text: int(text.split()[1]))
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Pinning:
+    server: list[str]
+    client: list[str]
+
+
+def pinning() -> Pinning:
+    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
+        cores = sorted(os.sched_getaffinity(0))
+        return Pinning(["taskset", "-c", str(cores[0])], ["taskset", "-c", str(cores[1])])
+    print("note: fewer than 2 cores (or no taskset): server and generator are not pinned")
+    return Pinning([], [])
 
 
 class Running:
@@ -204,12 +224,15 @@ class Running:
 
     def __init__(self, server: Server, workers: int, pinning: Pinning) -> None:
         self.port, self.metrics = free_port(), free_port()
+        # Its stderr goes to a file: a pipe read only at the end would fill up
+        # and stall a server that logs under load.
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             pinning.server + server.command(self.port, workers, self.metrics),
             env={**os.environ, **dict(server.env)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stderr=self.stderr,
             start_new_session=True,
         )
 
@@ -226,8 +249,8 @@ class Running:
         raise RuntimeError("did not start listening within 20 s")
 
     def errors(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read().decode(errors="replace").strip()[-300:]
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace").strip()[-300:]
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -235,25 +258,7 @@ class Running:
         except ProcessLookupError:
             pass
         self.proc.wait()
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-
-
-SERVERS_BY_NAME = {s.name: s for s in SERVERS}
-
-
-@dataclass(frozen=True)
-class Pinning:
-    server: list[str]
-    client: list[str]
-
-
-def pinning() -> Pinning:
-    if len(os.sched_getaffinity(0)) >= 2 and shutil.which("taskset"):
-        cores = sorted(os.sched_getaffinity(0))
-        return Pinning(["taskset", "-c", str(cores[0])], ["taskset", "-c", str(cores[1])])
-    print("note: fewer than 2 cores (or no taskset): server and generator are not pinned")
-    return Pinning([], [])
+        self.stderr.close()
 
 
 # -- one measurement ---------------------------------------------------------------------
@@ -271,9 +276,10 @@ class Run:
     balance: str = ""  # connections per worker, where prefork reports it
 
 
-def bench(
+def bench_argv(
     address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
-) -> dict[str, Any]:
+) -> list[str]:
+    """``prefork bench`` on the client core: ``load`` for ``seconds``, JSON out."""
     argv = [
         *pin.client, PYTHON, "-m", "prefork", "bench", address, "--json",
         "-c", str(load.connections), "-s", str(load.size), "-d", str(load.depth),
@@ -281,11 +287,23 @@ def bench(
     ]  # fmt: skip
     if metrics:
         argv += ["--metrics", metrics]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"prefork bench: {done.stderr.strip()[-300:]}")
-    result: dict[str, Any] = json.loads(done.stdout)
+    return argv
+
+
+def bench_result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    """The JSON document of a finished ``prefork bench``; a failed run raises."""
+    if returncode != 0:
+        raise RuntimeError(f"prefork bench: {stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(stdout)
     return result
+
+
+def bench(
+    address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
+) -> dict[str, Any]:
+    argv = bench_argv(address, load, seconds, pin, metrics)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    return bench_result(done.returncode, done.stdout, done.stderr)
 
 
 def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run:
@@ -399,34 +417,15 @@ def check_generator(seconds: float, rounds: int, pin: Pinning, results: Results)
             address = f"127.0.0.1:{running.port}"
             bench(address, load, 0.5, pin)
             one = bench(address, load, seconds, pin)["messages_per_second"]
+            argv = bench_argv(address, load, seconds, pin)
             pair = [
-                subprocess.Popen(
-                    [
-                        *pin.client,
-                        PYTHON,
-                        "-m",
-                        "prefork",
-                        "bench",
-                        address,
-                        "--json",
-                        "-c",
-                        str(load.connections),
-                        "-s",
-                        str(load.size),
-                        "-t",
-                        str(seconds),
-                        "--warmup",
-                        "0",
-                    ],  # fmt: skip
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
+                subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 for _ in range(2)
             ]
-            two = sum(
-                json.loads(p.communicate(timeout=seconds + 60)[0])["messages_per_second"]
-                for p in pair
-            )
+            two = 0.0
+            for generator in pair:
+                out, err = generator.communicate(timeout=seconds + 60)
+                two += bench_result(generator.returncode, out, err)["messages_per_second"]
         added.append(two / one - 1)
     results.generator["second_instance_adds"] = statistics.median(added)
 
