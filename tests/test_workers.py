@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import wait_until
+from conftest import cpu_seconds, rss_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -128,12 +128,6 @@ def test_max_connections_spills_over_to_other_workers(server_factory):
     finally:
         for sock in socks:
             sock.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_out_of_descriptors_backs_off_without_spinning(server_factory):
@@ -319,11 +313,6 @@ def test_reuse_port_ttou_closes_the_unused_slot(server_factory):
         with server.connect() as sock:
             sock.sendall(b"ok")
             assert sock.recv(2) == b"ok"
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @pytest.mark.parametrize("max_buffer", ["16K", "256K"])

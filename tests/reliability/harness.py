@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+import conftest
+from conftest import children_of, process_state
+
 SOAK = os.environ.get("PREFORK_SOAK", "") not in ("", "0")
 
 WORKER_CLASS_ARGS = {
@@ -47,35 +50,15 @@ def fd_count(pid: int) -> int:
 
 
 def rss_bytes(pid: int) -> int:
+    """Resident bytes of ``pid``; 0 once it is gone (samplers race with exits)."""
     try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        return conftest.rss_bytes(pid)
     except (FileNotFoundError, ProcessLookupError):
         return 0
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
 def zombie_children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            children = [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
-    return [c for c in children if process_state(c) == "Z"]
+    return [c for c in children_of(pid) if process_state(c) == "Z"]
 
 
 @contextlib.contextmanager

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import wait_until
-from harness import cpu_seconds, scaled, timeout
+from conftest import cpu_seconds, wait_until
+from harness import scaled, timeout
 
 LIMIT = 64
 CLIENTS = 3 * LIMIT
