@@ -34,8 +34,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.reliability)
 
 
-def _compiled() -> ModuleType | None:
-    return fastio.load_compiled()
+def require_compiled(name: str) -> ModuleType:
+    """The compiled module ``prefork.NAME``. Not built: skip under
+    PREFORK_NO_EXTENSIONS=1 (nothing was compiled), fail otherwise."""
+    compiled = fastio.import_compiled(name)
+    if compiled is None:
+        if fastio.extensions_disabled():
+            pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
+        pytest.fail(f"prefork.{name} is not built (and PREFORK_NO_EXTENSIONS is not set)")
+    return compiled
 
 
 @pytest.fixture(params=["cython", "python"])
@@ -43,12 +50,7 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     """Each hot-loop test runs once per implementation."""
     if request.param == "python":
         return _fastio_py
-    compiled = _compiled()
-    if compiled is None:
-        if fastio.extensions_disabled():
-            pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
-        pytest.fail("prefork._fastio is not built (and PREFORK_NO_EXTENSIONS is not set)")
-    return compiled
+    return require_compiled("_fastio")
 
 
 def handler_env(path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from prefork import _loadgen_py, fastio, loadgen
 
-from conftest import Server, handler_env, prefork_command, start_server
+from conftest import Server, handler_env, prefork_command, require_compiled, start_server
 from test_cli import assert_one_line_error, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,12 +64,7 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
     """Each loop test runs once per implementation."""
     if request.param == "python":
         return _loadgen_py
-    compiled = loadgen.load_compiled()
-    if compiled is None:
-        if fastio.extensions_disabled():
-            pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
-        pytest.fail("prefork._loadgen is not built (and PREFORK_NO_EXTENSIONS is not set)")
-    return compiled
+    return require_compiled("_loadgen")
 
 
 @pytest.fixture(scope="module")

@@ -18,22 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prefork import _fastio_py, fastio
+from prefork import _fastio_py
 
-from conftest import tcp_pair
+from conftest import require_compiled, tcp_pair
 
 pytestmark = pytest.mark.timeout(300)
 
 SCENARIOS = ["normal", "closed_early", "reset", "bad_fd", "not_socket", "empty_buffer"]
-
-
-def compiled_or_fail():
-    compiled = fastio.load_compiled()
-    if compiled is None:
-        if fastio.extensions_disabled():
-            pytest.skip("PREFORK_NO_EXTENSIONS=1: nothing to compare against")
-        pytest.fail("prefork._fastio is not built")
-    return compiled
 
 
 def outcome(call):
@@ -134,7 +125,7 @@ def run_scenario(module, name: str, scenario: str, messages: list[int], chunk: i
     bufsize=st.integers(1, 70_000),
 )
 def test_compiled_and_spec_agree(name, scenario, messages, chunk, bufsize):
-    compiled = compiled_or_fail()
+    compiled = require_compiled("_fastio")
     spec = run_scenario(_fastio_py, name, scenario, messages, chunk, bufsize)
     fast = run_scenario(compiled, name, scenario, messages, chunk, bufsize)
     assert fast == spec
