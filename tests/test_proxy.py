@@ -310,23 +310,21 @@ def handle(sock, address):
 """
 
 
+def peer_handler_server(server_factory, tmp_path, k: str, attr: str):
+    """One ``k`` worker behind a PROXY listener, serving ``PEER_HANDLER``'s ``attr``."""
+    (tmp_path / "peer_handler.py").write_text(PEER_HANDLER)
+    return server_factory(
+        "-b", "proxy:127.0.0.1:0", "-w", "1", "-k", k,
+        "--handler", f"peer_handler:{attr}", env=handler_env(tmp_path),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("k", "attr"),
     [("event", "Peer"), ("sync", "Peer"), ("sync", "handle"), ("thread", "handle")],
 )
 def test_server_hands_the_client_address_to_handlers(server_factory, tmp_path, k, attr):
-    (tmp_path / "peer_handler.py").write_text(PEER_HANDLER)
-    server = server_factory(
-        "-b",
-        "proxy:127.0.0.1:0",
-        "-w",
-        "1",
-        "-k",
-        k,
-        "--handler",
-        f"peer_handler:{attr}",
-        env=handler_env(tmp_path),
-    )
+    server = peer_handler_server(server_factory, tmp_path, k, attr)
     assert "(PROXY protocol)" in server.log
     cases = ((v1(), "('192.0.2.7', 40000)"), (v2("2001:db8::1", "::1"), "2001:db8::1"))
     for header, expected in cases:
@@ -384,18 +382,7 @@ def test_bad_proxy_options_are_one_line_usage_errors(args, words):
 
 @pytest.mark.parametrize("k", ["event", "sync"])
 def test_logs_name_the_client_from_the_header(server_factory, tmp_path, k):
-    (tmp_path / "peer_handler.py").write_text(PEER_HANDLER)
-    server = server_factory(
-        "-b",
-        "proxy:127.0.0.1:0",
-        "-w",
-        "1",
-        "-k",
-        k,
-        "--handler",
-        "peer_handler:Boom",
-        env=handler_env(tmp_path),
-    )
+    server = peer_handler_server(server_factory, tmp_path, k, "Boom")
     with server.connect() as sock:
         exchange(sock, v1() + b"explode", timeout=10)
     expected = "handler failed; connection from ('192.0.2.7', 40000) closed"
