@@ -18,6 +18,7 @@ class EventLoop:
     service: str
     max_connections: int
     max_buffer: int
+    max_accepts: int
     idle_timeout: float
     accepted: int
     bytes_in: int
@@ -37,11 +38,18 @@ class EventLoop:
         pattern: Any = b"",
         protocol_factory: Callable[[], Any] | None = None,
         datagram_sockets: Iterable[Any] = (),
+        max_accepts: int = 0,
+        stats: Any = None,
+        proxy_listeners: Iterable[Any] = (),
+        proxy_trusted: Callable[[Any], bool] | None = None,
     ) -> None: ...
     @property
     def active(self) -> int: ...
     @property
     def accepting(self) -> bool: ...
+    @property
+    def recycled(self) -> bool: ...
+    def drain(self) -> None: ...
     def stop_accepting(self) -> None: ...
     def close(self) -> None: ...
     def run(self, timeout: float) -> None: ...

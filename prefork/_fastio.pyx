@@ -327,7 +327,7 @@ cdef class EventLoop:
     cdef object stats_view  # keeps the stats memory alive
     cdef unsigned char *stats  # a scoreboard slot, written at every wake-up without the GIL
     cdef int n_active
-    cdef bint _accepting, armed, draining
+    cdef bint _accepting, _recycled, armed, draining
     cdef unsigned long long drained
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
@@ -423,8 +423,15 @@ cdef class EventLoop:
     def accepting(self):
         return self._accepting
 
+    @property
+    def recycled(self):
+        return self._recycled
+
     def drain(self):
         """Accept what is queued, then stop accepting (see the spec)."""
+        if self._recycled:  # accept again, but only to take the queue
+            self._recycled = False
+            self._accepting = True
         if self._accepting and not self.draining:
             self.draining = True
             self.drained = 0
@@ -478,12 +485,14 @@ cdef class EventLoop:
 
     cdef int _stop_accepting(self) except -1 nogil:
         cdef int i
+        self._recycled = False
         if not self._accepting:
             return 0
         self._accepting = False
         self._disarm()
         for i in range(self.n_dgrams):
             self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
+        self.n_dgrams = 0  # for good: a drain that resumes accepting leaves them out
         return 0
 
     cdef int _rearm(self) except -1 nogil:
@@ -737,6 +746,7 @@ cdef class EventLoop:
                 break
             if self.max_accepts and self.accepted >= self.max_accepts:
                 self._stop_accepting()  # recycled: serve what we have, then end
+                self._recycled = True
                 return 0
             fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:

@@ -332,6 +332,9 @@ class EventLoop:
 
     ``max_accepts`` (0 = no limit) stops accepting after that many
     connections, for recycling: ``run`` then returns once they are done.
+    Until then the loop is ``recycled``: the listeners are still the
+    caller's to keep open, and a ``drain()`` (the worker told to stop while
+    it finishes) still takes what queued on them meanwhile.
 
     ``proxy_listeners`` (a subset of ``listeners``) carry the PROXY protocol:
     a connection accepted on one first sends a v1 or v2 header, and nothing
@@ -391,6 +394,7 @@ class EventLoop:
         self._proxy_fds = _proxy_fds(proxy_listeners, fds)
         self._proxy_trusted = proxy_trusted
         self._accepting = True
+        self._recycled = False  # max_accepts stopped accepting; drain() may still
         self._armed = False
         self._draining = False
         self._drained = 0
@@ -413,6 +417,12 @@ class EventLoop:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def recycled(self) -> bool:
+        """``max_accepts`` stopped accepting, and neither a drain nor
+        ``stop_accepting`` has come since."""
+        return self._recycled
+
     def drain(self) -> None:
         """Graceful stop: accept what the listeners have queued, then stop
         accepting. Connections still queued when the last process closes a
@@ -420,7 +430,11 @@ class EventLoop:
         is waiting first: at most ``max_connections`` at a time (it takes
         more as connections end) and ``DRAIN_MAX`` in all, and it stops once
         every listener's queue is empty. It takes effect at the loop's next
-        turn: a signal handler may call it."""
+        turn: a signal handler may call it. A recycled loop drains too:
+        connections may have queued since it stopped accepting."""
+        if self._recycled:  # accept again, but only to take the queue
+            self._recycled = False
+            self._accepting = True
         if self._accepting and not self._draining:
             self._draining = True
             self._drained = 0
@@ -431,6 +445,7 @@ class EventLoop:
         Call it before closing the listeners: an epoll set keeps watching a
         listener another process still has open, even after we close ours.
         """
+        self._recycled = False
         if not self._accepting:
             return
         self._accepting = False
@@ -556,6 +571,7 @@ class EventLoop:
                 break
             if self.max_accepts and self.accepted >= self.max_accepts:
                 self.stop_accepting()  # recycled: serve what we have, then end
+                self._recycled = True
                 return
             if not self._accepting:  # a signal handler stopped us (and closed the listener)
                 return

@@ -569,6 +569,46 @@ def test_drain_takes_every_queued_connection_as_room_allows(running):
     assert r.loop.accepted == 5
 
 
+def test_a_recycled_loop_still_drains_when_told_to_stop(running):
+    """max_accepts stops accepting but the listeners stay the worker's: what
+    queues on them meanwhile is taken by a later drain (a worker told to stop
+    while it finishes), not left for a last close to reset."""
+    r = running("echo", max_accepts=1)
+    busy = r.connect()
+    busy.sendall(b"busy")
+    assert read_exactly(busy, 4) == b"busy"
+    assert wait_until(lambda: r.loop.recycled and not r.loop.accepting, 5)
+    queued = r.connect()
+    queued.sendall(b"queued")
+    queued.shutdown(socket.SHUT_WR)
+    time.sleep(0.3)
+    assert r.loop.accepted == 1  # recycled: nobody takes it yet
+    r.loop.drain()
+    r.wake()
+    with queued:
+        assert read_until_eof(queued) == b"queued"
+    assert wait_until(lambda: not r.loop.accepting and not r.loop.recycled, 5)
+    assert r.loop.accepted == 2
+    busy.close()
+
+
+def test_a_stopped_loop_does_not_drain(impl):
+    """After stop_accepting the listeners may be closed: drain() leaves them be."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        loop = impl.EventLoop([listener], "echo")
+        try:
+            loop.stop_accepting()
+            with socket.create_connection(listener.getsockname(), timeout=5):
+                loop.drain()
+                loop.run(0.2)
+                assert not loop.accepting and not loop.recycled and loop.accepted == 0
+        finally:
+            loop.close()
+
+
 def read_until_eof(sock: socket.socket) -> bytes:
     sock.settimeout(10)
     data = b""

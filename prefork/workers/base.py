@@ -167,7 +167,11 @@ class Worker:
         if self.alive:
             self.alive = False
             self.log.info("worker %d recycled after %d connections", self.age, self.accepted)
-            self.stop_accepting()
+            self.recycle_listeners()
+
+    def recycle_listeners(self) -> None:
+        """What recycling does with the listeners: what a stop does."""
+        self.stop_accepting()
 
     def stop_accepting(self) -> None:
         """Close this worker's copies of the listeners (idempotent)."""

@@ -46,9 +46,9 @@ class EventWorker(Worker):
             while self.loop.accepting or self.loop.active:
                 self.loop.run(self.tick)
                 self.collect_stats()
-                if not self.alive and not self.loop.accepting:  # drained: let go
-                    super().stop_accepting()
-                if self.alive and not self.loop.accepting:  # max_accepts reached
+                if not self.alive and not self.loop.accepting and not self.loop.recycled:
+                    super().stop_accepting()  # drained: let go
+                if self.alive and self.loop.recycled:  # max_accepts reached
                     self.recycle()
                 if not self.parent_alive():
                     self.log.warning("master is gone; worker exiting")
@@ -79,3 +79,11 @@ class EventWorker(Worker):
         # other processes hold open).
         if self.loop is not None:
             self.loop.drain()
+
+    def recycle_listeners(self) -> None:
+        """Keep them: the loop stopped accepting by itself (max_accepts), and
+        the listeners stay open, undrained, until the worker ends. With
+        --reuse-port this worker's position queues for its replacement
+        meanwhile; if a stop comes first (TTOU may retire the position, and
+        the master then lets go of its copy), the drain takes that queue
+        instead of the last close resetting it."""
