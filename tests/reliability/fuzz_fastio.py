@@ -30,6 +30,7 @@ tests/reliability/test_fuzz.py runs it for a few seconds in the suite.
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import os
 import socket
@@ -121,16 +122,23 @@ def fuzz_blocking_call(fdp: atheris.FuzzedDataProvider) -> None:
                 received = b""
             else:
                 client.sendall(payload)
+                reader = None
                 if peer == 0:
                     client.shutdown(socket.SHUT_WR)
+                    # Read while the call runs: with a tiny buffer every echoed
+                    # byte is a message of its own, and a few hundred of them
+                    # fill the socket's buffer (the call would wait on us).
+                    reader = concurrent.futures.ThreadPoolExecutor(1)
+                    reading = reader.submit(_read_all, client)
                 else:
                     client.close()
                 func = getattr(module, name)
                 result = outcome(lambda f=func, s=server: f(s, bytearray(size)))
                 received = b""
-                if peer == 0:
+                if reader is not None:
                     server.shutdown(socket.SHUT_WR)
-                    received = _read_all(client)
+                    received = reading.result(timeout=10)
+                    reader.shutdown()
             if result[0] == "ok" and name == "chargen":
                 result = ("ok", result[1][0])  # bytes out depend on the kernel
             results.append((result, received))
