@@ -479,7 +479,7 @@ def tables(results: Results, servers: list[Server], workloads: list[Workload]) -
     return "\n".join(lines)
 
 
-def headline(results: Results, names: list[str]) -> list[str]:
+def headline(results: Results) -> list[str]:
     """The issue's targets, as paired ratios."""
     out = []
 
@@ -504,7 +504,7 @@ def headline(results: Results, names: list[str]) -> list[str]:
         f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', event, 'c-epoll', 'mbps')} of C epoll, "
         f"sync {ratio('bulk', sync, 'c-prefork', 'mbps')} of C prefork"
     )
-    if "c-epoll" in names and results.runs.get(("pingpong", "c-epoll")):
+    if results.runs.get(("pingpong", "c-epoll")):
         runs = [r for r in results.runs[("pingpong", "c-epoll")] if r is not None]
         gen = statistics.median(r.client_cpu / r.server_cpu for r in runs) if runs else None
         share = fmt(gen, ".2f", "x")
@@ -688,7 +688,7 @@ def main() -> None:
         + tables(results, available, workloads)
         + (memory_table(results) if results.memory else "")
         + "\n\ntargets:\n"
-        + "\n".join(f"  {line}" for line in headline(results, names))
+        + "\n".join(f"  {line}" for line in headline(results))
         + (
             "\n\nfailed runs:\n" + "\n".join(f"  {f}" for f in results.failures)
             if results.failures
