@@ -51,6 +51,14 @@ FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
 WATCHDOG_INTERVAL = 0.25  # seconds between heartbeat checks when --timeout is on
 DUMP_GRACE = 0.2  # seconds a silent worker gets to dump its stack before KILL
+# --reuse-port, a retired position's sockets: the master keeps them at least
+# RETIRE_LINGER (a handshake whose SYN passed before the filter finishes within
+# an RTT; a longer hold turns more new clients away for a SYN retransmit),
+# looks at their queue every RETIRE_POLL while workers take it, and forks at
+# most RETIRE_DRAINS workers to take what queued after its own had left.
+RETIRE_LINGER = 0.1  # seconds
+RETIRE_POLL = 0.05  # seconds
+RETIRE_DRAINS = 3
 # Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
 # raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
 # wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
@@ -88,6 +96,20 @@ class WorkerRecord:
     stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
 
 
+@dataclass
+class RetiredSockets:
+    """--reuse-port: a position's sockets once no worker will take it again
+    (TTOU, or a HUP to fewer workers). New connections are filtered out; the
+    master keeps its copy while connections are queued, so that its close is
+    never the last one with a queue: the kernel would reset it."""
+
+    position: int
+    listeners: list[Listener]
+    holders: set[int]  # pids of the workers that may still accept on them
+    since: float  # time.monotonic() when the filter went on
+    drains: int = 0  # workers forked only to take what queued after the holders left
+
+
 class Arbiter:
     def __init__(
         self,
@@ -105,6 +127,7 @@ class Arbiter:
         # --reuse-port: each worker position's own sockets, kept across
         # respawns and reloads (the next worker in that position inherits them)
         self.slot_listeners: dict[int, list[Listener]] = {}
+        self.retired: list[RetiredSockets] = []  # positions given up, not yet closed
         self.reuse_addresses: list[Address] = []
         self.workers: dict[int, WorkerRecord] = {}  # by pid
         self.scoreboard = Scoreboard()
@@ -259,6 +282,9 @@ class Arbiter:
         ping_due = self.notifier.ping()
         if ping_due is not None:
             interval = min(interval, ping_due)
+        retired_due = self.retired_due()
+        if retired_due is not None:
+            interval = min(interval, retired_due)
         delay = self.respawn_at - time.monotonic()
         return max(0.0, min(interval, delay)) if delay > 0 else interval
 
@@ -444,24 +470,74 @@ class Arbiter:
             if self.workers[pid].position >= self.num_workers:
                 self.retire_position(self.workers[pid].position)
                 self.stop_worker(pid)
+        # Also a position whose worker had already gone (recycled, crashed)
+        # when TTOU came: what queued there waits for a replacement.
+        for position in [p for p in self.slot_listeners if p >= self.num_workers]:
+            self.retire_position(position)
         if time.monotonic() >= self.respawn_at:  # else backing off after crashes
             for position in sorted(set(range(self.num_workers)) - served):
                 self.spawn_worker(position)
-        # A position nobody will serve again (after TTOU) must not keep a queue.
-        held = {w.position for w in self.workers.values()}
-        for position in set(self.slot_listeners) - held:
-            if position >= self.num_workers:
-                close_listeners(self.slot_listeners.pop(position))
+        self.settle_retired()
 
     def retire_position(self, position: int) -> None:
         """--reuse-port: a position no worker will take again. Its sockets
-        stop taking new connections (clients retry onto the other sockets),
-        and the master lets go of them now: the worker leaving it takes
-        what is queued, and the sockets close when it closes its copies."""
-        listeners = self.slot_listeners.pop(position, [])
+        stop taking new connections at once (clients retry onto the other
+        sockets); the workers in it take what is queued as they stop, and
+        the master closes its copy in ``settle_retired``."""
+        listeners = self.slot_listeners.pop(position, None)
+        if listeners is None:
+            return
         for listener in listeners:
             listener.drop_new_connections()
-        close_listeners(listeners)
+        holders = {pid for pid, w in self.workers.items() if w.position == position}
+        self.retired.append(RetiredSockets(position, listeners, holders, time.monotonic()))
+
+    def settle_retired(self) -> None:
+        """Close retired sockets once nothing is queued on them. While
+        connections are queued, the workers that held the position (told to
+        stop) take them; if they are all gone and connections are still
+        queued (one had stopped accepting at --max-requests and then ended,
+        or was killed), a worker is forked on those sockets and told to stop
+        at once: it takes the queue, serves it and exits."""
+        now = time.monotonic()
+        for group in list(self.retired):
+            if now < group.since + RETIRE_LINGER:
+                continue
+            queued = any(listener.has_queue() for listener in group.listeners)
+            if queued and group.holders & self.workers.keys():
+                continue  # a holder takes them as it stops; look again shortly
+            if queued and group.drains < RETIRE_DRAINS:
+                if now >= self.respawn_at:  # else backing off after crashes
+                    self.log.info(
+                        "retired position %d: connections queued after its workers left; "
+                        "a worker takes them",
+                        group.position,
+                    )
+                    pid = self.spawn_worker(group.position, group.listeners)
+                    group.holders.add(pid)
+                    group.drains += 1
+                    self.stop_worker(pid)
+                continue
+            if queued:
+                self.log.warning(
+                    "closing the retired sockets of position %d with connections queued",
+                    group.position,
+                )
+            close_listeners(group.listeners)
+            self.retired.remove(group)
+
+    def retired_due(self) -> float | None:
+        """Seconds until ``settle_retired`` should look again, if ever."""
+        now = time.monotonic()
+        due = []
+        for group in self.retired:
+            if now < group.since + RETIRE_LINGER:
+                due.append(group.since + RETIRE_LINGER)
+            elif group.holders & self.workers.keys():
+                due.append(now + RETIRE_POLL)
+            else:  # queued, no holder: backing off before the next fork
+                due.append(self.respawn_at)
+        return max(0.0, min(due) - now) if due else None
 
     def listeners_for(self, position: int) -> list[Listener]:
         """What the worker in ``position`` accepts on; with --reuse-port the
@@ -476,25 +552,30 @@ class Arbiter:
         return self.listeners + self.slot_listeners[position]
 
     def all_listeners(self) -> list[Listener]:
-        return self.listeners + [lst for group in self.slot_listeners.values() for lst in group]
+        return self.listeners + self.position_listeners()
+
+    def position_listeners(self) -> list[Listener]:
+        """--reuse-port: every position's sockets, retired ones included."""
+        groups = [*self.slot_listeners.values(), *(g.listeners for g in self.retired)]
+        return [lst for group in groups for lst in group]
 
     def close_all_listeners(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         close_listeners(self.listeners, unlink=True)
-        for listeners in self.slot_listeners.values():
-            close_listeners(listeners)
+        close_listeners(self.position_listeners())
 
-    def spawn_worker(self, position: int = -1) -> int:
-        """Fork a worker (in ``position``, with --reuse-port)."""
+    def spawn_worker(self, position: int = -1, retired: list[Listener] | None = None) -> int:
+        """Fork a worker (in ``position``, with --reuse-port; on nothing but
+        the ``retired`` sockets of that position if given)."""
         self.worker_age += 1
         slot = min(set(range(self.scoreboard.slots)) - {w.slot for w in self.workers.values()})
         self.scoreboard.clear(slot)
         worker = self.worker_class(
             self.worker_age,
             self.pid,
-            self.listeners_for(position),
+            self.listeners_for(position) if retired is None else retired,
             self.config,
             self.handler,
             self.scoreboard,
@@ -513,7 +594,8 @@ class Arbiter:
             self.workers[pid] = WorkerRecord(
                 self.worker_age, self.generation, slot, position, time.monotonic()
             )
-            self.log.debug("spawned worker %d (pid %d)", self.worker_age, pid)
+            where = f" in position {position}" if position >= 0 else ""
+            self.log.debug("spawned worker %d (pid %d)%s", self.worker_age, pid, where)
             return pid
         # The child: never return into the master's code.
         code = EXIT_OK
@@ -522,9 +604,9 @@ class Arbiter:
             os.close(self.wakeup_w)
             if self.metrics is not None:  # the master's, not ours
                 self.metrics.close()
-            # Other slots' sockets must not outlive the master's copy in us.
-            for listeners in self.slot_listeners.values():
-                close_listeners([lst for lst in listeners if lst not in worker.listeners])
+            # Other positions' sockets must not outlive the master's copy in us.
+            theirs = self.position_listeners()
+            close_listeners([lst for lst in theirs if lst not in worker.listeners])
             try:
                 worker.init_process()
             except SystemExit as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -81,6 +82,15 @@ class Listener:
             self.sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER, fprog)
         except OSError:
             pass  # without the filter a stop is as before: queued connections reset
+
+    def has_queue(self) -> bool:
+        """Whether connections wait in this stream listener's accept queue
+        (closing it now would reset them)."""
+        if self.sock.fileno() < 0 or self.sock.type != socket.SOCK_STREAM:
+            return False
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(0))
 
     def close(self, unlink: bool = False) -> None:
         """Close the socket; the master also removes its UNIX socket file."""

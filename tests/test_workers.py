@@ -259,6 +259,43 @@ def listening_sockets(port: int) -> int:
     return len(out.splitlines())
 
 
+def queue_behind(server, victim: int) -> list[socket.socket]:
+    """Stop ``victim`` (SIGSTOP) and open 40 connections, each sending two
+    digits and half-closing; return them all once some wait in the victim's
+    own --reuse-port queue (the others are answered by the other workers)."""
+    import signal
+
+    os.kill(victim, signal.SIGSTOP)
+    socks = []
+    for i in range(40):
+        sock = server.connect()
+        sock.sendall(b"%02d" % i)
+        sock.shutdown(socket.SHUT_WR)  # so a sync worker can finish it and go on
+        socks.append(sock)
+    time.sleep(0.5)
+    sel = selectors.DefaultSelector()
+    for sock in socks:
+        sel.register(sock, selectors.EVENT_READ)
+    answered = {key.fileobj for key, _ in sel.select(0)}
+    sel.close()
+    assert len(answered) < len(socks), "the kernel hashed no connection to the stopped worker"
+    return socks
+
+
+def assert_all_answered(socks: list[socket.socket]) -> None:
+    for i, sock in enumerate(socks):
+        sock.settimeout(10)
+        assert sock.recv(2) == b"%02d" % i
+        assert sock.recv(1) == b""
+
+
+def position_of(server, position: int) -> int:
+    """The pid of the worker last spawned in ``position`` (--log-level debug)."""
+    found = re.findall(rf"\(pid (\d+)\) in position {position}\b", server.log)
+    assert found, server.log
+    return int(found[-1])
+
+
 @pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
 def test_reuse_port_respawned_worker_inherits_its_slot_queue(server_factory, k):
     import signal
@@ -268,29 +305,40 @@ def test_reuse_port_respawned_worker_inherits_its_slot_queue(server_factory, k):
     port = server.tcp()[1]
     assert listening_sockets(port) == 2  # one SO_REUSEPORT socket per worker slot
     victim = workers[0]
-    os.kill(victim, signal.SIGSTOP)
-    socks = []
+    socks = queue_behind(server, victim)
     try:
-        for i in range(40):
-            sock = server.connect()
-            sock.sendall(b"%02d" % i)
-            sock.shutdown(socket.SHUT_WR)  # so a sync worker can finish it and go on
-            socks.append(sock)
-        time.sleep(0.5)
-        sel = selectors.DefaultSelector()
-        for sock in socks:
-            sel.register(sock, selectors.EVENT_READ)
-        answered = {key.fileobj for key, _ in sel.select(0)}
-        sel.close()
-        waiting = [s for s in socks if s not in answered]
-        assert waiting, "the kernel hashed no connection to the stopped worker's socket"
         os.kill(victim, signal.SIGKILL)  # its queue stays with the master: nothing is reset
         assert wait_until(lambda: victim not in server.workers(), 5)
         server.wait_workers(2)
-        for i, sock in enumerate(socks):
-            sock.settimeout(10)
-            assert sock.recv(2) == b"%02d" % i
-            assert sock.recv(1) == b""
+        assert_all_answered(socks)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
+def test_reuse_port_ttou_serves_a_queue_its_worker_left_behind(server_factory, k):
+    """TTOU retires the highest position while connections wait in its queue
+    and its worker dies without taking them (as one that stopped accepting
+    at --max-requests and then ended would): the master must not close the
+    sockets on them, but fork a worker there to serve them."""
+    import signal
+
+    server = server_factory("-w", "2", *k, "--reuse-port", "--log-level", "debug")
+    server.wait_workers(2)
+    port = server.tcp()[1]
+    victim = position_of(server, 1)
+    socks = queue_behind(server, victim)
+    try:
+        server.signal(signal.SIGTTOU)  # TERM to the victim stays pending while it is stopped
+        assert wait_until(lambda: "TTOU: 1 worker(s)" in server.log, 5)
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: victim not in server.workers(), 5)
+        assert_all_answered(socks)
+        assert wait_until(lambda: listening_sockets(port) == 1, 10)
+        server.wait_workers(1)
+        assert "retired position 1: connections queued after its workers left" in server.log
+        assert "with connections queued" not in server.log
     finally:
         for sock in socks:
             sock.close()
