@@ -649,6 +649,10 @@ def main() -> None:
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
     BUILD = args.build_dir
+    try:  # before the measuring, not after it
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--output {args.output}: {exc.strerror or exc}")
     try:
         servers = choose(args.servers, SERVERS, "server")
         workloads = choose(args.workloads, WORKLOADS, "workload")

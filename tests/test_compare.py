@@ -112,3 +112,12 @@ def test_bad_choices_are_usage_errors(tmp_path: Path, args: list[str], needle: s
     assert done.returncode == 2
     assert needle in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_an_output_that_cannot_be_a_directory_is_a_usage_error(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    done = compare(tmp_path, "--output", str(blocker / "results"), timeout=30)
+    assert done.returncode == 2
+    assert "--output" in done.stderr and "Not a directory" in done.stderr
+    assert "Traceback" not in done.stderr
