@@ -944,17 +944,23 @@ cdef class EventLoop:
         return 0
 
     cdef ssize_t _send(self, int fd, const unsigned char *data, size_t length) except -2 nogil:
-        """Bytes the kernel took (0 if none); -errno on a connection error."""
+        """Bytes the kernel took (0 if none); -errno on a connection error
+        before any. After a short send it tries again at once: the peer may
+        have read meanwhile, and what it takes now need not wait a turn."""
         cdef ssize_t r
-        while True:
-            r = send(fd, data, length, MSG_NOSIGNAL)
-            if r >= 0:
-                return r
-            if errno == EAGAIN or errno == EWOULDBLOCK:
-                return 0
-            if errno != EINTR:
+        cdef size_t sent = 0
+        while sent < length:
+            r = send(fd, data + sent, length - sent, MSG_NOSIGNAL)
+            if r > 0:
+                sent += <size_t>r
+                continue
+            if r < 0 and errno == EINTR:
+                _check_signals()
+                continue
+            if r < 0 and errno != EAGAIN and errno != EWOULDBLOCK and sent == 0:
                 return -errno
-            _check_signals()
+            break  # EAGAIN, or an error after some bytes: the next send reports it
+        return <ssize_t>sent
 
     cdef int _write(self, Conn *conn, const unsigned char *data, size_t length) except -1 nogil:
         """Send what the kernel takes now; keep the rest, up to max_buffer."""

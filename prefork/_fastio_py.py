@@ -815,9 +815,7 @@ class EventLoop:
         sent = 0
         if not conn.pending:
             try:
-                sent = conn.sock.send(data)
-            except BlockingIOError:
-                pass
+                sent = _send_now(conn.sock, data)
             except OSError as exc:
                 self._close(conn, exc)
                 return
@@ -834,9 +832,8 @@ class EventLoop:
                 self._update(conn)
 
     def _flush(self, conn: _Conn, now: float) -> None:
-        try:
-            sent = conn.sock.send(conn.pending)
-        except BlockingIOError:
+        sent = _send_now(conn.sock, conn.pending)
+        if not sent:
             return
         conn.last_active = now
         self.bytes_out += sent
@@ -846,13 +843,30 @@ class EventLoop:
 
     def _generate(self, conn: _Conn, now: float) -> None:
         assert self._pattern is not None
-        try:
-            sent = conn.sock.send(self._pattern[conn.offset :])
-        except BlockingIOError:
+        sent = _send_now(conn.sock, self._pattern[conn.offset :])
+        if not sent:
             return
         conn.last_active = now
         self.bytes_out += sent
         conn.offset = (conn.offset + sent) % len(self._pattern)
+
+
+def _send_now(sock: socket.socket, data: Any) -> int:
+    """Bytes the kernel takes now (0 if none). After a short send it tries
+    again at once: the peer may have read meanwhile, and what it takes now
+    need not wait a turn. An error after some bytes is left to the next send."""
+    sent = 0
+    with memoryview(data) as view:
+        while sent < len(view):
+            try:
+                sent += sock.send(view[sent:])
+            except BlockingIOError:
+                break
+            except OSError:
+                if sent:
+                    break
+                raise
+    return sent
 
 
 def _proxy_fds(proxy_listeners: Any, fds: list[int]) -> frozenset[int]:
