@@ -344,6 +344,34 @@ def test_reuse_port_ttou_serves_a_queue_its_worker_left_behind(server_factory, k
             sock.close()
 
 
+def test_reuse_port_hup_to_fewer_workers_retires_the_extra_positions(server_factory, tmp_path):
+    """A HUP that lowers the worker count retires the positions above it as
+    TTOU does: what waits in their queues is served, then their sockets go."""
+    import signal
+
+    config = tmp_path / "prefork.toml"
+    config.write_text("workers = 3\nreuse-port = true\n")
+    server = server_factory("-c", str(config), "--log-level", "debug")
+    server.wait_workers(3)
+    port = server.tcp()[1]
+    assert listening_sockets(port) == 3
+    socks = queue_behind(server, position_of(server, 2))
+    try:
+        config.write_text("workers = 1\nreuse-port = true\n")
+        server.signal(signal.SIGHUP)
+        assert wait_until(lambda: "HUP: generation 1 started" in server.log, 5), server.log
+        os.kill(position_of(server, 2), signal.SIGCONT)  # it takes its queue as it stops
+        assert_all_answered(socks)
+        assert wait_until(lambda: listening_sockets(port) == 1, 10)
+        server.wait_workers(1)
+        with server.connect() as sock:
+            sock.sendall(b"ok")
+            assert sock.recv(2) == b"ok"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_reuse_port_ttou_closes_the_unused_slot(server_factory):
     import signal
 
