@@ -855,17 +855,18 @@ def _send_now(sock: socket.socket, data: Any) -> int:
     """Bytes the kernel takes now (0 if none). After a short send it tries
     again at once: the peer may have read meanwhile, and what it takes now
     need not wait a turn. An error after some bytes is left to the next send."""
-    sent = 0
+    try:
+        sent = sock.send(data)
+    except BlockingIOError:
+        return 0
+    if sent == 0 or sent == len(data):  # the usual case: one call
+        return sent
     with memoryview(data) as view:
         while sent < len(view):
             try:
                 sent += sock.send(view[sent:])
-            except BlockingIOError:
+            except OSError:  # EAGAIN, or an error the next send reports
                 break
-            except OSError:
-                if sent:
-                    break
-                raise
     return sent
 
 

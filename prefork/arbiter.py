@@ -109,6 +109,10 @@ class RetiredSockets:
     since: float  # time.monotonic() when the filter went on
     drains: int = 0  # workers forked only to take what queued after the holders left
 
+    def held(self, workers: dict[int, WorkerRecord]) -> bool:
+        """Whether a worker that may take the queue is still there."""
+        return not self.holders.isdisjoint(workers)
+
 
 class Arbiter:
     def __init__(
@@ -426,9 +430,7 @@ class Arbiter:
         self.generation += 1
         self.manage_workers()
         for pid in old:  # they stop accepting at once and finish what they have
-            if self.config.reuse_port and self.workers[pid].position >= self.num_workers:
-                self.retire_position(self.workers[pid].position)  # fewer workers now
-            self.stop_worker(pid)
+            self.stop_worker(pid)  # (manage_workers retired positions above the count)
         self.log.info(
             "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
         )
@@ -464,16 +466,16 @@ class Arbiter:
         worker, since each has its own socket and queue. A worker in a higher
         position is retired: its sockets stop taking new connections, it
         takes what is queued, and once it is gone the sockets are closed."""
+        # Filter first, then TERM: a worker drains what is queued as it stops.
+        # A position whose worker had already gone (recycled, crashed) is
+        # retired too: what queued there waited for a replacement.
+        for position in [p for p in self.slot_listeners if p >= self.num_workers]:
+            self.retire_position(position)
         current = self.current_workers()
         served = {self.workers[pid].position for pid in current}
         for pid in current:
             if self.workers[pid].position >= self.num_workers:
-                self.retire_position(self.workers[pid].position)
                 self.stop_worker(pid)
-        # Also a position whose worker had already gone (recycled, crashed)
-        # when TTOU came: what queued there waits for a replacement.
-        for position in [p for p in self.slot_listeners if p >= self.num_workers]:
-            self.retire_position(position)
         if time.monotonic() >= self.respawn_at:  # else backing off after crashes
             for position in sorted(set(range(self.num_workers)) - served):
                 self.spawn_worker(position)
@@ -504,7 +506,7 @@ class Arbiter:
             if now < group.since + RETIRE_LINGER:
                 continue
             queued = any(listener.has_queue() for listener in group.listeners)
-            if queued and group.holders & self.workers.keys():
+            if queued and group.held(self.workers):
                 continue  # a holder takes them as it stops; look again shortly
             if queued and group.drains < RETIRE_DRAINS:
                 if now >= self.respawn_at:  # else backing off after crashes
@@ -533,7 +535,7 @@ class Arbiter:
         for group in self.retired:
             if now < group.since + RETIRE_LINGER:
                 due.append(group.since + RETIRE_LINGER)
-            elif group.holders & self.workers.keys():
+            elif group.held(self.workers):
                 due.append(now + RETIRE_POLL)
             else:  # queued, no holder: backing off before the next fork
                 due.append(self.respawn_at)

@@ -3,8 +3,9 @@
 Chosen by ``prefork.fastio.choose``, like the hot loops:
 ``PREFORK_NO_EXTENSIONS=1`` forces the pure-Python ``prefork._loadgen_py``;
 otherwise the compiled ``prefork._loadgen``, falling back to the twin only
-when the extension is absent. Both stay importable under their own names so one process can test
-both. The histogram helpers and constants are the specification's, shared.
+when the extension is absent. Both stay importable under their own names so
+one process can test both. The histogram helpers and constants are the
+specification's, shared.
 """
 
 from __future__ import annotations

@@ -84,6 +84,6 @@ class EventWorker(Worker):
         """Keep them: the loop stopped accepting by itself (max_accepts), and
         the listeners stay open, undrained, until the worker ends. With
         --reuse-port this worker's position queues for its replacement
-        meanwhile; if a stop comes first (TTOU may retire the position, and
-        the master then lets go of its copy), the drain takes that queue
-        instead of the last close resetting it."""
+        meanwhile; if a stop comes first (TTOU retiring the position), the
+        drain takes that queue at once, rather than the master forking a
+        worker to take it after this one has gone."""
