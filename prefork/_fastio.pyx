@@ -40,7 +40,7 @@ from prefork._fastio_py import (
     STATS_SIZE, _stats_view, _proxy_fds,
 )
 from prefork import proxy
-from prefork.sock import peer_name, peer_of_fd
+from prefork._fastio_common import peer_name, peer_of_fd
 
 _log = logging.getLogger("prefork")
 

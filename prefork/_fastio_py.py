@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from prefork import proxy
-from prefork.sock import peer_name
+from prefork._fastio_common import peer_name
 
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 

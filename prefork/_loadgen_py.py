@@ -3,7 +3,7 @@
 ``LoadGen`` drives a closed loop against an echo server: ``connections``
 sockets, each with up to ``depth`` messages in flight, every echoed byte
 checked against what was sent and every message's latency recorded in a
-log-bucketed histogram. ``prefork bench`` (``prefork/bench.py``) runs it in
+log-bucketed histogram. ``prefork bench`` (``prefork/tools/bench.py``) runs it in
 short slices, for its progress line and so that Ctrl-C is seen at once.
 The compiled twin makes the same syscalls in the same order, with the GIL
 released for a whole slice; the test suite runs both against real servers.

@@ -1,7 +1,7 @@
 """The command line: ``prefork serve`` and ``prefork --version``.
 
 Parsing turns text into a ``Config`` through the validators in
-``prefork.config``; every user error leaves as one line on stderr and an exit
+``prefork.settings``; every user error leaves as one line on stderr and an exit
 code (2 for usage), never a traceback.
 """
 
@@ -17,8 +17,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from prefork import __version__, bench, fastio
-from prefork.config import (
+from prefork import __version__, fastio
+from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
+from prefork.proxy import parse_allowed
+from prefork.server.handlers import BUILTIN, check_fit, load_handler
+from prefork.server.log import LEVELS, setup_logging
+from prefork.server.privileges import check_can_switch, parse_group, parse_user
+from prefork.server.scoreboard import MAX_SLOTS
+from prefork.server.workers import WORKER_CLASSES
+from prefork.settings import (
     DEFAULT_BIND,
     Address,
     Config,
@@ -32,13 +39,7 @@ from prefork.config import (
     parse_size,
     parse_umask,
 )
-from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
-from prefork.handlers import BUILTIN, check_fit, load_handler
-from prefork.log import LEVELS, setup_logging
-from prefork.privileges import check_can_switch, parse_group, parse_user
-from prefork.proxy import parse_allowed
-from prefork.scoreboard import MAX_SLOTS
-from prefork.workers import WORKER_CLASSES
+from prefork.tools import bench
 
 PROG = "prefork"
 MAX_THREADS = 4096  # per thread worker: each is a thread with its own stack
@@ -381,8 +382,8 @@ def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from prefork.arbiter import Arbiter
-    from prefork.systemd import inherited_fds
+    from prefork.server.arbiter import Arbiter
+    from prefork.server.systemd import inherited_fds
 
     config = config_from_args(args)
     setup_logging(config.log_level, config.log_file)
@@ -411,14 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "client":
-            from prefork import client
+            from prefork.tools import client
 
             timeout = parse_seconds(args.timeout, "--timeout") or None
             return client.run(args.address, args.udp, args.send, not args.no_newline, timeout)
         if args.command == "bench":
             return bench.run(args)
         if args.command == "status":
-            from prefork.status import fetch, table
+            from prefork.tools.status import fetch, table
 
             print(table(fetch(args.address)))
             return 0

@@ -15,6 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from prefork import _fastio_py
+from prefork._fastio_common import peer_name, peer_of_fd
 
 __all__ = [
     "IMPLEMENTATION",
@@ -27,6 +28,8 @@ __all__ = [
     "extensions_disabled",
     "import_compiled",
     "load_compiled",
+    "peer_name",
+    "peer_of_fd",
     "sendall",
 ]
 

@@ -27,8 +27,15 @@ from hypothesis import strategies as st
 
 from prefork import _loadgen_py, fastio, loadgen
 
-from conftest import Server, handler_env, prefork_command, require_compiled, start_server
-from test_cli import assert_one_line_error, run
+from support import (
+    Server,
+    assert_one_line_error,
+    handler_env,
+    prefork_command,
+    require_compiled,
+    run,
+    start_server,
+)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -5,38 +5,15 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
-import subprocess
 
 import pytest
 
-from conftest import prefork_command
+from support import assert_one_line_error, run
 
 pytestmark = pytest.mark.timeout(60)
 
 PR_CAPBSET_DROP = 24
 CAP_NET_BIND_SERVICE = 10
-
-
-def run(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        prefork_command(*args),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=preexec_fn,
-        start_new_session=True,
-    )
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("prefork: error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0]
 
 
 @pytest.mark.parametrize(

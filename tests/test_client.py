@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from prefork.handlers import chargen_pattern
+from prefork.server.handlers import chargen_pattern
 
-from conftest import prefork_command
-from test_cli import assert_one_line_error
+from support import assert_one_line_error, prefork_command
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from prefork.handlers import chargen_pattern
+from prefork.server.handlers import chargen_pattern
 
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from prefork.handlers import chargen_pattern
+from prefork.server.handlers import chargen_pattern
 
-from conftest import tcp_pair
+from support import tcp_pair
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from prefork import _fastio_py
 
-from conftest import require_compiled, tcp_pair
+from support import require_compiled, tcp_pair
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,10 +6,16 @@ import socket
 import time
 
 import pytest
-from test_signals import WORKER_CLASS_ARGS
 
-from conftest import TESTS_DIR, exchange, handler_env, wait_until
-from test_cli import assert_one_line_error, run
+from support import (
+    TESTS_DIR,
+    WORKER_CLASS_ARGS,
+    assert_one_line_error,
+    exchange,
+    handler_env,
+    run,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,7 +140,7 @@ def _tests_on_path() -> dict[str, str]:
 def test_handler_load_errors_are_one_line(handler, code, needles):
     import subprocess
 
-    from conftest import prefork_command
+    from support import prefork_command
 
     result = subprocess.run(
         prefork_command("serve", "-b", "127.0.0.1:0", "--handler", handler),

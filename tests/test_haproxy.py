@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import handler_env, wait_until
+from support import handler_env, wait_until
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -10,9 +10,8 @@ import threading
 import time
 
 import pytest
-from test_signals import WORKER_CLASS_ARGS
 
-from conftest import TESTS_DIR, exchange, handler_env, wait_until
+from support import TESTS_DIR, WORKER_CLASS_ARGS, exchange, handler_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,8 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import exchange, prefork_command, wait_until
-from test_cli import assert_one_line_error, run
+from support import assert_one_line_error, exchange, prefork_command, run, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from support import (
     Server,
     children_of,
     exchange,

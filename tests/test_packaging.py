@@ -28,7 +28,7 @@ import pytest
 import prefork
 from prefork import fastio
 
-from conftest import STARTUP_TIMEOUT, Server, _read_lines, exchange
+from support import STARTUP_TIMEOUT, Server, _read_lines, exchange
 
 ROOT = Path(__file__).resolve().parent.parent
 NAME = f"prefork-{prefork.__version__}"
@@ -143,8 +143,8 @@ def test_sdist_carries_the_sources_and_the_generated_c(sdist: Path):
         "prefork/_loadgen.pyi",
         "prefork/_loadgen_py.py",
         "prefork/py.typed",
-        "prefork/client.py",
-        "prefork/bench.py",
+        "prefork/tools/client.py",
+        "prefork/tools/bench.py",
         "setup.py",
         "pyproject.toml",
         "MANIFEST.in",
@@ -160,8 +160,8 @@ def test_wheel_carries_the_compiled_module_and_the_types(wheel: Path):
         names = set(archive.namelist())
         metadata = archive.read(f"{NAME}.dist-info/METADATA").decode()
     assert {f"prefork/_fastio{SO_SUFFIX}", f"prefork/_loadgen{SO_SUFFIX}"} <= names
-    assert {"prefork/py.typed", "prefork/_fastio.pyi", "prefork/workers/event.py"} <= names
-    assert {"prefork/_loadgen.pyi", "prefork/_loadgen_py.py", "prefork/bench.py"} <= names
+    assert {"prefork/py.typed", "prefork/_fastio.pyi", "prefork/server/workers/event.py"} <= names
+    assert {"prefork/_loadgen.pyi", "prefork/_loadgen_py.py", "prefork/tools/bench.py"} <= names
     # The C is for building, in the sdist.
     assert not {"prefork/_fastio.c", "prefork/_loadgen.c"} & names
     assert f"\nVersion: {prefork.__version__}\n" in metadata  # from prefork/__init__.py

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from prefork import proxy
 from prefork.proxy import ProxyHeaderError, TrustedPeers, parse
 
-from conftest import exchange, handler_env, prefork_command, wait_until
+from support import exchange, handler_env, prefork_command, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

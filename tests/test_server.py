@@ -11,11 +11,10 @@ import threading
 import time
 
 import pytest
-from test_signals import WORKER_CLASS_ARGS
 
-from prefork.handlers import chargen_pattern
+from prefork.server.handlers import chargen_pattern
 
-from conftest import exchange, wait_until
+from support import WORKER_CLASS_ARGS, exchange, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -27,7 +26,7 @@ LOG_LINE = re.compile(
 @pytest.fixture(scope="module", params=list(WORKER_CLASS_ARGS))
 def echo4(request):
     """One ``prefork serve -w 4`` per worker class, shared by the echo tests."""
-    from conftest import start_server
+    from support import start_server
 
     server = start_server("-w", "4", *WORKER_CLASS_ARGS[request.param])
     request.addfinalizer(server.kill_all)
@@ -144,7 +143,7 @@ def test_stale_unix_socket_is_replaced(server_factory, tmp_path):
 def test_unix_socket_in_use_is_refused(server_factory, tmp_path):
     path = tmp_path / "busy.sock"
     server_factory("-b", f"unix:{path}", "-w", "1")
-    from test_cli import assert_one_line_error, run
+    from support import assert_one_line_error, run
 
     assert_one_line_error(run("serve", "-b", f"unix:{path}"), 1, "address already in use")
 
@@ -227,14 +226,14 @@ def test_pid_file_is_written_and_removed(server_factory, tmp_path):
 
 
 def test_unwritable_pid_file_is_a_one_line_error(tmp_path):
-    from test_cli import assert_one_line_error, run
+    from support import assert_one_line_error, run
 
     target = tmp_path / "no-such-dir" / "prefork.pid"
     assert_one_line_error(run("serve", "--pid", str(target)), 1, str(target), "cannot write")
 
 
 def test_pid_file_is_removed_when_binding_fails(tmp_path):
-    from test_cli import assert_one_line_error, run
+    from support import assert_one_line_error, run
 
     pid_file = tmp_path / "prefork.pid"
     with socket.socket() as taken:

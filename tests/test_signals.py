@@ -11,16 +11,9 @@ import time
 
 import pytest
 
-from conftest import exchange, pid_alive, wait_until
+from support import WORKER_CLASS_ARGS, exchange, pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-WORKER_CLASS_ARGS = {
-    "event": ["-k", "event"],
-    "sync": ["-k", "sync"],
-    "thread": ["-k", "thread", "--threads", "2"],
-}
 
 
 @pytest.fixture(params=list(WORKER_CLASS_ARGS))

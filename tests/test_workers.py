@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cpu_seconds, rss_bytes, wait_until
+from support import cpu_seconds, rss_bytes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -206,7 +206,7 @@ def test_udp_on_ipv6(server_factory):
 
 @pytest.fixture(scope="module")
 def event_server():
-    from conftest import start_server
+    from support import start_server
 
     server = start_server("-w", "2", "-k", "event", "--idle-timeout", "1")
     yield server

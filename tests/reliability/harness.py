@@ -21,16 +21,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import conftest
-from conftest import children_of, process_state
+import support
+from support import children_of, process_state
 
 SOAK = os.environ.get("PREFORK_SOAK", "") not in ("", "0")
-
-WORKER_CLASS_ARGS = {
-    "event": ["-k", "event"],
-    "sync": ["-k", "sync"],
-    "thread": ["-k", "thread", "--threads", "4"],
-}
 
 
 def scaled(fast, soak):
@@ -52,7 +46,7 @@ def fd_count(pid: int) -> int:
 def rss_bytes(pid: int) -> int:
     """Resident bytes of ``pid``; 0 once it is gone (samplers race with exits)."""
     try:
-        return conftest.rss_bytes(pid)
+        return support.rss_bytes(pid)
     except (FileNotFoundError, ProcessLookupError):
         return 0
 

@@ -28,9 +28,8 @@ import pytest
 
 from prefork.cli import FILE_KEYS, build_parser
 
-from conftest import prefork_command
 from harness import timeout
-from test_cli import assert_one_line_error, run
+from support import assert_one_line_error, prefork_command, run
 
 pytestmark = timeout(60, 60)
 

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import cpu_seconds, wait_until
 from harness import scaled, timeout
+from support import cpu_seconds, wait_until
 
 LIMIT = 64
 CLIENTS = 3 * LIMIT

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import exchange, launch, prefork_command, wait_until
 from harness import fd_count, payload, scaled, timeout
+from support import exchange, launch, prefork_command, wait_until
 
 ECHO_SIZE = 1 << 20
 PARALLEL = scaled(4, 16)  # concurrent 1 MiB echoes

@@ -14,8 +14,8 @@ import socket
 import threading
 import time
 
-from conftest import exchange
 from harness import Stream, rss_bytes, scaled, timeout
+from support import exchange
 
 CLIENTS = scaled(4, 32)
 SHARE = scaled(16 << 20, 32 << 20)  # per client: 64 MiB in all, 1 GiB soaked

@@ -22,8 +22,8 @@ import time
 
 import pytest
 
-from conftest import exchange, handler_env, start_server
 from harness import rss_bytes, timeout
+from support import exchange, handler_env, start_server
 
 pytestmark = timeout(60, 60)
 

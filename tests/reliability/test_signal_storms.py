@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import exchange
 from harness import WORKER_CLASS_ARGS, EchoLoad, Stream, payload, scaled, timeout
+from support import exchange
 
 STORM = scaled(2.0, 20.0)  # seconds
 STORM_SIGNALS = (signal.SIGALRM, signal.SIGCHLD)
@@ -208,7 +208,7 @@ def test_sendall_retries_eintr_against_a_slow_reader(impl):
 
 @timeout(60, 300)
 def test_chargen_retries_eintr_and_the_stream_is_intact(impl):
-    from prefork.handlers import chargen_pattern
+    from prefork.server.handlers import chargen_pattern
 
     pattern = chargen_pattern(4)
     client, server = socket.socketpair()

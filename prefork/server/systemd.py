@@ -17,7 +17,7 @@ import os
 import socket
 import time
 
-from prefork.log import get_logger
+from prefork.server.log import get_logger
 
 SD_LISTEN_FDS_START = 3
 

@@ -19,9 +19,9 @@ from collections import deque
 from typing import Any
 
 from prefork import fastio, proxy
-from prefork.handlers import BlockingHandler
-from prefork.sock import peer_of_fd
-from prefork.workers.base import Worker
+from prefork.fastio import peer_of_fd
+from prefork.server.handlers import BlockingHandler
+from prefork.server.workers.base import Worker
 
 BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
 

@@ -25,15 +25,15 @@ import threading
 import time
 from types import FrameType
 
-from prefork.config import Config
-from prefork.handlers import LoadedHandler
-from prefork.log import get_logger, log_stream, reopen_log_file
-from prefork.privileges import drop_privileges
-from prefork.proctitle import set_title
 from prefork.proxy import TrustedPeers
-from prefork.scoreboard import Scoreboard
-from prefork.sock import Listener
-from prefork.wakeup import drain, open_wakeup_pipe
+from prefork.server.handlers import LoadedHandler
+from prefork.server.listeners import Listener
+from prefork.server.log import get_logger, log_stream, reopen_log_file
+from prefork.server.privileges import drop_privileges
+from prefork.server.proctitle import set_title
+from prefork.server.scoreboard import Scoreboard
+from prefork.server.wakeup import drain, open_wakeup_pipe
+from prefork.settings import Config
 
 PR_SET_PDEATHSIG = 1
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from prefork.workers.base import Worker
-from prefork.workers.event import EventWorker
-from prefork.workers.sync import SyncWorker
-from prefork.workers.thread import ThreadWorker
+from prefork.server.workers.base import Worker
+from prefork.server.workers.event import EventWorker
+from prefork.server.workers.sync import SyncWorker
+from prefork.server.workers.thread import ThreadWorker
 
 WORKER_CLASSES: dict[str, type[Worker]] = {
     "event": EventWorker,

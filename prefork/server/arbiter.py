@@ -33,19 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
 
-from prefork.config import Address, Config
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
-from prefork.handlers import LoadedHandler, check_fit, load_handler, reload_handler
-from prefork.log import get_logger, log_file_path, reopen_log_file, setup_logging
-from prefork.metrics import MetricsServer, Sample, render
-from prefork.pidfile import PidFile
-from prefork.proctitle import set_title
-from prefork.scoreboard import Scoreboard
-from prefork.sock import Listener, close_listeners, create_listeners
-from prefork.systemd import Notifier
-from prefork.wakeup import drain, open_wakeup_pipe
-from prefork.workers import WORKER_CLASSES
-from prefork.workers.base import DUMP_SIGNAL
+from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
+from prefork.server.listeners import Listener, close_listeners, create_listeners
+from prefork.server.log import get_logger, log_file_path, reopen_log_file, setup_logging
+from prefork.server.metrics import MetricsServer, Sample, render
+from prefork.server.pidfile import PidFile
+from prefork.server.proctitle import set_title
+from prefork.server.scoreboard import Scoreboard
+from prefork.server.systemd import Notifier
+from prefork.server.wakeup import drain, open_wakeup_pipe
+from prefork.server.workers import WORKER_CLASSES
+from prefork.server.workers.base import DUMP_SIGNAL
+from prefork.settings import Address, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens

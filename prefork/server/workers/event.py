@@ -10,8 +10,8 @@ trouble, and stops it gracefully.
 from __future__ import annotations
 
 from prefork import fastio
-from prefork.handlers import CHARGEN_PATTERN
-from prefork.workers.base import Worker
+from prefork.server.handlers import CHARGEN_PATTERN
+from prefork.server.workers.base import Worker
 
 
 class EventWorker(Worker):

@@ -14,7 +14,7 @@ import select
 import signal
 import threading
 
-from prefork.workers.sync import SyncWorker
+from prefork.server.workers.sync import SyncWorker
 
 _THREAD_BLOCKED = {
     signal.SIGTERM,

@@ -16,10 +16,9 @@ import socket
 import stat
 import struct
 from dataclasses import dataclass, replace
-from typing import Any
 
-from prefork.config import Address
 from prefork.errors import BindError
+from prefork.settings import Address
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
@@ -117,23 +116,6 @@ _DROP_SYN = b"".join(
         (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1   keep the whole packet
     )
 )
-
-
-def peer_name(sock: socket.socket) -> Any:
-    """A connected socket's peer address, or None once the peer is gone."""
-    try:
-        return sock.getpeername()
-    except OSError:
-        return None
-
-
-def peer_of_fd(fd: int) -> Any:
-    """``peer_name`` of the connection on descriptor ``fd`` (borrowed)."""
-    sock = socket.socket(fileno=fd)
-    try:
-        return peer_name(sock)
-    finally:
-        sock.detach()
 
 
 def _bind_error(address: Address, exc: OSError) -> BindError:

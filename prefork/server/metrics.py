@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prefork.config import Address
-from prefork.sock import Listener, create_listener
+from prefork.server.listeners import Listener, create_listener
+from prefork.settings import Address
 
 MAX_REQUEST = 8192  # bytes of request head we read before giving up
 MAX_CLIENTS = 16

@@ -35,7 +35,7 @@ from typing import Any
 
 from prefork import fastio
 from prefork.errors import ConfigError, HandlerLoadError
-from prefork.sock import peer_name
+from prefork.fastio import peer_name
 
 Handler = Callable[[int, Any], tuple[int, int]]
 # What the blocking workers call: (connection fd, buffer, the client's address

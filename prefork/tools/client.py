@@ -33,8 +33,8 @@ import time
 from collections import deque
 from typing import BinaryIO
 
-from prefork.config import Address, parse_address
 from prefork.errors import EXIT_FAILURE, EXIT_OK, ClientError, ConfigError
+from prefork.settings import Address, parse_address
 
 CHUNK = 64 * 1024  # bytes per read from standard input or a stream socket
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; longer lines are split

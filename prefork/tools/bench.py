@@ -30,14 +30,14 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from prefork.config import (
+from prefork.errors import EXIT_FAILURE, EXIT_OK, ConfigError, PreforkError
+from prefork.settings import (
     Address,
     parse_address,
     parse_int,
     parse_seconds,
     parse_size,
 )
-from prefork.errors import EXIT_FAILURE, EXIT_OK, ConfigError, PreforkError
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -146,7 +146,7 @@ class Options:
 
 def options_from_args(args: argparse.Namespace) -> Options:
     """Validate the text of every option (raises ConfigError)."""
-    from prefork.client import target_address
+    from prefork.tools.client import target_address
 
     address = target_address(args.address, args.udp)
     if address.kind not in ("tcp", "udp", "unix") or address.proxy:
@@ -398,7 +398,7 @@ BALANCE_METRICS = (
 
 def scrape(address: str) -> dict[tuple[int, int], dict[str, int]]:
     """Per worker (worker, pid): the counters ``BALANCE_METRICS`` names."""
-    from prefork.status import fetch, per_worker
+    from prefork.tools.status import fetch, per_worker
 
     workers: dict[tuple[int, int], dict[str, int]] = {}
     for (worker, pid, _), values in per_worker(fetch(address)).items():

@@ -1,0 +1,281 @@
+"""Helpers the tests share: starting real ``prefork`` processes, /proc
+readers, socket helpers and the one-line-error assertion.
+
+Tests import helpers from here and fixtures come from conftest.py; no test
+module imports another test module.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import pytest
+
+from prefork import fastio
+
+STARTUP_TIMEOUT = 15.0
+
+# The options that select each worker class, for tests run once per class.
+WORKER_CLASS_ARGS = {
+    "event": ["-k", "event"],
+    "sync": ["-k", "sync"],
+    "thread": ["-k", "thread", "--threads", "4"],
+}
+
+
+def require_compiled(name: str) -> ModuleType:
+    """The compiled module ``prefork.NAME``. Not built: skip under
+    PREFORK_NO_EXTENSIONS=1 (nothing was compiled), fail otherwise."""
+    compiled = fastio.import_compiled(name)
+    if compiled is None:
+        if fastio.extensions_disabled():
+            pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
+        pytest.fail(f"prefork.{name} is not built (and PREFORK_NO_EXTENSIONS is not set)")
+    return compiled
+
+
+def handler_env(path) -> dict[str, str]:
+    """The environment for a server that imports handler modules from ``path``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(path) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # holds handlers/faulty.py
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected (client, server) pair of TCP sockets over loopback."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+    return client, server
+
+
+# -- real servers ---------------------------------------------------------------
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter in ``/proc/PID/stat`` (R, S, Z...), None once ``pid`` is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    return process_state(pid) not in (None, "Z")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident bytes of ``pid``."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+_LISTENING = re.compile(r"listening on (\S+)")
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    lines: list[str] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def workers(self) -> list[int]:
+        return [p for p in children_of(self.pid) if pid_alive(p)]
+
+    def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
+        assert wait_until(lambda: len(self.workers()) == count, timeout), (
+            f"expected {count} workers, have {self.workers()}\n{self.log}"
+        )
+        return self.workers()
+
+    def tcp(self, index: int = 0) -> tuple[str, int]:
+        text = self.addresses[index]
+        host, _, port = text.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def connect(self, index: int = 0, timeout: float = 10.0) -> socket.socket:
+        text = self.addresses[index]
+        if text.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(text[5:])
+            return sock
+        return socket.create_connection(self.tcp(index), timeout=timeout)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._reader is not None:
+            self._reader.join(5)
+
+
+def _read_lines(server: Server, ready: threading.Event) -> None:
+    assert server.proc.stderr is not None
+    for raw in server.proc.stderr:
+        line = raw.decode(errors="replace").rstrip("\n")
+        server.lines.append(line)
+        match = _LISTENING.search(line)
+        if match:
+            server.addresses.append(match.group(1))
+        if "master started" in line:
+            ready.set()
+    ready.set()
+
+
+def prefork_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "prefork", *args]
+
+
+def start_server(
+    *args: str,
+    env: dict[str, str] | None = None,
+    any_port: bool = True,
+    preexec_fn=None,
+    pass_fds: tuple[int, ...] = (),
+) -> Server:
+    """Start ``prefork serve ARGS``, on 127.0.0.1:0 unless ``-b`` is given or
+    ``any_port`` is false (then the server's own default applies)."""
+    argv = list(args)
+    if any_port and "-b" not in argv:
+        argv = ["-b", "127.0.0.1:0", *argv]
+    return launch(prefork_command("serve", *argv), env, preexec_fn, pass_fds)
+
+
+def launch(
+    command: list[str],
+    env: dict[str, str] | None = None,
+    preexec_fn=None,
+    pass_fds: tuple[int, ...] = (),
+) -> Server:
+    """Run ``command`` (a server, or a wrapper that execs one) in its own
+    session and wait for its "master started" log line."""
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+        preexec_fn=preexec_fn,
+        pass_fds=pass_fds,
+    )
+    server = Server(proc)
+    ready = threading.Event()
+    server._reader = threading.Thread(target=_read_lines, args=(server, ready), daemon=True)
+    server._reader.start()
+    if not ready.wait(STARTUP_TIMEOUT) or proc.poll() is not None:
+        server.kill_all()
+        raise AssertionError(f"server did not start:\n{server.log}")
+    return server
+
+
+def exchange(sock: socket.socket, payload: bytes, timeout: float = 60.0) -> bytes:
+    """Send ``payload`` from a thread while reading the echo; half-close after.
+
+    Reads until end of file, so the result is everything the server sent.
+    """
+    sock.settimeout(timeout)
+    errors: list[BaseException] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    chunks = []
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    sender.join(timeout)
+    if errors:
+        raise errors[0]
+    return b"".join(chunks)
+
+
+def run(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        prefork_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=preexec_fn,
+        start_new_session=True,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("prefork: error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0]
