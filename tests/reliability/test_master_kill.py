@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from harness import WORKER_CLASS_ARGS, EchoLoad, payload, timeout
-from support import exchange, pid_alive
+from harness import EchoLoad, payload, timeout
+from support import WORKER_CLASS_ARGS, exchange, pid_alive
 
 WITHIN = 1.0  # seconds from the master's death to the last worker's
 

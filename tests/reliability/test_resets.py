@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from harness import WORKER_CLASS_ARGS, fd_count, payload, scaled, timeout
-from support import exchange, wait_until
+from harness import fd_count, payload, scaled, timeout
+from support import WORKER_CLASS_ARGS, exchange, wait_until
 
 RESETS = scaled(200, 1000)
 THREADS = 4

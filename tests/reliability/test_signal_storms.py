@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from harness import WORKER_CLASS_ARGS, EchoLoad, Stream, payload, scaled, timeout
-from support import exchange
+from harness import EchoLoad, Stream, payload, scaled, timeout
+from support import WORKER_CLASS_ARGS, exchange
 
 STORM = scaled(2.0, 20.0)  # seconds
 STORM_SIGNALS = (signal.SIGALRM, signal.SIGCHLD)

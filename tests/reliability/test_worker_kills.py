@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from harness import SOAK, WORKER_CLASS_ARGS, EchoLoad, scaled, timeout, zombie_children
-from support import pid_alive, wait_until
+from harness import SOAK, EchoLoad, scaled, timeout, zombie_children
+from support import WORKER_CLASS_ARGS, pid_alive, wait_until
 
 STORM = scaled(3.0, 12.0)  # seconds of killing
 PERIOD = 0.2  # one kill every 200 ms
