@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -95,6 +95,7 @@ class Server:
     env: tuple[tuple[str, str], ...] = ()
     needs: str | None = None  # a module that must be importable
     prefork: bool = False  # has --metrics: the generator reports worker balance
+    cwd: str | None = None  # run from here (a baseline tree: python -m finds its package first)
 
     def command(self, port: int, workers: int, metrics: int) -> list[str]:
         values = {"build": BUILD, "port": port, "workers": workers, "metrics": metrics}
@@ -230,6 +231,7 @@ class Running:
         self.proc = subprocess.Popen(
             pinning.server + server.command(self.port, workers, self.metrics),
             env={**os.environ, **dict(server.env)},
+            cwd=server.cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self.stderr,
@@ -435,6 +437,43 @@ def check_generator(seconds: float, rounds: int, pin: Pinning, results: Results)
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+BASELINE_SUFFIX = "@base"
+
+
+def baseline_servers(tree: Path, servers: list[Server]) -> list[Server]:
+    """A copy of each prefork server that runs the code of another checkout
+    (built in place), for an A/B of two trees in the same interleaved rounds."""
+    root = str(tree.resolve())
+    return [
+        replace(
+            s,
+            name=s.name + BASELINE_SUFFIX,
+            env=(*s.env, ("PYTHONPATH", root)),
+            cwd=root,
+        )
+        for s in servers
+        if s.prefork
+    ]
+
+
+def ab_table(results: Results, servers: list[Server], workloads: list[Workload]) -> str:
+    """Each prefork server against its baseline copy, paired per round."""
+    names = {s.name for s in servers}
+    lines = ["\nA/B: this tree / the --baseline tree (medians of per-round ratios)"]
+    lines.append(f"  {'workload':<12}{'server':<19}{'msg/s':>8}{'cpu/msg':>9}{'client cpu':>12}")
+    for load in workloads:
+        for name in sorted(names):
+            base = name + BASELINE_SUFFIX
+            if base not in names:
+                continue
+            cells = [
+                fmt(paired(results, load.name, name, base, key), ".2f", "x")
+                for key in ("rate", "server_cpu", "client_cpu")
+            ]
+            lines.append(f"  {load.name:<12}{name:<19}{cells[0]:>8}{cells[1]:>9}{cells[2]:>12}")
+    return "\n".join(lines)
 
 
 def tables(results: Results, servers: list[Server], workloads: list[Workload]) -> str:
@@ -645,6 +684,13 @@ def main() -> None:
     parser.add_argument(
         "--build-dir", type=Path, default=BUILD, help="where the C peers are compiled"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="TREE",
+        help="also run each chosen prefork server from TREE (another checkout, with its "
+        "extensions built in place), interleaved, and print this tree / TREE ratios",
+    )
     args = parser.parse_args()
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
@@ -658,6 +704,10 @@ def main() -> None:
         workloads = choose(args.workloads, WORKLOADS, "workload")
     except ValueError as exc:
         parser.error(str(exc))
+    if args.baseline is not None:
+        if not (args.baseline / "prefork" / "__init__.py").is_file():
+            parser.error(f"--baseline {args.baseline}: not a prefork checkout")
+        servers = servers + baseline_servers(args.baseline, servers)
     available = []
     for server in servers:
         if server.needs:
@@ -691,6 +741,7 @@ def main() -> None:
         f"medians; ratios paired within a round\n"
         + tables(results, available, workloads)
         + (memory_table(results) if results.memory else "")
+        + (ab_table(results, available, workloads) if args.baseline is not None else "")
         + "\n\ntargets:\n"
         + "\n".join(f"  {line}" for line in headline(results))
         + (

@@ -105,6 +105,7 @@ def test_a_small_comparison_writes_its_section_and_keeps_the_rest(tmp_path: Path
         (["--servers", "nginx"], "unknown server 'nginx'"),
         (["--workloads", "huge"], "unknown workload 'huge'"),
         (["--rounds", "0"], "--rounds must be at least 1"),
+        (["--baseline", "/nonexistent-tree"], "not a prefork checkout"),
     ],
 )
 def test_bad_choices_are_usage_errors(tmp_path: Path, args: list[str], needle: str):
