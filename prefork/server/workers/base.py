@@ -2,12 +2,20 @@
 
 The constructor runs in the master and touches nothing process-wide;
 ``init_process()`` runs in the forked child and sets the process up before
-``run()``. Signal handlers only record (TERM) or raise (INT, QUIT); the loop
-acts, woken by ``signal.set_wakeup_fd``.
+``run()``.
+
+Signal handlers only record (TERM sets ``alive`` false and ``stopping``) or
+raise (INT, QUIT); the C-level handler also writes a byte to the wake-up
+pipe (``signal.set_wakeup_fd``), which ends the loop's wait, and the loop
+acts. One exception, the sync worker's TERM handler: its only thread may be
+inside a connection for as long as the client likes, and its listeners must
+be let go of now, so the handler itself takes the queue and closes them
+(``SyncWorker.handle_term`` says why; it only accepts on non-blocking
+listeners and appends to a deque: no logging, no locks, no blocking).
 
 Signals a worker obeys:
-- TERM: graceful. Take what is queued on the listeners, then close them at
-  once (a listener's last close resets whatever is still queued, and the
+- TERM: graceful. Take what is queued on the listeners, then close them
+  (a listener's last close resets whatever is still queued, and the
   master's copy may already be gone), finish every connection, exit.
 - INT, QUIT: fast. Exit now; the connection in hand is closed.
 - USR1: reopen --log-file (the master sends it on after reopening its own).
@@ -75,7 +83,8 @@ class Worker:
         self.listeners = listeners
         self.config = config
         self.handler = handler
-        self.alive = True
+        self.alive = True  # false once it stops accepting: TERM or --max-requests
+        self.stopping = False  # TERM came: take the queue, let go of the listeners
         self.max_requests = 0  # set in the child, where the jitter is drawn
         # How often the loop wakes to beat and to look at the master: well
         # inside --timeout, so a healthy worker is never taken for a stuck one.
@@ -157,10 +166,10 @@ class Worker:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
-        # Acting here, not in the loop: the loop may be inside a long
-        # connection and the listeners must stop taking connections now.
+        """Only record: the loop, woken by the wake-up pipe, sees ``stopping``
+        and calls ``stop_accepting()``."""
         self.alive = False
-        self.stop_accepting()
+        self.stopping = True
 
     def recycle(self) -> None:
         """Served ``max_requests``: stop accepting, finish, exit to be replaced."""
@@ -174,7 +183,8 @@ class Worker:
         self.stop_accepting()
 
     def stop_accepting(self) -> None:
-        """Close this worker's copies of the listeners (idempotent)."""
+        """Close this worker's copies of the listeners (idempotent). The
+        loop calls it, not a signal handler (but see the sync worker)."""
         for listener in self.listeners:
             listener.close()
 

@@ -39,15 +39,17 @@ class EventWorker(Worker):
             proxy_trusted=self.proxy_trusted,
         )
         self.booted = True
-        if not self.alive:  # TERM arrived while booting
+        if self.stopping:  # TERM arrived while booting
             self.loop.drain()
         reported_errors = 0
         try:
             while self.loop.accepting or self.loop.active:
                 self.loop.run(self.tick)
+                if self.stopping:  # TERM: the loop's next turn takes the queue
+                    self.loop.drain()  # (a no-op once drained)
                 self.collect_stats()
                 if not self.alive and not self.loop.accepting and not self.loop.recycled:
-                    super().stop_accepting()  # drained: let go
+                    self.stop_accepting()  # drained: let go
                 if self.alive and self.loop.recycled:  # max_accepts reached
                     self.recycle()
                 if not self.parent_alive():
@@ -71,14 +73,6 @@ class EventWorker(Worker):
         self.bytes_in = self.loop.bytes_in
         self.bytes_out = self.loop.bytes_out
         self.publish()
-
-    def stop_accepting(self) -> None:
-        # The loop takes what is queued at its next turn, then stops watching
-        # the listeners; the run loop closes them after that (closing them
-        # while still in the epoll set would leave it watching sockets that
-        # other processes hold open).
-        if self.loop is not None:
-            self.loop.drain()
 
     def recycle_listeners(self) -> None:
         """Keep them: the loop stopped accepting by itself (max_accepts), and

@@ -16,6 +16,7 @@ import select
 import socket
 import time
 from collections import deque
+from types import FrameType
 from typing import Any
 
 from prefork import fastio, proxy
@@ -58,6 +59,20 @@ class SyncWorker(Worker):
         if self.alive:  # else TERM arrived while booting: the listeners are closed
             self.accept_loop(self.wakeup_r, drain=True)
         self.serve_held()
+
+    def handle_term(self, signum: int, frame: FrameType | None) -> None:
+        """The one handler that acts (see workers/base.py): it takes the
+        queue and closes the listeners itself. This worker's only thread may
+        be inside a connection (``fastio.echo``, or a handler's blocking
+        ``recv``, which PEP 475 resumes after this returns) for as long as
+        the client likes. If the listeners stayed open until the loop saw
+        the flag, new clients would be neither served nor refused meanwhile:
+        on a graceful stop the master's SYN filter drops their SYNs, and they
+        retransmit into a socket nobody accepts on. Closing needs the queue
+        taken first, or the last close resets it. Both steps are non-blocking
+        system calls and a deque append."""
+        super().handle_term(signum, frame)
+        self.stop_accepting()
 
     def stop_accepting(self) -> None:
         """Take what is queued on the listeners (it is served before this
