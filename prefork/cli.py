@@ -1,7 +1,8 @@
 """The command line: ``prefork serve`` and ``prefork --version``.
 
-Parsing turns text into a ``Config`` through the validators in
-``prefork.settings``; every user error leaves as one line on stderr and an exit
+The ``serve`` parser is built from the settings table
+(``prefork.settings.OPTIONS``) and turns text into a ``Config`` through its
+validators; every user error leaves as one line on stderr and an exit
 code (2 for usage), never a traceback.
 """
 
@@ -19,35 +20,21 @@ else:  # pragma: no cover
 
 from prefork import __version__, fastio
 from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
-from prefork.proxy import parse_allowed
-from prefork.server.handlers import BUILTIN, check_fit, load_handler
-from prefork.server.log import LEVELS, setup_logging
-from prefork.server.privileges import check_can_switch, parse_group, parse_user
-from prefork.server.scoreboard import MAX_SLOTS
-from prefork.server.workers import WORKER_CLASSES
+from prefork.server.handlers import check_fit, load_handler
+from prefork.server.log import setup_logging
 from prefork.settings import (
-    DEFAULT_BIND,
+    CONFIG_FILE,
+    FILE_KEYS,
+    OPTIONS,
     Address,
     Config,
-    parse_address,
-    parse_choice,
-    parse_handler,
-    parse_int,
-    parse_mode,
-    parse_path,
+    Option,
+    check_can_switch,
     parse_seconds,
-    parse_size,
-    parse_umask,
 )
 from prefork.tools import bench
 
 PROG = "prefork"
-MAX_THREADS = 4096  # per thread worker: each is a thread with its own stack
-# The largest values the numbers can take where they end up: listen() and the
-# compiled loop's connection cap are C ints; request counts and buffer sizes
-# are 64-bit (max-requests plus its jitter must fit an unsigned long long).
-C_INT_MAX = 2**31 - 1
-SIZE_MAX = sys.maxsize
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,144 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
-    serve.add_argument(
-        "-b",
-        "--bind",
-        action="append",
-        metavar="ADDR",
-        default=None,
-        help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT; repeatable "
-        f"(default {DEFAULT_BIND})",
-    )
-    serve.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="a TOML file with the same keys as the long options (bind, workers, "
-        "worker-class, ...); options given on the command line win",
-    )
-    serve.add_argument(
-        "-w", "--workers", metavar="N", help="worker processes (default: the CPU count)"
-    )
-    serve.add_argument(
-        "-k",
-        "--worker-class",
-        metavar="CLASS",
-        default=None,
-        help="event: an epoll loop per worker, many connections each (default); "
-        "sync: one connection at a time per worker; thread: --threads connections at a time",
-    )
-    serve.add_argument(
-        "--threads", metavar="T", default=None, help="threads per thread worker (default 1)"
-    )
-    serve.add_argument("--backlog", metavar="N", default=None, help="listen backlog (default 2048)")
-    serve.add_argument(
-        "--graceful-timeout",
-        metavar="S",
-        default=None,
-        help="seconds TERM waits for connections to finish (default 30)",
-    )
-    serve.add_argument(
-        "--reuse-port",
-        action="store_true",
-        default=None,
-        help="give each worker slot its own SO_REUSEPORT socket, kept by the master across "
-        "respawns (TCP and UDP; UNIX sockets stay shared)",
-    )
-    serve.add_argument(
-        "--max-requests",
-        metavar="N",
-        default=None,
-        help="replace a worker after it has served N connections, with nothing dropped "
-        "(default 0 = never)",
-    )
-    serve.add_argument(
-        "--max-requests-jitter",
-        metavar="J",
-        default=None,
-        help="add a random 0..J to --max-requests per worker (default 0)",
-    )
-    serve.add_argument(
-        "--max-connections",
-        metavar="N",
-        default=None,
-        help="connections per event worker; at the cap new ones are left to the others "
-        "(default 1024)",
-    )
-    serve.add_argument(
-        "--max-buffer",
-        metavar="BYTES",
-        default=None,
-        help="bytes a connection may owe a peer that does not read; it is not read from "
-        "meanwhile (default 256K)",
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        metavar="S",
-        default=None,
-        help="close connections idle this many seconds, 0 = never (default 300)",
-    )
-    serve.add_argument(
-        "--timeout",
-        metavar="S",
-        default=None,
-        help="a worker silent this many seconds (stuck, not waiting on a client) gets its "
-        "stack dumped to the log and is replaced; 0 = never (default 30)",
-    )
-    serve.add_argument(
-        "--handler",
-        metavar="NAME",
-        default=None,
-        help=f"a built-in service ({', '.join(BUILTIN)}; default echo) or module:attr, "
-        "a protocol class or a handle(sock, address) function",
-    )
-    serve.add_argument(
-        "--unix-mode",
-        metavar="MODE",
-        default=None,
-        help="permissions of UNIX sockets, octal (default 660)",
-    )
-    serve.add_argument(
-        "--proxy-protocol",
-        action="store_true",
-        default=None,
-        help="every TCP and UNIX listener expects a PROXY protocol v1 or v2 header (one "
-        "listener alone: -b proxy:HOST:PORT)",
-    )
-    serve.add_argument(
-        "--forwarded-allow-ips",
-        metavar="LIST",
-        default=None,
-        help="addresses or networks allowed to send a PROXY header, comma-separated, * for "
-        "any (default 127.0.0.1,::1)",
-    )
-    serve.add_argument("--pid", metavar="FILE", help="write the master's pid to FILE")
-    serve.add_argument(
-        "--log-file",
-        metavar="FILE",
-        help="append the log to FILE instead of stderr; USR1 reopens it (for logrotate)",
-    )
-    serve.add_argument(
-        "--user",
-        metavar="USER",
-        help="workers switch to USER (name or uid) after binding, with USER's groups",
-    )
-    serve.add_argument(
-        "--group",
-        metavar="GROUP",
-        help="workers switch to GROUP (name or gid) after binding (default: USER's group)",
-    )
-    serve.add_argument(
-        "--umask", metavar="MASK", help="the processes' umask, octal (default: inherited)"
-    )
-    serve.add_argument(
-        "--metrics",
-        metavar="HOST:PORT",
-        help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
-    )
-    serve.add_argument(
-        "--log-level", metavar="LEVEL", default=None, help=f"{', '.join(LEVELS)} (default info)"
-    )
+    add_serve_options(serve)
     status = commands.add_parser(
         "status",
         help="show a running server's workers",
@@ -240,29 +90,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Text defaults of the options, parsed like what a user types.
-OPTION_DEFAULTS = {
-    "worker-class": "event",
-    "threads": "1",
-    "backlog": "2048",
-    "graceful-timeout": "30",
-    "timeout": "30",
-    "max-requests": "0",
-    "max-requests-jitter": "0",
-    "max-connections": "1024",
-    "max-buffer": "256K",
-    "idle-timeout": "300",
-    "handler": "echo",
-    "unix-mode": "660",
-    "log-level": "info",
-    "forwarded-allow-ips": "127.0.0.1,::1",
-}
-# What a -c file may set: every serve option but -c itself.
-_OPTIONAL = ("pid", "metrics", "log-file", "user", "group", "umask")  # default None
-FILE_KEYS = frozenset(
-    {*OPTION_DEFAULTS, *_OPTIONAL, "bind", "workers", "reuse-port", "proxy-protocol"}
-)
-_SHORT = {"bind": "-b/", "workers": "-w/", "worker-class": "-k/"}
+def add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    """One row of the settings table as an argument: text, kept as given
+    (None when absent) for ``config_from_args`` to validate."""
+    help_text = option.help_text().replace("%", "%%")
+    if option.switch:
+        parser.add_argument(
+            *option.flags, dest=option.key, action="store_true", default=None, help=help_text
+        )
+    else:
+        parser.add_argument(
+            *option.flags,
+            dest=option.key,
+            action="append" if option.repeat else "store",
+            metavar=option.metavar,
+            default=None,
+            help=help_text,
+        )
+
+
+def add_serve_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s arguments: -c, then every row of ``prefork.settings.OPTIONS``."""
+    add_option(serve, CONFIG_FILE)
+    for option in OPTIONS:
+        add_option(serve, option)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -283,102 +134,21 @@ def read_config_file(path: str) -> dict[str, Any]:
     return values
 
 
-class _Options:
-    """Each option's text and the label to name it by in an error: from the
-    command line if given, else from the config file, else the default."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.path = args.config
-        if args.config is not None and not args.config:
-            raise ConfigError("-c/--config: expected a file name, got ''")
-        self.file = read_config_file(args.config) if args.config else {}
-
-    def get(self, name: str) -> tuple[Any, str]:
-        given = getattr(self.args, name.replace("-", "_"))
-        if given is not None:
-            return given, f"{_SHORT.get(name, '')}--{name}"
-        if name in self.file:
-            return self.file[name], f"{self.path}: {name}"
-        return OPTION_DEFAULTS.get(name), f"{_SHORT.get(name, '')}--{name}"
-
-    def flag(self, name: str) -> bool:
-        value, label = self.get(name)
-        if value is not None and not isinstance(value, bool):
-            raise ConfigError(f"{label}: expected true or false, got {value!r}")
-        return bool(value)
-
-    def text(self, name: str) -> str:
-        value, label = self.get(name)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ConfigError(f"{label}: expected a string or a number, got {value!r}")
-        return str(value)
-
-    def __call__(self, name: str, parse: Any, *extra: Any, **options: Any) -> Any:
-        _, label = self.get(name)
-        return parse(self.text(name), label, *extra, **options)
-
-
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Validate the text of every option (raises ConfigError)."""
-    opt = _Options(args)
-    bind, bind_label = opt.get("bind")
-    if isinstance(bind, str):
-        bind = [bind]
-    if bind is not None and not (isinstance(bind, list) and all(isinstance(b, str) for b in bind)):
-        raise ConfigError(f"{bind_label}: expected an address or a list of addresses")
-    binds = tuple(parse_address(text, bind_label) for text in bind) if bind else (DEFAULT_BIND,)
-    extra = {}
-    if opt.get("workers")[0] is not None:
-        extra["workers"] = opt("workers", parse_int, minimum=1, maximum=MAX_SLOTS)
-    reuse_port = opt.flag("reuse-port")
-    proxy_protocol = opt.flag("proxy-protocol")
-    allowed, allowed_label = opt.get("forwarded-allow-ips")
-    if isinstance(allowed, list) and all(isinstance(item, str) for item in allowed):
-        allowed = ",".join(allowed)  # a TOML list of addresses
-    elif not isinstance(allowed, str):
-        raise ConfigError(f"{allowed_label}: expected addresses or networks, got {allowed!r}")
-    given = {name for name in _OPTIONAL if opt.get(name)[0] is not None}
-    pid_file = opt("pid", parse_path) if "pid" in given else None
-    log_file = opt("log-file", parse_path) if "log-file" in given else None
-    metrics = (
-        parse_metrics_address(opt.text("metrics"), opt.get("metrics")[1])
-        if "metrics" in given
-        else None
-    )
-    return Config(
-        binds=binds,
-        worker_class=opt("worker-class", parse_choice, tuple(WORKER_CLASSES)),
-        backlog=opt("backlog", parse_int, minimum=1, maximum=C_INT_MAX),
-        graceful_timeout=opt("graceful-timeout", parse_seconds),
-        timeout=opt("timeout", parse_seconds),
-        threads=opt("threads", parse_int, minimum=1, maximum=MAX_THREADS),
-        reuse_port=reuse_port,
-        proxy_protocol=proxy_protocol,
-        forwarded_allow_ips=parse_allowed(allowed, allowed_label),
-        max_requests=opt("max-requests", parse_int, minimum=0, maximum=SIZE_MAX),
-        max_requests_jitter=opt("max-requests-jitter", parse_int, minimum=0, maximum=SIZE_MAX),
-        max_connections=opt("max-connections", parse_int, minimum=1, maximum=C_INT_MAX),
-        max_buffer=opt("max-buffer", parse_size, SIZE_MAX),
-        idle_timeout=opt("idle-timeout", parse_seconds),
-        handler=opt("handler", parse_handler, tuple(BUILTIN)),
-        unix_mode=opt("unix-mode", parse_mode),
-        log_level=parse_choice(opt.text("log-level").lower(), opt.get("log-level")[1], LEVELS),
-        pid_file=pid_file,
-        metrics=metrics,
-        log_file=log_file,
-        user=opt("user", parse_user) if "user" in given else None,
-        group=opt("group", parse_group) if "group" in given else None,
-        umask=opt("umask", parse_umask) if "umask" in given else None,
-        **extra,
-    )
-
-
-def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
-    address = parse_address(text, option)
-    if address.kind != "tcp":
-        raise ConfigError(f"{option}: expected HOST:PORT or [V6ADDR]:PORT, got {text!r}")
-    return address
+    """Validate every option given (raises ConfigError): from the command
+    line if there, else from the -c file; ``Config`` holds the defaults."""
+    path = args.config
+    if path is not None:
+        CONFIG_FILE.read(path, CONFIG_FILE.label)
+    file = read_config_file(path) if path else {}
+    values = {}
+    for option in OPTIONS:
+        given = getattr(args, option.key)
+        if given is not None:
+            values[option.key] = option.read(given, option.label)
+        elif option.name in file:
+            values[option.key] = option.read(file[option.name], f"{path}: {option.name}")
+    return Config(**values)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -19,8 +19,6 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from prefork.errors import ConfigError
-
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # bytes, CRLF included (the spec's worst case)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -200,18 +198,3 @@ class TrustedPeers:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
-
-
-def parse_allowed(text: str, option: str = "--forwarded-allow-ips") -> tuple[str, ...]:
-    """A comma-separated list of addresses or networks, or ``*``."""
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
-    if not items:
-        raise ConfigError(f"{option}: expected addresses or networks, got {text!r}")
-    for item in items:
-        if item == "*":
-            continue
-        try:
-            ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            raise ConfigError(f"{option}: not an address or network: {item!r}") from None
-    return items

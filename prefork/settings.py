@@ -1,19 +1,53 @@
-"""Settings: a frozen dataclass, and the one place option text is validated.
+"""Settings: every ``prefork serve`` option, once, in the table ``OPTIONS``.
+
+A row says everything about one option: the ``Config`` field it sets, its
+flags and metavar, the validator that turns its text into a typed value, its
+default, its help, whether a HUP can change it, and the worker classes it
+applies to. Everything else is derived from the table: the ``serve`` parser
+(``prefork.cli``), the keys a ``-c`` file may hold (``FILE_KEYS``), what a HUP
+keeps (``RESTART_ONLY``), ``Config``'s field defaults, the "(default ...)" in
+the help, and the options table in README.md (``options_markdown``, or
+``python -m prefork.settings --markdown``).
 
 Each ``parse_*`` function turns the text a user typed into a typed value or
 raises ``ConfigError`` naming the option and the bad value, so every bad input
 becomes one line and exit code 2.
+
+Rule: the server imports this module, so it imports nothing from
+``prefork.server`` at the top; the few validators that check a name against a
+server registry (worker classes, built-in handlers, scoreboard slots) import it
+when they run.
 """
 
 from __future__ import annotations
 
+import argparse
+import grp
+import ipaddress
 import os
+import pwd
 import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
 
-from prefork.errors import ConfigError
+from prefork._fastio_common import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CONNECTIONS,
+)
+from prefork.errors import ConfigError, PreforkError
 
 DEFAULT_PORT = 7007
+MAX_THREADS = 4096  # per thread worker: each is a thread with its own stack
+# The largest values the numbers can take where they end up: listen() and the
+# compiled loop's connection cap are C ints; request counts and buffer sizes
+# are 64-bit (max-requests plus its jitter must fit an unsigned long long).
+C_INT_MAX = 2**31 - 1
+SIZE_MAX = sys.maxsize
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 @dataclass(frozen=True)
@@ -42,38 +76,6 @@ class Address:
 
 
 DEFAULT_BIND = Address("tcp", "127.0.0.1", DEFAULT_PORT)
-
-
-def _default_workers() -> int:
-    return os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class Config:
-    binds: tuple[Address, ...] = (DEFAULT_BIND,)
-    workers: int = field(default_factory=_default_workers)
-    worker_class: str = "event"
-    threads: int = 1  # per thread worker
-    backlog: int = 2048
-    graceful_timeout: float = 30.0
-    timeout: float = 30.0  # a worker silent this long is dumped and killed; 0 = never
-    reuse_port: bool = False  # one SO_REUSEPORT socket per worker slot
-    max_requests: int = 0  # connections a worker serves before it is replaced; 0 = never
-    max_requests_jitter: int = 0  # plus a random 0..jitter, so workers do not all go at once
-    max_connections: int = 1024  # per event worker
-    max_buffer: int = 256 * 1024  # bytes a connection may owe its peer
-    idle_timeout: float = 300.0  # seconds; 0 = never
-    handler: str = "echo"
-    log_level: str = "info"
-    pid_file: str | None = None
-    metrics: Address | None = None  # where the master serves /metrics
-    unix_mode: int = 0o660
-    log_file: str | None = None  # None: stderr
-    user: int | None = None  # workers switch to this uid after binding
-    group: int | None = None  # ... and this gid (default: the user's)
-    umask: int | None = None  # the master's and workers' umask; None: inherited
-    proxy_protocol: bool = False  # every stream listener expects a PROXY header
-    forwarded_allow_ips: tuple[str, ...] = ("127.0.0.1", "::1")  # who may send one
 
 
 def parse_address(text: str, option: str = "-b/--bind") -> Address:
@@ -209,3 +211,521 @@ def parse_mode(text: str, option: str) -> int:
     if value & 0o002:
         raise ConfigError(f"{option}: {text!r} would let any user connect; use e.g. 660")
     return value
+
+
+def parse_user(text: str, option: str = "--user") -> int:
+    """A user name or numeric uid that exists on this machine."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise ConfigError(f"{option}: no such user {text!r}") from None
+
+
+def parse_group(text: str, option: str = "--group") -> int:
+    """A group name or numeric gid that exists on this machine."""
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise ConfigError(f"{option}: no such group {text!r}") from None
+
+
+def check_can_switch(uid: int | None, gid: int | None) -> None:
+    """Fail early, in the master, if the workers will not be allowed to switch
+    to ``--user``/``--group`` (``prefork.server.privileges`` switches)."""
+    if os.geteuid() == 0:
+        return
+    if (uid is not None and uid != os.geteuid()) or (gid is not None and gid != os.getegid()):
+        raise PreforkError("--user/--group: switching to another user needs root")
+
+
+def parse_allowed(text: str, option: str = "--forwarded-allow-ips") -> tuple[str, ...]:
+    """A comma-separated list of addresses or networks, or ``*``."""
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise ConfigError(f"{option}: expected addresses or networks, got {text!r}")
+    for item in items:
+        if item == "*":
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{option}: not an address or network: {item!r}") from None
+    return items
+
+
+def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
+    """A TCP ``HOST:PORT`` or ``[V6ADDR]:PORT``."""
+    address = parse_address(text, option)
+    if address.kind != "tcp":
+        raise ConfigError(f"{option}: expected HOST:PORT or [V6ADDR]:PORT, got {text!r}")
+    return address
+
+
+def parse_workers(text: str, option: str) -> int:
+    """A worker count: each worker needs a scoreboard slot."""
+    from prefork.server.scoreboard import MAX_SLOTS
+
+    return parse_int(text, option, minimum=1, maximum=MAX_SLOTS)
+
+
+def parse_worker_class(text: str, option: str) -> str:
+    """A name in the registry of worker classes."""
+    from prefork.server.workers import WORKER_CLASSES
+
+    return parse_choice(text, option, tuple(WORKER_CLASSES))
+
+
+def parse_handler_name(text: str, option: str) -> str:
+    """A built-in handler's name, or module:attr (imported later, by the CLI)."""
+    from prefork.server.handlers import BUILTIN
+
+    return parse_handler(text, option, tuple(BUILTIN))
+
+
+def parse_log_level(text: str, option: str) -> str:
+    """A level name, in any case."""
+    return parse_choice(text.lower(), option, LOG_LEVELS)
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+# -- how help shows a default: text that parses back to it -----------------------
+
+
+def show_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(show_value(item) for item in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def show_octal(value: int) -> str:
+    return f"{value:03o}"
+
+
+def show_size(value: int) -> str:
+    for suffix in ("G", "M", "K"):
+        unit = _SIZE_SUFFIXES[suffix.lower()]
+        if value % unit == 0:
+            return f"{value // unit}{suffix}"
+    return str(value)
+
+
+# -- the table ------------------------------------------------------------------
+
+Parser = Callable[[str, str], Any]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``prefork serve`` option: a row of ``OPTIONS``."""
+
+    key: str  # the Config field it sets
+    flags: tuple[str, ...]  # the last is the long name, which is also the -c file's key
+    help: str  # what it does; the notes and "(default ...)" are added from the fields below
+    parse: Parser | None = None  # (text, label) -> value, or ConfigError; None: a switch
+    metavar: str | None = None  # None for a switch
+    default: Any = None  # None: not set
+    default_factory: Callable[[], Any] | None = None  # a default computed at start
+    default_text: str | None = None  # how help shows a default the value cannot show
+    show: Callable[[Any], str] = show_value  # the default as text that parses back to it
+    restart_only: bool = False  # bound to sockets or files made at start: HUP keeps it
+    worker_classes: tuple[str, ...] = ()  # the -k classes it applies to; () = all
+    repeat: bool = False  # repeatable; a -c file gives a list
+    comma_list: bool = False  # comma-separated; a -c file may give a list
+
+    @property
+    def name(self) -> str:
+        """The long name without its dashes: the -c file's key."""
+        return self.flags[-1].lstrip("-")
+
+    @property
+    def label(self) -> str:
+        """How an error names it when it came from the command line."""
+        return "/".join(self.flags)
+
+    @property
+    def switch(self) -> bool:
+        return self.parse is None
+
+    def shown_default(self) -> str | None:
+        """The default as help shows it, or None for a switch or no default."""
+        if self.default_text is not None:
+            return self.default_text
+        if self.switch or self.default is None:
+            return None
+        return self.show(self.default)
+
+    def notes(self) -> list[str]:
+        """What the help adds after the text: worker classes and HUP."""
+        notes = []
+        if self.worker_classes:
+            notes.append(f"{' and '.join(self.worker_classes)} workers only")
+        if self.restart_only:
+            notes.append("a HUP cannot change it")
+        return notes
+
+    def help_text(self) -> str:
+        """The help, its notes and its default: what ``serve --help`` shows."""
+        notes = self.notes()
+        shown = self.shown_default()
+        if shown is not None:
+            notes.append(f"default: {shown}")
+        return f"{self.help} ({'; '.join(notes)})" if notes else self.help
+
+    def read(self, value: object, label: str) -> Any:
+        """The typed value of what was given: text from the command line (a
+        list of texts when repeated, True for a switch), or any TOML value from
+        a -c file. Raises ConfigError naming ``label``."""
+        if self.parse is None:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{label}: expected true or false, got {value!r}")
+            return value
+        if self.repeat or self.comma_list:
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+                raise ConfigError(f"{label}: expected a string or a list of strings, got {value!r}")
+            if self.comma_list:
+                return self.parse(",".join(items), label)
+            return tuple(self.parse(item, label) for item in items) if items else self.default
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{label}: expected a string or a number, got {value!r}")
+        return self.parse(str(value), label)
+
+
+# -c/--config is not a setting but names the file that holds them.
+CONFIG_FILE = Option(
+    key="config",
+    flags=("-c", "--config"),
+    metavar="FILE",
+    parse=parse_path,
+    help="a TOML file with the same keys as the long options (bind = [...], workers = 4, "
+    'worker-class = "event", ...; "_" or "-"); the command line wins over the file, the file '
+    "over the defaults; a HUP reads it again",
+)
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        key="binds",
+        flags=("-b", "--bind"),
+        metavar="ADDR",
+        parse=parse_address,
+        default=(DEFAULT_BIND,),
+        repeat=True,
+        restart_only=True,
+        help="HOST:PORT, [V6ADDR]:PORT, unix:PATH, udp://HOST:PORT, or fd://N (a socket "
+        "inherited as descriptor N); proxy:ADDR expects a PROXY protocol header on that "
+        "listener; repeat for several. Port 0 picks a free port. Under systemd socket "
+        "activation the inherited sockets replace --bind",
+    ),
+    Option(
+        key="workers",
+        flags=("-w", "--workers"),
+        metavar="N",
+        parse=parse_workers,
+        default_factory=default_workers,
+        default_text="the number of CPUs",
+        help="worker processes",
+    ),
+    Option(
+        key="worker_class",
+        flags=("-k", "--worker-class"),
+        metavar="CLASS",
+        parse=parse_worker_class,
+        default="event",
+        help="event: one epoll loop per worker, many connections each; "
+        "sync: one connection at a time per worker; "
+        "thread: --threads connections at a time per worker",
+    ),
+    Option(
+        key="threads",
+        flags=("--threads",),
+        metavar="T",
+        parse=partial(parse_int, minimum=1, maximum=MAX_THREADS),
+        default=1,
+        worker_classes=("thread",),
+        help="threads per worker, each serving one connection at a time",
+    ),
+    Option(
+        key="backlog",
+        flags=("--backlog",),
+        metavar="N",
+        parse=partial(parse_int, minimum=1, maximum=C_INT_MAX),
+        default=2048,
+        restart_only=True,
+        help="listen backlog; the kernel caps it at somaxconn",
+    ),
+    Option(
+        key="graceful_timeout",
+        flags=("--graceful-timeout",),
+        metavar="S",
+        parse=parse_seconds,
+        default=30.0,
+        help="seconds a TERM waits for open connections to finish",
+    ),
+    Option(
+        key="reuse_port",
+        flags=("--reuse-port",),
+        default=False,
+        restart_only=True,
+        help="one SO_REUSEPORT socket per worker slot instead of one shared socket (TCP and "
+        "UDP; UNIX sockets stay shared): the kernel spreads connections by hash, no wake-up "
+        "contention; the master keeps each slot's socket, so a respawned worker inherits its "
+        "queue; after TTOU the retired slot's socket stops taking new connections, its worker "
+        "takes what is queued, then it is closed",
+    ),
+    Option(
+        key="max_requests",
+        flags=("--max-requests",),
+        metavar="N",
+        parse=partial(parse_int, minimum=0, maximum=SIZE_MAX),
+        default=0,
+        help="replace a worker after it has served N connections, 0 = never; it stops "
+        "accepting, finishes what it has, exits, and is replaced, with nothing dropped",
+    ),
+    Option(
+        key="max_requests_jitter",
+        flags=("--max-requests-jitter",),
+        metavar="J",
+        parse=partial(parse_int, minimum=0, maximum=SIZE_MAX),
+        default=0,
+        help="add a random 0..J to --max-requests per worker, so they are not all replaced at once",
+    ),
+    Option(
+        key="max_connections",
+        flags=("--max-connections",),
+        metavar="N",
+        parse=partial(parse_int, minimum=1, maximum=C_INT_MAX),
+        default=DEFAULT_MAX_CONNECTIONS,
+        worker_classes=("event",),
+        help="connections a worker serves at once; at the cap it stops accepting and leaves "
+        "new connections in the backlog for the others",
+    ),
+    Option(
+        key="max_buffer",
+        flags=("--max-buffer",),
+        metavar="BYTES",
+        parse=partial(parse_size, maximum=SIZE_MAX),
+        default=DEFAULT_MAX_BUFFER,
+        show=show_size,
+        worker_classes=("event",),
+        help="what a connection may owe a peer that does not read (K, M or G for KiB, MiB, "
+        "GiB); it is not read from while it owes anything (backpressure), and a protocol "
+        "that writes more than this to a non-reader is cut off",
+    ),
+    Option(
+        key="idle_timeout",
+        flags=("--idle-timeout",),
+        metavar="S",
+        parse=parse_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+        worker_classes=("event",),
+        help="close connections with no byte read or written for S seconds, 0 = never",
+    ),
+    Option(
+        key="timeout",
+        flags=("--timeout",),
+        metavar="S",
+        parse=parse_seconds,
+        default=30.0,
+        help="a worker silent for S seconds (stuck: its loop stopped beating; a wait for a "
+        "client is not silence) gets every thread's Python stack dumped to the log "
+        "(faulthandler), is killed and replaced; 0 = never. In sync workers a user handle() "
+        "is timed from the connection's start",
+    ),
+    Option(
+        key="handler",
+        flags=("--handler",),
+        metavar="NAME",
+        parse=parse_handler_name,
+        default="echo",
+        help="echo (RFC 862), discard (863), chargen (864), daytime (867), or module:attr for "
+        "your own: a protocol class or a handle(sock, address) function",
+    ),
+    Option(
+        key="unix_mode",
+        flags=("--unix-mode",),
+        metavar="MODE",
+        parse=parse_mode,
+        default=0o660,
+        show=show_octal,
+        restart_only=True,
+        help="permissions of UNIX sockets, octal; never o+w",
+    ),
+    Option(
+        key="proxy_protocol",
+        flags=("--proxy-protocol",),
+        default=False,
+        help="every TCP and UNIX listener expects a PROXY protocol header (v1 or v2, "
+        "detected) before any byte reaches the handler, and handlers see the client's "
+        "address; one listener alone: -b proxy:HOST:PORT",
+    ),
+    Option(
+        key="forwarded_allow_ips",
+        flags=("--forwarded-allow-ips",),
+        metavar="LIST",
+        parse=parse_allowed,
+        default=("127.0.0.1", "::1"),
+        comma_list=True,
+        help="who may send that header: addresses or networks, comma-separated, or * for "
+        "any; other peers are closed and logged",
+    ),
+    Option(
+        key="pid_file",
+        flags=("--pid",),
+        metavar="FILE",
+        parse=parse_path,
+        restart_only=True,
+        help="write the master's pid to FILE, removed on exit",
+    ),
+    Option(
+        key="metrics",
+        flags=("--metrics",),
+        metavar="HOST:PORT",
+        parse=parse_metrics_address,
+        restart_only=True,
+        help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
+    ),
+    Option(
+        key="log_level",
+        flags=("--log-level",),
+        metavar="LEVEL",
+        parse=parse_log_level,
+        default="info",
+        help=", ".join(LOG_LEVELS),
+    ),
+    Option(
+        key="log_file",
+        flags=("--log-file",),
+        metavar="FILE",
+        parse=parse_path,
+        help="append the log to FILE instead of stderr; USR1 reopens it (for logrotate)",
+    ),
+    Option(
+        key="user",
+        flags=("--user",),
+        metavar="USER",
+        parse=parse_user,
+        help="workers switch to USER (name or uid), with USER's groups, after the master has "
+        "bound the listeners; the master keeps its identity",
+    ),
+    Option(
+        key="group",
+        flags=("--group",),
+        metavar="GROUP",
+        parse=parse_group,
+        default_text="USER's login group",
+        help="workers switch to GROUP (name or gid)",
+    ),
+    Option(
+        key="umask",
+        flags=("--umask",),
+        metavar="MASK",
+        parse=parse_umask,
+        show=show_octal,
+        default_text="inherited",
+        help="the processes' umask, octal",
+    ),
+)
+
+OPTIONS_BY_KEY = {option.key: option for option in OPTIONS}
+# What a -c file may set: every option by its long name.
+FILE_KEYS = frozenset(option.name for option in OPTIONS)
+# Settings a HUP cannot change: they belong to sockets and files made at start.
+RESTART_ONLY: tuple[str, ...] = tuple(option.key for option in OPTIONS if option.restart_only)
+
+
+def _default(key: str) -> Any:
+    """The default of ``Config.<key>``, from its row in ``OPTIONS``."""
+    option = OPTIONS_BY_KEY[key]
+    if option.default_factory is not None:
+        return field(default_factory=option.default_factory)
+    return option.default
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings a server runs with; each field is the row of ``OPTIONS``
+    with that key, which says what it means and holds its default."""
+
+    binds: tuple[Address, ...] = _default("binds")
+    workers: int = _default("workers")
+    worker_class: str = _default("worker_class")
+    threads: int = _default("threads")
+    backlog: int = _default("backlog")
+    graceful_timeout: float = _default("graceful_timeout")
+    reuse_port: bool = _default("reuse_port")
+    max_requests: int = _default("max_requests")
+    max_requests_jitter: int = _default("max_requests_jitter")
+    max_connections: int = _default("max_connections")
+    max_buffer: int = _default("max_buffer")
+    idle_timeout: float = _default("idle_timeout")
+    timeout: float = _default("timeout")
+    handler: str = _default("handler")
+    unix_mode: int = _default("unix_mode")
+    proxy_protocol: bool = _default("proxy_protocol")
+    forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
+    pid_file: str | None = _default("pid_file")
+    metrics: Address | None = _default("metrics")
+    log_level: str = _default("log_level")
+    log_file: str | None = _default("log_file")
+    user: int | None = _default("user")
+    group: int | None = _default("group")
+    umask: int | None = _default("umask")
+
+
+# -- the options table in README.md ----------------------------------------------
+
+
+def _markdown_text(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("*", "\\*").replace("|", "\\|")
+
+
+def options_markdown() -> str:
+    """The README's table of ``prefork serve`` options, made from ``OPTIONS``."""
+    lines = [
+        "<!-- made from prefork/settings.py by: python -m prefork.settings --markdown -->",
+        "Options of `prefork serve`. The long names are also the keys of a `-c` file.",
+        "",
+        "| option | default | what it does |",
+        "|---|---|---|",
+    ]
+    for option in (CONFIG_FILE, *OPTIONS):
+        names = ", ".join(f"`{flag}`" for flag in option.flags)
+        if option.metavar is not None:
+            names = names[:-1] + f" {option.metavar}`"
+        shown = option.shown_default()
+        if shown is None:
+            default = "off" if option.switch else ""
+        elif option.default_text is not None:
+            default = _markdown_text(shown)
+        else:
+            default = f"`{shown}`"
+        notes = option.notes()
+        text = f"{option.help} ({'; '.join(notes)})" if notes else option.help
+        lines.append(f"| {names} | {default} | {_markdown_text(text)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m prefork.settings", description="Print the table of serve options."
+    )
+    parser.add_argument("--markdown", action="store_true", help="as README.md's Markdown table")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.print_usage(sys.stderr)
+        return 2
+    sys.stdout.write(options_markdown())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

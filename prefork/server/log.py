@@ -12,7 +12,6 @@ from typing import TextIO
 from prefork.errors import PreforkError
 
 LOGGER_NAME = "prefork"
-LEVELS = ("debug", "info", "warning", "error", "critical")
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(message)s"
 
 

@@ -1,4 +1,7 @@
-"""Who the workers run as: resolving --user/--group, and dropping root.
+"""Who the workers run as: dropping root to --user/--group.
+
+``prefork.settings`` resolves the names and checks, in the master, that the
+switch is allowed (``check_can_switch``); this module does the switch.
 
 The master keeps its identity (it must be able to bind again on a reload and
 remove its socket and pid files); each worker drops to ``--user``/``--group``
@@ -9,31 +12,8 @@ root back; ``drop_privileges`` checks that by trying.
 
 from __future__ import annotations
 
-import grp
 import os
 import pwd
-
-from prefork.errors import ConfigError, PreforkError
-
-
-def parse_user(text: str, option: str = "--user") -> int:
-    """A user name or numeric uid that exists on this machine."""
-    if text.isdigit():
-        return int(text)
-    try:
-        return pwd.getpwnam(text).pw_uid
-    except KeyError:
-        raise ConfigError(f"{option}: no such user {text!r}") from None
-
-
-def parse_group(text: str, option: str = "--group") -> int:
-    """A group name or numeric gid that exists on this machine."""
-    if text.isdigit():
-        return int(text)
-    try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise ConfigError(f"{option}: no such group {text!r}") from None
 
 
 def primary_gid(uid: int) -> int:
@@ -44,14 +24,6 @@ def primary_gid(uid: int) -> int:
         return os.getgid()
 
 
-def check_can_switch(uid: int | None, gid: int | None) -> None:
-    """Fail early, in the master, if the workers will not be allowed to switch."""
-    if os.geteuid() == 0:
-        return
-    if (uid is not None and uid != os.geteuid()) or (gid is not None and gid != os.getegid()):
-        raise PreforkError("--user/--group: switching to another user needs root")
-
-
 def drop_privileges(uid: int | None, gid: int | None) -> None:
     """Become ``uid``/``gid`` for good (in a worker, after the fork).
 
@@ -60,7 +32,7 @@ def drop_privileges(uid: int | None, gid: int | None) -> None:
     """
     if uid is None and gid is None:
         return
-    if os.geteuid() != 0:  # check_can_switch allowed it: already who we should be
+    if os.geteuid() != 0:  # settings.check_can_switch allowed it: already who we should be
         return
     if gid is None:
         gid = primary_gid(uid) if uid is not None else os.getgid()

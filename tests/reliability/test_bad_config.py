@@ -26,7 +26,8 @@ import subprocess
 
 import pytest
 
-from prefork.cli import FILE_KEYS, build_parser
+from prefork.cli import build_parser
+from prefork.settings import FILE_KEYS
 
 from harness import timeout
 from support import assert_one_line_error, prefork_command, run
