@@ -1,9 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The compiled hot loop: the fast copy of ``prefork._fastio_py``.
 
-``_fastio_py`` is the specification (read its docstrings); this module makes
-the same syscalls in the same order, but whole loops run with the GIL
-released, so a worker with threads pays no GIL hand-off per message.
+Rules: the hot loop imports nothing from ``prefork.server`` or
+``prefork.tools``, and never its spec; what the two share (constants,
+argument checks, the scoreboard slot's layout, the daytime format) comes
+from ``prefork._fastio_common``, and what this module compiles in (the enums
+below) is checked against it at import: ``COMPILED_FACTS``.
+
+``_fastio_py`` is the specification (read its docstrings): the same names,
+results, counters and exceptions, and the same syscalls in the same order
+except where its docstring says so (datagrams are batched here with
+recvmmsg/sendmmsg). Whole loops run with the GIL released, so a worker with
+threads pays no GIL hand-off per message.
 
 Bounds: checking is off, so every length handed to ``recv``/``send`` comes
 from the validated buffer's own size, and pointer arithmetic only ever moves
@@ -20,27 +28,19 @@ import socket
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+from libc.stdint cimport uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
-from prefork._posix cimport (
-    CLOCK_MONOTONIC, EAGAIN, ECONNABORTED, ECONNRESET, EINTR, EMFILE, ENFILE, ENOBUFS,
-    ENOMEM, EPIPE, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLEXCLUSIVE,
-    EPOLLIN, EPOLLOUT, EWOULDBLOCK, MSG_NOSIGNAL, SOCK_CLOEXEC, SOCK_NONBLOCK, accept4,
-    clock_gettime, close, epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno, gmtime_r,
-    read, recv, send, ssize_t, strftime, time, time_t, timespec, tm, uint64_t,
-    iovec, mmsghdr, sockaddr_storage, recvmmsg, sendmmsg, MSG_DONTWAIT, MSG_TRUNC,
-)
+from prefork cimport _posix as posix
 
-# Argument checking is part of the specification: share it, so both
-# implementations reject bad arguments identically before touching the fd.
-from prefork._fastio_py import (
-    ACCEPT_BATCH, DRAIN_MAX, CHARGEN_DATAGRAM_MAX, DATAGRAM_BATCH, DATAGRAM_SIZE, DAYTIME_FORMAT,
-    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, _byte_view, _check_loop_args, _fileno,
-    STATS_SIZE, _stats_view, _proxy_fds,
-)
+from prefork import _fastio_common as common
 from prefork import proxy
-from prefork._fastio_common import peer_name, peer_of_fd
+from prefork._fastio_common import (
+    DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
+    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args, fileno_of,
+    peer_name, peer_of_fd, proxy_fds, stats_view,
+)
 
 _log = logging.getLogger("prefork")
 
@@ -62,11 +62,11 @@ cdef ssize_t _recv_some(int fd, unsigned char *buf, size_t size) except -1 nogil
     cdef ssize_t r
     cdef int err
     while True:
-        r = recv(fd, buf, size, 0)
+        r = posix.recv(fd, buf, size, 0)
         if r >= 0:
             return r
-        err = errno
-        if err != EINTR:
+        err = posix.errno
+        if err != posix.EINTR:
             _raise_oserror(err)
         _check_signals()
 
@@ -76,11 +76,11 @@ cdef ssize_t _send_some(int fd, const unsigned char *buf, size_t size) except -1
     cdef ssize_t r
     cdef int err
     while True:
-        r = send(fd, buf, size, MSG_NOSIGNAL)
+        r = posix.send(fd, buf, size, posix.MSG_NOSIGNAL)
         if r >= 0:
             return r
-        err = errno
-        if err != EINTR:
+        err = posix.errno
+        if err != posix.EINTR:
             _raise_oserror(err)
         _check_signals()
 
@@ -101,20 +101,20 @@ def accept(listener):
 
     See ``prefork._fastio_py.accept``.
     """
-    cdef int fd = _fileno(listener)
+    cdef int fd = fileno_of(listener)
     cdef int r = -1
     cdef int err = 0
     while True:
         with nogil:
-            r = accept4(fd, NULL, NULL, SOCK_CLOEXEC)
+            r = posix.accept4(fd, NULL, NULL, posix.SOCK_CLOEXEC)
             if r < 0:
-                err = errno
+                err = posix.errno
         if r >= 0:
             return r
-        if err == EINTR:
+        if err == posix.EINTR:
             PyErr_CheckSignals()
             continue
-        if err == EAGAIN or err == EWOULDBLOCK or err == ECONNABORTED:
+        if err == posix.EAGAIN or err == posix.EWOULDBLOCK or err == posix.ECONNABORTED:
             return None
         _raise_oserror(err)
 
@@ -124,8 +124,8 @@ def echo(conn, buffer):
 
     See ``prefork._fastio_py.echo``.
     """
-    cdef int fd = _fileno(conn)
-    cdef unsigned char[::1] view = _byte_view(buffer, writable=True)
+    cdef int fd = fileno_of(conn)
+    cdef unsigned char[::1] view = byte_view(buffer, writable=True)
     cdef unsigned char *buf = &view[0]
     cdef size_t size = <size_t>view.shape[0]
     cdef unsigned long long nin = 0
@@ -147,8 +147,8 @@ def discard(conn, buffer):
 
     See ``prefork._fastio_py.discard``.
     """
-    cdef int fd = _fileno(conn)
-    cdef unsigned char[::1] view = _byte_view(buffer, writable=True)
+    cdef int fd = fileno_of(conn)
+    cdef unsigned char[::1] view = byte_view(buffer, writable=True)
     cdef unsigned char *buf = &view[0]
     cdef size_t size = <size_t>view.shape[0]
     cdef unsigned long long nin = 0
@@ -167,8 +167,8 @@ def chargen(conn, pattern):
 
     See ``prefork._fastio_py.chargen``.
     """
-    cdef int fd = _fileno(conn)
-    cdef const unsigned char[::1] view = _byte_view(pattern, writable=False)
+    cdef int fd = fileno_of(conn)
+    cdef const unsigned char[::1] view = byte_view(pattern, writable=False)
     cdef const unsigned char *buf = &view[0]
     cdef size_t size = <size_t>view.shape[0]
     cdef size_t offset = 0
@@ -177,16 +177,16 @@ def chargen(conn, pattern):
     cdef int err = 0
     with nogil:
         while True:
-            r = send(fd, buf + offset, size - offset, MSG_NOSIGNAL)
+            r = posix.send(fd, buf + offset, size - offset, posix.MSG_NOSIGNAL)
             if r >= 0:
                 nout += <unsigned long long>r
                 offset = (offset + <size_t>r) % size
                 continue
-            err = errno
-            if err == EINTR:
+            err = posix.errno
+            if err == posix.EINTR:
                 _check_signals()
                 continue
-            if err == EPIPE or err == ECONNRESET:
+            if err == posix.EPIPE or err == posix.ECONNRESET:
                 break
             _raise_oserror(err)
     return 0, nout
@@ -197,7 +197,7 @@ def sendall(conn, data):
 
     See ``prefork._fastio_py.sendall``.
     """
-    cdef int fd = _fileno(conn)
+    cdef int fd = fileno_of(conn)
     cdef const unsigned char[::1] view = memoryview(data).cast("B")
     cdef size_t size = <size_t>view.shape[0]
     cdef const unsigned char *buf = NULL
@@ -217,31 +217,59 @@ def sendall(conn, data):
 # (n_listeners << 1) | 1. A connection closed during a batch is only freed
 # after the batch, so a stale event never touches freed memory.
 
-DEF MAX_EVENTS = 256
-cdef int C_ACCEPT_BATCH = ACCEPT_BATCH
-cdef unsigned long long C_DRAIN_MAX = DRAIN_MAX
+# The shared facts this module compiles in (array sizes, batch sizes, the
+# slot layout), by the names prefork._fastio_common gives them; COMPILED_FACTS
+# below is checked against that module at import.
+cdef enum:
+    MAX_EVENTS = 256
+    ACCEPT_BATCH = 16
+    DRAIN_MAX = 4096
+    DATAGRAM_BATCH = 16
+    DATAGRAM_SIZE = 65536
+    CHARGEN_DATAGRAM_MAX = 512
+    SLOT_SIZE = 48
+    HEARTBEAT_OFFSET = 0  # a double
+    COUNTERS_OFFSET = 16  # four int64: accepted, active, bytes_in, bytes_out
+
+# In the order of prefork._fastio_common.SERVICES.
+cdef enum Service:
+    ECHO, DISCARD, CHARGEN, DAYTIME, PROTOCOL
+
+COMPILED_FACTS = {
+    "SERVICES": common.enum_order({
+        "echo": ECHO, "discard": DISCARD, "chargen": CHARGEN, "daytime": DAYTIME,
+        "protocol": PROTOCOL,
+    }),
+    "MAX_EVENTS": MAX_EVENTS,
+    "ACCEPT_BATCH": ACCEPT_BATCH,
+    "DRAIN_MAX": DRAIN_MAX,
+    "DATAGRAM_BATCH": DATAGRAM_BATCH,
+    "DATAGRAM_SIZE": DATAGRAM_SIZE,
+    "CHARGEN_DATAGRAM_MAX": CHARGEN_DATAGRAM_MAX,
+    "SLOT_SIZE": SLOT_SIZE,
+    "HEARTBEAT_OFFSET": HEARTBEAT_OFFSET,
+    "COUNTERS_OFFSET": COUNTERS_OFFSET,
+    "LOOP_COUNTERS": ("accepted", "active", "bytes_in", "bytes_out"),  # as _publish writes them
+}
+common.check_facts(__name__, COMPILED_FACTS, vars(common))
+
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
-DEF DGRAM_BATCH = 16  # == DATAGRAM_BATCH, checked at import
-DEF DGRAM_SIZE = 65536  # == DATAGRAM_SIZE, checked at import
-assert DGRAM_BATCH == DATAGRAM_BATCH and DGRAM_SIZE == DATAGRAM_SIZE
-cdef unsigned int C_CHARGEN_DATAGRAM_MAX = CHARGEN_DATAGRAM_MAX
+
+# What closed a connection, for connection_lost(exc).
+cdef enum:
+    CLOSED_OK = 0  # end of file, close(), idle: exc is None
+    CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
 
 
 cdef struct Datagrams:
     # Buffers for one recvmmsg/sendmmsg batch, allocated once per loop.
-    mmsghdr received[DGRAM_BATCH]
-    mmsghdr replies[DGRAM_BATCH]
-    iovec in_iov[DGRAM_BATCH]
-    iovec out_iov[DGRAM_BATCH]
-    sockaddr_storage senders[DGRAM_BATCH]
-    unsigned char data[DGRAM_BATCH][DGRAM_SIZE]
+    posix.mmsghdr received[DATAGRAM_BATCH]
+    posix.mmsghdr replies[DATAGRAM_BATCH]
+    posix.iovec in_iov[DATAGRAM_BATCH]
+    posix.iovec out_iov[DATAGRAM_BATCH]
+    posix.sockaddr_storage senders[DATAGRAM_BATCH]
+    unsigned char data[DATAGRAM_BATCH][DATAGRAM_SIZE]
 
-# What closed a connection, for connection_lost(exc).
-DEF CLOSED_OK = 0  # end of file, close(), idle: exc is None
-DEF CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
-
-cdef enum Service:
-    ECHO, DISCARD, CHARGEN, DAYTIME, PROTOCOL
 
 cdef struct Conn:
     int fd
@@ -265,8 +293,8 @@ cdef struct Conn:
 
 
 cdef inline double _monotonic() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
+    cdef posix.timespec ts
+    posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
 
 
@@ -340,32 +368,33 @@ cdef class EventLoop:
     cdef Conn *graveyard  # closed during this batch, freed after it
     cdef bytes daytime_format  # owns the bytes daytime_fmt points into
     cdef const char *daytime_fmt
-    cdef epoll_event events[MAX_EVENTS]
+    cdef posix.epoll_event events[MAX_EVENTS]
 
     def __cinit__(self):
         self.epfd = -1
         self.wakeup_fd = -1
 
-    def __init__(self, listeners, str service, *, int wakeup_fd=-1, int max_connections=1024,
-                 max_buffer=256 * 1024, idle_timeout=300.0, pattern=b"", protocol_factory=None,
+    def __init__(self, listeners, str service, *, int wakeup_fd=-1,
+                 int max_connections=DEFAULT_MAX_CONNECTIONS, max_buffer=DEFAULT_MAX_BUFFER,
+                 idle_timeout=DEFAULT_IDLE_TIMEOUT, pattern=b"", protocol_factory=None,
                  datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
                  proxy_trusted=None):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef int index
-        pattern_view = _check_loop_args(service, max_connections, max_buffer, idle_timeout,
+        pattern_view = check_loop_args(service, max_connections, max_buffer, idle_timeout,
                                         pattern, protocol_factory)
         if datagram_sockets and service == "protocol":
             raise ValueError("datagram sockets serve the built-in services only")
-        fds = [_fileno(listener) for listener in listeners]
-        dgram_fds = [_fileno(sock) for sock in datagram_sockets]
+        fds = [fileno_of(listener) for listener in listeners]
+        dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
         index = SERVICES.index(service)
         self.svc = <Service>index
         self.service = service
         self.factory = protocol_factory
         self.max_connections = max_connections
         self.max_accepts = max_accepts
-        self.stats_view = _stats_view(stats)
+        self.stats_view = stats_view(stats)
         if self.stats_view is not None:
             stats_bytes = self.stats_view
             self.stats = &stats_bytes[0]
@@ -377,12 +406,12 @@ cdef class EventLoop:
         self.proxied = <unsigned char *>calloc(len(fds) + 1, 1)
         if self.buf == NULL or self.listeners == NULL or self.proxied == NULL:
             raise MemoryError()
-        proxy_fds = _proxy_fds(proxy_listeners, fds)
+        proxied_fds = proxy_fds(proxy_listeners, fds)
         self.proxy_trusted = proxy_trusted
         self.n_listeners = len(fds)
         for i, fd in enumerate(fds):
             self.listeners[i] = fd
-            self.proxied[i] = fd in proxy_fds
+            self.proxied[i] = fd in proxied_fds
         self.n_dgrams = len(dgram_fds)
         if self.n_dgrams:
             self.dgram_fds = <int *>malloc(sizeof(int) * self.n_dgrams)
@@ -400,14 +429,15 @@ cdef class EventLoop:
         self.daytime_format = DAYTIME_FORMAT.encode("ascii")
         self.daytime_fmt = self.daytime_format
         self._accepting = True
-        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        self.epfd = posix.epoll_create1(posix.EPOLL_CLOEXEC)
         if self.epfd < 0:
-            _raise_oserror(errno)
+            _raise_oserror(posix.errno)
         self.wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
-            self._ctl(EPOLL_CTL_ADD, wakeup_fd, EPOLLIN, self._listener_tag(self.n_listeners))
+            self._ctl(posix.EPOLL_CTL_ADD, wakeup_fd, posix.EPOLLIN,
+                      self._listener_tag(self.n_listeners))
         for i in range(self.n_dgrams):
-            self._ctl(EPOLL_CTL_ADD, self.dgram_fds[i], EPOLLIN | EPOLLEXCLUSIVE,
+            self._ctl(posix.EPOLL_CTL_ADD, self.dgram_fds[i], posix.EPOLLIN | posix.EPOLLEXCLUSIVE,
                       self._dgram_tag(i))
         self.sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
         self.next_sweep = _monotonic() + self.sweep_interval
@@ -461,7 +491,7 @@ cdef class EventLoop:
         while self.head != NULL:  # only after a failure: close() empties the list
             conn = self.head
             self.head = conn.next
-            close(conn.fd)
+            posix.close(conn.fd)
             free(conn.pending)
             Py_XDECREF(conn.protocol)
             Py_XDECREF(conn.transport)
@@ -470,7 +500,7 @@ cdef class EventLoop:
             free(conn)
         self._free_graveyard()
         if self.epfd >= 0:
-            close(self.epfd)
+            posix.close(self.epfd)
             self.epfd = -1
         free(self.buf)
         self.buf = NULL
@@ -491,7 +521,7 @@ cdef class EventLoop:
         self._accepting = False
         self._disarm()
         for i in range(self.n_dgrams):
-            self._ctl(EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
+            self._ctl(posix.EPOLL_CTL_DEL, self.dgram_fds[i], 0, 0)
         self.n_dgrams = 0  # for good: a drain that resumes accepting leaves them out
         return 0
 
@@ -514,11 +544,11 @@ cdef class EventLoop:
             free(conn)
 
     cdef int _ctl(self, int op, int fd, unsigned int events, uint64_t tag) except -1 nogil:
-        cdef epoll_event ev
+        cdef posix.epoll_event ev
         ev.events = events
         ev.data.u64 = tag
-        if epoll_ctl(self.epfd, op, fd, &ev) < 0:
-            _raise_oserror(errno)
+        if posix.epoll_ctl(self.epfd, op, fd, &ev) < 0:
+            _raise_oserror(posix.errno)
         return 0
 
     cdef int _run(self, double timeout) except -1 nogil:
@@ -544,10 +574,10 @@ cdef class EventLoop:
             if wait <= 0 and now >= deadline:
                 return 0
             ms = <int>(wait * 1000.0 + 0.999) if wait > 0 else 0
-            n = epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
+            n = posix.epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
             if n < 0:
-                if errno != EINTR:
-                    _raise_oserror(errno)
+                if posix.errno != posix.EINTR:
+                    _raise_oserror(posix.errno)
                 _check_signals()
                 continue
             now = _monotonic()
@@ -573,18 +603,19 @@ cdef class EventLoop:
                 return 0
 
     cdef void _publish(self, double now) noexcept nogil:
-        # The slot layout is <dqqqqq: heartbeat, pid, accepted, active, in, out.
+        # The slot layout is prefork._fastio_common's SLOT; the counters in
+        # the order of its LOOP_COUNTERS (COMPILED_FACTS says so, checked).
         cdef long long counters[4]
         counters[0] = <long long>self.accepted
         counters[1] = self.n_active
         counters[2] = <long long>self.bytes_in
         counters[3] = <long long>self.bytes_out
-        memcpy(self.stats, &now, 8)
-        memcpy(self.stats + 16, counters, 32)
+        memcpy(self.stats + HEARTBEAT_OFFSET, &now, sizeof(now))
+        memcpy(self.stats + COUNTERS_OFFSET, counters, sizeof(counters))
 
     cdef void _drain_wakeup(self) noexcept nogil:
         cdef char sink[512]
-        while read(self.wakeup_fd, sink, sizeof(sink)) > 0:
+        while posix.read(self.wakeup_fd, sink, sizeof(sink)) > 0:
             pass
 
     cdef int _arm_if_ready(self, double now) except -1 nogil:
@@ -593,8 +624,8 @@ cdef class EventLoop:
         cdef int i
         if want and not self.armed:
             for i in range(self.n_listeners):
-                self._ctl(EPOLL_CTL_ADD, self.listeners[i], EPOLLIN | EPOLLEXCLUSIVE,
-                          self._listener_tag(i))
+                self._ctl(posix.EPOLL_CTL_ADD, self.listeners[i],
+                          posix.EPOLLIN | posix.EPOLLEXCLUSIVE, self._listener_tag(i))
             self.armed = True
         elif not want and self.armed:
             self._disarm()
@@ -604,7 +635,7 @@ cdef class EventLoop:
         cdef int i
         if self.armed:
             for i in range(self.n_listeners):
-                self._ctl(EPOLL_CTL_DEL, self.listeners[i], 0, 0)
+                self._ctl(posix.EPOLL_CTL_DEL, self.listeners[i], 0, 0)
             self.armed = False
         return 0
 
@@ -630,8 +661,8 @@ cdef class EventLoop:
 
     cdef int _readd(self, int fd, uint64_t tag) except -1 nogil:
         """Remove and re-add an exclusive socket: to the back of its wait queue."""
-        self._ctl(EPOLL_CTL_DEL, fd, 0, 0)
-        self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN | EPOLLEXCLUSIVE, tag)
+        self._ctl(posix.EPOLL_CTL_DEL, fd, 0, 0)
+        self._ctl(posix.EPOLL_CTL_ADD, fd, posix.EPOLLIN | posix.EPOLLEXCLUSIVE, tag)
         return 0
 
     cdef inline uint64_t _dgram_tag(self, int index) noexcept nogil:
@@ -641,7 +672,7 @@ cdef class EventLoop:
         self.rng ^= self.rng << 13
         self.rng ^= self.rng >> 7
         self.rng ^= self.rng << 17
-        return <unsigned int>(self.rng % (C_CHARGEN_DATAGRAM_MAX + 1))
+        return <unsigned int>(self.rng % (CHARGEN_DATAGRAM_MAX + 1))
 
     cdef int _serve_datagrams(self, int index) except -1 nogil:
         """Answer a batch of datagrams, each to its own sender (see the spec)."""
@@ -649,36 +680,36 @@ cdef class EventLoop:
         cdef int fd = self.dgram_fds[index]
         cdef int n, i, m = 0, r, done = 0
         cdef size_t length
-        cdef time_t t
-        cdef tm parts
+        cdef posix.time_t t
+        cdef posix.tm parts
         cdef const unsigned char *reply
-        for i in range(DGRAM_BATCH):
+        for i in range(DATAGRAM_BATCH):
             d.in_iov[i].iov_base = d.data[i]
-            d.in_iov[i].iov_len = DGRAM_SIZE
+            d.in_iov[i].iov_len = DATAGRAM_SIZE
             d.received[i].msg_hdr.msg_name = &d.senders[i]
-            d.received[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            d.received[i].msg_hdr.msg_namelen = sizeof(posix.sockaddr_storage)
             d.received[i].msg_hdr.msg_iov = &d.in_iov[i]
             d.received[i].msg_hdr.msg_iovlen = 1
             d.received[i].msg_hdr.msg_control = NULL
             d.received[i].msg_hdr.msg_controllen = 0
             d.received[i].msg_hdr.msg_flags = 0
-        n = recvmmsg(fd, d.received, DGRAM_BATCH, MSG_DONTWAIT, NULL)
+        n = posix.recvmmsg(fd, d.received, DATAGRAM_BATCH, posix.MSG_DONTWAIT, NULL)
         if n < 0:
-            if errno == EINTR:
+            if posix.errno == posix.EINTR:
                 _check_signals()
             return 0  # EAGAIN: another worker took them; ICMP errors: nothing to do
         for i in range(n):
             length = d.received[i].msg_len
             self.datagrams += 1
             self.bytes_in += length
-            if d.received[i].msg_hdr.msg_flags & MSG_TRUNC:
+            if d.received[i].msg_hdr.msg_flags & posix.MSG_TRUNC:
                 continue  # cannot happen with 64 KiB buffers; never echo a cut datagram
             if self.svc == ECHO:
                 reply = d.data[i]
             elif self.svc == DAYTIME:
-                t = time(NULL)
-                gmtime_r(&t, &parts)
-                length = strftime(<char *>d.data[i], DGRAM_SIZE, self.daytime_fmt, &parts)
+                t = posix.time(NULL)
+                posix.gmtime_r(&t, &parts)
+                length = posix.strftime(<char *>d.data[i], DATAGRAM_SIZE, self.daytime_fmt, &parts)
                 reply = d.data[i]
             elif self.svc == CHARGEN:
                 length = min(<size_t>self._random_size(), self.pattern_len)
@@ -692,14 +723,14 @@ cdef class EventLoop:
             d.replies[m].msg_hdr.msg_flags = 0
             m += 1
         while done < m:
-            r = sendmmsg(fd, &d.replies[done], m - done, MSG_DONTWAIT)
+            r = posix.sendmmsg(fd, &d.replies[done], m - done, posix.MSG_DONTWAIT)
             if r < 0:
-                if errno == EINTR:
+                if posix.errno == posix.EINTR:
                     _check_signals()
                     if not self._accepting:  # the handler stopped us, closed the socket
                         return 0
                     continue
-                if errno == EAGAIN or errno == EWOULDBLOCK:
+                if posix.errno == posix.EAGAIN or posix.errno == posix.EWOULDBLOCK:
                     break  # full: UDP may drop the rest
                 done += 1  # this reply failed (refused...): skip it
                 continue
@@ -717,23 +748,24 @@ cdef class EventLoop:
         """Take what is queued, as room allows; stop once the queues are empty."""
         cdef int i, fd, err, empty = 0
         for i in range(self.n_listeners):
-            while self.n_active < self.max_connections and self.drained < C_DRAIN_MAX:
-                fd = accept4(self.listeners[i], NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            while self.n_active < self.max_connections and self.drained < DRAIN_MAX:
+                fd = posix.accept4(self.listeners[i], NULL, NULL,
+                                   posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
                 if fd < 0:
-                    err = errno
-                    if err == EINTR:
+                    err = posix.errno
+                    if err == posix.EINTR:
                         _check_signals()
                         if not self._accepting:
                             return 0
                         continue
-                    if err == ECONNABORTED:
+                    if err == posix.ECONNABORTED:
                         continue
-                    if err == EAGAIN or err == EWOULDBLOCK:
+                    if err == posix.EAGAIN or err == posix.EWOULDBLOCK:
                         empty += 1
                     break  # EMFILE and kin: try again at the next turn
                 self.drained += 1
                 self._open(fd, now, self.proxied[i])
-        if empty == self.n_listeners or self.drained >= C_DRAIN_MAX:
+        if empty == self.n_listeners or self.drained >= DRAIN_MAX:
             self.draining = False
             self._stop_accepting()
         return 0
@@ -741,24 +773,25 @@ cdef class EventLoop:
     cdef int _accept(self, int index, double now) except -1 nogil:
         cdef int lfd = self.listeners[index]
         cdef int fd, err, k
-        for k in range(C_ACCEPT_BATCH):
+        for k in range(ACCEPT_BATCH):
             if self.n_active >= self.max_connections:
                 break
             if self.max_accepts and self.accepted >= self.max_accepts:
                 self._stop_accepting()  # recycled: serve what we have, then end
                 self._recycled = True
                 return 0
-            fd = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            fd = posix.accept4(lfd, NULL, NULL, posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
             if fd < 0:
-                err = errno
-                if err == EINTR:
+                err = posix.errno
+                if err == posix.EINTR:
                     _check_signals()
                     if not self._accepting:  # the handler stopped us, closed the listener
                         return 0
                     continue
-                if err == EAGAIN or err == EWOULDBLOCK or err == ECONNABORTED:
+                if err == posix.EAGAIN or err == posix.EWOULDBLOCK or err == posix.ECONNABORTED:
                     break
-                if err == EMFILE or err == ENFILE or err == ENOBUFS or err == ENOMEM:
+                if (err == posix.EMFILE or err == posix.ENFILE or err == posix.ENOBUFS
+                        or err == posix.ENOMEM):
                     self.resource_errors += 1
                     self.paused_until = now + C_EMFILE_PAUSE
                     self._disarm()
@@ -772,7 +805,7 @@ cdef class EventLoop:
     cdef int _open(self, int fd, double now, bint proxied) except -1 nogil:
         cdef Conn *conn = <Conn *>calloc(1, sizeof(Conn))
         if conn == NULL:
-            close(fd)
+            posix.close(fd)
             return 0  # like a connection the peer aborted: the worker lives on
         conn.fd = fd
         conn.reading = True
@@ -808,13 +841,13 @@ cdef class EventLoop:
     cdef int _start(self, Conn *conn) except -1 nogil:
         """The service's first move on a new connection (no epoll update)."""
         cdef char line[128]
-        cdef time_t t
-        cdef tm parts
+        cdef posix.time_t t
+        cdef posix.tm parts
         cdef size_t length
         if self.svc == DAYTIME:
-            t = time(NULL)
-            gmtime_r(&t, &parts)
-            length = strftime(line, sizeof(line), self.daytime_fmt, &parts)
+            t = posix.time(NULL)
+            posix.gmtime_r(&t, &parts)
+            length = posix.strftime(line, sizeof(line), self.daytime_fmt, &parts)
             conn.reading = False
             self._write(conn, <unsigned char *>line, length)
             if not conn.closed:
@@ -868,17 +901,17 @@ cdef class EventLoop:
         cdef unsigned int events = 0
         cdef bint owes = _owed(conn) > 0
         if conn.header != NULL:
-            events = EPOLLIN
+            events = posix.EPOLLIN
         else:
             if conn.reading and not owes:
-                events |= EPOLLIN
+                events |= posix.EPOLLIN
             if owes or (self.svc == CHARGEN and not conn.eof):
-                events |= EPOLLOUT
+                events |= posix.EPOLLOUT
         if not conn.registered:
-            self._ctl(EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
+            self._ctl(posix.EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
             conn.registered = True
         elif conn.events != events:
-            self._ctl(EPOLL_CTL_MOD, conn.fd, events, <uint64_t>conn)
+            self._ctl(posix.EPOLL_CTL_MOD, conn.fd, events, <uint64_t>conn)
         conn.events = events
         return 0
 
@@ -909,9 +942,9 @@ cdef class EventLoop:
 
     cdef int _close_quietly(self, Conn *conn) except -1 nogil:
         if conn.registered:
-            self._ctl(EPOLL_CTL_DEL, conn.fd, 0, 0)
+            self._ctl(posix.EPOLL_CTL_DEL, conn.fd, 0, 0)
             conn.registered = False
-        close(conn.fd)
+        posix.close(conn.fd)
         if conn.prev != NULL:
             conn.prev.next = conn.next
         else:
@@ -950,15 +983,16 @@ cdef class EventLoop:
         cdef ssize_t r
         cdef size_t sent = 0
         while sent < length:
-            r = send(fd, data + sent, length - sent, MSG_NOSIGNAL)
+            r = posix.send(fd, data + sent, length - sent, posix.MSG_NOSIGNAL)
             if r > 0:
                 sent += <size_t>r
                 continue
-            if r < 0 and errno == EINTR:
+            if r < 0 and posix.errno == posix.EINTR:
                 _check_signals()
                 continue
-            if r < 0 and errno != EAGAIN and errno != EWOULDBLOCK and sent == 0:
-                return -errno
+            if (r < 0 and posix.errno != posix.EAGAIN and posix.errno != posix.EWOULDBLOCK
+                    and sent == 0):
+                return -posix.errno
             break  # EAGAIN, or an error after some bytes: the next send reports it
         return <ssize_t>sent
 
@@ -993,7 +1027,7 @@ cdef class EventLoop:
         if need > conn.pending_cap:
             grown = <unsigned char *>realloc(conn.pending, need)
             if grown == NULL:
-                self._close(conn, ENOMEM)
+                self._close(conn, posix.ENOMEM)
                 return 0
             conn.pending = grown
             conn.pending_cap = need
@@ -1010,10 +1044,10 @@ cdef class EventLoop:
         else:
             if _owed(conn) > 0:
                 err = self._flush(conn, now)
-            elif self.svc == CHARGEN and mask & EPOLLOUT:
+            elif self.svc == CHARGEN and mask & posix.EPOLLOUT:
                 err = self._generate(conn, now)
             if (err == 0 and not conn.closed and _owed(conn) == 0
-                    and mask & ~(<unsigned int>EPOLLOUT)):
+                    and mask & ~(<unsigned int>posix.EPOLLOUT)):
                 if conn.reading:
                     err = self._read(conn, now)
                 else:  # error or hang-up on a connection no longer read
@@ -1029,11 +1063,11 @@ cdef class EventLoop:
         none (-EAGAIN: nothing there now)."""
         cdef ssize_t r
         while True:
-            r = recv(fd, self.buf, self.read_size, 0)
+            r = posix.recv(fd, self.buf, self.read_size, 0)
             if r >= 0:
                 return r
-            if errno != EINTR:
-                return -errno
+            if posix.errno != posix.EINTR:
+                return -posix.errno
             _check_signals()
 
     # _read, _flush and _generate return 0, or an errno that ends the connection.
@@ -1041,7 +1075,7 @@ cdef class EventLoop:
     cdef int _read(self, Conn *conn, double now) except -1 nogil:
         cdef ssize_t n
         n = self._recv(conn.fd)
-        if n == -EAGAIN or n == -EWOULDBLOCK:
+        if n == -posix.EAGAIN or n == -posix.EWOULDBLOCK:
             return 0
         if n < 0:
             return <int>-n
@@ -1057,7 +1091,7 @@ cdef class EventLoop:
         cdef ssize_t n
         cdef Py_ssize_t rest
         n = self._recv(conn.fd)
-        if n == -EAGAIN or n == -EWOULDBLOCK:
+        if n == -posix.EAGAIN or n == -posix.EWOULDBLOCK:
             return 0
         if n < 0:
             return <int>-n

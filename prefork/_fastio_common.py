@@ -1,19 +1,184 @@
 """What the compiled hot loop (``_fastio.pyx``) and its specification
-(``_fastio_py.py``) share: defined once, imported by both.
+(``_fastio_py.py``) share: every fact both need, defined here once.
 
-Rule: this module imports nothing from ``prefork.server`` or ``prefork.tools``,
-and nothing from either implementation; each implementation imports it.
+Rules: the hot loops and their specs import nothing from ``prefork.server``
+or ``prefork.tools``; a compiled module never imports its spec (both import
+this module); every fact the two loops share is defined once, here, and the
+compiled module checks at import (``check_facts``) that what it compiled in
+(its C enums and array sizes) equals it. This module imports neither
+implementation.
+
+The facts: the service list (the compiled ``Service`` enum follows its
+order), the batch and buffer sizes, the daytime format, the scoreboard
+slot's byte layout (the loops write their heartbeat and counters into it;
+``prefork.server.scoreboard`` reads it), and the argument checks that make
+both reject the same bad arguments before touching a descriptor.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
+import time
+from collections.abc import Mapping
 from typing import Any
 
 # EventLoop's limits when the caller gives none (the settings' defaults too).
 DEFAULT_MAX_CONNECTIONS = 1024  # connections one event worker serves at once
 DEFAULT_MAX_BUFFER = 256 * 1024  # bytes a connection may owe its peer
 DEFAULT_IDLE_TIMEOUT = 300.0  # seconds without a byte either way; 0 = never
+
+# The services, in the order of the compiled loop's ``Service`` enum.
+SERVICES = ("echo", "discard", "chargen", "daytime", "protocol")
+READ_SIZE = 64 * 1024  # bytes per recv; capped by max_buffer
+MAX_EVENTS = 256  # events taken per epoll_wait
+ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
+DRAIN_MAX = 4096  # connections a draining loop takes at most (more than any backlog)
+EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
+SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
+DATAGRAM_BATCH = 16  # datagrams served per wake-up of one datagram socket
+DATAGRAM_SIZE = 65536  # receive buffer per datagram: larger than any UDP payload
+CHARGEN_DATAGRAM_MAX = 512  # RFC 864: a UDP reply holds 0 to 512 characters
+# RFC 867 leaves the format free; this is its suggested one, in UTC. ASCII, so
+# C's strftime (the compiled loop) and time.strftime give the same bytes.
+DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
+
+
+def daytime_line(now: float | None = None) -> bytes:
+    """The daytime service's reply at ``now`` (default: the current time)."""
+    stamp = time.gmtime(time.time() if now is None else now)
+    return time.strftime(DAYTIME_FORMAT, stamp).encode("ascii")
+
+
+# -- the scoreboard slot -------------------------------------------------------------
+#
+# One per worker, in memory the master shares with its workers: the loop
+# writes the heartbeat (a time.monotonic() value) and its four counters at
+# every wake-up, without the GIL; the worker writes the pid. The heartbeat
+# comes first so that it is 8-byte aligned: the compiled loop stores a C
+# double there. The loop's counters are contiguous 64-bit integers.
+SLOT_FIELDS = ("heartbeat", "pid", "accepted", "active", "bytes_in", "bytes_out")
+SLOT = struct.Struct("<dqqqqq")
+SLOT_SIZE = SLOT.size
+SLOT_OFFSETS = {
+    name: struct.calcsize(SLOT.format[: index + 1]) for index, name in enumerate(SLOT_FIELDS)
+}
+HEARTBEAT = struct.Struct("<d")  # at HEARTBEAT_OFFSET
+HEARTBEAT_OFFSET = SLOT_OFFSETS["heartbeat"]
+LOOP_COUNTERS = ("accepted", "active", "bytes_in", "bytes_out")  # what the loops write
+LOOP_COUNTERS_STRUCT = struct.Struct("<qqqq")  # at COUNTERS_OFFSET
+COUNTERS_OFFSET = SLOT_OFFSETS[LOOP_COUNTERS[0]]
+
+
+def _check_slot_layout() -> None:
+    """The slot's names, its format and the loops' two writes agree."""
+    codes = SLOT.format[1:]
+    if len(codes) != len(SLOT_FIELDS) or SLOT.format[0] != "<":
+        raise AssertionError(f"slot format {SLOT.format} does not hold {SLOT_FIELDS}")
+    if codes[SLOT_FIELDS.index("heartbeat")] != "d" or HEARTBEAT_OFFSET % 8:
+        raise AssertionError("the heartbeat is not an aligned double")
+    for index, name in enumerate(LOOP_COUNTERS):
+        offset, code = SLOT_OFFSETS[name], codes[SLOT_FIELDS.index(name)]
+        if offset != COUNTERS_OFFSET + 8 * index or code != "q":
+            raise AssertionError(f"the loop's counters are not contiguous int64s: {name}")
+    if len(LOOP_COUNTERS_STRUCT.format) - 1 != len(LOOP_COUNTERS):
+        raise AssertionError("LOOP_COUNTERS_STRUCT does not hold LOOP_COUNTERS")
+
+
+_check_slot_layout()
+
+
+# -- checking a compiled module ------------------------------------------------------
+
+
+def enum_order(values: Mapping[str, int]) -> tuple[str, ...]:
+    """The names of a C enum's members ordered by value: ``{"b": 1, "a": 0}``
+    gives ``("a", "b")``. Raises AssertionError unless the values are 0..n-1."""
+    names = tuple(sorted(values, key=values.__getitem__))
+    if [values[name] for name in names] != list(range(len(names))):
+        raise AssertionError(f"enum values are not 0..{len(names) - 1}: {dict(values)}")
+    return names
+
+
+def check_facts(module: str, compiled: Mapping[str, Any], common: Mapping[str, Any]) -> None:
+    """Raise AssertionError naming every fact on which ``compiled`` (what the
+    compiled ``module`` built in, by the common module's names) differs from
+    ``common`` (that module's namespace). Called at the compiled module's
+    import, so a stale or edited copy cannot load; an explicit raise, not an
+    ``assert``, so ``python -O`` checks too. AssertionError, not ImportError:
+    ``prefork.fastio`` falls back to the spec on ImportError only, and a
+    broken build must fail loudly."""
+    wrong = [
+        f"{name} = {value!r}, common says "
+        + (repr(common[name]) if name in common else "nothing (missing)")
+        for name, value in compiled.items()
+        if name not in common or common[name] != value
+    ]
+    if wrong:
+        raise AssertionError(f"{module} disagrees with its common module: " + "; ".join(wrong))
+
+
+# -- argument checks: both implementations reject the same arguments ----------------
+
+
+def fileno_of(obj: Any) -> int:
+    """Return the descriptor of an ``int`` or an object with ``fileno()``."""
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if not isinstance(fd, int):
+        raise TypeError(f"fileno() returned {type(fd).__name__}, not int")
+    if fd < 0:
+        raise ValueError(f"negative file descriptor: {fd}")
+    return fd
+
+
+def byte_view(data: Any, *, writable: bool) -> memoryview:
+    """A flat, non-empty byte view of ``data``; checks done before any I/O."""
+    view = memoryview(data)
+    if writable and view.readonly:
+        raise TypeError("buffer must be writable")
+    view = view.cast("B")  # TypeError for non-contiguous buffers
+    if len(view) == 0:
+        raise ValueError("buffer must not be empty")
+    return view
+
+
+def check_loop_args(
+    service: str,
+    max_connections: int,
+    max_buffer: int,
+    idle_timeout: float,
+    pattern: Any,
+    protocol_factory: Any,
+) -> memoryview | None:
+    """Validate ``EventLoop`` arguments; return chargen's pattern view."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}")
+    if max_connections < 1 or max_buffer < 1 or not idle_timeout >= 0:
+        raise ValueError("max_connections and max_buffer must be >= 1, idle_timeout >= 0")
+    if (service == "protocol") != callable(protocol_factory):
+        raise ValueError("protocol_factory is required for, and only for, service 'protocol'")
+    return byte_view(pattern, writable=False) if service == "chargen" else None
+
+
+def stats_view(buffer: Any) -> memoryview | None:
+    """A byte view of a writable ``SLOT_SIZE``-byte stats buffer (None stays None)."""
+    if buffer is None:
+        return None
+    view = memoryview(buffer)
+    if view.readonly or view.nbytes != SLOT_SIZE:
+        raise ValueError(f"stats must be a writable {SLOT_SIZE}-byte buffer")
+    return view.cast("B")
+
+
+def proxy_fds(proxy_listeners: Any, fds: list[int]) -> frozenset[int]:
+    """The descriptors of ``proxy_listeners``, which must be among ``fds``."""
+    proxied = frozenset(fileno_of(listener) for listener in proxy_listeners)
+    if not proxied <= set(fds):
+        raise ValueError("proxy_listeners must be among the listeners")
+    return proxied
+
+
+# -- peers -----------------------------------------------------------------------------
 
 
 def peer_name(sock: socket.socket) -> Any:

@@ -1,5 +1,10 @@
 """The hot loop in pure Python: the specification of ``prefork._fastio``.
 
+Rules: this module imports nothing from ``prefork.server`` or
+``prefork.tools``, and the compiled twin never imports it; what the two share
+(constants, argument checks, the scoreboard slot's layout, the daytime
+format) is defined once in ``prefork._fastio_common``.
+
 Every function here has a compiled twin in ``_fastio.pyx`` with the same name,
 signature, return value and exceptions; the test suite runs both and compares
 them. This module is written for clarity with ``socket.recv_into`` and
@@ -28,37 +33,39 @@ import os
 import random
 import select
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from prefork import proxy
-from prefork._fastio_common import peer_name
+from prefork._fastio_common import (
+    ACCEPT_BATCH,
+    CHARGEN_DATAGRAM_MAX,
+    COUNTERS_OFFSET,
+    DATAGRAM_BATCH,
+    DATAGRAM_SIZE,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_CONNECTIONS,
+    DRAIN_MAX,
+    EMFILE_PAUSE,
+    HEARTBEAT,
+    HEARTBEAT_OFFSET,
+    LOOP_COUNTERS_STRUCT,
+    MAX_EVENTS,
+    READ_SIZE,
+    SWEEP_INTERVAL,
+    byte_view,
+    check_loop_args,
+    daytime_line,
+    fileno_of,
+    peer_name,
+    proxy_fds,
+    stats_view,
+)
 
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
-
-
-def _fileno(obj: Any) -> int:
-    """Return the descriptor of an ``int`` or an object with ``fileno()``."""
-    fd = obj if isinstance(obj, int) else obj.fileno()
-    if not isinstance(fd, int):
-        raise TypeError(f"fileno() returned {type(fd).__name__}, not int")
-    if fd < 0:
-        raise ValueError(f"negative file descriptor: {fd}")
-    return fd
-
-
-def _byte_view(data: Any, *, writable: bool) -> memoryview:
-    """A flat, non-empty byte view of ``data``; checks done before any I/O."""
-    view = memoryview(data)
-    if writable and view.readonly:
-        raise TypeError("buffer must be writable")
-    view = view.cast("B")  # TypeError for non-contiguous buffers
-    if len(view) == 0:
-        raise ValueError("buffer must not be empty")
-    return view
 
 
 @contextmanager
@@ -80,7 +87,7 @@ def accept(listener: Any) -> int | None:
     was aborted by its peer (``ECONNABORTED``). Any other error, notably
     ``EMFILE``/``ENFILE``, is raised for the caller to back off.
     """
-    fd = _fileno(listener)
+    fd = fileno_of(listener)
     with _borrowed(fd) as sock:
         try:
             conn, _ = sock.accept()
@@ -96,8 +103,8 @@ def echo(conn: Any, buffer: Any) -> tuple[int, int]:
     allocation per message) and writes each chunk back in full before the
     next read. Returns ``(bytes_in, bytes_out)``, equal on success.
     """
-    fd = _fileno(conn)
-    view = _byte_view(buffer, writable=True)
+    fd = fileno_of(conn)
+    view = byte_view(buffer, writable=True)
     nin = nout = 0
     with _borrowed(fd) as sock:
         while True:
@@ -114,8 +121,8 @@ def discard(conn: Any, buffer: Any) -> tuple[int, int]:
 
     Returns ``(bytes_in, 0)``.
     """
-    fd = _fileno(conn)
-    view = _byte_view(buffer, writable=True)
+    fd = fileno_of(conn)
+    view = byte_view(buffer, writable=True)
     nin = 0
     with _borrowed(fd) as sock:
         while True:
@@ -133,8 +140,8 @@ def chargen(conn: Any, pattern: Any) -> tuple[int, int]:
     (``EPIPE``) or resetting (``ECONNRESET``) is the normal end and returns
     ``(0, bytes_out)``, counting the bytes the kernel accepted.
     """
-    fd = _fileno(conn)
-    view = _byte_view(pattern, writable=False)
+    fd = fileno_of(conn)
+    view = byte_view(pattern, writable=False)
     size = len(view)
     offset = nout = 0
     with _borrowed(fd) as sock:
@@ -149,7 +156,7 @@ def chargen(conn: Any, pattern: Any) -> tuple[int, int]:
 
 def sendall(conn: Any, data: Any) -> int:
     """Send all of ``data`` (any bytes-like, may be empty); return its length."""
-    fd = _fileno(conn)
+    fd = fileno_of(conn)
     view = memoryview(data).cast("B")
     with _borrowed(fd) as sock:
         sock.sendall(view)
@@ -187,52 +194,10 @@ def sendall(conn: Any, data: Any) -> int:
 # when it owes more than ``max_buffer`` (a slow consumer must not grow the
 # worker without bound).
 
-SERVICES = ("echo", "discard", "chargen", "daytime", "protocol")
-READ_SIZE = 64 * 1024  # bytes per recv; capped by max_buffer
-ACCEPT_BATCH = 16  # connections accepted per wake-up before re-arming
-DRAIN_MAX = 4096  # connections a draining loop takes at most (more than any backlog)
-EMFILE_PAUSE = 0.1  # seconds without accepting after EMFILE/ENFILE
-SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
-DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
-DATAGRAM_BATCH = 16  # datagrams served per wake-up of one datagram socket
-DATAGRAM_SIZE = 65536  # receive buffer per datagram: larger than any UDP payload
-CHARGEN_DATAGRAM_MAX = 512  # RFC 864: a UDP reply holds 0 to 512 characters
-
 _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _LISTEN_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-def _check_loop_args(
-    service: str,
-    max_connections: int,
-    max_buffer: int,
-    idle_timeout: float,
-    pattern: Any,
-    protocol_factory: Any,
-) -> memoryview | None:
-    """Validate ``EventLoop`` arguments; return chargen's pattern view."""
-    if service not in SERVICES:
-        raise ValueError(f"unknown service {service!r}")
-    if max_connections < 1 or max_buffer < 1 or not idle_timeout >= 0:
-        raise ValueError("max_connections and max_buffer must be >= 1, idle_timeout >= 0")
-    if (service == "protocol") != callable(protocol_factory):
-        raise ValueError("protocol_factory is required for, and only for, service 'protocol'")
-    return _byte_view(pattern, writable=False) if service == "chargen" else None
-
-
-STATS_SIZE = 48  # a scoreboard slot: <dqqqqq
-
-
-def _stats_view(buffer: Any) -> memoryview | None:
-    """A byte view of a writable 48-byte stats buffer (None stays None)."""
-    if buffer is None:
-        return None
-    view = memoryview(buffer)
-    if view.readonly or view.nbytes != STATS_SIZE:
-        raise ValueError(f"stats must be a writable {STATS_SIZE}-byte buffer")
-    return view.cast("B")
 
 
 def _log() -> Any:
@@ -324,9 +289,10 @@ class EventLoop:
     one idle for ``idle_timeout`` seconds (no byte read or written; 0 =
     never) is closed.
 
-    ``stats`` (a writable 48-byte buffer laid out as a scoreboard slot,
-    ``<dqqqqq``: heartbeat, pid, accepted, active, bytes_in, bytes_out; or
-    None) receives ``time.monotonic()`` and the counters every time the loop
+    ``stats`` (a writable ``SLOT_SIZE``-byte buffer laid out as a scoreboard
+    slot, ``_fastio_common.SLOT``: heartbeat, pid, accepted, active,
+    bytes_in, bytes_out; or None) receives ``time.monotonic()`` and the
+    counters (``LOOP_COUNTERS``) every time the loop
     wakes, at least once per ``run``; the pid field is left alone. The
     master's watchdog and summaries read it.
 
@@ -360,9 +326,9 @@ class EventLoop:
         service: str,
         *,
         wakeup_fd: int = -1,
-        max_connections: int = 1024,
-        max_buffer: int = 256 * 1024,
-        idle_timeout: float = 300.0,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         pattern: Any = b"",
         protocol_factory: Any = None,
         datagram_sockets: Any = (),
@@ -371,17 +337,17 @@ class EventLoop:
         proxy_listeners: Any = (),
         proxy_trusted: Any = None,
     ) -> None:
-        self._pattern = _check_loop_args(
+        self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
         )
         if datagram_sockets and service == "protocol":
             raise ValueError("datagram sockets serve the built-in services only")
-        fds = [_fileno(listener) for listener in listeners]
-        dgram_fds = [_fileno(sock) for sock in datagram_sockets]
+        fds = [fileno_of(listener) for listener in listeners]
+        dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
         self.service = service
         self.max_connections = max_connections
         self.max_accepts = max_accepts
-        self._stats = _stats_view(stats)
+        self._stats = stats_view(stats)
         self.max_buffer = max_buffer
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
@@ -391,7 +357,7 @@ class EventLoop:
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
-        self._proxy_fds = _proxy_fds(proxy_listeners, fds)
+        self._proxy_fds = proxy_fds(proxy_listeners, fds)
         self._proxy_trusted = proxy_trusted
         self._accepting = True
         self._recycled = False  # max_accepts stopped accepting; drain() may still
@@ -491,7 +457,7 @@ class EventLoop:
                 wait = min(wait, self._paused_until - now)
             if wait <= 0 and now >= deadline:
                 return
-            events = self._epoll.poll(max(wait, 0.0))
+            events = self._epoll.poll(max(wait, 0.0), MAX_EVENTS)
             now = time.monotonic()
             if self._stats is not None:
                 self._publish(now)
@@ -511,12 +477,12 @@ class EventLoop:
                 return
 
     def _publish(self, now: float) -> None:
+        """The heartbeat and the counters (``LOOP_COUNTERS``) into the slot."""
         assert self._stats is not None
-        struct.pack_into("<d", self._stats, 0, now)
-        struct.pack_into(
-            "<qqqq",
+        HEARTBEAT.pack_into(self._stats, HEARTBEAT_OFFSET, now)
+        LOOP_COUNTERS_STRUCT.pack_into(
             self._stats,
-            16,
+            COUNTERS_OFFSET,
             self.accepted,
             len(self._conns),
             self.bytes_in,
@@ -629,7 +595,7 @@ class EventLoop:
             if self.service == "echo":
                 reply: Any = memoryview(buffer)[:n]
             elif self.service == "daytime":
-                reply = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
+                reply = daytime_line()
             elif self.service == "chargen":
                 assert self._pattern is not None
                 size = random.randrange(CHARGEN_DATAGRAM_MAX + 1)
@@ -663,9 +629,8 @@ class EventLoop:
     def _start(self, conn: _Conn) -> None:
         """The service's first move on a new connection."""
         if self.service == "daytime":
-            line = time.strftime(DAYTIME_FORMAT, time.gmtime()).encode("ascii")
             conn.reading = False
-            self._write(conn, memoryview(line))
+            self._write(conn, memoryview(daytime_line()))
             self._close_when_flushed(conn)
         elif self.service == "protocol":
             conn.transport = Transport(self, conn)
@@ -868,13 +833,6 @@ def _send_now(sock: socket.socket, data: Any) -> int:
             except OSError:  # EAGAIN, or an error the next send reports
                 break
     return sent
-
-
-def _proxy_fds(proxy_listeners: Any, fds: list[int]) -> frozenset[int]:
-    proxied = frozenset(_fileno(listener) for listener in proxy_listeners)
-    if not proxied <= set(fds):
-        raise ValueError("proxy_listeners must be among the listeners")
-    return proxied
 
 
 def _drain(fd: int) -> None:

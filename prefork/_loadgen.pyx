@@ -6,6 +6,11 @@ the same state in C arrays and makes the same syscalls in the same order,
 with the GIL released for a whole ``run`` slice, so the client costs a few
 syscalls per message and no interpreter time.
 
+Rules: this module imports nothing from ``prefork.server`` or
+``prefork.tools``, and never its spec; what the two share comes from
+``prefork._loadgen_common``, and what this module compiles in (the enums
+below) is checked against it at import: ``COMPILED_FACTS``.
+
 Bounds: checking is off. Every slot index comes from ``range(connections)``
 or from an epoll tag we stored; a window position is below ``depth`` (a
 datagram's claimed position is checked before use); every length passed to
@@ -21,55 +26,66 @@ between two events, with every counter consistent.
 import os
 
 from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
 
-from prefork._posix cimport (
-    AF_UNIX, CLOCK_MONOTONIC, EAGAIN, EINPROGRESS, EINTR, EPOLL_CLOEXEC, EPOLL_CTL_ADD,
-    EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, EWOULDBLOCK, IPPROTO_TCP, MSG_NOSIGNAL, SO_ERROR,
-    SOCK_CLOEXEC, SOCK_DGRAM, SOCK_NONBLOCK, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY,
-    clock_gettime, close, connect, epoll_create1, epoll_ctl, epoll_event, epoll_wait, errno,
-    getsockopt, recv, send, setsockopt, sockaddr, sockaddr_storage, socket, socklen_t, ssize_t,
-    timespec, uint32_t, uint64_t,
-)
+from prefork cimport _posix as posix
 
-# Argument checking and the constants are part of the specification: shared.
-from prefork._loadgen_py import (
-    BUCKETS, CHUNK, DATAGRAM_BATCH, ERROR_KINDS, HEADER, MAX_BITS, MAX_EVENTS, MODES, PERIOD,
-    SUB_BITS, SWEEP_INTERVAL_NS, check_args, make_pattern, sockaddr_bytes,
-)
+from prefork import _loadgen_common as common
+from prefork._fastio_common import check_facts, enum_order
+from prefork._loadgen_common import ERROR_KINDS, MODES, check_args, make_pattern, sockaddr_bytes
 
 __all__ = ["LoadGen", "bucket_index"]
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long x) nogil
 
-# The same numbers as the specification's states (IDLE, ...) and ERROR_KINDS.
-cdef enum:
+# The specification's numbers, by prefork._loadgen_common's names; checked
+# against that module at import (COMPILED_FACTS below).
+cdef enum:  # slot states
     IDLE, CONNECTING, OPEN, DEAD
-cdef enum:
+cdef enum:  # datagram window positions
     EMPTY, WAITING, ANSWERED, LOST
-cdef enum:
+cdef enum:  # in the order of MODES
     MODE_STREAM, MODE_CONNECT, MODE_DATAGRAM
-cdef enum:
+cdef enum:  # in the order of ERROR_KINDS
     E_CONNECT, E_RESET, E_CLOSED, E_MISMATCH, E_EXCESS, E_TIMEOUT, E_LOST, N_ERRORS
 cdef enum:
-    QUIET = -1  # a close that is no error
-    C_MAX_EVENTS = 256
+    PERIOD = 251
+    CHUNK = 65536
+    DATAGRAM_BATCH = 16
+    MAX_EVENTS = 256
     HEADER_SIZE = 8
+    SUB_BITS = 5
+    MAX_BITS = 42
+    BUCKETS = (MAX_BITS - SUB_BITS + 1) << SUB_BITS
+    SWEEP_INTERVAL_NS = 50000000
+cdef enum:
+    QUIET = -1  # a close that is no error
 
-assert tuple(ERROR_KINDS) == (
-    "connect", "reset", "closed", "mismatch", "excess", "timeout", "lost"
-) and len(ERROR_KINDS) == N_ERRORS
-assert MAX_EVENTS == C_MAX_EVENTS and HEADER.size == HEADER_SIZE
-
-cdef int C_SUB_BITS = SUB_BITS
-cdef int C_MAX_BITS = MAX_BITS
-cdef int C_BUCKETS = BUCKETS
-cdef size_t C_CHUNK = CHUNK
-cdef uint64_t C_PERIOD = PERIOD
-cdef int C_DATAGRAM_BATCH = DATAGRAM_BATCH
-cdef uint64_t C_SWEEP_INTERVAL_NS = SWEEP_INTERVAL_NS
+COMPILED_FACTS = {
+    "IDLE": IDLE, "CONNECTING": CONNECTING, "OPEN": OPEN, "DEAD": DEAD,
+    "EMPTY": EMPTY, "WAITING": WAITING, "ANSWERED": ANSWERED, "LOST": LOST,
+    "MODES": enum_order(
+        {"stream": MODE_STREAM, "connect": MODE_CONNECT, "datagram": MODE_DATAGRAM}
+    ),
+    "ERROR_KINDS": enum_order({
+        "connect": E_CONNECT, "reset": E_RESET, "closed": E_CLOSED, "mismatch": E_MISMATCH,
+        "excess": E_EXCESS, "timeout": E_TIMEOUT, "lost": E_LOST,
+    }),
+    "PERIOD": PERIOD,
+    "CHUNK": CHUNK,
+    "DATAGRAM_BATCH": DATAGRAM_BATCH,
+    "MAX_EVENTS": MAX_EVENTS,
+    "SUB_BITS": SUB_BITS,
+    "MAX_BITS": MAX_BITS,
+    "BUCKETS": BUCKETS,
+    "SWEEP_INTERVAL_NS": SWEEP_INTERVAL_NS,
+    "HEADER_SIZE": HEADER_SIZE,
+    "N_ERRORS": N_ERRORS,
+}
+check_facts(__name__, COMPILED_FACTS, vars(common))
 
 
 cdef int _check_signals() except -1 with gil:
@@ -82,19 +98,19 @@ cdef int _raise_oserror(int err) except -1 with gil:
 
 
 cdef inline uint64_t _now() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
+    cdef posix.timespec ts
+    posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
 
 
 cdef inline int _bucket(uint64_t ns) noexcept nogil:
     cdef int shift
-    if ns < (1ULL << C_SUB_BITS):
+    if ns < (1ULL << SUB_BITS):
         return <int>ns
-    shift = 63 - __builtin_clzll(ns) - C_SUB_BITS  # bit_length - SUB_BITS - 1
-    if shift > C_MAX_BITS - C_SUB_BITS - 1:
-        return C_BUCKETS - 1
-    return ((shift + 1) << C_SUB_BITS) + <int>(ns >> shift) - (1 << C_SUB_BITS)
+    shift = 63 - __builtin_clzll(ns) - SUB_BITS  # bit_length - SUB_BITS - 1
+    if shift > MAX_BITS - SUB_BITS - 1:
+        return BUCKETS - 1
+    return ((shift + 1) << SUB_BITS) + <int>(ns >> shift) - (1 << SUB_BITS)
 
 
 def bucket_index(ns):
@@ -137,8 +153,8 @@ cdef class LoadGen:
     cdef int _mode, _type, _epfd, _idle
     cdef bint _started
     cdef uint64_t _timeout_ns, _next_sweep
-    cdef sockaddr_storage _addr
-    cdef socklen_t _addrlen
+    cdef posix.sockaddr_storage _addr
+    cdef posix.socklen_t _addrlen
     cdef Slot *_slots
     cdef uint64_t *_starts  # [slot * depth + position]
     cdef uint32_t *_seqs
@@ -148,7 +164,7 @@ cdef class LoadGen:
     cdef unsigned char *_pattern  # PERIOD + CHUNK bytes
     cdef unsigned char *_buf  # CHUNK bytes
     cdef unsigned char *_datagram  # size bytes in datagram mode
-    cdef epoll_event _events[C_MAX_EVENTS]
+    cdef posix.epoll_event _events[MAX_EVENTS]
 
     def __cinit__(self):
         self._epfd = -1
@@ -162,15 +178,15 @@ cdef class LoadGen:
         if self._slots != NULL:
             raise RuntimeError("LoadGen.__init__ called twice")
         raw = sockaddr_bytes(family, address)
-        if <size_t>len(raw) > sizeof(sockaddr_storage):
+        if <size_t>len(raw) > sizeof(posix.sockaddr_storage):
             raise ValueError(f"address too long: {address!r}")
         memcpy(&self._addr, <const char *>raw, len(raw))
-        self._addrlen = <socklen_t>len(raw)
+        self._addrlen = <posix.socklen_t>len(raw)
         self.family = family
         self.address = address
         self.mode = mode
         self._mode = MODES.index(mode)
-        self._type = SOCK_DGRAM if self._mode == MODE_DATAGRAM else SOCK_STREAM
+        self._type = posix.SOCK_DGRAM if self._mode == MODE_DATAGRAM else posix.SOCK_STREAM
         self.connections = connections
         self.size = size
         self.depth = depth
@@ -180,24 +196,24 @@ cdef class LoadGen:
         self._starts = <uint64_t *>calloc(<size_t>connections * depth, sizeof(uint64_t))
         self._seqs = <uint32_t *>calloc(<size_t>connections * depth, sizeof(uint32_t))
         self._waits = <unsigned char *>calloc(<size_t>connections * depth, 1)
-        self._histogram = <unsigned long long *>calloc(C_BUCKETS, sizeof(unsigned long long))
-        self._pattern = <unsigned char *>malloc(C_PERIOD + C_CHUNK)
-        self._buf = <unsigned char *>malloc(C_CHUNK)
+        self._histogram = <unsigned long long *>calloc(BUCKETS, sizeof(unsigned long long))
+        self._pattern = <unsigned char *>malloc(PERIOD + CHUNK)
+        self._buf = <unsigned char *>malloc(CHUNK)
         self._datagram = <unsigned char *>malloc(self.size if self._mode == MODE_DATAGRAM else 1)
         if (self._slots == NULL or self._starts == NULL or self._seqs == NULL
                 or self._waits == NULL or self._histogram == NULL or self._pattern == NULL
                 or self._buf == NULL or self._datagram == NULL):
             raise MemoryError()
-        pattern = make_pattern(C_PERIOD + C_CHUNK)
-        memcpy(self._pattern, <const char *>pattern, C_PERIOD + C_CHUNK)
+        pattern = make_pattern(PERIOD + CHUNK)
+        memcpy(self._pattern, <const char *>pattern, PERIOD + CHUNK)
         if self._mode == MODE_DATAGRAM:
             memcpy(self._datagram, self._pattern, self.size)
         for i in range(connections):
             self._slots[i].fd = -1
             self._slots[i].state = IDLE
-        self._epfd = epoll_create1(EPOLL_CLOEXEC)
+        self._epfd = posix.epoll_create1(posix.EPOLL_CLOEXEC)
         if self._epfd < 0:
-            _raise_oserror(errno)
+            _raise_oserror(posix.errno)
         self.reset()
 
     def __dealloc__(self):
@@ -205,9 +221,9 @@ cdef class LoadGen:
         if self._slots != NULL:
             for i in range(self.connections):
                 if self._slots[i].fd >= 0:
-                    close(self._slots[i].fd)
+                    posix.close(self._slots[i].fd)
         if self._epfd >= 0:
-            close(self._epfd)
+            posix.close(self._epfd)
         free(self._slots)
         free(self._starts)
         free(self._seqs)
@@ -228,7 +244,7 @@ cdef class LoadGen:
         self.latency_min = self.latency_max = self.latency_total = 0
         for i in range(N_ERRORS):
             self._errors[i] = 0
-        for i in range(C_BUCKETS):
+        for i in range(BUCKETS):
             self._histogram[i] = 0
 
     @property
@@ -237,7 +253,7 @@ cdef class LoadGen:
 
     def histogram(self):
         """The count of messages per latency bucket (see ``bucket_index``)."""
-        return [self._histogram[i] for i in range(C_BUCKETS)]
+        return [self._histogram[i] for i in range(BUCKETS)]
 
     cdef inline void _record(self, uint64_t now, uint64_t start) noexcept nogil:
         cdef uint64_t ns = now - start if now > start else 0
@@ -272,7 +288,7 @@ cdef class LoadGen:
             if self._slots[i].fd >= 0:
                 self._close(i)
         if self._epfd >= 0:
-            close(self._epfd)
+            posix.close(self._epfd)
             self._epfd = -1
 
     cdef int _run(self, uint64_t deadline, uint64_t limit) except -1 nogil:
@@ -281,7 +297,7 @@ cdef class LoadGen:
         if not self._started:
             self._started = True
             now = _now()
-            self._next_sweep = now + C_SWEEP_INTERVAL_NS
+            self._next_sweep = now + SWEEP_INTERVAL_NS
             for i in range(self.connections):
                 if self._mode != MODE_CONNECT:
                     self._open(i, now, limit)
@@ -295,17 +311,17 @@ cdef class LoadGen:
                 self._restart_idle(now, limit)
             if now >= self._next_sweep:
                 self._sweep(now, limit)
-                self._next_sweep = now + C_SWEEP_INTERVAL_NS
+                self._next_sweep = now + SWEEP_INTERVAL_NS
             if self._finished(limit):
                 return 1
             if now >= deadline:
                 return 0
             wait = min(deadline, self._next_sweep) - now
             ms = <int>((wait + 999999) // 1000000)
-            n = epoll_wait(self._epfd, self._events, C_MAX_EVENTS, ms)
+            n = posix.epoll_wait(self._epfd, self._events, MAX_EVENTS, ms)
             if n < 0:
-                if errno != EINTR:
-                    _raise_oserror(errno)
+                if posix.errno != posix.EINTR:
+                    _raise_oserror(posix.errno)
                 _check_signals()
                 continue
             for i in range(n):
@@ -323,11 +339,11 @@ cdef class LoadGen:
         return not limit or self.messages + self.failed + <uint64_t>self.in_flight < limit
 
     cdef int _ctl(self, int op, int fd, unsigned int events, int i) except -1 nogil:
-        cdef epoll_event ev
+        cdef posix.epoll_event ev
         ev.events = events
         ev.data.u64 = <uint64_t>i
-        if epoll_ctl(self._epfd, op, fd, &ev) < 0:
-            _raise_oserror(errno)
+        if posix.epoll_ctl(self._epfd, op, fd, &ev) < 0:
+            _raise_oserror(posix.errno)
         return 0
 
     # -- opening and closing ----------------------------------------------------------
@@ -337,26 +353,26 @@ cdef class LoadGen:
         cdef int fd, err
         cdef int one = 1
         slot.since = now
-        fd = socket(self.family, self._type | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        fd = posix.socket(self.family, self._type | posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC, 0)
         if fd < 0:
             self._errors[E_CONNECT] += 1
             self._lose(i)
             return 0
-        if self.family != AF_UNIX and self._type == SOCK_STREAM:
-            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        if self.family != posix.AF_UNIX and self._type == posix.SOCK_STREAM:
+            posix.setsockopt(fd, posix.IPPROTO_TCP, posix.TCP_NODELAY, &one, sizeof(one))
         slot.fd = fd
         self.live += 1
         err = 0
-        if connect(fd, <sockaddr *>&self._addr, self._addrlen) < 0:
-            err = errno
-        if err == EINPROGRESS or err == EINTR:
+        if posix.connect(fd, <posix.sockaddr *>&self._addr, self._addrlen) < 0:
+            err = posix.errno
+        if err == posix.EINPROGRESS or err == posix.EINTR:
             slot.state = CONNECTING
-            self._ctl(EPOLL_CTL_ADD, fd, EPOLLOUT, i)
+            self._ctl(posix.EPOLL_CTL_ADD, fd, posix.EPOLLOUT, i)
             slot.writing = True
         elif err:
             self._fail(i, E_CONNECT)
         else:
-            self._ctl(EPOLL_CTL_ADD, fd, EPOLLIN, i)
+            self._ctl(posix.EPOLL_CTL_ADD, fd, posix.EPOLLIN, i)
             slot.writing = False
             self._connected(i, now, limit)
         return 0
@@ -395,7 +411,7 @@ cdef class LoadGen:
         return 0
 
     cdef void _close(self, int i) noexcept nogil:
-        close(self._slots[i].fd)  # leaves the epoll set with it
+        posix.close(self._slots[i].fd)  # leaves the epoll set with it
         self._slots[i].fd = -1
         self.live -= 1
 
@@ -455,19 +471,19 @@ cdef class LoadGen:
     cdef int _serve(self, int i, uint32_t mask, uint64_t now, uint64_t limit) except -1 nogil:
         cdef Slot *slot = &self._slots[i]
         cdef int err = 0
-        cdef socklen_t length = sizeof(err)
+        cdef posix.socklen_t length = sizeof(err)
         if slot.state == CONNECTING:
-            if getsockopt(slot.fd, SOL_SOCKET, SO_ERROR, &err, &length) < 0:
-                err = errno
+            if posix.getsockopt(slot.fd, posix.SOL_SOCKET, posix.SO_ERROR, &err, &length) < 0:
+                err = posix.errno
             if err:
                 self._fail(i, E_CONNECT)
                 return 0
-            self._ctl(EPOLL_CTL_MOD, slot.fd, EPOLLIN, i)
+            self._ctl(posix.EPOLL_CTL_MOD, slot.fd, posix.EPOLLIN, i)
             slot.writing = False
             self._connected(i, now, limit)
         elif self._mode == MODE_DATAGRAM:
             self._receive_datagrams(i, limit)
-        elif mask & EPOLLOUT and not mask & EPOLLIN:
+        elif mask & posix.EPOLLOUT and not mask & posix.EPOLLIN:
             self._flush(i)
         else:  # readable, or an error or hang-up that recv reports
             self._receive(i, now, limit)
@@ -486,14 +502,14 @@ cdef class LoadGen:
         cdef int err
         cdef bint writing
         while slot.out < slot.queued:
-            offset = slot.out % C_PERIOD
-            length = min(slot.queued - slot.out, <uint64_t>C_CHUNK)
-            sent = send(slot.fd, self._pattern + offset, <size_t>length, MSG_NOSIGNAL)
+            offset = slot.out % PERIOD
+            length = min(slot.queued - slot.out, <uint64_t>CHUNK)
+            sent = posix.send(slot.fd, self._pattern + offset, <size_t>length, posix.MSG_NOSIGNAL)
             if sent < 0:
-                err = errno
-                if err == EAGAIN or err == EWOULDBLOCK:
+                err = posix.errno
+                if err == posix.EAGAIN or err == posix.EWOULDBLOCK:
                     break
-                if err == EINTR:
+                if err == posix.EINTR:
                     continue
                 self._fail(i, E_RESET)
                 return 0
@@ -501,7 +517,8 @@ cdef class LoadGen:
             self.bytes_sent += <uint64_t>sent
         writing = slot.out < slot.queued
         if writing != slot.writing:
-            self._ctl(EPOLL_CTL_MOD, slot.fd, EPOLLIN | EPOLLOUT if writing else EPOLLIN, i)
+            self._ctl(posix.EPOLL_CTL_MOD, slot.fd,
+                      posix.EPOLLIN | posix.EPOLLOUT if writing else posix.EPOLLIN, i)
             slot.writing = writing
         return 0
 
@@ -510,10 +527,10 @@ cdef class LoadGen:
         cdef ssize_t r
         cdef uint64_t n, position, take, offset
         cdef int err
-        r = recv(slot.fd, self._buf, C_CHUNK, 0)
+        r = posix.recv(slot.fd, self._buf, CHUNK, 0)
         if r < 0:
-            err = errno
-            if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+            err = posix.errno
+            if err == posix.EAGAIN or err == posix.EWOULDBLOCK or err == posix.EINTR:
                 return 0  # level-triggered: it comes back
             self._fail(i, E_RESET)
             return 0
@@ -528,7 +545,7 @@ cdef class LoadGen:
         position = 0
         while position < n:
             take = min(n - position, self.size - slot.inp % self.size)
-            offset = slot.inp % C_PERIOD
+            offset = slot.inp % PERIOD
             if not slot.bad and memcmp(self._buf + position, self._pattern + offset,
                                        <size_t>take) != 0:
                 slot.bad = True
@@ -578,10 +595,10 @@ cdef class LoadGen:
         self._starts[k] = now
         self._waits[k] = WAITING
         self.in_flight += 1
-        sent = send(self._slots[i].fd, self._datagram, <size_t>self.size, 0)
+        sent = posix.send(self._slots[i].fd, self._datagram, <size_t>self.size, 0)
         if sent < 0:
-            err = errno
-            if err == EAGAIN or err == EWOULDBLOCK or err == EINTR:
+            err = posix.errno
+            if err == posix.EAGAIN or err == posix.EWOULDBLOCK or err == posix.EINTR:
                 return 0  # dropped here rather than on the way: it will count as lost
             self._waits[k] = EMPTY  # the next sweep sends another
             self.in_flight -= 1
@@ -594,13 +611,13 @@ cdef class LoadGen:
     cdef int _receive_datagrams(self, int i, uint64_t limit) except -1 nogil:
         cdef ssize_t r
         cdef int err, count
-        for count in range(C_DATAGRAM_BATCH):
-            r = recv(self._slots[i].fd, self._buf, C_CHUNK, 0)
+        for count in range(DATAGRAM_BATCH):
+            r = posix.recv(self._slots[i].fd, self._buf, CHUNK, 0)
             if r < 0:
-                err = errno
-                if err == EAGAIN or err == EWOULDBLOCK:
+                err = posix.errno
+                if err == posix.EAGAIN or err == posix.EWOULDBLOCK:
                     return 0
-                if err != EINTR:  # ECONNREFUSED: an ICMP error for an earlier datagram
+                if err != posix.EINTR:  # ECONNREFUSED: an ICMP error for an earlier datagram
                     self._errors[E_CONNECT] += 1
                 continue
             self.bytes_received += <uint64_t>r

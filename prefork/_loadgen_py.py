@@ -8,6 +8,11 @@ short slices, for its progress line and so that Ctrl-C is seen at once.
 The compiled twin makes the same syscalls in the same order, with the GIL
 released for a whole slice; the test suite runs both against real servers.
 
+Rules: this module imports nothing from ``prefork.server`` or
+``prefork.tools``, and the compiled twin never imports it; what the two
+share (constants, states, argument checks, the pattern and the histogram's
+buckets) is defined once in ``prefork._loadgen_common``.
+
 How it works. One epoll set (level-triggered) holds every socket; all of
 them are non-blocking. Three modes:
 
@@ -53,45 +58,43 @@ reach it, so exactly ``limit`` are accounted for at the end.
 Latencies are in nanoseconds. The histogram has ``BUCKETS`` buckets: exact
 below ``2**SUB_BITS`` ns, then ``2**SUB_BITS`` buckets per power of two (a
 bucket is at most 1/32 = 3% wide); ``bucket_index`` maps a latency to its
-bucket and ``bucket_high`` gives the largest latency a bucket holds.
+bucket and ``bucket_high`` (in ``prefork._loadgen_common``) gives the
+largest latency a bucket holds.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import select
 import socket
-import struct
 import time
 from typing import Any
 
+from prefork._loadgen_common import (
+    ANSWERED,
+    BUCKETS,
+    CHUNK,
+    CONNECTING,
+    DATAGRAM_BATCH,
+    DEAD,
+    EMPTY,
+    ERROR_KINDS,
+    HEADER,
+    IDLE,
+    LOST,
+    MAX_BITS,
+    MAX_EVENTS,
+    OPEN,
+    PERIOD,
+    SUB_BITS,
+    SWEEP_INTERVAL_NS,
+    WAITING,
+    check_args,
+    make_pattern,
+    sockaddr_bytes,
+)
+
 __all__ = ["LoadGen", "bucket_index"]
-
-MODES = ("stream", "connect", "datagram")
-ERROR_KINDS = ("connect", "reset", "closed", "mismatch", "excess", "timeout", "lost")
-PERIOD = 251  # the stream pattern's period: a prime, so no message size is a multiple
-CHUNK = 64 * 1024  # bytes per recv, and at most per send
-MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
-DATAGRAM_BATCH = 16  # replies read per wake-up of one UDP socket
-HEADER = struct.Struct("=II")  # a datagram's window position and sequence number
-MAX_EVENTS = 256
-SWEEP_INTERVAL_NS = 50_000_000  # how often timeouts are checked
-SUB_BITS = 5  # histogram: 32 buckets per power of two
-MAX_BITS = 42  # latencies of 2**42 ns (73 minutes) and more share the last bucket
-BUCKETS = (MAX_BITS - SUB_BITS + 1) << SUB_BITS
-
-# A slot (a connection, or a UDP socket) is in one of these states.
-IDLE = 0  # no socket; ``connect`` mode opens one at the next turn
-CONNECTING = 1
-OPEN = 2
-DEAD = 3  # failed for good (stream and datagram modes)
-
-# A datagram window position: what its last datagram became.
-EMPTY = 0  # nothing sent yet, or sending failed
-WAITING = 1
-ANSWERED = 2
-LOST = 3
 
 _ERROR = {kind: i for i, kind in enumerate(ERROR_KINDS)}
 _IN = select.EPOLLIN
@@ -108,79 +111,6 @@ def bucket_index(ns: int) -> int:
     if shift > MAX_BITS - SUB_BITS - 1:
         return BUCKETS - 1
     return ((shift + 1) << SUB_BITS) + (ns >> shift) - (1 << SUB_BITS)
-
-
-def bucket_high(index: int) -> int:
-    """The largest latency in ns that falls into bucket ``index``."""
-    if index < 1 << SUB_BITS:
-        return index
-    shift = (index >> SUB_BITS) - 1
-    mantissa = (index & ((1 << SUB_BITS) - 1)) + (1 << SUB_BITS)
-    return ((mantissa + 1) << shift) - 1
-
-
-def percentile(histogram: list[int], fraction: float, largest: int) -> int:
-    """The latency (ns) below which ``fraction`` of the recorded ones fall:
-    the top of the bucket holding that rank, never above ``largest`` (the
-    exact maximum). 0 for an empty histogram."""
-    total = sum(histogram)
-    if total == 0:
-        return 0
-    rank = max(1, math.ceil(round(fraction * total, 6)))  # round: 0.999 * 1000 is 999
-    seen = 0
-    for index, count in enumerate(histogram):
-        seen += count
-        if seen >= rank:
-            return min(bucket_high(index), largest)
-    return largest
-
-
-def make_pattern(length: int) -> bytes:
-    """``length`` bytes of the stream pattern: byte ``i`` is ``i % PERIOD``."""
-    return bytes(i % PERIOD for i in range(length))
-
-
-def check_args(
-    family: int, mode: str, connections: int, size: int, depth: int, timeout: float
-) -> None:
-    """Raise ValueError for arguments no run can use (shared by both twins)."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    families = [socket.AF_INET, socket.AF_INET6]
-    if mode != "datagram":
-        families.append(socket.AF_UNIX)
-    if family not in families:
-        raise ValueError(f"address family {family} cannot be used in {mode} mode")
-    if connections < 1 or size < 1 or depth < 1:
-        raise ValueError("connections, size and depth must be at least 1")
-    if mode == "connect" and depth != 1:
-        raise ValueError("connect mode has one message per connection: depth must be 1")
-    if mode == "datagram" and not HEADER.size <= size <= MAX_DATAGRAM:
-        raise ValueError(f"a datagram must hold {HEADER.size} to {MAX_DATAGRAM} bytes")
-    if not 0 < timeout < float("inf"):
-        raise ValueError("timeout must be a positive number of seconds")
-
-
-def sockaddr_bytes(family: int, address: Any) -> bytes:
-    """``address`` (as ``socket.getaddrinfo`` gives it, or a UNIX path) as the
-    C ``struct sockaddr`` that ``connect(2)`` takes; for the compiled twin."""
-    native_family = struct.pack("=H", family)
-    if family in (socket.AF_INET, socket.AF_INET6):
-        host, port = address[:2]
-        try:
-            raw = socket.inet_pton(family, host.partition("%")[0])
-        except OSError:
-            raise ValueError(f"not a numeric address: {host!r}") from None
-    if family == socket.AF_INET:
-        return native_family + struct.pack("!H", port) + raw + bytes(8)
-    if family == socket.AF_INET6:
-        flowinfo, scope_id = (address[2], address[3]) if len(address) == 4 else (0, 0)
-        scope = struct.pack("=I", scope_id)
-        return native_family + struct.pack("!HI", port, flowinfo) + raw + scope
-    path = address.encode() if isinstance(address, str) else bytes(address)
-    if len(path) >= 108 or b"\0" in path:  # sun_path holds 108 bytes with the NUL
-        raise ValueError(f"not a usable UNIX socket path: {address!r}")
-    return native_family + path + b"\0"
 
 
 class _Slot:

@@ -1,39 +1,76 @@
-# The libc calls the compiled hot loop makes, declared nogil so they can run
-# with the GIL released (the uvloop includes/system.pxd habit).
+# The libc calls the compiled modules make (the hot loop, prefork/_fastio.pyx,
+# and the load generator, prefork/_loadgen.pyx), declared nogil so that they
+# run with the GIL released; one extern block per header (the uvloop
+# includes/system.pxd habit), fixed-width integers from libc.stdint.
+#
+# Rule: cimport this module under a name, ``from prefork cimport _posix as
+# posix``, so that every call reads ``posix.recv(...)`` and no C name
+# shadows a Python one (``socket``, ``time``, ``close``...).
+
+from libc.stdint cimport uint32_t, uint64_t
 
 cdef extern from "<errno.h>" nogil:
     int errno
-    int EINTR
     int EAGAIN
     int EWOULDBLOCK
+    int EINTR
+    int EINPROGRESS
     int ECONNABORTED
-    int EPROTO
-    int EPIPE
     int ECONNRESET
-
-cdef extern from "<sys/types.h>" nogil:
-    ctypedef long ssize_t
-
-cdef extern from "<sys/socket.h>" nogil:
-    ctypedef unsigned int socklen_t
-    struct sockaddr:
-        pass
-    ssize_t recv(int fd, void *buf, size_t n, int flags)
-    ssize_t send(int fd, const void *buf, size_t n, int flags)
-    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
-    int MSG_NOSIGNAL
-    int SOCK_CLOEXEC
-    int SOCK_NONBLOCK
-
-cdef extern from "<errno.h>" nogil:
+    int EPIPE
     int EMFILE
     int ENFILE
     int ENOBUFS
     int ENOMEM
 
-cdef extern from "<stdint.h>" nogil:
-    ctypedef unsigned int uint32_t
-    ctypedef unsigned long long uint64_t
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+cdef extern from "<sys/socket.h>" nogil:
+    ctypedef unsigned int socklen_t
+    struct sockaddr:
+        pass
+    struct sockaddr_storage:
+        pass
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+    int socket(int domain, int type, int protocol)
+    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
+    int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
+    ssize_t recv(int fd, void *buf, size_t n, int flags)
+    ssize_t send(int fd, const void *buf, size_t n, int flags)
+    # The last argument is a struct timespec *; prefork always passes NULL.
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
+    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
+    int AF_UNIX
+    int SOCK_STREAM
+    int SOCK_DGRAM
+    int SOCK_CLOEXEC
+    int SOCK_NONBLOCK
+    int SOL_SOCKET
+    int SO_ERROR
+    int MSG_DONTWAIT
+    int MSG_NOSIGNAL
+    int MSG_TRUNC
+
+cdef extern from "<netinet/in.h>" nogil:
+    int IPPROTO_TCP
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    int TCP_NODELAY
 
 cdef extern from "<sys/epoll.h>" nogil:
     union epoll_data:
@@ -74,49 +111,3 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct sockaddr_storage:
-        pass
-    struct msghdr:
-        void *msg_name
-        socklen_t msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    struct mmsghdr:
-        msghdr msg_hdr
-        unsigned int msg_len
-    # The last argument is a struct timespec *; prefork always passes NULL.
-    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
-    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
-    int MSG_DONTWAIT
-    int MSG_TRUNC
-
-# Opening connections (the load generator, prefork/_loadgen.pyx).
-cdef extern from "<sys/socket.h>" nogil:
-    int socket(int domain, int type, int protocol)
-    int connect(int fd, const sockaddr *addr, socklen_t addrlen)
-    int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
-    int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
-    int AF_UNIX
-    int SOCK_STREAM
-    int SOCK_DGRAM
-    int SOL_SOCKET
-    int SO_ERROR
-
-cdef extern from "<netinet/in.h>" nogil:
-    int IPPROTO_TCP
-
-cdef extern from "<netinet/tcp.h>" nogil:
-    int TCP_NODELAY
-
-cdef extern from "<errno.h>" nogil:
-    int EINPROGRESS

@@ -4,8 +4,8 @@ Chosen by ``prefork.fastio.choose``, like the hot loops:
 ``PREFORK_NO_EXTENSIONS=1`` forces the pure-Python ``prefork._loadgen_py``;
 otherwise the compiled ``prefork._loadgen``, falling back to the twin only
 when the extension is absent. Both stay importable under their own names so
-one process can test both. The histogram helpers and constants are the
-specification's, shared.
+one process can test both. The constants and the histogram helpers come
+from ``prefork._loadgen_common``, where both implementations take them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from prefork import _loadgen_py
-from prefork._loadgen_py import (
+from prefork._loadgen_common import (
     BUCKETS,
     ERROR_KINDS,
     HEADER,

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from prefork import _loadgen_py, fastio, loadgen
+from prefork import _loadgen_common, _loadgen_py, fastio, loadgen
 
 from support import (
     Server,
@@ -364,26 +364,26 @@ def test_bad_arguments_are_refused_before_any_socket(impl):
 def test_buckets_are_ordered_and_narrow(a, b):
     low, high = sorted((a, b))
     index = _loadgen_py.bucket_index(high)
-    assert _loadgen_py.bucket_index(low) <= index < _loadgen_py.BUCKETS
+    assert _loadgen_py.bucket_index(low) <= index < _loadgen_common.BUCKETS
     compiled = loadgen.load_compiled()
     if compiled is not None:
         assert compiled.bucket_index(high) == index
-    if high < 1 << _loadgen_py.MAX_BITS:
-        top = _loadgen_py.bucket_high(index)
+    if high < 1 << _loadgen_common.MAX_BITS:
+        top = _loadgen_common.bucket_high(index)
         assert high <= top <= high + high // 32  # a bucket is at most 1/32 wide
         assert _loadgen_py.bucket_index(top) == index
-        if index + 1 < _loadgen_py.BUCKETS:
+        if index + 1 < _loadgen_common.BUCKETS:
             assert _loadgen_py.bucket_index(top + 1) == index + 1
 
 
 @given(st.lists(st.integers(min_value=0, max_value=10**10), min_size=1, max_size=200))
 def test_percentiles_are_monotone_and_bounded_by_the_maximum(latencies):
-    histogram = [0] * _loadgen_py.BUCKETS
+    histogram = [0] * _loadgen_common.BUCKETS
     for ns in latencies:
         histogram[_loadgen_py.bucket_index(ns)] += 1
     largest = max(latencies)
     figures = [
-        _loadgen_py.percentile(histogram, q, largest) for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+        _loadgen_common.percentile(histogram, q, largest) for q in (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
     ]
     assert figures == sorted(figures) and figures[-1] == largest
     exact = sorted(latencies)[max(0, -(-len(latencies) // 2) - 1)]  # the true median

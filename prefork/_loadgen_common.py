@@ -1,0 +1,121 @@
+"""What the compiled load generator (``_loadgen.pyx``) and its specification
+(``_loadgen_py.py``) share: every fact both need, defined here once.
+
+Rules: the load generator's loops import nothing from ``prefork.server`` or
+``prefork.tools``; the compiled one never imports its spec (both import this
+module); every fact they share is defined once, here, and the compiled
+module checks at import that its C enums equal it (``COMPILED_FACTS``).
+
+The facts: the modes, the error kinds and the slot and window states (the
+compiled enums follow their order and values), the stream pattern, the
+datagram header, the buffer and batch sizes, the histogram's buckets, and
+the argument checks. ``prefork.loadgen`` re-exports the public ones.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import struct
+from typing import Any
+
+MODES = ("stream", "connect", "datagram")
+ERROR_KINDS = ("connect", "reset", "closed", "mismatch", "excess", "timeout", "lost")
+N_ERRORS = len(ERROR_KINDS)
+PERIOD = 251  # the stream pattern's period: a prime, so no message size is a multiple
+CHUNK = 64 * 1024  # bytes per recv, and at most per send
+MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
+DATAGRAM_BATCH = 16  # replies read per wake-up of one UDP socket
+HEADER = struct.Struct("=II")  # a datagram's window position and sequence number
+HEADER_SIZE = HEADER.size
+MAX_EVENTS = 256  # events taken per epoll_wait
+SWEEP_INTERVAL_NS = 50_000_000  # how often timeouts are checked
+SUB_BITS = 5  # histogram: 32 buckets per power of two
+MAX_BITS = 42  # latencies of 2**42 ns (73 minutes) and more share the last bucket
+BUCKETS = (MAX_BITS - SUB_BITS + 1) << SUB_BITS
+
+# A slot (a connection, or a UDP socket) is in one of these states.
+IDLE = 0  # no socket; ``connect`` mode opens one at the next turn
+CONNECTING = 1
+OPEN = 2
+DEAD = 3  # failed for good (stream and datagram modes)
+
+# A datagram window position: what its last datagram became.
+EMPTY = 0  # nothing sent yet, or sending failed
+WAITING = 1
+ANSWERED = 2
+LOST = 3
+
+
+def bucket_high(index: int) -> int:
+    """The largest latency in ns that falls into bucket ``index``."""
+    if index < 1 << SUB_BITS:
+        return index
+    shift = (index >> SUB_BITS) - 1
+    mantissa = (index & ((1 << SUB_BITS) - 1)) + (1 << SUB_BITS)
+    return ((mantissa + 1) << shift) - 1
+
+
+def percentile(histogram: list[int], fraction: float, largest: int) -> int:
+    """The latency (ns) below which ``fraction`` of the recorded ones fall:
+    the top of the bucket holding that rank, never above ``largest`` (the
+    exact maximum). 0 for an empty histogram."""
+    total = sum(histogram)
+    if total == 0:
+        return 0
+    rank = max(1, math.ceil(round(fraction * total, 6)))  # round: 0.999 * 1000 is 999
+    seen = 0
+    for index, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return min(bucket_high(index), largest)
+    return largest
+
+
+def make_pattern(length: int) -> bytes:
+    """``length`` bytes of the stream pattern: byte ``i`` is ``i % PERIOD``."""
+    return bytes(i % PERIOD for i in range(length))
+
+
+def check_args(
+    family: int, mode: str, connections: int, size: int, depth: int, timeout: float
+) -> None:
+    """Raise ValueError for arguments no run can use (shared by both twins)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    families = [socket.AF_INET, socket.AF_INET6]
+    if mode != "datagram":
+        families.append(socket.AF_UNIX)
+    if family not in families:
+        raise ValueError(f"address family {family} cannot be used in {mode} mode")
+    if connections < 1 or size < 1 or depth < 1:
+        raise ValueError("connections, size and depth must be at least 1")
+    if mode == "connect" and depth != 1:
+        raise ValueError("connect mode has one message per connection: depth must be 1")
+    if mode == "datagram" and not HEADER.size <= size <= MAX_DATAGRAM:
+        raise ValueError(f"a datagram must hold {HEADER.size} to {MAX_DATAGRAM} bytes")
+    if not 0 < timeout < float("inf"):
+        raise ValueError("timeout must be a positive number of seconds")
+
+
+def sockaddr_bytes(family: int, address: Any) -> bytes:
+    """``address`` (as ``socket.getaddrinfo`` gives it, or a UNIX path) as the
+    C ``struct sockaddr`` that ``connect(2)`` takes; for the compiled twin
+    (the spec calls it too, for the same ValueError)."""
+    native_family = struct.pack("=H", family)
+    if family in (socket.AF_INET, socket.AF_INET6):
+        host, port = address[:2]
+        try:
+            raw = socket.inet_pton(family, host.partition("%")[0])
+        except OSError:
+            raise ValueError(f"not a numeric address: {host!r}") from None
+    if family == socket.AF_INET:
+        return native_family + struct.pack("!H", port) + raw + bytes(8)
+    if family == socket.AF_INET6:
+        flowinfo, scope_id = (address[2], address[3]) if len(address) == 4 else (0, 0)
+        scope = struct.pack("=I", scope_id)
+        return native_family + struct.pack("!HI", port, flowinfo) + raw + scope
+    path = address.encode() if isinstance(address, str) else bytes(address)
+    if len(path) >= 108 or b"\0" in path:  # sun_path holds 108 bytes with the NUL
+        raise ValueError(f"not a usable UNIX socket path: {address!r}")
+    return native_family + path + b"\0"
