@@ -675,29 +675,45 @@ cdef class EventLoop:
         return <unsigned int>(self.rng % (CHARGEN_DATAGRAM_MAX + 1))
 
     cdef int _serve_datagrams(self, int index) except -1 nogil:
-        """Answer a batch of datagrams, each to its own sender (see the spec)."""
+        """Answer a batch of datagrams, each to its own sender (see the spec):
+        one recvmmsg for the batch, then sendmmsg for the replies. A receive
+        error takes a place in the batch and the batch reads on, as in the
+        spec; EAGAIN ends it."""
         cdef Datagrams *d = self.dgram
         cdef int fd = self.dgram_fds[index]
-        cdef int n, i, m = 0, r, done = 0
+        cdef int n, i, m = 0, r, done = 0, errors = 0, err
         cdef size_t length
         cdef posix.time_t t
         cdef posix.tm parts
         cdef const unsigned char *reply
-        for i in range(DATAGRAM_BATCH):
-            d.in_iov[i].iov_base = d.data[i]
-            d.in_iov[i].iov_len = DATAGRAM_SIZE
-            d.received[i].msg_hdr.msg_name = &d.senders[i]
-            d.received[i].msg_hdr.msg_namelen = sizeof(posix.sockaddr_storage)
-            d.received[i].msg_hdr.msg_iov = &d.in_iov[i]
-            d.received[i].msg_hdr.msg_iovlen = 1
-            d.received[i].msg_hdr.msg_control = NULL
-            d.received[i].msg_hdr.msg_controllen = 0
-            d.received[i].msg_hdr.msg_flags = 0
-        n = posix.recvmmsg(fd, d.received, DATAGRAM_BATCH, posix.MSG_DONTWAIT, NULL)
-        if n < 0:
-            if posix.errno == posix.EINTR:
+        while True:
+            for i in range(DATAGRAM_BATCH - errors):
+                d.in_iov[i].iov_base = d.data[i]
+                d.in_iov[i].iov_len = DATAGRAM_SIZE
+                d.received[i].msg_hdr.msg_name = &d.senders[i]
+                d.received[i].msg_hdr.msg_namelen = sizeof(posix.sockaddr_storage)
+                d.received[i].msg_hdr.msg_iov = &d.in_iov[i]
+                d.received[i].msg_hdr.msg_iovlen = 1
+                d.received[i].msg_hdr.msg_control = NULL
+                d.received[i].msg_hdr.msg_controllen = 0
+                d.received[i].msg_hdr.msg_flags = 0
+            n = posix.recvmmsg(fd, d.received, DATAGRAM_BATCH - errors, posix.MSG_DONTWAIT, NULL)
+            if n >= 0:
+                break
+            err = posix.errno
+            if err == posix.EINTR:
                 _check_signals()
-            return 0  # EAGAIN: another worker took them; ICMP errors: nothing to do
+                if not self._accepting:  # the handler stopped us, closed the socket
+                    return 0
+                continue
+            n = 0
+            if err == posix.EAGAIN or err == posix.EWOULDBLOCK:
+                break  # none left (another worker may have taken them)
+            # An error the socket reports once (ECONNREFUSED after an ICMP
+            # port unreachable, on a connected socket or with IP_RECVERR).
+            errors += 1
+            if errors == DATAGRAM_BATCH:
+                break
         for i in range(n):
             length = d.received[i].msg_len
             self.datagrams += 1

@@ -7,9 +7,44 @@ format) is defined once in ``prefork._fastio_common``.
 
 Every function here has a compiled twin in ``_fastio.pyx`` with the same name,
 signature, return value and exceptions; the test suite runs both and compares
-them. This module is written for clarity with ``socket.recv_into`` and
-``socket.sendall``; the compiled one makes the same syscalls in the same order
-with the GIL released, so the two can be checked against each other.
+them. This module is written for clarity with ``socket`` objects; the
+compiled one calls libc with the GIL released. Results, counters, exceptions
+and what each peer receives, in its order, are the same; so are the syscalls
+and their order, except in these places:
+
+- Wrapping. Where this module wraps a descriptor in a ``socket`` object,
+  CPython adds calls of its own (``getsockname``/``getsockopt`` to wrap, a
+  second call for ``setblocking``): an accepted connection is made
+  non-blocking after ``accept4`` here, by ``accept4(SOCK_NONBLOCK)`` there.
+  The compiled loop also wraps, where it calls Python code (a protocol's
+  transport, a PROXY peer's address). It sends with ``MSG_NOSIGNAL``; this
+  module relies on Python ignoring SIGPIPE (the same ``EPIPE`` either way,
+  unless a program restores SIGPIPE's default).
+- Datagrams. This module serves a batch one datagram at a time, ``recvmsg``
+  then ``sendto``; the compiled loop receives the batch with one
+  ``recvmmsg`` and sends the replies with ``sendmmsg`` (again after a
+  partial send). The same replies in the same order, the same counters, the
+  same batch (at most ``DATAGRAM_BATCH`` receives a wake-up; a receive error
+  takes one place and the batch reads on: see ``_serve_datagrams``), with
+  three consequences of the batching:
+  - when the kernel cannot take a reply at once (EAGAIN), this module drops
+    that reply and tries the next; the compiled loop drops the rest of the
+    batch's replies (UDP may drop either);
+  - an error pending on the socket (ECONNREFUSED after an ICMP port
+    unreachable: only on a connected socket or one with ``IP_RECVERR``) goes
+    to whichever call comes next. Here that is always a receive, since a
+    receive follows every send. In the compiled loop it can be the next
+    reply's send inside ``sendmmsg``, which then returns short and sends that
+    reply again (nothing is lost); an error pending when ``sendmmsg`` starts
+    drops that reply, as it does ``sendto`` here; and an error met by
+    ``recvmmsg`` after some datagrams ends its batch there (the kernel keeps
+    the error for the next call);
+  - ``recvmmsg`` is called with ``MSG_DONTWAIT``, so the compiled loop does
+    not block on a blocking socket; this module would (give it non-blocking
+    sockets).
+- Chargen over UDP answers with a random 0 to ``CHARGEN_DATAGRAM_MAX``
+  characters; the two draw the lengths from different generators (``random``
+  here, a xorshift there), so they differ reply by reply.
 
 Conventions shared by every function:
 
@@ -580,18 +615,27 @@ class EventLoop:
             self.stop_accepting()
 
     def _serve_datagrams(self, fd: int) -> None:
-        """Answer a batch of datagrams, each to its own sender."""
+        """Answer a batch of datagrams, each to its own sender.
+
+        At most ``DATAGRAM_BATCH`` receives: an error the socket reports
+        once (ECONNREFUSED after an ICMP port unreachable, on a connected
+        socket or one with IP_RECVERR) takes one of them and the batch reads
+        on; EAGAIN ends it. A datagram cut short (longer than
+        ``DATAGRAM_SIZE``: possible on a UNIX datagram socket only) is
+        counted but never answered."""
         sock = self._datagram_sockets[fd]
         buffer = self._datagram_buffer
         for _ in range(DATAGRAM_BATCH):
             try:
-                n, sender = sock.recvfrom_into(buffer)
+                n, _, flags, sender = sock.recvmsg_into([buffer])
             except BlockingIOError:
                 break
-            except OSError:  # e.g. ICMP port unreachable from an earlier reply
+            except OSError:  # reported once: ECONNREFUSED after an ICMP error...
                 continue
             self.datagrams += 1
             self.bytes_in += n
+            if flags & socket.MSG_TRUNC:
+                continue  # never answer with a cut datagram
             if self.service == "echo":
                 reply: Any = memoryview(buffer)[:n]
             elif self.service == "daytime":
