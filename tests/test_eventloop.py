@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from prefork._fastio_common import LOOP_COUNTERS, SLOT, SLOT_FIELDS, SLOT_SIZE
 from prefork.server.handlers import chargen_pattern
 
 from support import wait_until
@@ -526,24 +527,29 @@ def test_udp_is_refused_for_protocols(impl):
 
 
 def test_loop_publishes_heartbeat_and_counters(running):
-    import struct
-
-    stats = bytearray(48)
+    stats = bytearray(SLOT_SIZE)
     r = running(stats=stats)
+
+    def counters() -> dict[str, int]:
+        values = SLOT.unpack_from(stats)
+        return {name: values[SLOT_FIELDS.index(name)] for name in LOOP_COUNTERS}
+
     with r.connect() as sock:
         sock.sendall(b"12345")
         assert read_exactly(sock, 5) == b"12345"
-        assert wait_until(lambda: struct.unpack_from("<qqqq", stats, 16) == (1, 1, 5, 5), 5)
-    beat = struct.unpack_from("<d", stats, 0)[0]
+        expected = {"accepted": 1, "active": 1, "bytes_in": 5, "bytes_out": 5}
+        assert wait_until(lambda: counters() == expected, 5)
+    beat = SLOT.unpack_from(stats)[SLOT_FIELDS.index("heartbeat")]
     assert 0 < time.monotonic() - beat < 2  # the same clock as the master's
-    assert wait_until(lambda: struct.unpack_from("<q", stats, 24)[0] == 0, 5)  # none active
+    assert wait_until(lambda: counters()["active"] == 0, 5)
+    assert SLOT.unpack_from(stats)[SLOT_FIELDS.index("pid")] == 0  # the worker's to write
 
 
 def test_stats_buffer_is_checked(impl):
     with pytest.raises(ValueError):
         impl.EventLoop([], "echo", stats=bytearray(8))
     with pytest.raises(ValueError):
-        impl.EventLoop([], "echo", stats=bytes(48))
+        impl.EventLoop([], "echo", stats=bytes(SLOT_SIZE))
 
 
 def test_drain_takes_every_queued_connection_as_room_allows(running):

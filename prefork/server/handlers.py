@@ -28,12 +28,12 @@ import importlib
 import os
 import socket
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prefork import fastio
+from prefork._fastio_common import daytime_line
 from prefork.errors import ConfigError, HandlerLoadError
 from prefork.fastio import peer_name
 
@@ -53,14 +53,9 @@ def discard(fd: int, buffer: Any) -> tuple[int, int]:
     return fastio.discard(fd, buffer)
 
 
-def daytime_line(now: float | None = None) -> bytes:
-    """RFC 867 leaves the format free; this is its suggested one, in UTC."""
-    stamp = time.gmtime(time.time() if now is None else now)
-    return time.strftime("%A, %B %d, %Y %H:%M:%S-UTC\r\n", stamp).encode("ascii")
-
-
 def daytime(fd: int, buffer: Any) -> tuple[int, int]:
-    """RFC 867: send the date and time as one line, then close."""
+    """RFC 867: send the date and time as one line (``daytime_line``, the
+    event loop's too), then close."""
     return 0, fastio.sendall(fd, daytime_line())
 
 

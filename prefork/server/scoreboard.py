@@ -10,20 +10,32 @@ The heartbeat is a ``time.monotonic()`` timestamp (CLOCK_MONOTONIC, the same
 clock in every process) that the worker's loop refreshes at least once a
 second; 0.0 means "waiting on a peer", which is not silence. The event loop
 writes its heartbeat and counters itself, without the GIL, through
-``slot_view`` (layout: ``SLOT_LAYOUT``).
+``slot_view``.
+
+This module owns what a slot means (``WorkerStats``, who writes what); the
+bytes are laid out by ``prefork._fastio_common`` (``SLOT``, ``SLOT_FIELDS``),
+where the hot loops, which import nothing from the server, take them too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import struct
 from dataclasses import dataclass
 
-# heartbeat first: 8-byte aligned, so the compiled loop can store a double there
-SLOT_LAYOUT = "<dqqqqq"  # heartbeat, pid, accepted, active, bytes_in, bytes_out
-_SLOT = struct.Struct(SLOT_LAYOUT)
-SLOT_SIZE = _SLOT.size
-_HEARTBEAT = struct.Struct("<d")
+from prefork._fastio_common import (
+    HEARTBEAT,
+    HEARTBEAT_OFFSET,
+    SLOT,
+    SLOT_FIELDS,
+    SLOT_OFFSETS,
+    SLOT_SIZE,
+)
+
+# What a worker writes: every field after the heartbeat.
+_AFTER_HEARTBEAT = struct.Struct("<" + SLOT.format[2:])
+_PID_OFFSET = SLOT_OFFSETS["pid"]
 MAX_SLOTS = 1024  # the most workers one master runs at once
 
 
@@ -37,31 +49,37 @@ class WorkerStats:
     bytes_out: int
 
 
+if tuple(field.name for field in dataclasses.fields(WorkerStats)) != SLOT_FIELDS:
+    raise AssertionError("WorkerStats does not follow prefork._fastio_common.SLOT_FIELDS")
+if SLOT_FIELDS[:2] != ("heartbeat", "pid") or _PID_OFFSET + _AFTER_HEARTBEAT.size != SLOT_SIZE:
+    raise AssertionError("the slot is not the heartbeat, then the pid and the counters")
+
+
 class Scoreboard:
     def __init__(self, slots: int = MAX_SLOTS) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, slots * _SLOT.size)  # MAP_SHARED|MAP_ANONYMOUS
+        self._map = mmap.mmap(-1, slots * SLOT_SIZE)  # MAP_SHARED|MAP_ANONYMOUS
 
     def write(
         self, slot: int, pid: int, accepted: int, active: int, bytes_in: int, bytes_out: int
     ) -> None:
         """The counters; the heartbeat is left as it is."""
-        offset = slot * _SLOT.size + _HEARTBEAT.size
-        struct.pack_into("<qqqqq", self._map, offset, pid, accepted, active, bytes_in, bytes_out)
+        offset = slot * SLOT_SIZE + _PID_OFFSET
+        _AFTER_HEARTBEAT.pack_into(self._map, offset, pid, accepted, active, bytes_in, bytes_out)
 
     def beat(self, slot: int, when: float) -> None:
-        _HEARTBEAT.pack_into(self._map, slot * _SLOT.size, when)
+        HEARTBEAT.pack_into(self._map, slot * SLOT_SIZE + HEARTBEAT_OFFSET, when)
 
     def slot_view(self, slot: int) -> memoryview:
         """The whole slot, for a loop to write its heartbeat and counters."""
-        start = slot * _SLOT.size
-        return memoryview(self._map)[start : start + _SLOT.size]
+        start = slot * SLOT_SIZE
+        return memoryview(self._map)[start : start + SLOT_SIZE]
 
     def read(self, slot: int) -> WorkerStats:
-        return WorkerStats(*_SLOT.unpack_from(self._map, slot * _SLOT.size))
+        return WorkerStats(*SLOT.unpack_from(self._map, slot * SLOT_SIZE))
 
     def clear(self, slot: int) -> None:
-        _SLOT.pack_into(self._map, slot * _SLOT.size, 0.0, 0, 0, 0, 0, 0)
+        SLOT.pack_into(self._map, slot * SLOT_SIZE, 0.0, 0, 0, 0, 0, 0)
 
     def close(self) -> None:
         self._map.close()
