@@ -33,11 +33,11 @@ import time
 from collections import deque
 from typing import BinaryIO
 
+from prefork._loadgen_common import MAX_DATAGRAM  # longer lines are split
 from prefork.errors import EXIT_FAILURE, EXIT_OK, ClientError, ConfigError
 from prefork.settings import Address, parse_address
 
 CHUNK = 64 * 1024  # bytes per read from standard input or a stream socket
-MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4; longer lines are split
 DATAGRAM_SIZE = 65536  # receive buffer: larger than any UDP payload
 WINDOW = 64  # datagrams sent and not yet answered, at most
 DEFAULT_TIMEOUT = 5.0
