@@ -2,6 +2,9 @@
 from collections.abc import Callable, Iterable
 from typing import Any
 
+# What the module compiled in, by prefork._fastio_common's names (checked at import).
+COMPILED_FACTS: dict[str, object]
+
 def accept(listener: Any) -> int | None: ...
 def echo(conn: Any, buffer: Any) -> tuple[int, int]: ...
 def discard(conn: Any, buffer: Any) -> tuple[int, int]: ...

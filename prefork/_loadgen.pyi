@@ -1,6 +1,9 @@
 # Stub for the compiled module; mirrors prefork/_loadgen_py.py (the specification).
 from typing import Any
 
+# What the module compiled in, by prefork._loadgen_common's names (checked at import).
+COMPILED_FACTS: dict[str, object]
+
 def bucket_index(ns: int) -> int: ...
 
 class LoadGen:
