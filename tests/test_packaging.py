@@ -142,6 +142,8 @@ def test_sdist_carries_the_sources_and_the_generated_c(sdist: Path):
         "prefork/_loadgen.pyx",
         "prefork/_loadgen.pyi",
         "prefork/_loadgen_py.py",
+        "prefork/_fastio_common.py",
+        "prefork/_loadgen_common.py",
         "prefork/py.typed",
         "prefork/tools/client.py",
         "prefork/tools/bench.py",
@@ -162,6 +164,8 @@ def test_wheel_carries_the_compiled_module_and_the_types(wheel: Path):
     assert {f"prefork/_fastio{SO_SUFFIX}", f"prefork/_loadgen{SO_SUFFIX}"} <= names
     assert {"prefork/py.typed", "prefork/_fastio.pyi", "prefork/server/workers/event.py"} <= names
     assert {"prefork/_loadgen.pyi", "prefork/_loadgen_py.py", "prefork/tools/bench.py"} <= names
+    # What the compiled modules import at load time.
+    assert {"prefork/_fastio_common.py", "prefork/_loadgen_common.py", "prefork/proxy.py"} <= names
     # The C is for building, in the sdist.
     assert not {"prefork/_fastio.c", "prefork/_loadgen.c"} & names
     assert f"\nVersion: {prefork.__version__}\n" in metadata  # from prefork/__init__.py
