@@ -37,28 +37,21 @@ from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootE
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
 from prefork.server.listeners import Listener, close_listeners, create_listeners
 from prefork.server.log import get_logger, log_file_path, reopen_log_file, setup_logging
-from prefork.server.metrics import MetricsServer, Sample, render
+from prefork.server.metrics import MetricsServer, metrics_page
 from prefork.server.pidfile import PidFile
+from prefork.server.positions import Positions
 from prefork.server.proctitle import set_title
 from prefork.server.scoreboard import Scoreboard
 from prefork.server.systemd import Notifier
 from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL
-from prefork.settings import Address, Config
+from prefork.settings import Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
 WATCHDOG_INTERVAL = 0.25  # seconds between heartbeat checks when --timeout is on
 DUMP_GRACE = 0.2  # seconds a silent worker gets to dump its stack before KILL
-# --reuse-port, a retired position's sockets: the master keeps them at least
-# RETIRE_LINGER (a handshake whose SYN passed before the filter finishes within
-# an RTT; a longer hold turns more new clients away for a SYN retransmit),
-# looks at their queue every RETIRE_POLL while workers take it, and forks at
-# most RETIRE_DRAINS workers to take what queued after its own had left.
-RETIRE_LINGER = 0.1  # seconds
-RETIRE_POLL = 0.05  # seconds
-RETIRE_DRAINS = 3
 # Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
 # raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
 # wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
@@ -96,24 +89,6 @@ class WorkerRecord:
     stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
 
 
-@dataclass
-class RetiredSockets:
-    """--reuse-port: a position's sockets once no worker will take it again
-    (TTOU, or a HUP to fewer workers). New connections are filtered out; the
-    master keeps its copy while connections are queued, so that its close is
-    never the last one with a queue: the kernel would reset it."""
-
-    position: int
-    listeners: list[Listener]
-    holders: set[int]  # pids of the workers that may still accept on them
-    since: float  # time.monotonic() when the filter went on
-    drains: int = 0  # workers forked only to take what queued after the holders left
-
-    def held(self, workers: dict[int, WorkerRecord]) -> bool:
-        """Whether a worker that may take the queue is still there."""
-        return not self.holders.isdisjoint(workers)
-
-
 class Arbiter:
     def __init__(
         self,
@@ -128,11 +103,7 @@ class Arbiter:
         self.handler = handler
         self.num_workers = config.workers
         self.listeners: list[Listener] = []  # shared by every worker
-        # --reuse-port: each worker position's own sockets, kept across
-        # respawns and reloads (the next worker in that position inherits them)
-        self.slot_listeners: dict[int, list[Listener]] = {}
-        self.retired: list[RetiredSockets] = []  # positions given up, not yet closed
-        self.reuse_addresses: list[Address] = []
+        self.positions: Positions | None = None  # --reuse-port: each position's own
         self.workers: dict[int, WorkerRecord] = {}  # by pid
         self.scoreboard = Scoreboard()
         self.worker_age = 0
@@ -164,7 +135,9 @@ class Arbiter:
         listeners = create_listeners(
             self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
         )
-        self.mark_proxy(listeners)
+        if self.config.proxy_protocol:  # every stream listener expects a PROXY header
+            for listener in listeners:
+                listener.proxy = not listener.datagram
         for listener in listeners:
             note = " (PROXY protocol)" if listener.proxy else ""
             self.log.info("listening on %s%s", listener.name, note)
@@ -175,12 +148,11 @@ class Arbiter:
             close_listeners(listeners, unlink=True)
             raise
         self.give_unix_sockets_to_workers(listeners)
-        if self.config.reuse_port:
+        self.listeners = listeners
+        if self.config.reuse_port:  # UNIX and fd:// sockets stay shared
             self.listeners = [lst for lst in listeners if not lst.per_slot]
-            self.slot_listeners[0] = [lst for lst in listeners if lst.per_slot]
-            self.reuse_addresses = [lst.bound_address() for lst in self.slot_listeners[0]]
-        else:
-            self.listeners = listeners
+            first = [lst for lst in listeners if lst.per_slot]  # position 0's
+            self.positions = Positions(first, self.config.backlog)
         self.init_signals()
         names = " ".join(lst.name for lst in listeners)
         set_title(f"master [{self.config.handler} {names}]")
@@ -190,12 +162,6 @@ class Arbiter:
             self.config.worker_class,
             self.config.handler,
         )
-
-    def mark_proxy(self, listeners: list[Listener]) -> None:
-        """--proxy-protocol: every stream listener expects a PROXY header."""
-        if self.config.proxy_protocol:
-            for listener in listeners:
-                listener.proxy = not listener.datagram
 
     def give_log_file_to_workers(self) -> None:
         """Workers that drop privileges reopen --log-file on USR1 as their
@@ -286,48 +252,12 @@ class Arbiter:
         ping_due = self.notifier.ping()
         if ping_due is not None:
             interval = min(interval, ping_due)
-        retired_due = self.retired_due()
-        if retired_due is not None:
-            interval = min(interval, retired_due)
+        if self.positions is not None:
+            retired_due = self.positions.due(self.workers, self.respawn_at)
+            if retired_due is not None:
+                interval = min(interval, retired_due)
         delay = self.respawn_at - time.monotonic()
         return max(0.0, min(interval, delay)) if delay > 0 else interval
-
-    def murder_workers(self) -> None:
-        """KILL workers told to stop (reload, TTOU) that are still there
-        after --graceful-timeout; dump and kill every worker silent for
-        longer than --timeout."""
-        now = time.monotonic()
-        for pid, record in list(self.workers.items()):
-            if record.stopping and not record.killed and now >= record.stop_deadline:
-                self.log.warning(
-                    "worker %d (pid %d) still finishing after --graceful-timeout %gs: killing it",
-                    record.age,
-                    pid,
-                    self.config.graceful_timeout,
-                )
-                self.kill_worker(pid, signal.SIGKILL)
-                record.killed = True
-        if self.config.timeout <= 0:
-            return
-        for pid, record in list(self.workers.items()):
-            stats = self.scoreboard.read(record.slot)
-            if stats.heartbeat <= 0 or record.killed:  # waiting on a client, or done for
-                continue
-            silent = now - stats.heartbeat
-            if silent <= self.config.timeout:
-                continue
-            self.log.error(
-                "worker %d (pid %d) silent for %.1fs with %d active connection(s): "
-                "dumping its stack, then killing it",
-                record.age,
-                pid,
-                silent,
-                stats.active,
-            )
-            self.kill_worker(pid, DUMP_SIGNAL)
-            time.sleep(DUMP_GRACE)  # faulthandler writes from the signal handler
-            self.kill_worker(pid, signal.SIGKILL)
-            record.killed = True
 
     def sleep(self, timeout: float) -> None:
         """Wait for a signal (via the wake-up pipe) or ``timeout`` seconds,
@@ -346,38 +276,12 @@ class Arbiter:
             readable = []
         drain(self.wakeup_r)
         if self.metrics is not None:
-            self.metrics.handle(readable, self.metrics_page)
-
-    def samples(self) -> list[Sample]:
-        """What every live worker has done, from the scoreboard."""
-        now = time.monotonic()
-        samples = []
-        for pid, record in sorted(self.workers.items(), key=lambda item: item[1].age):
-            stats = self.scoreboard.read(record.slot)
-            beat_age = now - stats.heartbeat if stats.heartbeat > 0 else -1.0
-            samples.append(
-                Sample(
-                    record.age,
-                    pid,
-                    record.generation,
-                    stats.active,
-                    stats.accepted,
-                    stats.bytes_in,
-                    stats.bytes_out,
-                    beat_age,
-                    "stopping" if record.stopping else "serving" if stats.pid else "booting",
-                )
+            self.metrics.handle(
+                readable,
+                lambda: metrics_page(
+                    self.workers, self.scoreboard, self.generation, self.exited_totals
+                ),
             )
-        return samples
-
-    def metrics_page(self) -> bytes:
-        samples = self.samples()
-        totals = dict(self.exited_totals)
-        for s in samples:
-            totals["connections_accepted"] += s.accepted
-            totals["bytes_in"] += s.bytes_in
-            totals["bytes_out"] += s.bytes_out
-        return render(samples, self.generation, totals)
 
     # -- workers --------------------------------------------------------------
 
@@ -436,148 +340,80 @@ class Arbiter:
         )
 
     def current_workers(self) -> list[int]:
-        """This generation's workers, not counting those told to stop."""
-        return [
+        """This generation's workers, not counting those told to stop, oldest first."""
+        current = [
             pid
             for pid, w in self.workers.items()
             if w.generation == self.generation and not w.stopping
         ]
+        return sorted(current, key=lambda pid: self.workers[pid].age)
 
     def manage_workers(self) -> None:
         """Fork until the current generation has ``num_workers``; TERM extras
         (the oldest; with --reuse-port, see manage_positions)."""
-        if self.config.reuse_port:
-            self.manage_positions()
+        if self.positions is not None:
+            self.manage_positions(self.positions)
             return
         current = self.current_workers()
-        missing = self.num_workers - len(current)
-        if missing > 0 and time.monotonic() < self.respawn_at:
-            missing = 0  # backing off after crashes; the loop wakes when it is due
-        for _ in range(missing):
-            self.spawn_worker()
-        extra = len(current) - self.num_workers
-        if extra > 0:
-            current.sort(key=lambda pid: self.workers[pid].age)
-            for pid in current[:extra]:
-                self.stop_worker(pid)
+        for pid in current[: max(0, len(current) - self.num_workers)]:
+            self.stop_worker(pid)
+        if time.monotonic() >= self.respawn_at:  # else backing off after crashes
+            self.spawn_workers(self.num_workers - len(current))
 
-    def manage_positions(self) -> None:
+    def manage_positions(self, positions: Positions) -> None:
         """--reuse-port: positions 0..N-1 each have exactly one current
-        worker, since each has its own socket and queue. A worker in a higher
-        position is retired: its sockets stop taking new connections, it
-        takes what is queued, and once it is gone the sockets are closed."""
-        # Filter first, then TERM: a worker drains what is queued as it stops.
-        # A position whose worker had already gone (recycled, crashed) is
-        # retired too: what queued there waited for a replacement.
-        for position in [p for p in self.slot_listeners if p >= self.num_workers]:
-            self.retire_position(position)
+        worker, since each has its own socket and queue. Positions from N up
+        are retired: filtered first, then their workers TERMed (each takes
+        the queue as it stops); ``positions.settle`` closes them later."""
+        positions.retire_from(self.num_workers, {p: w.position for p, w in self.workers.items()})
         current = self.current_workers()
-        served = {self.workers[pid].position for pid in current}
         for pid in current:
             if self.workers[pid].position >= self.num_workers:
                 self.stop_worker(pid)
         if time.monotonic() >= self.respawn_at:  # else backing off after crashes
+            served = {self.workers[pid].position for pid in current}
             for position in sorted(set(range(self.num_workers)) - served):
                 self.spawn_worker(position)
-        self.settle_retired()
+        positions.settle(self.workers, self.respawn_at, self.fork_to_drain)
 
-    def retire_position(self, position: int) -> None:
-        """--reuse-port: a position no worker will take again. Its sockets
-        stop taking new connections at once (clients retry onto the other
-        sockets); the workers in it take what is queued as they stop, and
-        the master closes its copy in ``settle_retired``."""
-        listeners = self.slot_listeners.pop(position, None)
-        if listeners is None:
-            return
-        for listener in listeners:
-            listener.drop_new_connections()
-        holders = {pid for pid, w in self.workers.items() if w.position == position}
-        self.retired.append(RetiredSockets(position, listeners, holders, time.monotonic()))
-
-    def settle_retired(self) -> None:
-        """Close retired sockets once nothing is queued on them. While
-        connections are queued, the workers that held the position (told to
-        stop) take them; if they are all gone and connections are still
-        queued (one had stopped accepting at --max-requests and then ended,
-        or was killed), a worker is forked on those sockets and told to stop
-        at once: it takes the queue, serves it and exits."""
-        now = time.monotonic()
-        for group in list(self.retired):
-            if now < group.since + RETIRE_LINGER:
-                continue
-            queued = any(listener.has_queue() for listener in group.listeners)
-            if queued and group.held(self.workers):
-                continue  # a holder takes them as it stops; look again shortly
-            if queued and group.drains < RETIRE_DRAINS:
-                if now >= self.respawn_at:  # else backing off after crashes
-                    self.log.info(
-                        "retired position %d: connections queued after its workers left; "
-                        "a worker takes them",
-                        group.position,
-                    )
-                    pid = self.spawn_worker(group.position, group.listeners)
-                    group.holders.add(pid)
-                    group.drains += 1
-                    self.stop_worker(pid)
-                continue
-            if queued:
-                self.log.warning(
-                    "closing the retired sockets of position %d with connections queued",
-                    group.position,
-                )
-            close_listeners(group.listeners)
-            self.retired.remove(group)
-
-    def retired_due(self) -> float | None:
-        """Seconds until ``settle_retired`` should look again, if ever."""
-        now = time.monotonic()
-        due = []
-        for group in self.retired:
-            if now < group.since + RETIRE_LINGER:
-                due.append(group.since + RETIRE_LINGER)
-            elif group.held(self.workers):
-                due.append(now + RETIRE_POLL)
-            else:  # queued, no holder: backing off before the next fork
-                due.append(self.respawn_at)
-        return max(0.0, min(due) - now) if due else None
+    def fork_to_drain(self, position: int, listeners: list[Listener]) -> int:
+        """--reuse-port: a worker on a retired position's sockets alone, told
+        to stop at once: it takes their queue, serves it and exits."""
+        pid = self.spawn_worker(position, listeners)
+        self.stop_worker(pid)
+        return pid
 
     def listeners_for(self, position: int) -> list[Listener]:
-        """What the worker in ``position`` accepts on; with --reuse-port the
-        position's own sockets, made on first use and then kept."""
-        if not self.config.reuse_port:
+        """What the worker in ``position`` accepts on."""
+        if self.positions is None:
             return self.listeners
-        if position not in self.slot_listeners:
-            self.slot_listeners[position] = create_listeners(
-                self.reuse_addresses, self.config.backlog, reuse_port=True
-            )
-            self.mark_proxy(self.slot_listeners[position])
-        return self.listeners + self.slot_listeners[position]
+        return self.listeners + self.positions.listeners(position, self.config.proxy_protocol)
 
     def all_listeners(self) -> list[Listener]:
-        return self.listeners + self.position_listeners()
-
-    def position_listeners(self) -> list[Listener]:
-        """--reuse-port: every position's sockets, retired ones included."""
-        groups = [*self.slot_listeners.values(), *(g.listeners for g in self.retired)]
-        return [lst for group in groups for lst in group]
+        return self.listeners + (self.positions.sockets() if self.positions else [])
 
     def close_all_listeners(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         close_listeners(self.listeners, unlink=True)
-        close_listeners(self.position_listeners())
+        if self.positions is not None:
+            self.positions.close()
 
-    def spawn_worker(self, position: int = -1, retired: list[Listener] | None = None) -> int:
+    def spawn_workers(self, count: int) -> None:
+        for _ in range(count):
+            self.spawn_worker()
+
+    def spawn_worker(self, position: int = -1, listeners: list[Listener] | None = None) -> int:
         """Fork a worker (in ``position``, with --reuse-port; on nothing but
-        the ``retired`` sockets of that position if given)."""
+        ``listeners`` if given: a retired position's sockets)."""
         self.worker_age += 1
         slot = min(set(range(self.scoreboard.slots)) - {w.slot for w in self.workers.values()})
         self.scoreboard.clear(slot)
         worker = self.worker_class(
             self.worker_age,
             self.pid,
-            self.listeners_for(position) if retired is None else retired,
+            self.listeners_for(position) if listeners is None else listeners,
             self.config,
             self.handler,
             self.scoreboard,
@@ -606,9 +442,9 @@ class Arbiter:
             os.close(self.wakeup_w)
             if self.metrics is not None:  # the master's, not ours
                 self.metrics.close()
-            # Other positions' sockets must not outlive the master's copy in us.
-            theirs = self.position_listeners()
-            close_listeners([lst for lst in theirs if lst not in worker.listeners])
+            if self.positions is not None:  # other positions' sockets must
+                theirs = self.positions.sockets()  # not outlive the master's copy in us
+                close_listeners([lst for lst in theirs if lst not in worker.listeners])
             try:
                 worker.init_process()
             except SystemExit as exc:
@@ -689,6 +525,45 @@ class Arbiter:
         self.log.warning(
             "workers crashed %d times in a row; next respawn in %.1fs", self.crashes, delay
         )
+
+    # -- the watchdog ---------------------------------------------------------
+
+    def murder_workers(self) -> None:
+        """KILL workers told to stop (reload, TTOU) that are still there
+        after --graceful-timeout; dump and kill every worker silent for
+        longer than --timeout."""
+        now = time.monotonic()
+        for pid, record in list(self.workers.items()):
+            if record.stopping and not record.killed and now >= record.stop_deadline:
+                self.log.warning(
+                    "worker %d (pid %d) still finishing after --graceful-timeout %gs: killing it",
+                    record.age,
+                    pid,
+                    self.config.graceful_timeout,
+                )
+                self.kill_worker(pid, signal.SIGKILL)
+                record.killed = True
+        if self.config.timeout <= 0:
+            return
+        for pid, record in list(self.workers.items()):
+            stats = self.scoreboard.read(record.slot)
+            if stats.heartbeat <= 0 or record.killed:  # waiting on a client, or done for
+                continue
+            silent = now - stats.heartbeat
+            if silent <= self.config.timeout:
+                continue
+            self.log.error(
+                "worker %d (pid %d) silent for %.1fs with %d active connection(s): "
+                "dumping its stack, then killing it",
+                record.age,
+                pid,
+                silent,
+                stats.active,
+            )
+            self.kill_worker(pid, DUMP_SIGNAL)
+            time.sleep(DUMP_GRACE)  # faulthandler writes from the signal handler
+            self.kill_worker(pid, signal.SIGKILL)
+            record.killed = True
 
     # -- stopping -------------------------------------------------------------
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prefork.server.listeners import Listener, create_listener
+from prefork.server.scoreboard import Scoreboard
 from prefork.settings import Address
 
 MAX_REQUEST = 8192  # bytes of request head we read before giving up
@@ -44,6 +46,54 @@ class Sample:
     bytes_out: int
     heartbeat_age: float  # seconds; -1 while it waits on a client
     state: str = "serving"  # booting, serving, stopping (told to finish and exit)
+
+
+class Supervised(Protocol):
+    """What the page needs of the master's record of a worker."""
+
+    age: int
+    generation: int
+    slot: int
+    stopping: bool
+
+
+def sample_workers(workers: Mapping[int, Supervised], scoreboard: Scoreboard) -> list[Sample]:
+    """What every live worker (by pid) has done, from the scoreboard, oldest first."""
+    now = time.monotonic()
+    samples = []
+    for pid, record in sorted(workers.items(), key=lambda item: item[1].age):
+        stats = scoreboard.read(record.slot)
+        beat_age = now - stats.heartbeat if stats.heartbeat > 0 else -1.0
+        samples.append(
+            Sample(
+                record.age,
+                pid,
+                record.generation,
+                stats.active,
+                stats.accepted,
+                stats.bytes_in,
+                stats.bytes_out,
+                beat_age,
+                "stopping" if record.stopping else "serving" if stats.pid else "booting",
+            )
+        )
+    return samples
+
+
+def metrics_page(
+    workers: Mapping[int, Supervised],
+    scoreboard: Scoreboard,
+    generation: int,
+    exited_totals: dict[str, int],
+) -> bytes:
+    """The page: the live workers, and the totals with what exited ones served."""
+    samples = sample_workers(workers, scoreboard)
+    totals = dict(exited_totals)
+    for s in samples:
+        totals["connections_accepted"] += s.accepted
+        totals["bytes_in"] += s.bytes_in
+        totals["bytes_out"] += s.bytes_out
+    return render(samples, generation, totals)
 
 
 def render(samples: list[Sample], generation: int, totals: dict[str, int]) -> bytes:
