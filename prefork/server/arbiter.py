@@ -1,25 +1,16 @@
 """The master: owns the listeners, forks workers, keeps their number, stops them.
 
 How it works: the master binds every listener before forking and keeps them
-open for its whole life (workers only borrow them). Its signal handlers only
-append to ``sig_queue``; ``signal.set_wakeup_fd`` wakes the main loop, which
-reaps dead workers, acts on the queued signals and forks replacements.
+open for its whole life (workers only borrow them, so a worker that leaves
+never resets a queue). Its signal handler only records: ``record_signal``
+appends to ``sig_queue`` and ``signal.set_wakeup_fd`` ends the loop's
+``select``. Each round the loop reaps exited workers, runs the watchdog
+(``murder_workers``), acts on the recorded signals through one table,
+``signal_handlers`` (each ``handle_*`` says what its signal does), and forks
+what the current generation is missing. A stop leaves the loop for ``stop``.
 
-Signals:
-- TERM: graceful stop. Close the listeners at once (new connections are
-  refused, not queued and reset later), TERM the workers, wait up to
-  ``graceful_timeout`` for their connections to finish, KILL the rest, exit 0.
-- INT, QUIT: fast stop. Close the listeners, QUIT the workers, KILL what is
-  left after ``FAST_STOP_TIMEOUT``, exit 0.
-- HUP: graceful reload. Read the command line and the -c file again,
-  re-import the handler module, start a new generation of workers, TERM the
-  old one (it stops accepting and finishes its connections). The listeners
-  never close, so nothing queued is lost. If the new settings or handler do
-  not load, the running workers are kept. Settings tied to the listeners
-  (bind, backlog, --reuse-port, --metrics, --pid) need a restart.
-- TTIN, TTOU: one worker more, one fewer (never fewer than one).
-- USR1: reopen --log-file, then tell the workers to reopen theirs.
-- CHLD: reap and replace.
+With --reuse-port the per-position sockets live in ``positions.py``; the
+/metrics page is built in ``metrics.py`` and served from this loop.
 """
 
 from __future__ import annotations
@@ -32,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from types import FrameType
+from typing import Literal
 
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
@@ -61,16 +53,6 @@ RESPAWN_DELAY_MAX = 10.0  # seconds
 CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 )
-HANDLED_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGCHLD,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-)
 # Settings a HUP cannot change: they belong to sockets and files made at start.
 RESTART_ONLY = ("binds", "backlog", "reuse_port", "metrics", "pid_file", "unix_mode")
 
@@ -87,6 +69,14 @@ class WorkerRecord:
     killed: bool = False  # the watchdog has killed it
     stopping: bool = False  # told to finish and exit (reload, TTOU)
     stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
+
+
+class Stop(Exception):
+    """Raised by a stop signal's handler: the main loop leaves for ``stop``."""
+
+    def __init__(self, graceful: bool) -> None:
+        super().__init__("graceful stop" if graceful else "fast stop")
+        self.graceful = graceful
 
 
 class Arbiter:
@@ -114,6 +104,19 @@ class Arbiter:
         self.crashes = 0  # quick crashes in a row
         self.respawn_at = 0.0  # no respawn before this time.monotonic()
         self.sig_queue: deque[int] = deque()
+        # The one place where a signal meets what the master does about it.
+        self.signal_handlers: dict[int, Callable[[], None]] = {
+            signal.SIGHUP: self.handle_hup,
+            signal.SIGTERM: self.handle_term,
+            signal.SIGINT: self.handle_int,
+            signal.SIGQUIT: self.handle_quit,
+            signal.SIGTTIN: self.handle_ttin,
+            signal.SIGTTOU: self.handle_ttou,
+            signal.SIGUSR1: self.handle_usr1,
+            signal.SIGCHLD: self.handle_chld,
+        }
+        self.stop_mode: Literal["graceful", "fast"] | None = None  # set by stop()
+        self.stop_deadline = 0.0  # stop(): KILL what is left at this time.monotonic()
         self.wakeup_r = -1
         self.wakeup_w = -1
         self.pid = os.getpid()
@@ -185,7 +188,7 @@ class Arbiter:
         self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
         # A stray alarm must not take the master (and so every worker) down.
         signal.signal(signal.SIGALRM, signal.SIG_IGN)
-        for sig in HANDLED_SIGNALS:
+        for sig in self.signal_handlers:
             signal.signal(sig, self.record_signal)
 
     def record_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -205,14 +208,10 @@ class Arbiter:
                 self.notifier.ping()
                 self.reap_workers()
                 self.murder_workers()
-                while self.sig_queue:
-                    sig = self.sig_queue.popleft()
-                    if sig == signal.SIGTERM:
-                        return self.stop(graceful=True)
-                    if sig in (signal.SIGINT, signal.SIGQUIT):
-                        return self.stop(graceful=False)
-                    self.handle_signal(sig)
+                self.dispatch_signals()
                 self.manage_workers()
+        except Stop as request:
+            return self.stop(request.graceful)
         except WorkerBootError as exc:
             self.log.error("%s; stopping", exc)
             self.stop(graceful=False)
@@ -227,23 +226,6 @@ class Arbiter:
         return (
             f"{self.num_workers} {self.config.worker_class} worker(s), generation {self.generation}"
         )
-
-    def handle_signal(self, sig: int) -> None:
-        if sig == signal.SIGTTIN:
-            self.num_workers = min(self.num_workers + 1, self.scoreboard.slots)
-            self.log.info("TTIN: %d worker(s)", self.num_workers)
-        elif sig == signal.SIGTTOU:
-            if self.num_workers > 1:
-                self.num_workers -= 1
-            self.log.info("TTOU: %d worker(s)", self.num_workers)
-        elif sig == signal.SIGHUP:
-            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-            self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
-            self.reload()
-            self.notifier.notify(f"READY=1\nSTATUS={self.status_text()}")
-        elif sig == signal.SIGUSR1:
-            self.reopen_logs()
-        # SIGCHLD only wakes the loop, which reaps every time round.
 
     def loop_timeout(self) -> float:
         """Sleep no longer than until a delayed respawn is due, and look at
@@ -283,16 +265,68 @@ class Arbiter:
                 ),
             )
 
-    # -- workers --------------------------------------------------------------
+    # -- signals --------------------------------------------------------------
 
-    def reopen_logs(self) -> None:
-        """USR1: reopen --log-file here, then in every worker."""
+    def dispatch_signals(self) -> None:
+        """Act on the recorded signals in order, each through its entry in
+        ``signal_handlers``. Once a stop has begun only INT and QUIT still
+        count (they make a graceful stop fast)."""
+        while self.sig_queue:
+            sig = self.sig_queue.popleft()
+            if self.stop_mode is None or sig in (signal.SIGINT, signal.SIGQUIT):
+                self.signal_handlers[sig]()
+
+    def handle_term(self) -> None:
+        """Graceful stop. The SYN filter goes on every TCP listener and the
+        master closes its copies (new clients are refused once the workers
+        let go, not queued and reset later), TERMs the workers, waits up to
+        --graceful-timeout for their connections, KILLs the rest, exits 0."""
+        raise Stop(graceful=True)
+
+    def handle_int(self) -> None:
+        """Fast stop: close the listeners, QUIT the workers, KILL what is left
+        after FAST_STOP_TIMEOUT, exit 0. During a graceful stop: make it fast."""
+        if self.stop_mode is None:
+            raise Stop(graceful=False)
+        if self.stop_mode == "graceful":
+            self.stop_mode = "fast"
+            self.log.info("fast stop")
+            self.kill_workers(signal.SIGQUIT)
+            self.stop_deadline = min(self.stop_deadline, time.monotonic() + FAST_STOP_TIMEOUT)
+
+    def handle_quit(self) -> None:
+        """As INT."""
+        self.handle_int()
+
+    def handle_hup(self) -> None:
+        """Graceful reload (see ``reload``), told to systemd."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        self.reload()
+        self.notifier.notify(f"READY=1\nSTATUS={self.status_text()}")
+
+    def handle_ttin(self) -> None:
+        """One worker more (at most one per scoreboard slot)."""
+        self.num_workers = min(self.num_workers + 1, self.scoreboard.slots)
+        self.log.info("TTIN: %d worker(s)", self.num_workers)
+
+    def handle_ttou(self) -> None:
+        """One worker fewer, never fewer than one (``manage_workers`` TERMs it)."""
+        if self.num_workers > 1:
+            self.num_workers -= 1
+        self.log.info("TTOU: %d worker(s)", self.num_workers)
+
+    def handle_usr1(self) -> None:
+        """Reopen --log-file here, then in every worker."""
         if reopen_log_file():
             self.give_log_file_to_workers()  # a new file is root's: the workers must reopen it
             self.log.info("USR1: log file reopened")
         else:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
         self.kill_workers(signal.SIGUSR1)
+
+    def handle_chld(self) -> None:
+        """Nothing: CHLD only wakes the loop, which reaps every time round."""
 
     def reload_settings(self) -> tuple[Config, LoadedHandler]:
         """HUP: the settings read again and the handler imported afresh
@@ -315,8 +349,11 @@ class Arbiter:
         return config, handler
 
     def reload(self) -> None:
-        """HUP: a new generation of workers with the settings read again and
-        the handler imported afresh."""
+        """HUP: read the command line and the -c file again, re-import the
+        handler, start a new generation of workers, TERM the old one (it
+        takes what is queued and finishes its connections). The listeners
+        never close, so nothing queued is lost. If the settings or the
+        handler do not load, the running workers are kept."""
         try:
             config, handler = self.reload_settings()
         except PreforkError as exc:
@@ -338,6 +375,8 @@ class Arbiter:
         self.log.info(
             "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
         )
+
+    # -- workers --------------------------------------------------------------
 
     def current_workers(self) -> list[int]:
         """This generation's workers, not counting those told to stop, oldest first."""
@@ -421,13 +460,13 @@ class Arbiter:
         )
         # Signals stay blocked across fork so that the child cannot run the
         # master's handlers before it has installed its own.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.signal_handlers.keys())
         pid = -1
         try:
             pid = os.fork()
         finally:
             if pid != 0:  # the master, whether fork worked or not
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signal_handlers.keys())
         if pid:
             self.workers[pid] = WorkerRecord(
                 self.worker_age, self.generation, slot, position, time.monotonic()
@@ -575,33 +614,29 @@ class Arbiter:
                 listener.drop_new_connections()
         self.close_all_listeners()
         if graceful:
-            timeout = self.config.graceful_timeout
-            self.log.info("TERM: graceful stop (up to %gs)", timeout)
+            self.stop_mode = "graceful"
+            self.stop_deadline = time.monotonic() + self.config.graceful_timeout
+            self.log.info("TERM: graceful stop (up to %gs)", self.config.graceful_timeout)
             self.kill_workers(signal.SIGTERM)
         else:
-            timeout = FAST_STOP_TIMEOUT
+            self.stop_mode = "fast"
+            self.stop_deadline = time.monotonic() + FAST_STOP_TIMEOUT
             self.log.info("fast stop")
             self.kill_workers(signal.SIGQUIT)
-        deadline = time.monotonic() + timeout
         while self.workers:
             try:
                 self.reap_workers()
             except WorkerBootError:
                 pass
-            left = deadline - time.monotonic()
             if not self.workers:
                 break
+            left = self.stop_deadline - time.monotonic()
             if left <= 0:
                 self.log.warning("killing %d worker(s) still running", len(self.workers))
                 self.kill_workers(signal.SIGKILL)
-                deadline = time.monotonic() + FAST_STOP_TIMEOUT
+                self.stop_deadline = time.monotonic() + FAST_STOP_TIMEOUT
                 continue
             self.sleep(min(left, LOOP_INTERVAL))
-            while self.sig_queue:
-                if self.sig_queue.popleft() in (signal.SIGINT, signal.SIGQUIT) and graceful:
-                    graceful = False
-                    self.log.info("fast stop")
-                    self.kill_workers(signal.SIGQUIT)
-                    deadline = min(deadline, time.monotonic() + FAST_STOP_TIMEOUT)
+            self.dispatch_signals()  # INT, QUIT: a graceful stop turns fast
         self.log.info("master exiting")
         return EXIT_OK
