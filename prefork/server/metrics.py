@@ -5,7 +5,8 @@ else is a 404). The master serves it from its own loop, without threads (a
 master with threads would fork workers with their locks held): sockets are
 non-blocking, a request must arrive whole within ``REQUEST_TIMEOUT`` and fit
 in ``MAX_REQUEST`` bytes, and at most ``MAX_CLIENTS`` are served at once, so
-a slow or hostile client can never stall supervision.
+a slow or hostile client can never stall supervision. ``metrics_page``
+builds the page from the master's worker records and the scoreboard.
 """
 
 from __future__ import annotations
