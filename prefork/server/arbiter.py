@@ -38,7 +38,7 @@ from prefork.server.systemd import Notifier
 from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL
-from prefork.settings import Config
+from prefork.settings import RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
@@ -53,8 +53,6 @@ RESPAWN_DELAY_MAX = 10.0  # seconds
 CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 )
-# Settings a HUP cannot change: they belong to sockets and files made at start.
-RESTART_ONLY = ("binds", "backlog", "reuse_port", "metrics", "pid_file", "unix_mode")
 
 
 @dataclass
