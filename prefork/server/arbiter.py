@@ -21,7 +21,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import FrameType
 from typing import Literal
 
@@ -37,7 +37,7 @@ from prefork.server.scoreboard import Scoreboard
 from prefork.server.systemd import Notifier
 from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.workers import WORKER_CLASSES
-from prefork.server.workers.base import DUMP_SIGNAL
+from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
 from prefork.settings import RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
@@ -53,20 +53,6 @@ RESPAWN_DELAY_MAX = 10.0  # seconds
 CRASH_SIGNALS = frozenset(
     {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 )
-
-
-@dataclass
-class WorkerRecord:
-    """What the master knows of one worker."""
-
-    age: int  # spawn order, for logs
-    generation: int  # bumped by every HUP
-    slot: int  # its counters in the scoreboard
-    position: int  # its --reuse-port socket group, -1 without
-    started: float  # time.monotonic() at fork
-    killed: bool = False  # the watchdog has killed it
-    stopping: bool = False  # told to finish and exit (reload, TTOU)
-    stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
 
 
 class Stop(Exception):

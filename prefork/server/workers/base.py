@@ -2,7 +2,7 @@
 
 The constructor runs in the master and touches nothing process-wide;
 ``init_process()`` runs in the forked child and sets the process up before
-``run()``.
+``run()``. After the fork the master keeps a ``WorkerRecord`` by pid.
 
 Signal handlers only record (TERM sets ``alive`` false and ``stopping``) or
 raise (INT, QUIT); the C-level handler also writes a byte to the wake-up
@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from types import FrameType
 
 from prefork.proxy import TrustedPeers
@@ -61,6 +62,22 @@ def set_parent_death_signal(sig: int) -> None:
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+@dataclass
+class WorkerRecord:
+    """What the master keeps of one forked worker, by pid (the ``Worker``
+    object went on in the child; the master reads its counters in the
+    scoreboard)."""
+
+    age: int  # spawn order, for logs
+    generation: int  # bumped by every HUP
+    slot: int  # its counters in the scoreboard
+    position: int  # its --reuse-port socket group, -1 without
+    started: float  # time.monotonic() at fork
+    killed: bool = False  # the watchdog has killed it
+    stopping: bool = False  # told to finish and exit (reload, TTOU)
+    stop_deadline: float = 0.0  # then KILLed at this time.monotonic() if still there
 
 
 class Worker:
