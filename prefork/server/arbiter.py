@@ -36,14 +36,13 @@ from prefork.server.proctitle import set_title
 from prefork.server.scoreboard import Scoreboard
 from prefork.server.systemd import Notifier
 from prefork.server.wakeup import drain, open_wakeup_pipe
+from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, next_look
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
 from prefork.settings import RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
-WATCHDOG_INTERVAL = 0.25  # seconds between heartbeat checks when --timeout is on
-DUMP_GRACE = 0.2  # seconds a silent worker gets to dump its stack before KILL
 # Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
 # raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
 # wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
@@ -212,16 +211,13 @@ class Arbiter:
         )
 
     def loop_timeout(self) -> float:
-        """Sleep no longer than until a delayed respawn is due, and look at
-        the heartbeats often enough to act within a second of --timeout."""
-        interval = WATCHDOG_INTERVAL if self.config.timeout > 0 else LOOP_INTERVAL
-        ping_due = self.notifier.ping()
-        if ping_due is not None:
-            interval = min(interval, ping_due)
+        """Sleep no longer than until the next thing is due: the watchdog's
+        look at the heartbeats, systemd's watchdog ping, a look at the
+        retired --reuse-port sockets, a respawn put off after crashes."""
+        dues = [next_look(self.config.timeout), self.notifier.ping()]
         if self.positions is not None:
-            retired_due = self.positions.due(self.workers, self.respawn_at)
-            if retired_due is not None:
-                interval = min(interval, retired_due)
+            dues.append(self.positions.due(self.workers, self.respawn_at))
+        interval = min([LOOP_INTERVAL, *(due for due in dues if due is not None)])
         delay = self.respawn_at - time.monotonic()
         return max(0.0, min(interval, delay)) if delay > 0 else interval
 
@@ -554,39 +550,30 @@ class Arbiter:
     def murder_workers(self) -> None:
         """KILL workers told to stop (reload, TTOU) that are still there
         after --graceful-timeout; dump and kill every worker silent for
-        longer than --timeout."""
+        longer than --timeout (``watchdog.py`` says which)."""
         now = time.monotonic()
-        for pid, record in list(self.workers.items()):
-            if record.stopping and not record.killed and now >= record.stop_deadline:
-                self.log.warning(
-                    "worker %d (pid %d) still finishing after --graceful-timeout %gs: killing it",
-                    record.age,
-                    pid,
-                    self.config.graceful_timeout,
-                )
-                self.kill_worker(pid, signal.SIGKILL)
-                record.killed = True
-        if self.config.timeout <= 0:
-            return
-        for pid, record in list(self.workers.items()):
-            stats = self.scoreboard.read(record.slot)
-            if stats.heartbeat <= 0 or record.killed:  # waiting on a client, or done for
-                continue
-            silent = now - stats.heartbeat
-            if silent <= self.config.timeout:
-                continue
+        for pid in find_overstayed(self.workers, now):
+            self.log.warning(
+                "worker %d (pid %d) still finishing after --graceful-timeout %gs: killing it",
+                self.workers[pid].age,
+                pid,
+                self.config.graceful_timeout,
+            )
+            self.kill_worker(pid, signal.SIGKILL)
+            self.workers[pid].killed = True
+        for silent in find_silent(self.workers, self.scoreboard, self.config.timeout, now):
             self.log.error(
                 "worker %d (pid %d) silent for %.1fs with %d active connection(s): "
                 "dumping its stack, then killing it",
-                record.age,
-                pid,
-                silent,
-                stats.active,
+                silent.record.age,
+                silent.pid,
+                silent.seconds,
+                silent.active,
             )
-            self.kill_worker(pid, DUMP_SIGNAL)
+            self.kill_worker(silent.pid, DUMP_SIGNAL)
             time.sleep(DUMP_GRACE)  # faulthandler writes from the signal handler
-            self.kill_worker(pid, signal.SIGKILL)
-            record.killed = True
+            self.kill_worker(silent.pid, signal.SIGKILL)
+            silent.record.killed = True
 
     # -- stopping -------------------------------------------------------------
 
