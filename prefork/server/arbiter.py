@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Literal
 
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
+from prefork.server.backoff import Backoff
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
 from prefork.server.listeners import Listener, close_listeners, create_listeners
 from prefork.server.log import get_logger, log_file_path, reopen_log_file, setup_logging
@@ -43,15 +44,6 @@ from prefork.settings import RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
-# Crash loops: a worker that crashes (exit code != 0, or a fatal signal it
-# raised itself) within HEALTHY_LIFETIME of its start makes the next respawn
-# wait, twice as long each time in a row, up to RESPAWN_DELAY_MAX.
-HEALTHY_LIFETIME = 1.0  # seconds
-RESPAWN_DELAY_FIRST = 0.1  # seconds
-RESPAWN_DELAY_MAX = 10.0  # seconds
-CRASH_SIGNALS = frozenset(
-    {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
-)
 
 
 class Stop(Exception):
@@ -84,8 +76,7 @@ class Arbiter:
         self.metrics: MetricsServer | None = None
         # What workers that have exited served, for the metrics totals.
         self.exited_totals = {"connections_accepted": 0, "bytes_in": 0, "bytes_out": 0}
-        self.crashes = 0  # quick crashes in a row
-        self.respawn_at = 0.0  # no respawn before this time.monotonic()
+        self.backoff = Backoff()  # after quick crashes, forks wait
         self.sig_queue: deque[int] = deque()
         # The one place where a signal meets what the master does about it.
         self.signal_handlers: dict[int, Callable[[], None]] = {
@@ -216,9 +207,9 @@ class Arbiter:
         retired --reuse-port sockets, a respawn put off after crashes."""
         dues = [next_look(self.config.timeout), self.notifier.ping()]
         if self.positions is not None:
-            dues.append(self.positions.due(self.workers, self.respawn_at))
+            dues.append(self.positions.due(self.workers, self.backoff.respawn_at))
         interval = min([LOOP_INTERVAL, *(due for due in dues if due is not None)])
-        delay = self.respawn_at - time.monotonic()
+        delay = self.backoff.respawn_at - time.monotonic()
         return max(0.0, min(interval, delay)) if delay > 0 else interval
 
     def sleep(self, timeout: float) -> None:
@@ -376,7 +367,7 @@ class Arbiter:
         current = self.current_workers()
         for pid in current[: max(0, len(current) - self.num_workers)]:
             self.stop_worker(pid)
-        if time.monotonic() >= self.respawn_at:  # else backing off after crashes
+        if self.backoff.may_respawn(time.monotonic()):
             self.spawn_workers(self.num_workers - len(current))
 
     def manage_positions(self, positions: Positions) -> None:
@@ -389,11 +380,11 @@ class Arbiter:
         for pid in current:
             if self.workers[pid].position >= self.num_workers:
                 self.stop_worker(pid)
-        if time.monotonic() >= self.respawn_at:  # else backing off after crashes
+        if self.backoff.may_respawn(time.monotonic()):
             served = {self.workers[pid].position for pid in current}
             for position in sorted(set(range(self.num_workers)) - served):
                 self.spawn_worker(position)
-        positions.settle(self.workers, self.respawn_at, self.fork_to_drain)
+        positions.settle(self.workers, self.backoff.respawn_at, self.fork_to_drain)
 
     def fork_to_drain(self, position: int, listeners: list[Listener]) -> int:
         """--reuse-port: a worker on a retired position's sockets alone, told
@@ -515,35 +506,20 @@ class Arbiter:
                 f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"
             )
-            crashed = False
             if os.WIFSIGNALED(status):
                 sig = signal.Signals(os.WTERMSIG(status))
-                crashed = sig in CRASH_SIGNALS
                 self.log.warning("worker %d (pid %d) killed by %s: %s", age, pid, sig.name, served)
             else:
                 code = os.waitstatus_to_exitcode(status)
                 if code == WORKER_BOOT_ERROR:
                     raise WorkerBootError(f"worker {age} (pid {pid}) failed to boot")
-                crashed = code != EXIT_OK
-                if crashed:
+                if code != EXIT_OK:
                     self.log.warning(
                         "worker %d (pid %d) exited with code %d: %s", age, pid, code, served
                     )
                 else:
                     self.log.info("worker %d (pid %d) exited: %s", age, pid, served)
-            self.note_exit(crashed, time.monotonic() - record.started)
-
-    def note_exit(self, crashed: bool, lifetime: float) -> None:
-        """Back off respawns while workers keep crashing soon after they start."""
-        if not crashed or lifetime >= HEALTHY_LIFETIME:
-            self.crashes = 0
-            return
-        self.crashes += 1
-        delay = min(RESPAWN_DELAY_FIRST * 2 ** (self.crashes - 1), RESPAWN_DELAY_MAX)
-        self.respawn_at = time.monotonic() + delay
-        self.log.warning(
-            "workers crashed %d times in a row; next respawn in %.1fs", self.crashes, delay
-        )
+            self.backoff.note_exit(status, time.monotonic() - record.started)
 
     # -- the watchdog ---------------------------------------------------------
 
