@@ -28,7 +28,7 @@ from typing import Literal
 from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
 from prefork.server.backoff import Backoff
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
-from prefork.server.listeners import Listener, close_listeners, create_listeners
+from prefork.server.listeners import Listener, close_listeners, give_unix_sockets_to, open_listeners
 from prefork.server.log import get_logger, log_file_path, reopen_log_file, setup_logging
 from prefork.server.metrics import MetricsServer, metrics_page
 from prefork.server.pidfile import PidFile
@@ -109,12 +109,7 @@ class Arbiter:
         if self.config.metrics is not None:
             self.metrics = MetricsServer(self.config.metrics)
             self.log.info("metrics on http://%s/metrics", self.metrics.name)
-        listeners = create_listeners(
-            self.config.binds, self.config.backlog, self.config.unix_mode, self.config.reuse_port
-        )
-        if self.config.proxy_protocol:  # every stream listener expects a PROXY header
-            for listener in listeners:
-                listener.proxy = not listener.datagram
+        listeners = open_listeners(self.config)
         for listener in listeners:
             note = " (PROXY protocol)" if listener.proxy else ""
             self.log.info("listening on %s%s", listener.name, note)
@@ -124,7 +119,7 @@ class Arbiter:
         except PreforkError:
             close_listeners(listeners, unlink=True)
             raise
-        self.give_unix_sockets_to_workers(listeners)
+        give_unix_sockets_to(listeners, self.config.user, self.config.group)
         self.listeners = listeners
         if self.config.reuse_port:  # UNIX and fd:// sockets stay shared
             self.listeners = [lst for lst in listeners if not lst.per_slot]
@@ -146,17 +141,6 @@ class Arbiter:
         path = log_file_path()
         if path is not None and self.config.user is not None and os.geteuid() == 0:
             os.chown(path, self.config.user, -1 if self.config.group is None else self.config.group)
-
-    def give_unix_sockets_to_workers(self, listeners: list[Listener]) -> None:
-        """A UNIX socket file belongs to --user/--group, so that the service's
-        group can connect (mode --unix-mode, 660 by default)."""
-        if self.config.user is None and self.config.group is None:
-            return
-        for listener in listeners:
-            if listener.address.kind == "unix":
-                uid = -1 if self.config.user is None else self.config.user
-                gid = -1 if self.config.group is None else self.config.group
-                os.chown(listener.address.path, uid, gid)
 
     def init_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = open_wakeup_pipe()

@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from prefork.errors import BindError
-from prefork.settings import Address
+from prefork.settings import Address, Config
 
 _REASONS = {
     errno.EADDRINUSE: "address already in use",
@@ -264,6 +264,27 @@ def create_listeners(
         close_listeners(listeners, unlink=True)
         raise
     return listeners
+
+
+def open_listeners(config: Config) -> list[Listener]:
+    """The master's start: bind or adopt every --bind address (all or none,
+    raises BindError). With --proxy-protocol every stream listener expects a
+    PROXY header, whatever its address says."""
+    listeners = create_listeners(config.binds, config.backlog, config.unix_mode, config.reuse_port)
+    if config.proxy_protocol:
+        for listener in listeners:
+            listener.proxy = not listener.datagram
+    return listeners
+
+
+def give_unix_sockets_to(listeners: list[Listener], uid: int | None, gid: int | None) -> None:
+    """Make our UNIX socket files belong to --user/--group (None: keep), so
+    that the service's group can connect (mode --unix-mode, 660 by default)."""
+    if uid is None and gid is None:
+        return
+    for listener in listeners:
+        if listener.address.kind == "unix":
+            os.chown(listener.address.path, -1 if uid is None else uid, -1 if gid is None else gid)
 
 
 def close_listeners(listeners: list[Listener], unlink: bool = False) -> None:
