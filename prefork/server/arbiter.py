@@ -9,8 +9,11 @@ appends to ``sig_queue`` and ``signal.set_wakeup_fd`` ends the loop's
 ``signal_handlers`` (each ``handle_*`` says what its signal does), and forks
 what the current generation is missing. A stop leaves the loop for ``stop``.
 
-With --reuse-port the per-position sockets live in ``positions.py``; the
-/metrics page is built in ``metrics.py`` and served from this loop.
+The arbiter acts; other modules decide or keep state for it: ``watchdog.py``
+says which workers to kill and when to look again, ``backoff.py`` when the
+next fork may happen after crashes, ``listeners.py`` opens the listeners and
+``positions.py`` keeps the --reuse-port sockets; the /metrics page is built
+in ``metrics.py`` and served from this loop.
 """
 
 from __future__ import annotations
