@@ -18,8 +18,8 @@ two minimal C servers in ``bench/peers/`` compiled here with ``cc``: an epoll
 loop for the event-driven servers, a blocking prefork (a process per
 connection) for the servers that give each connection a process or thread.
 
-Then: user-space memory per idle connection (RSS growth over 1,000 idle
-connections), and a check of the load generator itself (its CPU per
+Then: user-space memory per idle connection (growth of the private memory,
+USS, over 1,000 idle connections), and a check of the load generator itself (its CPU per
 message against the C epoll server's, and what a second generator adds
 against a saturated server).
 
@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -48,6 +49,8 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+from prefork.tools.bench import WINDOW_CLOSES, WINDOW_OPENS
 
 HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
@@ -200,10 +203,23 @@ def tree_cpu(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its descendants."""
-    pages = tree_total(pid, "statm", lambda text: int(text.split()[1]))
-    return pages * os.sysconf("SC_PAGE_SIZE")
+def private_bytes(smaps_rollup: str) -> int:
+    """USS from /proc/PID/smaps_rollup: the pages only this process maps."""
+    total = 0
+    for line in smaps_rollup.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Private_Clean", "Private_Dirty"):
+            total += int(rest.split()[0]) * 1024  # in kB
+    return total
+
+
+def tree_uss(pid: int) -> int:
+    """Unique (private) bytes of ``pid`` and its descendants: what they allocated
+    themselves. Unlike RSS, pages shared with the parent after fork (the
+    interpreter, the libraries) are not counted, and a page newly dirtied in a
+    private mapping is; heap growth shows up page by page either way, so the
+    per-connection figure is a difference over many connections."""
+    return tree_total(pid, "smaps_rollup", private_bytes)
 
 
 @dataclass(frozen=True)
@@ -281,9 +297,10 @@ class Run:
 def bench_argv(
     address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
 ) -> list[str]:
-    """``prefork bench`` on the client core: ``load`` for ``seconds``, JSON out."""
+    """``prefork bench`` on the client core: ``load`` for ``seconds``, JSON out, the
+    measured window marked on stderr."""
     argv = [
-        *pin.client, PYTHON, "-m", "prefork", "bench", address, "--json",
+        *pin.client, PYTHON, "-m", "prefork", "bench", address, "--json", "--marks",
         "-c", str(load.connections), "-s", str(load.size), "-d", str(load.depth),
         "-t", str(seconds), "--warmup", "0",
     ]  # fmt: skip
@@ -301,11 +318,45 @@ def bench_result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
 
 
 def bench(
-    address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
+    address: str,
+    load: Workload,
+    seconds: float,
+    pin: Pinning,
+    metrics: str | None = None,
+    server_pid: int | None = None,
 ) -> dict[str, Any]:
+    """One ``prefork bench`` run. With ``server_pid``, the server tree's CPU seconds
+    over exactly the measured window (between the generator's --marks lines, so
+    neither its start-up, its connection set-up nor its --metrics scrape is
+    counted) are added to the result as ``server_cpu_seconds``."""
     argv = bench_argv(address, load, seconds, pin, metrics)
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    return bench_result(done.returncode, done.stdout, done.stderr)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    cpu: list[float] = []
+    other: list[str] = []
+    try:
+        assert proc.stderr is not None
+        # Read the marks as they come; the JSON (small) waits in the stdout pipe.
+        for line in proc.stderr:
+            if line.rstrip("\n") in (WINDOW_OPENS, WINDOW_CLOSES):
+                if server_pid is not None:
+                    cpu.append(tree_cpu(server_pid))
+                if line.rstrip("\n") == WINDOW_CLOSES:
+                    break
+            else:
+                other.append(line)
+        stdout, rest = proc.communicate(timeout=seconds + 60)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    result = bench_result(proc.returncode, stdout, "".join(other) + rest)
+    if server_pid is not None:
+        if len(cpu) != 2:
+            raise RuntimeError("prefork bench did not mark its measured window")
+        result["server_cpu_seconds"] = cpu[1] - cpu[0]
+    return result
 
 
 def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run:
@@ -313,9 +364,8 @@ def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run
         address = f"127.0.0.1:{running.port}"
         bench(address, load, min(1.0, seconds / 2), pin)  # warm-up: workers up, caches warm
         metrics = f"127.0.0.1:{running.metrics}" if server.prefork else None
-        before = tree_cpu(running.proc.pid)
-        result = bench(address, load, seconds, pin, metrics)
-        cpu = tree_cpu(running.proc.pid) - before
+        result = bench(address, load, seconds, pin, metrics, server_pid=running.proc.pid)
+        cpu = result["server_cpu_seconds"]
     messages = max(result["messages"], 1)
     if cpu <= 0:
         raise RuntimeError("the server's processes used no CPU: they were not found in /proc")
@@ -351,10 +401,10 @@ def idle_memory(server: Server, pin: Pinning) -> float:
 
             open_echoing(20)  # warm: first-connection allocations are not per connection
             time.sleep(0.3)
-            before = tree_rss(running.proc.pid)
+            before = tree_uss(running.proc.pid)
             open_echoing(IDLE_CONNECTIONS)
             time.sleep(0.3)
-            return (tree_rss(running.proc.pid) - before) / IDLE_CONNECTIONS
+            return (tree_uss(running.proc.pid) - before) / IDLE_CONNECTIONS
         finally:
             for sock in socks:
                 sock.close()
@@ -557,7 +607,7 @@ def headline(results: Results) -> list[str]:
 
 
 def memory_table(results: Results) -> str:
-    lines = [f"\nuser-space memory per idle connection ({IDLE_CONNECTIONS:,} idle, RSS growth)"]
+    lines = [f"\nuser-space memory per idle connection ({IDLE_CONNECTIONS:,} idle, USS growth)"]
     for name, value in results.memory.items():
         lines.append(f"  {name:<17}{fmt(value, ',.0f', ' bytes'):>14}")
     return "\n".join(lines)

@@ -122,3 +122,40 @@ def test_an_output_that_cannot_be_a_directory_is_a_usage_error(tmp_path: Path):
     assert done.returncode == 2
     assert "--output" in done.stderr and "Not a directory" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_bench_marks_the_measured_window_on_stderr(server_factory):
+    """compare.py samples the server's CPU at these two lines, so the CPU per
+    message covers the measured window only: both come, in order, once each,
+    with the JSON result (whose seconds is that window) on stdout."""
+    from prefork.tools.bench import WINDOW_CLOSES, WINDOW_OPENS
+
+    from support import prefork_command
+
+    server = server_factory("-w", "1", "-b", "127.0.0.1:0")
+    done = subprocess.run(
+        prefork_command("bench", server.addresses[0], "--json", "--marks", "-t", "0.3",
+                        "--warmup", "0.1", "-c", "2"),
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines == [WINDOW_OPENS, WINDOW_CLOSES], done.stderr
+    assert json.loads(done.stdout)["seconds"] >= 0.3
+
+
+@pytest.mark.timeout(60)
+def test_the_ab_table_pairs_each_prefork_server_with_its_baseline_copy(tmp_path: Path):
+    """--baseline runs every chosen prefork server a second time from another
+    checkout (here: this one), interleaved, and prints this/baseline ratios."""
+    tree = Path(__file__).resolve().parent.parent
+    done = compare(
+        tmp_path, "--rounds", "1", "--seconds", "0.3", "--no-generator-check", "--no-memory",
+        "--servers", "prefork-event", "--workloads", "latency", "--baseline", str(tree),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "A/B: this tree / the --baseline tree" in done.stdout
+    row = re.search(r"latency\s+prefork-event\s+(\d+\.\d+)x\s+(\d+\.\d+)x", done.stdout)
+    assert row, done.stdout
+    assert not leftovers(tmp_path)

@@ -52,6 +52,11 @@ DEFAULTS = {"connections": "50", "size": "1024", "depth": "1", "duration": "5"}
 DEFAULTS |= {"warmup": "0.5", "timeout": "2"}
 
 
+# What --marks writes to standard error at the edges of the measured window.
+WINDOW_OPENS = "prefork bench: window opens"
+WINDOW_CLOSES = "prefork bench: window closes"
+
+
 def add_parser(commands: Any) -> None:
     """The ``bench`` subcommand and its options, on ``commands`` (argparse's
     subparsers action)."""
@@ -127,6 +132,13 @@ def add_parser(commands: Any) -> None:
         metavar="HOST:PORT",
         help="the server's --metrics address: report how the load spread over its workers",
     )
+    bench.add_argument(
+        "--marks",
+        action="store_true",
+        help=f"write '{WINDOW_OPENS}' and '{WINDOW_CLOSES}' lines to standard error at the "
+        "edges of the measured window, so a tool can sample the server's CPU over exactly "
+        "that window",
+    )
 
 
 @dataclass(frozen=True)
@@ -142,6 +154,7 @@ class Options:
     timeout: float
     json: bool = False
     metrics: str | None = None
+    marks: bool = False  # mark the measured window's edges on stderr
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -206,6 +219,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         timeout=timeout,
         json=args.json,
         metrics=metrics,
+        marks=args.marks,
     )
 
 
@@ -359,6 +373,8 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
         warm_errors = generator.errors
         generator.reset()
         result.warmed_up = True
+        if options.marks:
+            print(WINDOW_OPENS, file=sys.stderr, flush=True)
         cpu_since = process_cpu()
         measuring_since = time.monotonic()
         deadline = None if options.duration is None else measuring_since + options.duration
@@ -374,6 +390,8 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
     if measuring_since is not None:
         result.seconds = time.monotonic() - measuring_since
         result.cpu_seconds = process_cpu() - cpu_since
+        if options.marks:
+            print(WINDOW_CLOSES, file=sys.stderr, flush=True)
         result.messages = generator.messages
         result.failed = generator.failed
         result.bytes_sent = generator.bytes_sent
