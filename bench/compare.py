@@ -419,6 +419,13 @@ class Results:
     failures: list[str] = field(default_factory=list)
     memory: dict[str, float | None] = field(default_factory=dict)
     generator: dict[str, Any] = field(default_factory=dict)
+    # How the run was made, stored so that its report can be made again from
+    # results.json alone (--render), which is how RESULTS.md is checked.
+    rounds: int = 0
+    seconds: float = 0.0
+    servers: list[str] = field(default_factory=list)  # in the order they were given
+    workloads: list[str] = field(default_factory=list)
+    elapsed: float = 0.0  # seconds the whole comparison took
 
 
 def paired(results: Results, load: str, name: str, reference: str, key: str) -> float | None:
@@ -668,8 +675,63 @@ def write_raw(results: Results, command: str, path: Path) -> None:
         "idle_bytes_per_connection": results.memory,
         "generator": results.generator,
         "failures": results.failures,
+        "rounds": results.rounds,
+        "seconds": results.seconds,
+        "servers": results.servers,
+        "workloads": results.workloads,
+        "elapsed_seconds": results.elapsed,
     }
     path.write_text(json.dumps(document, indent=1) + "\n")
+
+
+def read_raw(path: Path) -> Results:
+    """The Results that ``write_raw`` stored in ``path``."""
+    document = json.loads(path.read_text())
+    results = Results(
+        failures=document["failures"],
+        memory=document["idle_bytes_per_connection"],
+        generator=document["generator"],
+        rounds=document["rounds"],
+        seconds=document["seconds"],
+        servers=document["servers"],
+        workloads=document["workloads"],
+        elapsed=document["elapsed_seconds"],
+    )
+    fields = {f for f in Run.__dataclass_fields__}
+    for row in document["runs"]:
+        key = (row["workload"], row["server"])
+        run = Run(**{k: v for k, v in row.items() if k in fields}) if "rate" in row else None
+        results.runs.setdefault(key, []).append(run)
+    return results
+
+
+def server_named(name: str) -> Server:
+    """A server of the table by name, or the baseline copy of one (NAME@base)."""
+    if name.endswith(BASELINE_SUFFIX):
+        return replace(SERVERS_BY_NAME[name.removesuffix(BASELINE_SUFFIX)], name=name)
+    return SERVERS_BY_NAME[name]
+
+
+def report(results: Results) -> str:
+    """What a comparison prints (and RESULTS.md shows), from its results alone."""
+    servers = [server_named(name) for name in results.servers]
+    workloads = [w for w in WORKLOADS if w.name in results.workloads]
+    baseline = any(name.endswith(BASELINE_SUFFIX) for name in results.servers)
+    return (
+        f"{results.rounds} interleaved rounds of {results.seconds:g} s per server and "
+        "workload; medians; ratios paired within a round\n"
+        + tables(results, servers, workloads)
+        + (memory_table(results) if results.memory else "")
+        + (ab_table(results, servers, workloads) if baseline else "")
+        + "\n\ntargets:\n"
+        + "\n".join(f"  {line}" for line in headline(results))
+        + (
+            "\n\nfailed runs:\n" + "\n".join(f"  {f}" for f in results.failures)
+            if results.failures
+            else ""
+        )
+        + f"\n\n({results.elapsed:.0f} s)"
+    )
 
 
 def plot(results: Results, servers: list[Server], workloads: list[Workload], out: Path) -> bool:
@@ -741,7 +803,19 @@ def main() -> None:
         help="also run each chosen prefork server from TREE (another checkout, with its "
         "extensions built in place), interleaved, and print this tree / TREE ratios",
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: print the report of a stored results.json again",
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        try:
+            print(report(read_raw(args.render)))
+        except (OSError, ValueError, KeyError) as exc:
+            parser.error(f"--render {args.render}: cannot read a stored comparison: {exc!r}")
+        return
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
     BUILD = args.build_dir
@@ -786,21 +860,11 @@ def main() -> None:
     names = [s.name for s in available]
     if not args.no_generator_check and "prefork-event-py" in names:
         check_generator(args.seconds, args.rounds, pin, results)
-    text = (
-        f"{args.rounds} interleaved rounds of {args.seconds:g} s per server and workload; "
-        f"medians; ratios paired within a round\n"
-        + tables(results, available, workloads)
-        + (memory_table(results) if results.memory else "")
-        + (ab_table(results, available, workloads) if args.baseline is not None else "")
-        + "\n\ntargets:\n"
-        + "\n".join(f"  {line}" for line in headline(results))
-        + (
-            "\n\nfailed runs:\n" + "\n".join(f"  {f}" for f in results.failures)
-            if results.failures
-            else ""
-        )
-        + f"\n\n({time.monotonic() - started:.0f} s)"
-    )
+    results.rounds, results.seconds = args.rounds, args.seconds
+    results.servers = [s.name for s in available]
+    results.workloads = [w.name for w in workloads]
+    results.elapsed = time.monotonic() - started
+    text = report(results)
     print(text)
     write_markdown(text, command, args.output / "RESULTS.md")
     write_raw(results, command, args.output / "results.json")

@@ -81,6 +81,11 @@ def test_a_small_comparison_writes_its_section_and_keeps_the_rest(tmp_path: Path
     raw = json.loads((tmp_path / "results.json").read_text())
     runs = {(run["workload"], run["server"]) for run in raw["runs"] if run["rate"] > 0}
     assert len(runs) == 8 and raw["failures"] == []
+    # The stored results make the same report again, figure for figure.
+    rendered = compare(tmp_path, "--render", str(tmp_path / "results.json"), timeout=30)
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.strip() in section
+    assert "targets:" in rendered.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
