@@ -15,18 +15,22 @@ Rounds are interleaved (A B, B A, ...) and the ratio is taken within each
 round, then the median is quoted, because absolute figures on a shared
 machine drift from minute to minute.
 
-    python bench/pingpong.py [--mode process|thread] [--rounds 7] [--seconds 1.0]
+    python bench/pingpong.py [--mode process|thread] [--rounds 7] [--seconds 1.0] [--json FILE]
+    python bench/pingpong.py --render FILE     (the table of a stored run, measuring nothing)
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import socket
 import statistics
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 IMPLEMENTATIONS = {"cython": "prefork._fastio", "python": "prefork._fastio_py"}
 SIZES = {"1 B": 1, "1 KiB": 1024, "64 KiB": 65536}
@@ -124,45 +128,70 @@ def measure(implementation: str, size: int, seconds: float, mode: str) -> tuple[
     return rate, cpu / (done + 200) * 1e6
 
 
+def run(mode: str, rounds: int, seconds: float) -> dict[str, Any]:
+    """Every round's figures, by size and implementation, interleaved: the order of
+    the two implementations alternates from round to round."""
+    data: dict[str, Any] = {"mode": mode, "rounds": rounds, "seconds": seconds, "sizes": {}}
+    for label, size in SIZES.items():
+        per_round = []
+        for r in range(rounds):
+            order = list(IMPLEMENTATIONS) if r % 2 == 0 else list(reversed(IMPLEMENTATIONS))
+            this_round = {name: measure(name, size, seconds, mode) for name in order}
+            per_round.append(
+                {name: {"rate": rt, "cpu_us": cpu} for name, (rt, cpu) in this_round.items()}
+            )
+        data["sizes"][label] = per_round
+    return data
+
+
+def render(data: dict[str, Any]) -> str:
+    """The table of medians and paired ratios, from the stored rounds alone."""
+    mode = data["mode"]
+    lines = [
+        f"mode {mode}; medians of {data['rounds']} interleaved rounds; ratio = cython/python "
+        "paired within a round",
+        f"{'size':>7} | {'cython rt/s':>11} | {'python rt/s':>11} | {'rt/s ratio':>10} | "
+        f"{'cython cpu us/rt':>16} | {'python cpu us/rt':>16} | cpu ratio",
+    ]
+    for label, rounds in data["sizes"].items():
+
+        def med(name: str, key: str, rounds: list[dict[str, Any]] = rounds) -> float:
+            return statistics.median(r[name][key] for r in rounds)
+
+        def ratio(key: str, rounds: list[dict[str, Any]] = rounds) -> float:
+            return statistics.median(r["cython"][key] / r["python"][key] for r in rounds)
+
+        cpu = "n/a (one process)"
+        if mode == "process":
+            cpu = (
+                f"{med('cython', 'cpu_us'):>16.2f} | {med('python', 'cpu_us'):>16.2f} | "
+                f"{ratio('cpu_us'):.2f}x"
+            )
+        lines.append(
+            f"{label:>7} | {med('cython', 'rate'):>11,.0f} | {med('python', 'rate'):>11,.0f} | "
+            f"{ratio('rate'):>9.2f}x | {cpu}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=("process", "thread"), default="process")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also store every round in FILE")
+    parser.add_argument(
+        "--render", type=Path, metavar="FILE", help="measure nothing: the table of a stored FILE"
+    )
     args = parser.parse_args()
+    if args.render is not None:
+        print(render(json.loads(args.render.read_text())))
+        return
     pin(1)
-    print(
-        f"mode {args.mode}; medians of {args.rounds} interleaved rounds; ratio = cython/python "
-        "paired within a round"
-    )
-    print(
-        f"{'size':>7} | {'cython rt/s':>11} | {'python rt/s':>11} | {'rt/s ratio':>10} | "
-        f"{'cython cpu us/rt':>16} | {'python cpu us/rt':>16} | cpu ratio"
-    )
-    for label, size in SIZES.items():
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in IMPLEMENTATIONS}
-        rate_ratios, cpu_ratios = [], []
-        for r in range(args.rounds):
-            order = list(IMPLEMENTATIONS) if r % 2 == 0 else list(reversed(IMPLEMENTATIONS))
-            this_round = {name: measure(name, size, args.seconds, args.mode) for name in order}
-            for name, result in this_round.items():
-                results[name].append(result)
-            rate_ratios.append(this_round["cython"][0] / this_round["python"][0])
-            cpu_ratios.append(this_round["cython"][1] / this_round["python"][1])
-
-        def med(name: str, i: int, results: dict = results) -> float:
-            return statistics.median(x[i] for x in results[name])
-
-        cpu = "n/a (one process)"
-        if args.mode == "process":
-            cpu = (
-                f"{med('cython', 1):>16.2f} | {med('python', 1):>16.2f} | "
-                f"{statistics.median(cpu_ratios):.2f}x"
-            )
-        print(
-            f"{label:>7} | {med('cython', 0):>11,.0f} | {med('python', 0):>11,.0f} | "
-            f"{statistics.median(rate_ratios):>9.2f}x | {cpu}"
-        )
+    data = run(args.mode, args.rounds, args.seconds)
+    if args.json is not None:
+        args.json.write_text(json.dumps(data, indent=1) + "\n")
+    print(render(data))
 
 
 if __name__ == "__main__":
