@@ -7,6 +7,7 @@ module imports another test module.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import signal
@@ -33,14 +34,29 @@ WORKER_CLASS_ARGS = {
 
 
 def require_compiled(name: str) -> ModuleType:
-    """The compiled module ``prefork.NAME``. Not built: skip under
-    PREFORK_NO_EXTENSIONS=1 (nothing was compiled), fail otherwise."""
+    """The compiled module ``prefork.NAME``, built beside its pure-Python twin
+    ``prefork/NAME_py.py``. Not built: skip under PREFORK_NO_EXTENSIONS=1
+    (nothing was compiled), fail otherwise. Built somewhere else (an old
+    editable install, another checkout on ``sys.path``): fail, since the
+    tests would compare the twin with a different program."""
     compiled = fastio.import_compiled(name)
     if compiled is None:
         if fastio.extensions_disabled():
             pytest.skip("PREFORK_NO_EXTENSIONS=1: the compiled module is not built")
         pytest.fail(f"prefork.{name} is not built (and PREFORK_NO_EXTENSIONS is not set)")
+    twin = importlib.import_module(f"prefork.{name}_py")
+    here = os.path.dirname(os.path.realpath(twin.__file__ or ""))
+    there = os.path.dirname(os.path.realpath(compiled.__file__ or ""))
+    if there != here:
+        pytest.fail(f"prefork.{name} was loaded from {there}, not beside its twin in {here}")
     return compiled
+
+
+def compiled_unless_disabled(name: str) -> ModuleType | None:
+    """None under PREFORK_NO_EXTENSIONS=1, else ``require_compiled(name)``: for
+    a test of the twin that also compares the compiled module when it should
+    be there."""
+    return None if fastio.extensions_disabled() else require_compiled(name)
 
 
 def handler_env(path) -> dict[str, str]:
