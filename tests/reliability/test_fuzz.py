@@ -1,30 +1,37 @@
 """The atheris target (fuzz_fastio.py) runs for a few seconds in the suite:
 the compiled module and the twin must agree on every input it makes.
 Longer runs, and the AddressSanitizer build, are commands in fuzz_fastio.py.
+
+atheris is in the test extra wherever it has wheels (Linux on x86-64): there
+a missing atheris fails the test, as a missing compiled module does outside
+PREFORK_NO_EXTENSIONS=1, since the differential fuzz would silently not run.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-from prefork import fastio
-
 from harness import SOAK, scaled, timeout
+from support import require_compiled
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SECONDS = scaled(5, 120)
+# Where the test extra installs atheris (pyproject.toml's markers).
+ATHERIS_WHEELS = sys.platform == "linux" and platform.machine() == "x86_64"
 
 
 def needs_atheris_and_compiled() -> None:
+    require_compiled("_fastio")  # skips under PREFORK_NO_EXTENSIONS=1 only
     if importlib.util.find_spec("atheris") is None:
-        pytest.skip("atheris is not installed (pip install atheris; wheels for CPython <= 3.11)")
-    if fastio.load_compiled() is None:
-        pytest.skip("prefork._fastio is not built: nothing to compare the twin against")
+        if ATHERIS_WHEELS:
+            pytest.fail("atheris is not installed; the test extra has it: pip install -e .[test]")
+        pytest.skip(f"atheris has no wheel for {sys.platform} on {platform.machine()}")
 
 
 @timeout(60, 300)
