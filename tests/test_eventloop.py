@@ -2,10 +2,16 @@
 
 The loop runs in a thread of the test process (the compiled one releases
 the GIL, the spec releases it in every syscall) while clients connect.
+Only that thread calls the loop's methods, as in the event worker: the test
+asks for a call (``Running.call``) and wakes the loop through its wake-up
+pipe, and the thread makes the call between two ``run`` calls. A call from
+the test thread while ``run`` is under way would race with the loop (the
+epoll set changes under it) in a way production never does.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import threading
@@ -40,17 +46,34 @@ class Running:
         )
         self.errors: list[BaseException] = []
         self._stop = False
+        self._requests: collections.deque[tuple[str, threading.Event]] = collections.deque()
         self.runs = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            while not self._stop and (self.loop.accepting or self.loop.active):
+            while not self._stop and (self.loop.accepting or self.loop.active or self._requests):
                 self.loop.run(0.2)
                 self.runs += 1
+                while self._requests:  # between two runs, as the worker handles a signal
+                    method, done = self._requests.popleft()
+                    try:
+                        getattr(self.loop, method)()
+                    finally:
+                        done.set()
         except BaseException as exc:
             self.errors.append(exc)
+
+    def call(self, method: str) -> None:
+        """Have the loop's thread call ``loop.METHOD()`` (a flag and the
+        wake-up pipe, as the event worker's signal handler does); return once
+        it has."""
+        done = threading.Event()
+        self._requests.append((method, done))
+        self.wake()
+        assert done.wait(10), f"the loop's thread did not call {method}()"
+        assert not self.errors, self.errors
 
     def connect(self) -> socket.socket:
         return socket.create_connection(self.address, timeout=10)
@@ -220,8 +243,7 @@ def test_stop_accepting_finishes_open_connections(running):
     with r.connect() as sock:
         sock.sendall(b"before")
         assert read_exactly(sock, 6) == b"before"
-        r.loop.stop_accepting()
-        r.wake()
+        r.call("stop_accepting")
         assert not r.loop.accepting
         sock.sendall(b"after")
         assert read_exactly(sock, 5) == b"after"
@@ -563,8 +585,7 @@ def test_drain_takes_every_queued_connection_as_room_allows(running):
     for i, sock in enumerate(queued):
         sock.sendall(b"queued %d" % i)
         sock.shutdown(socket.SHUT_WR)
-    r.loop.drain()
-    r.wake()
+    r.call("drain")
     time.sleep(0.3)
     assert r.loop.accepting  # still draining: the queue is not empty yet
     busy.close()  # room: the loop takes the queued ones one by one
@@ -589,8 +610,7 @@ def test_a_recycled_loop_still_drains_when_told_to_stop(running):
     queued.shutdown(socket.SHUT_WR)
     time.sleep(0.3)
     assert r.loop.accepted == 1  # recycled: nobody takes it yet
-    r.loop.drain()
-    r.wake()
+    r.call("drain")
     with queued:
         assert read_until_eof(queued) == b"queued"
     assert wait_until(lambda: not r.loop.accepting and not r.loop.recycled, 5)
