@@ -126,6 +126,114 @@ def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
     return predicate()
 
 
+# -- timing bounds -----------------------------------------------------------------
+
+# The loops wait in epoll_wait, which takes whole milliseconds: both round a
+# wait up (the compiled loop by hand, select.epoll.poll by CPython's rule), so
+# a timer in the loop fires up to this much after it is due.
+EPOLL_RESOLUTION = 0.001
+
+
+class WakeupProbe:
+    """How late this machine wakes a sleeping thread, measured while a test runs.
+
+    A timing bound is the behaviour's own figure (a timeout, a sweep
+    interval, a ping interval) plus the delays of the wake-ups on the path
+    the test times: a loop woken by its timer, a client woken by the close
+    it waits for. Those delays follow the machine's load (two busy cores
+    make them milliseconds), so they are measured in the same window instead
+    of guessed: a thread sleeps PERIOD again and again and keeps its largest
+    overshoot, ``worst``. ``allowance(n)`` is what n wake-ups may add: TAIL
+    times the worst seen for each, because the probe samples its own
+    wake-ups, not the ones the bound is about, and one of those may land
+    further out in the same tail.
+
+    Use it as a context manager around what the bound covers.
+    """
+
+    PERIOD = 0.005
+    TAIL = 3.0
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WakeupProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            asked = time.monotonic() + self.PERIOD
+            time.sleep(self.PERIOD)
+            self.worst = max(self.worst, time.monotonic() - asked)
+            self.samples += 1
+
+    def allowance(self, wakeups: int, round_trip: float = 0.0) -> float:
+        """Seconds that ``wakeups`` scheduler wake-ups may add to a timed path;
+        or, if more, TAIL times a ``round_trip`` measured meanwhile on a path
+        of the same shape (the work between the wake-ups included)."""
+        assert self.samples > 0, "the probe has not run"
+        return self.TAIL * max(wakeups * self.worst, round_trip)
+
+    def __str__(self) -> str:
+        return f"worst wake-up {self.worst * 1e3:.2f} ms over {self.samples} samples"
+
+
+class KeepTalking:
+    """A thread that echoes PING on ``sock`` every ``period`` seconds until
+    the block ends: a connection that is never idle, beside one that is.
+    ``failure`` is what went wrong on it, if anything (the caller asserts).
+
+    ``worst_rtt`` is the longest round trip: a server's wake-up on input,
+    its work, and ours on the answer, the same shape as a close the server
+    decides on its own and we wait for, so a bound on such a close may
+    allow for it (``WakeupProbe.allowance(2, talking.worst_rtt)``)."""
+
+    PING = b"ping"
+
+    def __init__(self, sock: socket.socket, period: float) -> None:
+        self.sock = sock
+        self.period = period
+        self.pings = 0
+        self.worst_rtt = 0.0
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> KeepTalking:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        self.sock.settimeout(10)
+        try:
+            while not self._stop.wait(self.period):
+                sent_at = time.monotonic()
+                self.sock.sendall(self.PING)
+                got = b""
+                while len(got) < len(self.PING):
+                    chunk = self.sock.recv(len(self.PING) - len(got))
+                    if not chunk:
+                        raise ConnectionError("the busy connection was closed")
+                    got += chunk
+                assert got == self.PING, got
+                self.worst_rtt = max(self.worst_rtt, time.monotonic() - sent_at)
+                self.pings += 1
+        except BaseException as exc:  # reported by the caller
+            self.failure = exc
+
+
 _LISTENING = re.compile(r"listening on (\S+)")
 
 

@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from prefork._fastio_common import LOOP_COUNTERS, SLOT, SLOT_FIELDS, SLOT_SIZE
+from prefork._fastio_common import LOOP_COUNTERS, SLOT, SLOT_FIELDS, SLOT_SIZE, SWEEP_INTERVAL
 from prefork.server.handlers import chargen_pattern
 
-from support import wait_until
+from support import EPOLL_RESOLUTION, KeepTalking, WakeupProbe, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -175,20 +175,65 @@ def test_peer_that_never_reads_holds_bounded_memory(running):
     assert received == payload
 
 
+def sweep_interval(idle_timeout: float) -> float:
+    """How often the loop looks for idle connections (the EventLoop docs:
+    every SWEEP_INTERVAL, or half the timeout when that is shorter)."""
+    return min(SWEEP_INTERVAL, idle_timeout / 2)
+
+
+def assert_closed_for_idleness(
+    last_io: tuple[float, float], closed_at: float, timeout, probe, round_trip: float = 0.0
+):
+    """The bounds on an idle close, derived from how the loop decides it.
+
+    ``last_io`` brackets the connection's last activity as the loop stamped
+    it: the test's clock before the last byte was sent and after the last
+    byte came back (the loop stamps the time it woke for that I/O, in
+    between). ``closed_at`` is when the test saw end of file.
+
+    Never early, whatever the load: the loop closes a connection at a sweep
+    that finds it idle for ``timeout`` since its stamp, and the test sees
+    that close later still. Not late by more than one sweep interval (the
+    close waits for the first sweep after the deadline), the epoll wait's
+    millisecond rounding, and two wake-ups: the loop's at its sweep timer and
+    the test's at end of file, measured by the probe meanwhile (or, if
+    longer, a ``round_trip`` measured meanwhile through the loop, which
+    takes the same two wake-ups and the loop's work between them).
+    """
+    sent_at, echoed_at = last_io
+    early = closed_at - sent_at
+    bound = timeout + sweep_interval(timeout) + EPOLL_RESOLUTION + probe.allowance(2, round_trip)
+    late = closed_at - echoed_at
+    print(
+        f"\nidle close: {early:.4f}s after the send, {late:.4f}s after the echo, "
+        f"bound {bound:.4f}s ({probe}, round trip {round_trip * 1e3:.2f} ms)"
+    )
+    assert early >= timeout, f"closed {timeout - early:.3f}s before its idle timeout"
+    assert late <= bound, f"closed {late:.3f}s after its last byte, bound {bound:.3f}s ({probe})"
+
+
+def echo_one_byte(sock: socket.socket) -> tuple[float, float]:
+    """One byte there and back: the times that bracket the loop's stamp of it."""
+    sent_at = time.monotonic()
+    sock.sendall(b"x")
+    assert read_exactly(sock, 1) == b"x"
+    return sent_at, time.monotonic()
+
+
 def test_idle_connections_are_closed(running):
-    r = running(idle_timeout=0.5)
-    with r.connect() as idle, r.connect() as busy:
-        started = time.monotonic()
-        for _ in range(8):  # the busy one keeps talking
-            busy.sendall(b"ping")
-            assert read_exactly(busy, 4) == b"ping"
-            time.sleep(0.1)
-        idle.settimeout(5)
-        assert idle.recv(10) == b""
-        assert 0.4 < time.monotonic() - started < 3
+    timeout = 0.5
+    r = running(idle_timeout=timeout)
+    with WakeupProbe() as probe, r.connect() as idle, r.connect() as busy:
+        last_io = echo_one_byte(idle)
+        with KeepTalking(busy, timeout / 5) as talking:  # the loop stays busy meanwhile
+            idle.settimeout(timeout * 10)
+            assert idle.recv(10) == b""
+            closed_at = time.monotonic()
+        assert talking.failure is None and talking.pings > 0, talking.failure
         busy.sendall(b"still")
         assert read_exactly(busy, 5) == b"still"
-    assert r.loop.idle_closed >= 1
+    assert_closed_for_idleness(last_io, closed_at, timeout, probe, talking.worst_rtt)
+    assert r.loop.idle_closed == 1
 
 
 def test_idle_timeout_zero_means_never(running):
@@ -691,7 +736,8 @@ class Broadcast:
 def test_idle_timeout_counts_what_a_protocol_writes(running):
     """A client that only listens is not idle while it is being written to."""
     Broadcast.members = []
-    r = running("protocol", protocol_factory=Broadcast, idle_timeout=0.6)
+    timeout = 0.6
+    r = running("protocol", protocol_factory=Broadcast, idle_timeout=timeout)
     with r.connect() as listener, r.connect() as talker:
         assert wait_until(lambda: len(Broadcast.members) == 2, 5)
         for i in range(6):  # 1.5 s in all, a message every 0.25 s
@@ -699,7 +745,15 @@ def test_idle_timeout_counts_what_a_protocol_writes(running):
             assert read_exactly(listener, 1) == b"%d" % i
             time.sleep(0.25)
         assert r.loop.idle_closed == 0
-    # Silence for real: both are closed at the timeout.
-    with r.connect() as quiet:
-        assert read_until_eof(quiet) == b""
+    assert wait_until(lambda: not Broadcast.members, 5)
+    # Silence for real: closed at the timeout. Its one activity is the
+    # accept, after our connect began and before connection_made is seen.
+    with WakeupProbe() as probe:
+        connecting_at = time.monotonic()
+        with r.connect() as quiet:
+            assert wait_until(lambda: len(Broadcast.members) == 1, 5, interval=0.001)
+            accepted_by = time.monotonic()
+            assert read_until_eof(quiet) == b""
+            closed_at = time.monotonic()
+    assert_closed_for_idleness((connecting_at, accepted_by), closed_at, timeout, probe)
     assert r.loop.idle_closed == 1

@@ -16,7 +16,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support import cpu_seconds, rss_bytes, wait_until
+from prefork._fastio_common import SWEEP_INTERVAL
+
+from support import (
+    EPOLL_RESOLUTION,
+    KeepTalking,
+    WakeupProbe,
+    cpu_seconds,
+    rss_bytes,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,15 +250,37 @@ def test_event_server_echo_is_byte_exact_under_random_chunking(event_server, chu
 
 
 def test_event_server_closes_idle_connections(event_server):
-    with event_server.connect() as idle, event_server.connect() as busy:
-        started = time.monotonic()
-        for _ in range(15):
-            busy.sendall(b"tick")
-            assert busy.recv(4) == b"tick"
-            time.sleep(0.1)
-        idle.settimeout(5)
-        assert idle.recv(1) == b""
-        assert 0.9 < time.monotonic() - started < 3.5
+    """--idle-timeout 1 in a real worker, while another connection keeps it busy.
+
+    The bounds are the ones tests/test_eventloop.py derives for the loop: no
+    earlier than the timeout after the last byte (strict: the test's clock
+    before it was sent is earlier than the worker's stamp of it); no later
+    than the timeout after the echo came back, plus one sweep interval, the
+    epoll wait's millisecond rounding and two wake-ups (the worker's at its
+    sweep, ours at end of file) as long as the probe measured them, or as
+    long as the busy connection's longest round trip (the same wake-ups and
+    the worker's work between them) if that is longer.
+    """
+    timeout = 1.0  # the event_server's --idle-timeout
+    sweep = min(SWEEP_INTERVAL, timeout / 2)
+    with WakeupProbe() as probe, event_server.connect() as idle:
+        with event_server.connect() as busy, KeepTalking(busy, timeout / 10) as talking:
+            sent_at = time.monotonic()
+            idle.sendall(b"x")
+            assert idle.recv(1) == b"x"
+            echoed_at = time.monotonic()
+            idle.settimeout(timeout * 10)
+            assert idle.recv(1) == b""
+            closed_at = time.monotonic()
+        assert talking.failure is None and talking.pings > 0, talking.failure
+    bound = timeout + sweep + EPOLL_RESOLUTION + probe.allowance(2, talking.worst_rtt)
+    print(
+        f"\nidle close: {closed_at - sent_at:.4f}s after the send, "
+        f"{closed_at - echoed_at:.4f}s after the echo, bound {bound:.4f}s ({probe}, "
+        f"round trip {talking.worst_rtt * 1e3:.2f} ms)"
+    )
+    assert closed_at - sent_at >= timeout, closed_at - sent_at
+    assert closed_at - echoed_at <= bound, (closed_at - echoed_at, bound, str(probe))
 
 
 def listening_sockets(port: int) -> int:
