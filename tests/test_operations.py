@@ -4,6 +4,7 @@ reading the configuration again. All through real processes."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import pwd
 import shutil
@@ -18,8 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from prefork.server.watchdog import WATCHDOG_INTERVAL
+
 from support import (
     Server,
+    WakeupProbe,
     children_of,
     exchange,
     handler_env,
@@ -167,6 +171,7 @@ def test_unwritable_log_file_is_a_one_line_error(tmp_path):
 
 
 UID_HANDLER = """
+import itertools
 import os
 
 class WhoAmI:
@@ -354,6 +359,7 @@ def test_bind_fd_refuses_what_is_not_a_listener(tmp_path):
 
 
 ENV_HANDLER = """
+import itertools
 import os
 
 class Env:
@@ -441,17 +447,36 @@ def test_sd_notify_ready_reloading_stopping(server_factory, tmp_path):
 
 
 def test_sd_notify_watchdog_and_abstract_socket(server_factory):
+    """Under WatchdogSec= the master says WATCHDOG=1 often enough for systemd.
+
+    systemd kills a service whose pings are further apart than WatchdogSec;
+    the master promises one every half of it (sd_watchdog_enabled's advice),
+    timed from the previous one. So each gap between two pings, as we see
+    them, is at most that half plus two wake-ups (the master's when the ping
+    is due, ours when it arrives) as long as the probe measured them, and
+    below WatchdogSec in any case.
+    """
+    watchdog_sec = 0.4
+    promised = watchdog_sec / 2
     name = f"prefork-test-{os.getpid()}-{threading.get_ident()}"
     notify = NotifySocket("\0" + name)
+    arrivals: list[float] = []
     try:
-        env = dict(os.environ, NOTIFY_SOCKET="@" + name, WATCHDOG_USEC="200000")
-        server_factory("-w", "1", env=env)
-        notify.wait_for("READY=1")
-        for _ in range(3):  # every 0.1 s: half the 0.2 s WatchdogSec
-            notify.messages.clear()
-            notify.wait_for("WATCHDOG=1", timeout=2)
+        env = dict(os.environ, NOTIFY_SOCKET="@" + name, WATCHDOG_USEC=str(int(watchdog_sec * 1e6)))
+        with WakeupProbe() as probe:
+            server_factory("-w", "1", env=env)
+            notify.wait_for("READY=1")
+            notify.sock.settimeout(5 * watchdog_sec)  # a silent master fails here
+            while len(arrivals) < 11:  # ten gaps, two seconds
+                if "WATCHDOG=1" in notify.sock.recv(4096).decode():
+                    arrivals.append(time.monotonic())
     finally:
         notify.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    bound = promised + probe.allowance(2)
+    print(f"\nwatchdog gaps {min(gaps):.4f}..{max(gaps):.4f}s, bound {bound:.4f}s ({probe})")
+    assert max(gaps) <= bound, (gaps, bound, str(probe))
+    assert max(gaps) < watchdog_sec, gaps
 
 
 # -- HUP reads the configuration again -----------------------------------------
@@ -491,6 +516,7 @@ def test_hup_keeps_ttin_adjustments_when_the_count_did_not_change(server_factory
 # -- PID 1 ----------------------------------------------------------------------
 
 ORPHAN_HANDLER = """
+import itertools
 import os
 import time
 
@@ -556,11 +582,40 @@ def test_master_as_pid_1_reaps_orphans(tmp_path):
 def test_a_reloaded_worker_that_does_not_finish_is_killed_after_graceful_timeout(
     server_factory,
 ):
-    server = server_factory("-w", "1", "--graceful-timeout", "1", "--idle-timeout", "0")
-    (old,) = server.wait_workers(1)
-    with server.connect() as held:  # an idle connection keeps the old worker busy
-        held.sendall(b"x")
-        assert held.recv(1) == b"x"
-        server.signal(signal.SIGHUP)
-        assert wait_until(lambda: not pid_alive(old), 5), server.log
-        assert "still finishing after --graceful-timeout 1s: killing it" in server.log
+    """HUP with --graceful-timeout 1: an old worker held by a connection that
+    never ends is killed 1 s after the master told it to stop.
+
+    Not before (strict: the master starts the clock when it handles the HUP,
+    after we sent it). Not later than 1 s plus what the same reload costs
+    when the old worker has nothing to finish (measured first: the master
+    wakes, forks the new generation, TERMs the old worker, which exits and
+    is reaped), plus one turn of the master's loop (it looks at the
+    deadlines every WATCHDOG_INTERVAL with --timeout on, the default), our
+    polling interval, and two wake-ups (the master's at that turn, ours
+    polling) as long as the probe measured them.
+    """
+    graceful = 1.0
+    poll = 0.01
+    server = server_factory(
+        "-w", "1", "--graceful-timeout", str(graceful), "--idle-timeout", "0"
+    )  # fmt: skip
+    (first,) = server.wait_workers(1)
+    with WakeupProbe() as probe:
+        hup_at = time.monotonic()
+        server.signal(signal.SIGHUP)  # nothing to finish: the old worker leaves at once
+        assert wait_until(lambda: not pid_alive(first), 10, poll), server.log
+        unhurried = time.monotonic() - hup_at
+        (old,) = server.wait_workers(1)
+        assert old != first
+        with server.connect() as held:  # an idle connection keeps the old worker busy
+            held.sendall(b"x")
+            assert held.recv(1) == b"x"
+            hup_at = time.monotonic()
+            server.signal(signal.SIGHUP)
+            assert wait_until(lambda: not pid_alive(old), 10, poll), server.log
+            took = time.monotonic() - hup_at
+    bound = graceful + unhurried + WATCHDOG_INTERVAL + poll + probe.allowance(2)
+    print(f"\nkilled after {took:.4f}s (unhurried {unhurried:.4f}s), bound {bound:.4f}s ({probe})")
+    assert took >= graceful, f"killed after {took:.3f}s"
+    assert took <= bound, (took, bound, unhurried, str(probe))
+    assert "still finishing after --graceful-timeout 1s: killing it" in server.log
