@@ -117,6 +117,17 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def owed_memory_bound(clients: int, max_buffer: int) -> int:
+    """The most resident memory ``clients`` peers that never read may cost a
+    worker: each is owed at most ``max_buffer`` bytes (--max-buffer), kept in
+    one allocation per connection. The compiled loop reallocs to exactly what
+    is owed; the twin's bytearray may grow an eighth past it (CPython's
+    over-allocation, plus a few bytes); an allocation touches at most one
+    page more than its size, and its allocator header may take one more."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    return clients * (max_buffer + max_buffer // 8 + 2 * page)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
