@@ -322,10 +322,11 @@ def assert_all_answered(socks: list[socket.socket]) -> None:
 
 
 def position_of(server, position: int) -> int:
-    """The pid of the worker last spawned in ``position`` (--log-level debug)."""
-    found = re.findall(rf"\(pid (\d+)\) in position {position}\b", server.log)
-    assert found, server.log
-    return int(found[-1])
+    """The pid of the worker last spawned in ``position`` (--log-level debug).
+    The log is read by a thread: the line may come a moment after the worker."""
+    pattern = rf"\(pid (\d+)\) in position {position}\b"
+    assert wait_until(lambda: re.search(pattern, server.log), 10), server.log
+    return int(re.findall(pattern, server.log)[-1])
 
 
 @pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
