@@ -7,6 +7,7 @@ module imports another test module.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import re
@@ -88,6 +89,21 @@ def children_of(pid: int) -> list[int]:
             return [int(p) for p in f.read().split()]
     except FileNotFoundError:
         return []
+
+
+def connections_per_worker(port: int) -> dict[int, int]:
+    """Established server-side sockets on ``port`` by owning pid (from ss)."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout
+    counts: collections.Counter[int] = collections.Counter()
+    for match in re.finditer(r"pid=(\d+),", out):
+        counts[int(match.group(1))] += 1
+    return dict(counts)
 
 
 def process_state(pid: int) -> str | None:

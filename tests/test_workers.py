@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import re
 import resource
@@ -22,6 +21,7 @@ from support import (
     EPOLL_RESOLUTION,
     KeepTalking,
     WakeupProbe,
+    connections_per_worker,
     cpu_seconds,
     owed_memory_bound,
     rss_bytes,
@@ -29,21 +29,6 @@ from support import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def connections_per_worker(port: int) -> dict[int, int]:
-    """Established server-side sockets on ``port`` by owning pid (from ss)."""
-    out = subprocess.run(
-        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=True,
-    ).stdout
-    counts: collections.Counter[int] = collections.Counter()
-    for match in re.finditer(r"pid=(\d+),", out):
-        counts[int(match.group(1))] += 1
-    return dict(counts)
 
 
 def raise_descriptor_limit(needed: int) -> None:
