@@ -21,7 +21,9 @@ from collections.abc import Iterator
 
 import pytest
 
+import stalls
 from harness import EchoLoad, Stream, payload, scaled, timeout
+from stalls import LaggingReader
 from support import WORKER_CLASS_ARGS, exchange
 
 STORM = scaled(2.0, 20.0)  # seconds
@@ -147,26 +149,33 @@ def trickle(sock: socket.socket, data: bytes, shut: bool = True) -> None:
         sock.shutdown(socket.SHUT_WR)
 
 
-def read_all(sock: socket.socket, into: bytearray) -> None:
-    while chunk := sock.recv(1 << 20):
-        into += chunk
+# The peers below read through small buffers and lag (stalls.LaggingReader):
+# the writer blocks in send with part of its bytes queued, the timer's signal
+# makes that send return short, and the call must send the rest. Each test
+# counts such short sends and requires some: with a reader that keeps up, a
+# send never blocks and the signals only ever interrupt receives.
 
 
 @timeout(60, 300)
 def test_echo_retries_eintr_and_stays_byte_exact(impl):
     data = Stream(11).at(0, TOTAL)
-    client, server = socket.socketpair()
+    client, server = stalls.unix_pair()
+    # A large send buffer on the client's side only: echo reads up to 64 KiB
+    # at once, and writing it back through the small buffer takes many bursts.
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
     client.settimeout(30)
-    received = bytearray()
     with client, server, itimer_storm(0.001) as calls:
-        threads = [peer(lambda: trickle(client, data)), peer(lambda: read_all(client, received))]
+        sender = peer(lambda: trickle(client, data))
+        reader = LaggingReader(client, threading.get_native_id(), server.fileno())
         result, started, ended = timed(lambda: impl.echo(server, bytearray(65536)))
+        reader.writer_returned()
         server.shutdown(socket.SHUT_WR)
-        for thread in threads:
-            thread.join(30)
+        sender.join(30)
+        received = reader.join(30)
     assert result == (TOTAL, TOTAL)
     assert received == data
     assert handled_during(calls, started, ended) >= MIN_HANDLED, len(calls)
+    assert reader.interrupts.short > 0, reader.interrupts
 
 
 @timeout(60, 300)
@@ -184,26 +193,18 @@ def test_discard_retries_eintr(impl):
 @timeout(60, 300)
 def test_sendall_retries_eintr_against_a_slow_reader(impl):
     data = Stream(13).at(0, TOTAL)
-    client, server = socket.socketpair()
+    client, server = stalls.unix_pair()
     client.settimeout(30)
-    received = bytearray()
-
-    def slow_read() -> None:
-        while len(received) < TOTAL:
-            chunk = client.recv(CHUNK)
-            if not chunk:
-                return
-            received.extend(chunk)
-            if len(received) % (8 * CHUNK) < CHUNK:
-                time.sleep(0.005)
-
     with client, server, itimer_storm(0.001) as calls:
-        reader = peer(slow_read)
+        reader = LaggingReader(client, threading.get_native_id(), server.fileno())
         result, started, ended = timed(lambda: impl.sendall(server, data))
-        reader.join(30)
+        reader.writer_returned()
+        server.shutdown(socket.SHUT_WR)
+        received = reader.join(30)
     assert result == TOTAL
     assert received == data
     assert handled_during(calls, started, ended) >= MIN_HANDLED, len(calls)
+    assert reader.interrupts.short > 0, reader.interrupts
 
 
 @timeout(60, 300)
@@ -211,25 +212,18 @@ def test_chargen_retries_eintr_and_the_stream_is_intact(impl):
     from prefork.server.handlers import chargen_pattern
 
     pattern = chargen_pattern(4)
-    client, server = socket.socketpair()
+    client, server = stalls.unix_pair()
     client.settimeout(30)
-    received = bytearray()
-
-    def read_then_close() -> None:
-        while len(received) < TOTAL:
-            received.extend(client.recv(CHUNK))
-            if len(received) % (8 * CHUNK) < CHUNK:
-                time.sleep(0.005)
-        client.close()
-
-    with server, itimer_storm(0.001) as calls:
-        reader = peer(read_then_close)
+    with client, server, itimer_storm(0.001) as calls:
+        reader = LaggingReader(client, threading.get_native_id(), server.fileno(), limit=TOTAL)
         (nin, nout), started, ended = timed(lambda: impl.chargen(server, pattern))
-        reader.join(30)
+        reader.writer_returned()
+        received = reader.join(30)
     assert nin == 0 and nout >= TOTAL
     whole = pattern * (len(received) // len(pattern) + 1)
     assert received == whole[: len(received)]
     assert handled_during(calls, started, ended) >= MIN_HANDLED, len(calls)
+    assert reader.interrupts.short > 0, reader.interrupts
 
 
 @timeout(30, 30)
