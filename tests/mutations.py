@@ -1,0 +1,104 @@
+"""Bugs planted in the twin (``prefork/_fastio_py.py``), one at a time, with
+the test expected to catch each: ``tests/test_mutations.py`` plants each in a
+copy of the package and runs that test against the copy, which must fail
+(and pass without the bug).
+
+A snippet must occur exactly once in the twin, so that when the source moves
+the check breaks loudly instead of planting nothing. The bugs are planted in
+the twin only, the readable specification; the compiled loop's same paths
+are held to the same behaviour by the same tests, which run it too (the
+``impl`` fixture) and compare the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SHORT = "tests/test_short_sends.py::"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str  # what the bug does
+    snippet: str  # exact source text of the twin, found exactly once
+    replacement: str
+    catcher: str  # the test node id (from the repository root) that must fail
+
+
+MUTATIONS = (
+    Mutation(
+        "echo-swallows-a-reset",
+        "            n = sock.recv_into(view)\n"
+        "            if n == 0:\n"
+        "                return nin, nout\n",
+        "            try:\n"
+        "                n = sock.recv_into(view)\n"
+        "            except ConnectionResetError:\n"
+        "                n = 0\n"
+        "            if n == 0:\n"
+        "                return nin, nout\n",
+        "tests/test_fastio.py::test_peer_reset_raises_connection_reset[python]",
+    ),
+    Mutation(
+        "echo-sends-once",
+        "sock.sendall(view[:n])",
+        "sock.send(view[:n])",
+        SHORT + "test_blocking_echo_through_short_sends[python-unix]",
+    ),
+    Mutation(
+        "sendall-sends-once",
+        "        sock.sendall(view)\n    return len(view)\n",
+        "        sock.send(view)\n    return len(view)\n",
+        SHORT + "test_blocking_sendall_through_short_sends[python-tcp]",
+    ),
+    Mutation(
+        "chargen-restarts-after-a-short-send",
+        "offset = (offset + n) % size",
+        "offset = 0",
+        SHORT + "test_blocking_chargen_carries_on_after_short_sends[python-unix]",
+    ),
+    Mutation(
+        "loop-chargen-restarts-after-a-short-send",
+        "conn.offset = (conn.offset + sent) % len(self._pattern)",
+        "conn.offset = 0",
+        SHORT + "test_event_loop_chargen_carries_on_after_short_sends[python]",
+    ),
+    Mutation(
+        "loop-drops-the-rest-of-a-write",
+        "conn.pending += data[sent:]",
+        "pass",
+        SHORT + "test_event_loop_echo_through_short_sends[python]",
+    ),
+    Mutation(
+        "loop-flush-not-counted",
+        "        self.bytes_out += sent\n        del conn.pending[:sent]\n",
+        "        del conn.pending[:sent]\n",
+        SHORT + "test_event_loop_echo_through_short_sends[python]",
+    ),
+    Mutation(
+        "loop-write-not-counted",
+        "            self.bytes_out += sent\n        if sent < len(data):\n",
+        "        if sent < len(data):\n",
+        SHORT + "test_event_loop_protocol_writes_through_short_sends[python]",
+    ),
+    Mutation(
+        "proxy-hand-over-drops-what-followed-the-header",
+        "        if rest and conn.fd in self._conns and conn.reading:\n"
+        "            self._received(conn, rest)\n",
+        "",
+        SHORT + "test_event_loop_proxy_hand_over_through_short_sends[python]",
+    ),
+    Mutation(
+        "dropped-datagram-reply-counted",
+        "                self.bytes_out += sock.sendto(reply, sender)\n",
+        "                self.bytes_out += len(reply)\n"
+        "                sock.sendto(reply, sender)\n",
+        SHORT + "test_event_loop_datagram_replies_to_a_full_peer_are_dropped[python]",
+    ),
+    Mutation(
+        "no-send-again-after-a-short-send",
+        "    if sent == 0 or sent == len(data):  # the usual case: one call\n        return sent\n",
+        "    return sent\n",
+        SHORT + "test_a_short_send_is_followed_at_once_by_another[python]",
+    ),
+)
