@@ -278,7 +278,9 @@ class Transport:
     """What a protocol gets in ``connection_made``: asyncio's transport, in short.
 
     ``write`` sends at once what the kernel takes and keeps the rest (the
-    connection is not read meanwhile); ``close`` closes after flushing.
+    connection is not read meanwhile); writing nothing does nothing (no
+    send, and no activity for the idle timeout), as in asyncio. ``close``
+    closes after flushing.
     """
 
     def __init__(self, loop: EventLoop, conn: _Conn) -> None:
@@ -291,7 +293,9 @@ class Transport:
 
     def write(self, data: Any) -> None:
         if self._loop is not None and self._conn is not None and not self._conn.eof:
-            self._loop._write(self._conn, memoryview(data).cast("B"))
+            view = memoryview(data).cast("B")
+            if view:
+                self._loop._write(self._conn, view)
 
     def close(self) -> None:
         if self._loop is not None and self._conn is not None:

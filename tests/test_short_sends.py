@@ -244,10 +244,10 @@ class Served:
                 options["proxy_listeners"] = [self.listener]
         self.scoreboard = Scoreboard(1)
         self.slot = self.scoreboard.slot_view(0)
+        options.setdefault("idle_timeout", 0)
         self.loop = module.EventLoop(
             [self.listener] if self.listener is not None else [],
             service,
-            idle_timeout=0,
             pattern=PATTERN,
             stats=self.slot,
             **options,
@@ -649,3 +649,50 @@ def test_a_short_send_is_followed_at_once_by_another(impl, agree):
             break
     assert taken > single, (taken, single)
     agree((digest(received), final(stats)))
+
+
+class Relay:
+    """On every read, writes nothing (``b""``) to each other connection."""
+
+    def __init__(self, members: list[Relay]) -> None:
+        self.members = members
+        self.lost: Any = "open"
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.members.append(self)
+
+    def data_received(self, data: bytes) -> None:
+        for member in self.members:
+            if member is not self:
+                member.transport.write(b"")
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self.lost = exc
+        self.members.remove(self)
+
+
+def test_an_empty_write_is_nothing(impl):
+    """Writing zero bytes sends nothing and is no activity (asyncio: a no-op),
+    so a connection that is only ever written nothing still idles out, while
+    the one that talks stays."""
+    timeout = 0.2
+    members: list[Relay] = []
+    with Served(
+        impl, "protocol", protocol_factory=lambda: Relay(members), idle_timeout=timeout
+    ) as served:
+        with served.connect() as quiet, served.connect() as talker:
+            served.settle()
+            assert len(members) == 2
+            started = time.monotonic()
+            # The quiet one is written nothing on every byte the talker sends:
+            # it must idle out all the same, long before 50 idle timeouts.
+            while served.loop.idle_closed == 0 and time.monotonic() - started < 50 * timeout:
+                talker.send(b"x")
+                served.loop.run(timeout / 4)
+            assert served.loop.idle_closed == 1
+            assert read_available(quiet, 1) == (b"", True)
+            assert served.loop.active == 1  # the talker's reads are activity
