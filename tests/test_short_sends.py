@@ -679,7 +679,7 @@ def test_an_empty_write_is_nothing(impl):
     """Writing zero bytes sends nothing and is no activity (asyncio: a no-op),
     so a connection that is only ever written nothing still idles out, while
     the one that talks stays."""
-    timeout = 0.2
+    timeout = 0.5  # seconds: longer than any pause of this process between two sends
     members: list[Relay] = []
     with Served(
         impl, "protocol", protocol_factory=lambda: Relay(members), idle_timeout=timeout
