@@ -84,9 +84,31 @@ def test_five_thousand_connections_through_one_worker(server_factory):
             sock.close()
 
 
+def wait_until_all_accept(server, workers: list[int]) -> None:
+    """Hold connections until each of ``workers`` owns one. A worker that
+    wait_workers counts may still be booting (importing, building its loop);
+    on a busy machine that takes long enough for the others to serve a
+    hundred connections, and a fairness figure taken meanwhile measures the
+    boot, not the accept (seen under two CPU hogs: 67, 26, 7 and 0)."""
+    port = server.tcp()[1]
+    held = []
+    deadline = time.monotonic() + 20
+    try:
+        while set(connections_per_worker(port)) != set(workers):
+            assert time.monotonic() < deadline, connections_per_worker(port)
+            sock = server.connect()
+            sock.sendall(b"x")
+            assert sock.recv(1) == b"x"
+            held.append(sock)
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def test_accepts_are_spread_fairly_over_workers(server_factory):
     server = server_factory("-w", "4", "-k", "event")
     workers = server.wait_workers(4)
+    wait_until_all_accept(server, workers)
     socks = []
     try:
         for _ in range(100):
