@@ -14,7 +14,7 @@ import pytest
 
 from prefork.server.handlers import chargen_pattern
 
-from support import WORKER_CLASS_ARGS, exchange, wait_until
+from support import WORKER_CLASS_ARGS, connections_per_worker, exchange, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,14 +69,20 @@ def test_fifty_concurrent_clients_queue_for_four_workers(echo4):
 
 
 def test_four_workers_serve_four_connections_at_once(echo4):
-    """Each worker serves one connection at a time, so 4 held-open
-    connections must be served by 4 different workers."""
+    """Four held-open connections are all served at once. A sync worker
+    serves one connection at a time, so there each of the four workers holds
+    exactly one of them (the kernel's socket table says which process owns
+    each server-side socket); event and thread workers may take several."""
     socks = [echo4.connect() for _ in range(4)]
     try:
         for i, sock in enumerate(socks):
             sock.sendall(b"ping%d" % i)
         for i, sock in enumerate(socks):
             assert sock.recv(16) == b"ping%d" % i
+        owners = connections_per_worker(echo4.tcp()[1])
+        assert sum(owners.values()) == 4 and set(owners) <= set(echo4.workers()), owners
+        if "sync" in echo4.proc.args:
+            assert sorted(owners.values()) == [1, 1, 1, 1], owners
     finally:
         for sock in socks:
             sock.close()
