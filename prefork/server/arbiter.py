@@ -46,6 +46,10 @@ from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
 from prefork.settings import RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
+# A QUIT that reaches a worker just before it blocks in recv() runs its handler
+# only when that call returns, which a quiet client may never make happen; a
+# second QUIT interrupts the call. So a fast stop repeats QUIT this often.
+QUIT_REPEAT = 0.5  # seconds
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
 
 
@@ -570,7 +574,11 @@ class Arbiter:
                 self.kill_workers(signal.SIGKILL)
                 self.stop_deadline = time.monotonic() + FAST_STOP_TIMEOUT
                 continue
-            self.sleep(min(left, LOOP_INTERVAL))
+            if self.stop_mode == "fast":
+                self.sleep(min(left, QUIT_REPEAT))
+                self.kill_workers(signal.SIGQUIT)
+            else:
+                self.sleep(min(left, LOOP_INTERVAL))
             self.dispatch_signals()  # INT, QUIT: a graceful stop turns fast
         self.log.info("master exiting")
         return EXIT_OK

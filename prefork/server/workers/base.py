@@ -102,6 +102,7 @@ class Worker:
         self.handler = handler
         self.alive = True  # false once it stops accepting: TERM or --max-requests
         self.stopping = False  # TERM came: take the queue, let go of the listeners
+        self.quitting = False  # QUIT came: leaving now
         self.max_requests = 0  # set in the child, where the jitter is drawn
         # How often the loop wakes to beat and to look at the master: well
         # inside --timeout, so a healthy worker is never taken for a stuck one.
@@ -206,6 +207,12 @@ class Worker:
             listener.close()
 
     def handle_quit(self, signum: int, frame: FrameType | None) -> None:
+        """Fast stop: leave now. The master repeats QUIT until this process is
+        gone (one that lands just before a blocking call is only run when the
+        call returns), so a repeat while already leaving does nothing."""
+        if self.quitting:
+            return
+        self.quitting = True
         self.alive = False
         sys.exit(0)
 
