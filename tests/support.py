@@ -410,15 +410,19 @@ def exchange(sock: socket.socket, payload: bytes, timeout: float = 60.0) -> byte
     return b"".join(chunks)
 
 
-def run(*args: str, preexec_fn=None) -> subprocess.CompletedProcess:
+def run(
+    *args: str, preexec_fn=None, timeout: float = 30, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``prefork ARGS`` to its end, in its own session, output captured."""
     return subprocess.run(
         prefork_command(*args),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=timeout,
         stdin=subprocess.DEVNULL,
         preexec_fn=preexec_fn,
         start_new_session=True,
+        env=env,
     )
 
 

@@ -409,15 +409,7 @@ def test_the_compiled_loop_is_present_unless_disabled():
 
 
 def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        prefork_command("bench", *args),
-        capture_output=True,
-        text=True,
-        timeout=45,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-    )
+    return run("bench", *args, timeout=45, env=env)
 
 
 def implementation_env(name: str) -> dict[str, str]:
