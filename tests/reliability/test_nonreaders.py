@@ -20,12 +20,26 @@ from harness import Stream, rss_bytes, scaled, timeout
 from support import exchange, owed_memory_bound
 
 CLIENTS = scaled(4, 32)
-SHARE = scaled(16 << 20, 32 << 20)  # per client: 64 MiB in all, 1 GiB soaked
-# The kernel alone absorbs about 8 MiB a connection here (autotuned buffers
-# both ways): a share twice that is sure to meet the backpressure.
 WORKERS = 2
 MAX_CONNECTIONS = 16
 MAX_BUFFER = 64 * 1024
+CLIENT_BUFFER = 64 << 10  # each way; Linux doubles it for bookkeeping
+
+
+def tcp_buffer_max(name: str) -> int:
+    """The autotuning ceiling of one TCP buffer (tcp_rmem / tcp_wmem, third field)."""
+    with open(f"/proc/sys/net/ipv4/{name}") as f:
+        return int(f.read().split()[2])
+
+
+# What the kernel alone can hold of one connection's bytes, however the
+# server behaves: the worker's receive queue (autotuned up to tcp_rmem's
+# ceiling: 32 MiB on this machine, so it once held a whole 16 MiB share and
+# the client never stalled), its send queue (up to tcp_wmem's), and the
+# client's own two buffers. A share twice the sum, plus what the server may
+# owe, is sure to meet the backpressure.
+KERNEL_SHARE = tcp_buffer_max("tcp_rmem") + tcp_buffer_max("tcp_wmem") + 2 * 2 * CLIENT_BUFFER
+SHARE = 2 * (KERNEL_SHARE + MAX_BUFFER)
 SEND = 256 * 1024
 READING_SHARE = 4 << 20  # per client, for the baseline: read as it comes back
 
@@ -57,18 +71,21 @@ class Sampler:
 def open_clients(server) -> list[socket.socket]:
     socks = [server.connect(timeout=30) for _ in range(CLIENTS)]
     for sock in socks:  # small client buffers: the kernel's share must not hide the server's
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_BUFFER)
     return socks
 
 
-def push_without_reading(socks, streams, sent) -> None:
-    """Send until every client is stuck (no progress for 0.5 s), bounded in time."""
+def push_without_reading(socks, streams, sent) -> bool:
+    """Send until every client is stuck (no progress for 0.5 s), bounded in
+    time; say whether they got stuck (rather than the time running out)."""
     for sock in socks:
         sock.setblocking(False)
-    deadline = time.monotonic() + scaled(10, 30)
+    deadline = time.monotonic() + scaled(30, 60)
     last_progress = time.monotonic()
-    while time.monotonic() < deadline and time.monotonic() - last_progress < 0.5:
+    while time.monotonic() - last_progress < 0.5:
+        if time.monotonic() > deadline:
+            return False
         progressed = False
         for i, sock in enumerate(socks):
             if sent[i] >= SHARE:
@@ -83,6 +100,7 @@ def push_without_reading(socks, streams, sent) -> None:
             last_progress = time.monotonic()
         else:
             time.sleep(0.01)
+    return True
 
 
 def drain(socks, streams, sent, share: int = SHARE) -> list[int]:
@@ -159,7 +177,7 @@ def test_clients_that_never_read_get_backpressure_not_memory(server_factory):
     socks = open_clients(server)
     sent = [0] * CLIENTS
     try:
-        push_without_reading(socks, streams, sent)
+        stuck = push_without_reading(socks, streams, sent)
         stalled = sum(n < SHARE for n in sent)
         pushed = sum(sent)
         stuck_growth = tree_rss(server) - baseline
@@ -175,6 +193,7 @@ def test_clients_that_never_read_get_backpressure_not_memory(server_factory):
         f"peak +{(peak - baseline) >> 10} KiB over {baseline >> 20} MiB (bound {bound >> 10} KiB: "
         f"{CLIENTS} x --max-buffer and rounding, + {drift >> 10} KiB measured with readers)"
     )
+    assert stuck, f"the clients were still sending after {scaled(30, 60)} s: {sent}"
     assert stalled == CLIENTS, "some clients were never pushed back: the test proves nothing"
     assert peak - baseline <= bound, (baseline, peak, bound)
     assert received == [SHARE] * CLIENTS
