@@ -78,9 +78,16 @@ class Address:
 DEFAULT_BIND = Address("tcp", "127.0.0.1", DEFAULT_PORT)
 
 
+ADDRESS_FORMS = (
+    "HOST:PORT (:PORT alone is 127.0.0.1), [V6ADDR]:PORT, unix:PATH, udp://HOST:PORT, "
+    "fd://N, or proxy: before a stream address"
+)
+
+
 def parse_address(text: str, option: str = "-b/--bind") -> Address:
     """``HOST:PORT``, ``[V6ADDR]:PORT``, ``unix:PATH``, ``fd://N``, or
-    ``udp://`` and a host and port."""
+    ``udp://`` and a host and port. A missing host (``:PORT``) is loopback,
+    as in the default, never every interface."""
     bad = f"{option}: invalid address {text!r}"
     if text.startswith("proxy:"):
         inner = parse_address(text[len("proxy:") :], option)
@@ -112,8 +119,9 @@ def parse_address(text: str, option: str = "-b/--bind") -> Address:
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
-        if not sep or not host or ":" in host:
-            raise ConfigError(f"{bad}: expected HOST:PORT, [V6ADDR]:PORT or unix:PATH")
+        if not sep or ":" in host:
+            raise ConfigError(f"{bad}: expected {ADDRESS_FORMS}")
+        host = host or DEFAULT_BIND.host
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{bad}: port must be a number from 0 to 65535")
     return Address("tcp", host, int(port_text))
@@ -420,10 +428,11 @@ OPTIONS: tuple[Option, ...] = (
         default=(DEFAULT_BIND,),
         repeat=True,
         restart_only=True,
-        help="HOST:PORT, [V6ADDR]:PORT, unix:PATH, udp://HOST:PORT, or fd://N (a socket "
-        "inherited as descriptor N); proxy:ADDR expects a PROXY protocol header on that "
-        "listener; repeat for several. Port 0 picks a free port. Under systemd socket "
-        "activation the inherited sockets replace --bind",
+        help="HOST:PORT (:PORT alone means 127.0.0.1:PORT), [V6ADDR]:PORT (IPv6 only: "
+        "[::]:PORT takes no IPv4 client; add -b 0.0.0.0:PORT for those), unix:PATH, "
+        "udp://HOST:PORT, or fd://N (a socket inherited as descriptor N); proxy:ADDR expects "
+        "a PROXY protocol header on that listener; repeat for several. Port 0 picks a free "
+        "port. Under systemd socket activation the inherited sockets replace --bind",
     ),
     Option(
         key="workers",

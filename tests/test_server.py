@@ -206,7 +206,7 @@ def test_worker_logs_connection_summary_on_stop(server_factory):
         assert exchange(sock, b"x" * 1000) == b"x" * 1000
     server.signal(15)
     assert server.wait(30) == 0
-    assert wait_until(lambda: "1 connections, 1000 bytes in, 1000 bytes out" in server.log, 5), (
+    assert wait_until(lambda: "1 connection, 1000 bytes in, 1000 bytes out" in server.log, 5), (
         server.log
     )
 

@@ -28,14 +28,15 @@ from dataclasses import replace
 from types import FrameType
 from typing import Literal
 
-from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, PreforkError, WorkerBootError
+from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, BindError, PreforkError, WorkerBootError
 from prefork.server.backoff import Backoff
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
 from prefork.server.listeners import Listener, close_listeners, give_unix_sockets_to, open_listeners
-from prefork.server.log import get_logger, log_file_path, reopen_log_file, setup_logging
+from prefork.server.log import get_logger, log_file_path, plural, reopen_log_file, setup_logging
 from prefork.server.metrics import MetricsServer, metrics_page
 from prefork.server.pidfile import PidFile
 from prefork.server.positions import Positions
+from prefork.server.privileges import file_owner
 from prefork.server.proctitle import set_title
 from prefork.server.scoreboard import Scoreboard
 from prefork.server.systemd import Notifier
@@ -43,7 +44,7 @@ from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, next_look
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
-from prefork.settings import RESTART_ONLY, Config
+from prefork.settings import OPTIONS, RESTART_ONLY, Config
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 # A QUIT that reaches a worker just before it blocks in recv() runs its handler
@@ -51,6 +52,21 @@ FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 # second QUIT interrupts the call. So a fast stop repeats QUIT this often.
 QUIT_REPEAT = 0.5  # seconds
 LOOP_INTERVAL = 1.0  # seconds the master sleeps when nothing happens
+
+
+def show_setting(key: str, value: object) -> str:
+    """A setting's value as the command line would say it (HUP's log line)."""
+    if value is None:
+        return "unset"
+    if key in ("umask", "unix_mode") and isinstance(value, int):
+        return f"{value:03o}"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)
+    return str(value)
 
 
 class Stop(Exception):
@@ -110,11 +126,14 @@ class Arbiter:
         """Bind every listener (raises BindError), then take over signals."""
         if self.config.umask is not None:
             os.umask(self.config.umask)
-        self.give_log_file_to_workers()
-        if self.pid_file is not None:
+        if self.pid_file is not None:  # first: a second server must change nothing
             self.pid_file.create(self.pid)
+        self.give_log_file_to_workers()
         if self.config.metrics is not None:
-            self.metrics = MetricsServer(self.config.metrics)
+            try:
+                self.metrics = MetricsServer(self.config.metrics)
+            except BindError as exc:  # say which option: -b addresses fail alike
+                raise BindError(f"--metrics {exc}") from None
             self.log.info("metrics on http://%s/metrics", self.metrics.name)
         listeners = open_listeners(self.config)
         for listener in listeners:
@@ -146,8 +165,9 @@ class Arbiter:
         """Workers that drop privileges reopen --log-file on USR1 as their
         user: the file must be theirs (as gunicorn does)."""
         path = log_file_path()
-        if path is not None and self.config.user is not None and os.geteuid() == 0:
-            os.chown(path, self.config.user, -1 if self.config.group is None else self.config.group)
+        owner = file_owner(self.config.user, self.config.group)
+        if path is not None and owner is not None and os.geteuid() == 0:
+            os.chown(path, *owner)
 
     def init_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
@@ -280,6 +300,9 @@ class Arbiter:
 
     def handle_usr1(self) -> None:
         """Reopen --log-file here, then in every worker."""
+        if log_file_path() is None:
+            self.log.info("USR1: no --log-file to reopen (the log goes to stderr)")
+            return
         if reopen_log_file():
             self.give_log_file_to_workers()  # a new file is root's: the workers must reopen it
             self.log.info("USR1: log file reopened")
@@ -325,6 +348,7 @@ class Arbiter:
             self.num_workers = config.workers
         if config.umask is not None:
             os.umask(config.umask)
+        self.log_changes(self.config, config)
         self.config = config
         self.worker_class = WORKER_CLASSES[config.worker_class]
         self.handler = handler
@@ -337,6 +361,16 @@ class Arbiter:
         self.log.info(
             "HUP: generation %d started; %d old worker(s) finishing", self.generation, len(old)
         )
+
+    def log_changes(self, old: Config, new: Config) -> None:
+        """HUP: one line saying which settings the reload changed."""
+        changes = [
+            f"{option.name} {show_setting(option.key, getattr(old, option.key))} -> "
+            f"{show_setting(option.key, getattr(new, option.key))}"
+            for option in OPTIONS
+            if getattr(old, option.key) != getattr(new, option.key)
+        ]
+        self.log.info("HUP: %s", ", ".join(changes) if changes else "nothing changed")
 
     # -- workers --------------------------------------------------------------
 
@@ -494,7 +528,7 @@ class Arbiter:
             self.exited_totals["bytes_in"] += stats.bytes_in
             self.exited_totals["bytes_out"] += stats.bytes_out
             served = (
-                f"{stats.accepted} connections, {stats.bytes_in} bytes in, "
+                f"{plural(stats.accepted, 'connection')}, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"
             )
             if os.WIFSIGNALED(status):

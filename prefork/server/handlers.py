@@ -25,6 +25,7 @@ the hot-loop implementation chosen by ``prefork.fastio``.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import socket
 import sys
@@ -163,9 +164,19 @@ def check_fit(handler: LoadedHandler, worker_class: str, datagram: str | None) -
         raise ConfigError(f"-b {datagram}: datagram listeners serve the built-in handlers only")
     if worker_class == "event" and handler.handle is not None:
         raise ConfigError(
-            f"--handler {handler.spec} is a blocking handle(sock, address) function; "
-            "the event worker runs protocol classes: use -k sync or -k thread"
+            f"--handler {handler.spec} is {describe_callable(handler.handle)}, run as a "
+            "blocking handle(sock, address) by -k sync and -k thread only; the event worker "
+            "runs protocol classes (classes with data_received)"
         )
+
+
+def describe_callable(target: Any) -> str:
+    """What a loaded non-protocol handler is, for check_fit's message."""
+    if isinstance(target, type):
+        return f"a class without data_received ({target.__name__})"
+    if inspect.isfunction(target) or inspect.isbuiltin(target) or inspect.ismethod(target):
+        return "a function"
+    return f"a callable {type(target).__name__} object"
 
 
 def reload_handler(loaded: LoadedHandler) -> LoadedHandler:
@@ -254,7 +265,9 @@ def serve_handle(
     """Call ``handle(sock, address)`` on a socket of its own.
 
     The handler gets a duplicate descriptor, so it may close its socket (or
-    not) as it likes; the worker closes the original. Bytes are not counted.
+    not) as it likes; the worker closes the original. Returns (0, 0): the
+    worker takes a TCP connection's byte counts from the kernel
+    (``workers.sync.kernel_byte_counts``); a UNIX one's are not counted.
     """
     with socket.socket(fileno=os.dup(fd)) as sock:
         handle(sock, peer_name(sock) if client is None else client)

@@ -18,6 +18,7 @@ import struct
 from dataclasses import dataclass, replace
 
 from prefork.errors import BindError
+from prefork.server.privileges import file_owner
 from prefork.settings import Address, Config
 
 _REASONS = {
@@ -118,9 +119,36 @@ _DROP_SYN = b"".join(
 )
 
 
+class AddressInUse(BindError):
+    """EADDRINUSE, or a live UNIX socket file: someone listens there already."""
+
+
 def _bind_error(address: Address, exc: OSError) -> BindError:
     reason = _REASONS.get(exc.errno or 0, exc.strerror or str(exc))
-    return BindError(f"{address}: {reason}")
+    error = AddressInUse if exc.errno == errno.EADDRINUSE else BindError
+    return error(f"{address}: {reason}")
+
+
+def _same_place(address: Address, other: Address) -> bool:
+    """Whether two addresses can take each other's port or path: same kind,
+    and the same port (a wildcard host overlaps every host) or path."""
+    if address.kind != other.kind:
+        return False
+    if address.kind == "unix":
+        return address.path == other.path
+    return address.kind in ("tcp", "udp") and address.port == other.port != 0
+
+
+def _who_has(address: Address, earlier: list[Listener], metrics: Address | None) -> str:
+    """For an address in use: which other address of this same server has it."""
+    for listener in earlier:
+        if listener.address == address:
+            return " (given twice)"
+        if _same_place(address, listener.address):
+            return f" (by this server's own -b {listener.address})"
+    if metrics is not None and _same_place(address, metrics):
+        return f" (by this server's own --metrics {metrics})"
+    return ""
 
 
 def _inet_socket(address: Address, backlog: int, reuse_port: bool) -> socket.socket:
@@ -168,7 +196,7 @@ def _remove_stale_unix_socket(address: Address) -> None:
         return  # let bind() report the real problem
     finally:
         probe.close()
-    raise BindError(f"{address}: address already in use")
+    raise AddressInUse(f"{address}: address already in use")
 
 
 def _unix_socket(address: Address, backlog: int, mode: int) -> tuple[socket.socket, int]:
@@ -254,12 +282,22 @@ def create_listeners(
     backlog: int,
     unix_mode: int = 0o660,
     reuse_port: bool = False,
+    option: str = "",
+    metrics: Address | None = None,
 ) -> list[Listener]:
-    """Bind every address or none: on an error the ones made are closed."""
+    """Bind every address or none: on an error the ones made are closed.
+    Errors start with ``option`` (e.g. "-b "); an address in use says which
+    other address of ours (earlier ones, ``metrics``) holds it, if one does."""
     listeners: list[Listener] = []
     try:
         for address in addresses:
-            listeners.append(create_listener(address, backlog, unix_mode, reuse_port))
+            try:
+                listeners.append(create_listener(address, backlog, unix_mode, reuse_port))
+            except AddressInUse as exc:
+                holder = _who_has(address, listeners, metrics)
+                raise AddressInUse(f"{option}{exc}{holder}") from None
+            except BindError as exc:
+                raise BindError(f"{option}{exc}") from None
     except BaseException:
         close_listeners(listeners, unlink=True)
         raise
@@ -270,7 +308,14 @@ def open_listeners(config: Config) -> list[Listener]:
     """The master's start: bind or adopt every --bind address (all or none,
     raises BindError). With --proxy-protocol every stream listener expects a
     PROXY header, whatever its address says."""
-    listeners = create_listeners(config.binds, config.backlog, config.unix_mode, config.reuse_port)
+    listeners = create_listeners(
+        config.binds,
+        config.backlog,
+        config.unix_mode,
+        config.reuse_port,
+        option="-b ",
+        metrics=config.metrics,
+    )
     if config.proxy_protocol:
         for listener in listeners:
             listener.proxy = not listener.datagram
@@ -278,13 +323,15 @@ def open_listeners(config: Config) -> list[Listener]:
 
 
 def give_unix_sockets_to(listeners: list[Listener], uid: int | None, gid: int | None) -> None:
-    """Make our UNIX socket files belong to --user/--group (None: keep), so
-    that the service's group can connect (mode --unix-mode, 660 by default)."""
-    if uid is None and gid is None:
+    """Make our UNIX socket files belong to --user/--group (None: keep; no
+    --group: the user's login group, which the workers run with), so that
+    the service's group can connect (mode --unix-mode, 660 by default)."""
+    owner = file_owner(uid, gid)
+    if owner is None:
         return
     for listener in listeners:
         if listener.address.kind == "unix":
-            os.chown(listener.address.path, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.chown(listener.address.path, *owner)
 
 
 def close_listeners(listeners: list[Listener], unlink: bool = False) -> None:

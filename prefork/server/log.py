@@ -51,6 +51,11 @@ def setup_logging(level: str = "info", log_file: str | None = None) -> logging.L
     return logger
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 connection``, ``2 connections``: for log lines."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 

@@ -24,6 +24,20 @@ def primary_gid(uid: int) -> int:
         return os.getgid()
 
 
+def file_owner(uid: int | None, gid: int | None) -> tuple[int, int] | None:
+    """Who the UNIX socket files and --log-file are handed to: the uid and
+    gid the workers run as (-1: unchanged), or None when nothing changes.
+    Without --group that is the user's login group, as for the workers
+    themselves; a master that is not root switches nobody, so --user alone
+    changes nothing then."""
+    if uid is None and gid is None:
+        return None
+    if gid is None and os.geteuid() == 0:
+        assert uid is not None
+        gid = primary_gid(uid)
+    return (-1 if uid is None else uid, -1 if gid is None else gid)
+
+
 def drop_privileges(uid: int | None, gid: int | None) -> None:
     """Become ``uid``/``gid`` for good (in a worker, after the fork).
 

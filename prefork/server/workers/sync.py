@@ -14,6 +14,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import time
 from collections import deque
 from types import FrameType
@@ -34,6 +35,33 @@ CONNECTION_ERRORS = frozenset(
 DESCRIPTOR_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DRAIN_MAX = 4096  # connections a leaving worker takes from a listener's queue
 EMFILE_BACKOFF = 0.1  # seconds
+
+
+# struct tcp_info (linux/tcp.h): tcpi_bytes_received at 128, tcpi_notsent_bytes
+# at 144, tcpi_bytes_sent and tcpi_bytes_retrans at 200 (Linux 4.19+).
+_TCP_INFO_SIZE = 216
+
+
+def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
+    """Bytes a TCP connection received and its server wrote, as the kernel
+    counted them (a user handle(sock, address) reads and writes as it likes,
+    so only the kernel knows): received; sent less what was sent again,
+    plus what still waits to be sent. None for other sockets."""
+    sock = socket.socket(fileno=conn)
+    try:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if len(info) < _TCP_INFO_SIZE:  # a kernel older than 4.19
+        return None
+    (received,) = struct.unpack_from("=Q", info, 128)
+    (notsent,) = struct.unpack_from("=I", info, 144)
+    sent, retransmitted = struct.unpack_from("=QQ", info, 200)
+    return received, sent - retransmitted + notsent
 
 
 def peer_of(conn: int, client: Any) -> Any:
@@ -148,9 +176,14 @@ class SyncWorker(Worker):
                 if conn is not None:
                     self.serve(conn, buffer, handler, by_fd[fd].proxy)
 
-    def read_proxy_header(self, conn: int) -> Any:
-        """The client's address from the PROXY header (None: keep the
-        socket's peer), or False if the connection must be closed."""
+    def count_close(self, counter: str) -> None:
+        """One more connection ended for this reason (a scoreboard field)."""
+        with self.stats_lock:  # threads of a ThreadWorker share the counters
+            setattr(self, counter, getattr(self, counter) + 1)
+
+    def read_proxy_header(self, conn: int) -> proxy.ProxyHeader | None:
+        """The PROXY header (its ``source`` None: keep the socket's peer), or
+        None if the connection must be closed."""
         sock = socket.socket(fileno=conn)
         try:
             peer = sock.getpeername()
@@ -158,7 +191,8 @@ class SyncWorker(Worker):
                 self.log.warning(
                     "PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer
                 )
-                return False
+                self.count_close("proxy_rejected")
+                return None
             if self.beats_per_connection:
                 self.waiting_on_peer()
             try:
@@ -166,8 +200,10 @@ class SyncWorker(Worker):
             except (proxy.ProxyHeaderError, TimeoutError) as exc:
                 reason = exc if isinstance(exc, proxy.ProxyHeaderError) else "timed out"
                 self.log.warning("PROXY header from %s: %s; closing", peer, reason)
-                return False
-            return header.source
+                if not isinstance(exc, proxy.ProxyHeaderClosed):  # it left: not refused
+                    self.count_close("proxy_rejected")
+                return None
+            return header
         finally:
             sock.detach()
 
@@ -187,9 +223,14 @@ class SyncWorker(Worker):
             else:
                 self.notify()
         client: Any = None
+        header_length = 0
+        handled = False  # the handler ran: what the kernel counted is its
         try:
-            client = self.read_proxy_header(conn) if proxied else None
-            if client is not False:
+            header = self.read_proxy_header(conn) if proxied else None
+            if header is not None:
+                client, header_length = header.source, header.length
+            if header is not None or not proxied:
+                handled = True
                 nin, nout = handler(conn, buffer, client)
         except OSError as exc:
             if exc.errno in CONNECTION_ERRORS:
@@ -198,11 +239,17 @@ class SyncWorker(Worker):
                 self.log.exception(
                     "handler failed; connection from %s closed", peer_of(conn, client)
                 )
+                self.count_close("handler_errors")
             else:
                 self.log.error("connection from %s: %s", peer_of(conn, client), exc)
         except Exception:
             self.log.exception("handler failed; connection from %s closed", peer_of(conn, client))
+            self.count_close("handler_errors")
         finally:
+            if handled and self.handler.handle is not None:  # user code does its own I/O
+                counts = kernel_byte_counts(conn)
+                if counts is not None:  # the PROXY header is not the handler's
+                    nin, nout = max(0, counts[0] - header_length), counts[1]
             os.close(conn)
             if self.beats_per_connection:
                 self.notify()
