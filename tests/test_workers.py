@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import re
 import resource
 import selectors
@@ -105,6 +106,33 @@ def wait_until_all_accept(server, workers: list[int]) -> None:
             sock.close()
 
 
+# The numbers /proc/PID/syscall shows while a worker waits: epoll_wait,
+# epoll_pwait and epoll_pwait2 (arm64 has no plain epoll_wait).
+EPOLL_WAIT_CALLS = {"x86_64": {232, 281, 441}, "aarch64": {22, 441}}.get(platform.machine(), set())
+
+
+def wait_until_idle_in_epoll(workers: list[int]) -> None:
+    """Wait until every worker is blocked in epoll_wait (its main thread's
+    /proc/PID/syscall). The kernel hands an exclusive wake-up to the first
+    *waiting* worker on the listener's queue; a worker still finishing its
+    last connection, or runnable but not yet given a core by a busy machine,
+    is passed over, and the spread would measure the scheduler instead of
+    the loop's re-arm. Waiting for all of them makes every accept a choice
+    among idle workers, which is what "idle workers take turns" promises."""
+    assert EPOLL_WAIT_CALLS, f"epoll_wait's syscall numbers unknown on {platform.machine()}"
+    deadline = time.monotonic() + 30
+    while True:
+        numbers = []
+        for pid in workers:
+            with open(f"/proc/{pid}/syscall") as f:
+                first = f.read().split(" ", 1)[0]
+            numbers.append(int(first) if first.lstrip("-").isdigit() else first)
+        if all(n in EPOLL_WAIT_CALLS for n in numbers):
+            return
+        assert time.monotonic() < deadline, f"workers not idle in epoll_wait: {numbers}"
+        time.sleep(0.001)
+
+
 def test_accepts_are_spread_fairly_over_workers(server_factory):
     server = server_factory("-w", "4", "-k", "event")
     workers = server.wait_workers(4)
@@ -112,11 +140,13 @@ def test_accepts_are_spread_fairly_over_workers(server_factory):
     socks = []
     try:
         for _ in range(100):
+            wait_until_idle_in_epoll(workers)
             sock = server.connect()
             sock.sendall(b"x")
             assert sock.recv(1) == b"x"  # accepted and served before the next
             socks.append(sock)
         counts = connections_per_worker(server.tcp()[1])
+        print(f"\naccepts per worker: {sorted(counts.values())}")
         assert sorted(counts) == sorted(workers), counts
         assert max(counts.values()) <= 1.5 * min(counts.values()), counts
     finally:
