@@ -27,6 +27,9 @@ class EventLoop:
     bytes_in: int
     bytes_out: int
     idle_closed: int
+    max_buffer_closed: int
+    handler_errors: int
+    proxy_rejected: int
     resource_errors: int
     datagrams: int
     def __init__(

@@ -227,9 +227,10 @@ cdef enum:
     DATAGRAM_BATCH = 16
     DATAGRAM_SIZE = 65536
     CHARGEN_DATAGRAM_MAX = 512
-    SLOT_SIZE = 48
+    SLOT_SIZE = 80
     HEARTBEAT_OFFSET = 0  # a double
-    COUNTERS_OFFSET = 16  # four int64: accepted, active, bytes_in, bytes_out
+    COUNTERS_OFFSET = 16  # N_COUNTERS int64s, in the order of LOOP_COUNTERS
+    N_COUNTERS = 8
 
 # In the order of prefork._fastio_common.SERVICES.
 cdef enum Service:
@@ -249,7 +250,10 @@ COMPILED_FACTS = {
     "SLOT_SIZE": SLOT_SIZE,
     "HEARTBEAT_OFFSET": HEARTBEAT_OFFSET,
     "COUNTERS_OFFSET": COUNTERS_OFFSET,
-    "LOOP_COUNTERS": ("accepted", "active", "bytes_in", "bytes_out"),  # as _publish writes them
+    "LOOP_COUNTERS": (  # as _publish writes them
+        "accepted", "active", "bytes_in", "bytes_out",
+        "idle_closed", "max_buffer_closed", "handler_errors", "proxy_rejected",
+    ),
 }
 common.check_facts(__name__, COMPILED_FACTS, vars(common))
 
@@ -348,6 +352,7 @@ cdef class EventLoop:
     cdef readonly double idle_timeout
     cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
     cdef readonly unsigned long long datagrams
+    cdef readonly unsigned long long max_buffer_closed, handler_errors, proxy_rejected
     cdef int *dgram_fds
     cdef int n_dgrams
     cdef Datagrams *dgram
@@ -605,11 +610,15 @@ cdef class EventLoop:
     cdef void _publish(self, double now) noexcept nogil:
         # The slot layout is prefork._fastio_common's SLOT; the counters in
         # the order of its LOOP_COUNTERS (COMPILED_FACTS says so, checked).
-        cdef long long counters[4]
+        cdef long long counters[N_COUNTERS]
         counters[0] = <long long>self.accepted
         counters[1] = self.n_active
         counters[2] = <long long>self.bytes_in
         counters[3] = <long long>self.bytes_out
+        counters[4] = <long long>self.idle_closed
+        counters[5] = <long long>self.max_buffer_closed
+        counters[6] = <long long>self.handler_errors
+        counters[7] = <long long>self.proxy_rejected
         memcpy(self.stats + HEARTBEAT_OFFSET, &now, sizeof(now))
         memcpy(self.stats + COUNTERS_OFFSET, counters, sizeof(counters))
 
@@ -847,6 +856,7 @@ cdef class EventLoop:
         peer = peer_of_fd(conn.fd)
         if self.proxy_trusted is not None and not self.proxy_trusted(peer):
             _log.warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
+            self.proxy_rejected += 1
             self._close_quietly(conn)
             return 0
         header = bytearray()
@@ -904,6 +914,7 @@ cdef class EventLoop:
                 func = getattr(func, method)
             return func(*args)
         except Exception as exc:
+            self.handler_errors += 1
             if conn != NULL and not conn.closed:
                 client = <object>conn.peer if conn.peer != NULL else peer_of_fd(conn.fd)
                 _log.exception("handler failed; connection from %s closed", client)
@@ -1033,6 +1044,7 @@ cdef class EventLoop:
             with gil:
                 _log.warning("more than --max-buffer (%d bytes) owed to the peer; closing",
                              self.max_buffer)
+            self.max_buffer_closed += 1
             self._close(conn, CLOSED_OVERFLOW)
             return 0
         if conn.sent > 0:  # move what is owed to the front
@@ -1134,6 +1146,7 @@ cdef class EventLoop:
             parsed = proxy.parse(header)
         except proxy.ProxyHeaderError as exc:
             _log.warning("PROXY header from %s: %s; closing", peer_of_fd(conn.fd), exc)
+            self.proxy_rejected += 1
             self._close_quietly(conn)
             return -1
         if parsed is None:

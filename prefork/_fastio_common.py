@@ -53,20 +53,33 @@ def daytime_line(now: float | None = None) -> bytes:
 # -- the scoreboard slot -------------------------------------------------------------
 #
 # One per worker, in memory the master shares with its workers: the loop
-# writes the heartbeat (a time.monotonic() value) and its four counters at
-# every wake-up, without the GIL; the worker writes the pid. The heartbeat
-# comes first so that it is 8-byte aligned: the compiled loop stores a C
-# double there. The loop's counters are contiguous 64-bit integers.
-SLOT_FIELDS = ("heartbeat", "pid", "accepted", "active", "bytes_in", "bytes_out")
-SLOT = struct.Struct("<dqqqqq")
+# writes the heartbeat (a time.monotonic() value) and its counters at every
+# wake-up, without the GIL; the worker writes the pid. The heartbeat comes
+# first so that it is 8-byte aligned: the compiled loop stores a C double
+# there. The loop's counters are contiguous 64-bit integers: what it served,
+# then why it closed or turned away connections (idle timeout, --max-buffer,
+# a user handler that raised, a PROXY header refused).
+SLOT_FIELDS = (
+    "heartbeat",
+    "pid",
+    "accepted",
+    "active",
+    "bytes_in",
+    "bytes_out",
+    "idle_closed",
+    "max_buffer_closed",
+    "handler_errors",
+    "proxy_rejected",
+)
+SLOT = struct.Struct("<dqqqqqqqqq")
 SLOT_SIZE = SLOT.size
 SLOT_OFFSETS = {
     name: struct.calcsize(SLOT.format[: index + 1]) for index, name in enumerate(SLOT_FIELDS)
 }
 HEARTBEAT = struct.Struct("<d")  # at HEARTBEAT_OFFSET
 HEARTBEAT_OFFSET = SLOT_OFFSETS["heartbeat"]
-LOOP_COUNTERS = ("accepted", "active", "bytes_in", "bytes_out")  # what the loops write
-LOOP_COUNTERS_STRUCT = struct.Struct("<qqqq")  # at COUNTERS_OFFSET
+LOOP_COUNTERS = SLOT_FIELDS[2:]  # what the loops write
+LOOP_COUNTERS_STRUCT = struct.Struct("<" + "q" * len(LOOP_COUNTERS))  # at COUNTERS_OFFSET
 COUNTERS_OFFSET = SLOT_OFFSETS[LOOP_COUNTERS[0]]
 
 

@@ -329,8 +329,8 @@ class EventLoop:
     never) is closed.
 
     ``stats`` (a writable ``SLOT_SIZE``-byte buffer laid out as a scoreboard
-    slot, ``_fastio_common.SLOT``: heartbeat, pid, accepted, active,
-    bytes_in, bytes_out; or None) receives ``time.monotonic()`` and the
+    slot, ``_fastio_common.SLOT``: heartbeat, pid, then the counters; or
+    None) receives ``time.monotonic()`` and the
     counters (``LOOP_COUNTERS``) every time the loop
     wakes, at least once per ``run``; the pid field is left alone. The
     master's watchdog and summaries read it.
@@ -354,9 +354,14 @@ class EventLoop:
     its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
 
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
-    ``bytes_out``, ``idle_closed``, ``datagrams`` (received), and
-    ``resource_errors`` (EMFILE and kin on accept; the loop pauses accepting
-    for ``EMFILE_PAUSE`` seconds each).
+    ``bytes_out``, ``datagrams`` (received), ``resource_errors`` (EMFILE
+    and kin on accept; the loop pauses accepting for ``EMFILE_PAUSE``
+    seconds each), and connections ended by the loop: ``idle_closed`` (the
+    idle timeout), ``max_buffer_closed`` (owed more than ``max_buffer``),
+    ``handler_errors`` (a protocol callback raised; counted per exception,
+    ``connection_lost``'s too) and ``proxy_rejected`` (a peer not
+    ``proxy_trusted``, or a malformed header; one that closes before its
+    header is whole is not counted).
     """
 
     def __init__(
@@ -391,6 +396,7 @@ class EventLoop:
         self.idle_timeout = float(idle_timeout)
         self.accepted = self.bytes_in = self.bytes_out = 0
         self.idle_closed = self.resource_errors = self.datagrams = 0
+        self.max_buffer_closed = self.handler_errors = self.proxy_rejected = 0
         self._factory = protocol_factory
         self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
         self._conns: dict[int, _Conn] = {}
@@ -526,6 +532,10 @@ class EventLoop:
             len(self._conns),
             self.bytes_in,
             self.bytes_out,
+            self.idle_closed,
+            self.max_buffer_closed,
+            self.handler_errors,
+            self.proxy_rejected,
         )
 
     def _arm_if_ready(self, now: float) -> None:
@@ -667,6 +677,7 @@ class EventLoop:
             peer = peer_name(sock)
             if self._proxy_trusted is not None and not self._proxy_trusted(peer):
                 _log().warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
+                self.proxy_rejected += 1
                 self._close(conn)
                 return
             conn.header = bytearray()  # the service starts once it is read
@@ -730,6 +741,7 @@ class EventLoop:
                 func = getattr(func, method)
             return func(*args)
         except Exception as exc:
+            self.handler_errors += 1
             if conn is not None and conn.fd in self._conns:
                 client = conn.peer if conn.peer is not None else peer_name(conn.sock)
                 _log().exception("handler failed; connection from %s closed", client)
@@ -779,6 +791,7 @@ class EventLoop:
             header = proxy.parse(conn.header)
         except proxy.ProxyHeaderError as exc:
             _log().warning("PROXY header from %s: %s; closing", peer_name(conn.sock), exc)
+            self.proxy_rejected += 1
             self._close(conn)
             return
         if header is None:
@@ -838,6 +851,7 @@ class EventLoop:
                 _log().warning(
                     "more than --max-buffer (%d bytes) owed to the peer; closing", self.max_buffer
                 )
+                self.max_buffer_closed += 1
                 self._close(conn, BufferError("max_buffer exceeded"))
                 return
             conn.pending += data[sent:]

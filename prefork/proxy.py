@@ -35,6 +35,11 @@ class ProxyHeaderError(ValueError):
     """A header that is not one: the connection must be closed."""
 
 
+class ProxyHeaderClosed(ProxyHeaderError):
+    """The peer closed before its header was whole: it left (a balancer's
+    TCP health check does), nothing was refused."""
+
+
 @dataclass(frozen=True)
 class ProxyHeader:
     """A parsed header. ``source`` is the client's address in the form
@@ -174,7 +179,7 @@ def _read_exactly(sock: socket.socket, size: int) -> bytes:
     while len(chunks) < size:
         chunk = sock.recv(size - len(chunks))
         if not chunk:
-            raise ProxyHeaderError("connection closed before the end of its PROXY header")
+            raise ProxyHeaderClosed("connection closed before the end of its PROXY header")
         chunks += chunk
     return bytes(chunks)
 

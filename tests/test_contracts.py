@@ -166,11 +166,20 @@ def test_the_scoreboard_slot_bytes_are_pinned():
     board = scoreboard.Scoreboard(2)
     try:
         board.beat(1, 12.5)
-        board.write(1, 4321, 3, 2, 100, 200)
-        assert bytes(board.slot_view(1)) == struct.pack("<dqqqqq", 12.5, 4321, 3, 2, 100, 200)
-        assert board.read(1) == scoreboard.WorkerStats(12.5, 4321, 3, 2, 100, 200)
+        board.write(1, 4321, 3, 2, 100, 200, 5, 6, 7, 8)
+        values = (12.5, 4321, 3, 2, 100, 200, 5, 6, 7, 8)
+        assert bytes(board.slot_view(1)) == struct.pack("<dqqqqqqqqq", *values)
+        assert board.read(1) == scoreboard.WorkerStats(*values)
         assert tuple(f.name for f in fields(scoreboard.WorkerStats)) == _fastio_common.SLOT_FIELDS
-        assert _fastio_common.SLOT.format == "<dqqqqq" and _fastio_common.SLOT_SIZE == 48
+        assert _fastio_common.SLOT.format == "<dqqqqqqqqq" and _fastio_common.SLOT_SIZE == 80
+        assert _fastio_common.LOOP_COUNTERS[4:] == (
+            "idle_closed",
+            "max_buffer_closed",
+            "handler_errors",
+            "proxy_rejected",
+        )
+        board.write(1, 4321, 3, 2, 100, 200)  # the close counters left out are zeros
+        assert board.read(1) == scoreboard.WorkerStats(12.5, 4321, 3, 2, 100, 200)
     finally:
         board.close()
 

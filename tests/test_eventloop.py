@@ -604,7 +604,8 @@ def test_loop_publishes_heartbeat_and_counters(running):
     with r.connect() as sock:
         sock.sendall(b"12345")
         assert read_exactly(sock, 5) == b"12345"
-        expected = {"accepted": 1, "active": 1, "bytes_in": 5, "bytes_out": 5}
+        expected = dict.fromkeys(LOOP_COUNTERS, 0)
+        expected.update(accepted=1, active=1, bytes_in=5, bytes_out=5)
         assert wait_until(lambda: counters() == expected, 5)
     beat = SLOT.unpack_from(stats)[SLOT_FIELDS.index("heartbeat")]
     assert 0 < time.monotonic() - beat < 2  # the same clock as the master's

@@ -36,6 +36,7 @@ from prefork._fastio_common import (
 # What a worker writes: every field after the heartbeat.
 _AFTER_HEARTBEAT = struct.Struct("<" + SLOT.format[2:])
 _PID_OFFSET = SLOT_OFFSETS["pid"]
+_CLOSE_COUNTERS = len(SLOT_FIELDS) - SLOT_FIELDS.index("bytes_out") - 1
 MAX_SLOTS = 1024  # the most workers one master runs at once
 
 
@@ -47,6 +48,11 @@ class WorkerStats:
     active: int
     bytes_in: int
     bytes_out: int
+    # Connections closed or turned away, and why (the loops count them).
+    idle_closed: int = 0  # no byte either way for --idle-timeout
+    max_buffer_closed: int = 0  # owed a non-reader more than --max-buffer
+    handler_errors: int = 0  # a user handler raised
+    proxy_rejected: int = 0  # an untrusted peer, or a malformed PROXY header
 
 
 if tuple(field.name for field in dataclasses.fields(WorkerStats)) != SLOT_FIELDS:
@@ -61,11 +67,24 @@ class Scoreboard:
         self._map = mmap.mmap(-1, slots * SLOT_SIZE)  # MAP_SHARED|MAP_ANONYMOUS
 
     def write(
-        self, slot: int, pid: int, accepted: int, active: int, bytes_in: int, bytes_out: int
+        self,
+        slot: int,
+        pid: int,
+        accepted: int,
+        active: int,
+        bytes_in: int,
+        bytes_out: int,
+        *closes: int,
     ) -> None:
-        """The counters; the heartbeat is left as it is."""
+        """The counters, ``closes`` being the fields after ``bytes_out``
+        (``idle_closed`` ...), zero if left out; the heartbeat is left as it is."""
         offset = slot * SLOT_SIZE + _PID_OFFSET
-        _AFTER_HEARTBEAT.pack_into(self._map, offset, pid, accepted, active, bytes_in, bytes_out)
+        rest = _CLOSE_COUNTERS - len(closes)
+        if rest < 0:
+            raise TypeError(f"at most {_CLOSE_COUNTERS} close counters, got {len(closes)}")
+        _AFTER_HEARTBEAT.pack_into(
+            self._map, offset, pid, accepted, active, bytes_in, bytes_out, *closes, *(0,) * rest
+        )
 
     def beat(self, slot: int, when: float) -> None:
         HEARTBEAT.pack_into(self._map, slot * SLOT_SIZE + HEARTBEAT_OFFSET, when)
@@ -79,7 +98,7 @@ class Scoreboard:
         return WorkerStats(*SLOT.unpack_from(self._map, slot * SLOT_SIZE))
 
     def clear(self, slot: int) -> None:
-        SLOT.pack_into(self._map, slot * SLOT_SIZE, 0.0, 0, 0, 0, 0, 0)
+        self._map[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
 
     def close(self) -> None:
         self._map.close()

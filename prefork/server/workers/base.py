@@ -116,6 +116,11 @@ class Worker:
         self.active = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        # Connections ended or turned away, and why (the scoreboard's names).
+        self.idle_closed = 0
+        self.max_buffer_closed = 0
+        self.handler_errors = 0
+        self.proxy_rejected = 0
         # Who may send a PROXY protocol header (--forwarded-allow-ips).
         self.proxy_trusted = TrustedPeers(config.forwarded_allow_ips)
 
@@ -157,7 +162,16 @@ class Worker:
     def publish(self) -> None:
         """Write this worker's counters where the master can read them."""
         self.scoreboard.write(
-            self.slot, os.getpid(), self.accepted, self.active, self.bytes_in, self.bytes_out
+            self.slot,
+            os.getpid(),
+            self.accepted,
+            self.active,
+            self.bytes_in,
+            self.bytes_out,
+            self.idle_closed,
+            self.max_buffer_closed,
+            self.handler_errors,
+            self.proxy_rejected,
         )
 
     def init_signals(self) -> None:

@@ -72,6 +72,10 @@ class EventWorker(Worker):
         self.active = self.loop.active
         self.bytes_in = self.loop.bytes_in
         self.bytes_out = self.loop.bytes_out
+        self.idle_closed = self.loop.idle_closed
+        self.max_buffer_closed = self.loop.max_buffer_closed
+        self.handler_errors = self.loop.handler_errors
+        self.proxy_rejected = self.loop.proxy_rejected
         self.publish()
 
     def recycle_listeners(self) -> None:
