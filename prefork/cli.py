@@ -164,7 +164,8 @@ def serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, binds=activated)
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     handler = load_handler(config.handler)
-    check_fit(handler, config.worker_class, udp[0] if udp else None)
+    tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
+    check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
 
     def reload_config() -> Config:
         """HUP: the command line and the -c file, read again."""

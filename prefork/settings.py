@@ -294,6 +294,24 @@ def parse_handler_name(text: str, option: str) -> str:
     return parse_handler(text, option, tuple(BUILTIN))
 
 
+LOOPS = ("auto", "asyncio", "uvloop")
+
+
+def parse_loop(text: str, option: str) -> str:
+    """A loop name; ``uvloop`` must be importable (the check imports it, once,
+    in the master: the workers share it)."""
+    name = parse_choice(text, option, LOOPS)
+    if name == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(
+                f"{option} uvloop: uvloop cannot be imported ({exc}); install it with "
+                "pip install 'prefork[uvloop]', or use --loop asyncio"
+            ) from None
+    return name
+
+
 def parse_log_level(text: str, option: str) -> str:
     """A level name, in any case."""
     return parse_choice(text.lower(), option, LOG_LEVELS)
@@ -451,7 +469,9 @@ OPTIONS: tuple[Option, ...] = (
         default="event",
         help="event: one epoll loop per worker, many connections each; "
         "sync: one connection at a time per worker; "
-        "thread: --threads connections at a time per worker",
+        "thread: --threads connections at a time per worker; "
+        "asyncio: a standard asyncio (or uvloop) loop per worker, for code that needs all "
+        "of asyncio",
     ),
     Option(
         key="threads",
@@ -461,6 +481,16 @@ OPTIONS: tuple[Option, ...] = (
         default=1,
         worker_classes=("thread",),
         help="threads per worker, each serving one connection at a time",
+    ),
+    Option(
+        key="loop",
+        flags=("--loop",),
+        metavar="LOOP",
+        parse=parse_loop,
+        default="auto",
+        worker_classes=("asyncio",),
+        help="the event loop each worker runs: asyncio, uvloop, or auto (uvloop when it is "
+        "installed)",
     ),
     Option(
         key="backlog",
@@ -513,7 +543,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="N",
         parse=partial(parse_int, minimum=1, maximum=C_INT_MAX),
         default=DEFAULT_MAX_CONNECTIONS,
-        worker_classes=("event",),
+        worker_classes=("event", "asyncio"),
         help="connections a worker serves at once; at the cap it stops accepting and leaves "
         "new connections in the backlog for the others",
     ),
@@ -524,10 +554,11 @@ OPTIONS: tuple[Option, ...] = (
         parse=partial(parse_size, maximum=SIZE_MAX),
         default=DEFAULT_MAX_BUFFER,
         show=show_size,
-        worker_classes=("event",),
+        worker_classes=("event", "asyncio"),
         help="what a connection may owe a peer that does not read (K, M or G for KiB, MiB, "
         "GiB); it is not read from while it owes anything (backpressure), and a protocol "
-        "that writes more than this to a non-reader is cut off",
+        "that writes more than this to a non-reader is cut off; under -k asyncio it is the "
+        "transports' high-water mark: reading pauses and the protocol gets pause_writing",
     ),
     Option(
         key="idle_timeout",
@@ -535,7 +566,7 @@ OPTIONS: tuple[Option, ...] = (
         metavar="S",
         parse=parse_seconds,
         default=DEFAULT_IDLE_TIMEOUT,
-        worker_classes=("event",),
+        worker_classes=("event", "asyncio"),
         help="close connections with no byte read or written for S seconds, 0 = never",
     ),
     Option(
@@ -668,6 +699,7 @@ class Config:
     workers: int = _default("workers")
     worker_class: str = _default("worker_class")
     threads: int = _default("threads")
+    loop: str = _default("loop")
     backlog: int = _default("backlog")
     graceful_timeout: float = _default("graceful_timeout")
     reuse_port: bool = _default("reuse_port")

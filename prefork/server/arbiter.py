@@ -12,8 +12,10 @@ what the current generation is missing. A stop leaves the loop for ``stop``.
 The arbiter acts; other modules decide or keep state for it: ``watchdog.py``
 says which workers to kill and when to look again, ``backoff.py`` when the
 next fork may happen after crashes, ``listeners.py`` opens the listeners and
-``positions.py`` keeps the --reuse-port sockets; the /metrics page is built
-in ``metrics.py`` and served from this loop.
+``positions.py`` keeps the --reuse-port sockets; the /metrics and status
+pages are read in ``snapshot.py``, written in ``metrics.py`` and
+``status_page.py`` and served from this loop. The arbiter counts what the
+pages report of it (respawns, watchdog kills) where each happens.
 """
 
 from __future__ import annotations
@@ -33,12 +35,21 @@ from prefork.server.backoff import Backoff
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
 from prefork.server.listeners import Listener, close_listeners, give_unix_sockets_to, open_listeners
 from prefork.server.log import get_logger, log_file_path, plural, reopen_log_file, setup_logging
-from prefork.server.metrics import MetricsServer, metrics_page
+from prefork.server.metrics import MetricsServer
 from prefork.server.pidfile import PidFile
 from prefork.server.positions import Positions
 from prefork.server.privileges import file_owner
 from prefork.server.proctitle import set_title
 from prefork.server.scoreboard import Scoreboard
+from prefork.server.snapshot import (
+    MasterEvents,
+    Snapshot,
+    add_totals,
+    held_listeners,
+    master_sample,
+    new_totals,
+    take_snapshot,
+)
 from prefork.server.systemd import Notifier
 from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, next_look
@@ -98,7 +109,10 @@ class Arbiter:
         self.generation = 0
         self.metrics: MetricsServer | None = None
         # What workers that have exited served, for the metrics totals.
-        self.exited_totals = {"connections_accepted": 0, "bytes_in": 0, "bytes_out": 0}
+        self.exited_totals = new_totals()
+        self.events = MasterEvents()  # respawns and watchdog kills, for the metrics
+        self.vacancies = 0  # current workers gone untold: the next forks are respawns
+        self.started = time.monotonic()
         self.backoff = Backoff()  # after quick crashes, forks wait
         self.sig_queue: deque[int] = deque()
         # The one place where a signal meets what the master does about it.
@@ -134,14 +148,16 @@ class Arbiter:
                 self.metrics = MetricsServer(self.config.metrics)
             except BindError as exc:  # say which option: -b addresses fail alike
                 raise BindError(f"--metrics {exc}") from None
+        listeners = open_listeners(self.config)  # a failure is then the only line
+        if self.metrics is not None:
             self.log.info("metrics on http://%s/metrics", self.metrics.name)
-        listeners = open_listeners(self.config)
         for listener in listeners:
             note = " (PROXY protocol)" if listener.proxy else ""
             self.log.info("listening on %s%s", listener.name, note)
         datagram = next((lst.name for lst in listeners if lst.datagram), None)
+        stream = next((lst.name for lst in listeners if not lst.datagram), None)
         try:
-            check_fit(self.handler, self.config.worker_class, datagram)
+            check_fit(self.handler, self.config.worker_class, datagram, stream)
         except PreforkError:
             close_listeners(listeners, unlink=True)
             raise
@@ -240,12 +256,26 @@ class Arbiter:
             readable = []
         drain(self.wakeup_r)
         if self.metrics is not None:
-            self.metrics.handle(
-                readable,
-                lambda: metrics_page(
-                    self.workers, self.scoreboard, self.generation, self.exited_totals
-                ),
-            )
+            self.metrics.handle(readable, self.snapshot)
+
+    def snapshot(self) -> Snapshot:
+        """What the metrics pages show, read now."""
+        master = master_sample(
+            self.generation,
+            self.started,
+            self.num_workers,
+            self.config.worker_class,
+            self.config.handler,
+        )
+        return take_snapshot(
+            master,
+            self.workers,
+            self.scoreboard,
+            self.exited_totals,
+            self.events,
+            self.backoff.backoffs,
+            held_listeners(self.listeners, self.positions),
+        )
 
     # -- signals --------------------------------------------------------------
 
@@ -328,7 +358,8 @@ class Arbiter:
         else:
             handler = load_handler(config.handler)
         datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
-        check_fit(handler, config.worker_class, datagram)
+        stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
+        check_fit(handler, config.worker_class, datagram, stream)
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
             setup_logging(config.log_level, config.log_file)
         return config, handler
@@ -394,6 +425,7 @@ class Arbiter:
             self.stop_worker(pid)
         if self.backoff.may_respawn(time.monotonic()):
             self.spawn_workers(self.num_workers - len(current))
+            self.count_respawns(self.num_workers - len(current))
 
     def manage_positions(self, positions: Positions) -> None:
         """--reuse-port: positions 0..N-1 each have exactly one current
@@ -407,9 +439,18 @@ class Arbiter:
                 self.stop_worker(pid)
         if self.backoff.may_respawn(time.monotonic()):
             served = {self.workers[pid].position for pid in current}
-            for position in sorted(set(range(self.num_workers)) - served):
+            missing = sorted(set(range(self.num_workers)) - served)
+            for position in missing:
                 self.spawn_worker(position)
+            self.count_respawns(len(missing))
         positions.settle(self.workers, self.backoff.respawn_at, self.fork_to_drain)
+
+    def count_respawns(self, forked: int) -> None:
+        """Of ``forked`` workers just forked for the current generation, those
+        that replace one gone untold are respawns; a start, a HUP or a TTIN
+        fork none. Vacancies not filled now went with a TTOU."""
+        self.events.respawns += min(max(forked, 0), self.vacancies)
+        self.vacancies = 0
 
     def fork_to_drain(self, position: int, listeners: list[Listener]) -> int:
         """--reuse-port: a worker on a retired position's sockets alone, told
@@ -524,9 +565,9 @@ class Arbiter:
                 continue
             age = record.age
             stats = self.scoreboard.read(record.slot)
-            self.exited_totals["connections_accepted"] += stats.accepted
-            self.exited_totals["bytes_in"] += stats.bytes_in
-            self.exited_totals["bytes_out"] += stats.bytes_out
+            add_totals(self.exited_totals, stats)
+            if record.generation == self.generation and not record.stopping:
+                self.vacancies += 1  # left untold: its replacement is a respawn
             served = (
                 f"{plural(stats.accepted, 'connection')}, {stats.bytes_in} bytes in, "
                 f"{stats.bytes_out} bytes out"
@@ -562,6 +603,7 @@ class Arbiter:
             )
             self.kill_worker(pid, signal.SIGKILL)
             self.workers[pid].killed = True
+            self.events.watchdog_kills["graceful_timeout"] += 1
         for silent in find_silent(self.workers, self.scoreboard, self.config.timeout, now):
             self.log.error(
                 "worker %d (pid %d) silent for %.1fs with %d active connection(s): "
@@ -575,6 +617,7 @@ class Arbiter:
             time.sleep(DUMP_GRACE)  # faulthandler writes from the signal handler
             self.kill_worker(silent.pid, signal.SIGKILL)
             silent.record.killed = True
+            self.events.watchdog_kills["silent"] += 1
 
     # -- stopping -------------------------------------------------------------
 

@@ -9,8 +9,18 @@
   ``is_closing`` and ``get_extra_info('peername')``. Every worker class runs
   it (the event worker natively, the sync and thread workers over a blocking
   socket).
+- a **protocol factory**: a callable taking no argument that returns a
+  protocol object (a function, a lambda, a ``functools.partial``), for a
+  protocol whose constructor takes arguments; run as a protocol class is.
 - a **blocking callable** ``handle(sock, address)``, socketserver style, for
   the sync and thread workers.
+- for the asyncio worker (``-k asyncio``) only: an ``async def
+  handle(reader, writer)`` **stream handler** (asyncio's streams, a task per
+  connection) and an ``asyncio.DatagramProtocol`` class for ``udp://``.
+
+``LoadedHandler.kind`` names which it is (``KINDS``, by ``detect_kind``);
+``check_fit`` refuses, with one line and exit code 2, a kind that the chosen
+worker class cannot run.
 
 User code is imported once, in the master, before any worker is forked
 (so an import error stops the server at once with exit code 3, and workers
@@ -24,10 +34,12 @@ the hot-loop implementation chosen by ``prefork.fastio``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import os
 import socket
+import socketserver
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,20 +104,84 @@ BUILTIN: dict[str, Handler] = {
 # -- user handlers --------------------------------------------------------------------
 
 
+# What --handler can name, by the names --handler-type would use.
+KINDS = (
+    "built-in",
+    "protocol",  # a protocol class
+    "protocol-factory",  # a callable of no argument returning a protocol
+    "stream",  # async def handle(reader, writer)
+    "datagram",  # an asyncio.DatagramProtocol class, for udp://
+    "request-handler",  # a socketserver.BaseRequestHandler subclass
+    "handle",  # a blocking handle(sock, address)
+)
+# The kinds only the asyncio worker runs, and those it cannot run.
+ASYNCIO_ONLY_KINDS = ("stream", "datagram")
+BLOCKING_KINDS = ("request-handler", "handle")
+
+
+def detect_kind(target: Any) -> str | None:
+    """Which of ``KINDS`` (built-ins aside) a loaded ``--handler`` object is,
+    or None if it is none of them. Classes by what they are or have;
+    callables by their signature: a coroutine function is a stream handler,
+    one taking no argument a protocol factory, anything else a blocking
+    ``handle(sock, address)`` (as before kinds were told apart)."""
+    if isinstance(target, type):
+        if issubclass(target, socketserver.BaseRequestHandler):
+            return "request-handler"
+        if hasattr(target, "datagram_received") and not hasattr(target, "data_received"):
+            return "datagram"
+        if (
+            issubclass(target, asyncio.BaseProtocol)
+            or hasattr(target, "data_received")
+            or hasattr(target, "buffer_updated")
+        ):
+            return "protocol"
+        return "handle"
+    if not callable(target):
+        return None
+    if inspect.iscoroutinefunction(target) or inspect.iscoroutinefunction(type(target).__call__):
+        return "stream"
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):  # some built-ins have no signature
+        return "handle"
+    required = [
+        p
+        for p in parameters
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return "protocol-factory" if not required else "handle"
+
+
 @dataclass(frozen=True)
 class LoadedHandler:
-    """What ``--handler`` resolved to: exactly one of the three is set."""
+    """What ``--handler`` resolved to: one of ``builtin``, ``protocol_factory``
+    (a protocol class or factory), ``handle`` (blocking), ``stream`` or
+    ``datagram_factory`` is set."""
 
     spec: str
     builtin: str | None = None
     protocol_factory: Callable[[], Any] | None = None
     handle: Callable[[socket.socket, Any], Any] | None = None
+    stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
+    datagram_factory: Callable[[], Any] | None = None
 
     @property
     def kind(self) -> str:
+        """One of ``KINDS``."""
         if self.builtin is not None:
             return "built-in"
-        return "protocol" if self.protocol_factory is not None else "blocking handle"
+        if self.stream is not None:
+            return "stream"
+        if self.datagram_factory is not None:
+            return "datagram"
+        if self.protocol_factory is not None:
+            return "protocol" if isinstance(self.protocol_factory, type) else "protocol-factory"
+        if isinstance(self.handle, type) and issubclass(
+            self.handle, socketserver.BaseRequestHandler
+        ):
+            return "request-handler"
+        return "handle"
 
     def for_blocking_workers(self) -> BlockingHandler:
         """The ``handler(fd, buffer, peer)`` callable the sync and thread
@@ -145,9 +221,14 @@ def load_handler(spec: str) -> LoadedHandler:
             raise HandlerLoadError(
                 f"--handler {spec}: {module_name} has no attribute {attr_path!r}"
             ) from None
-    if isinstance(target, type) and hasattr(target, "data_received"):
+    kind = detect_kind(target)
+    if kind in ("protocol", "protocol-factory"):
         return LoadedHandler(spec, protocol_factory=target)
-    if callable(target):
+    if kind == "stream":
+        return LoadedHandler(spec, stream=target)
+    if kind == "datagram":
+        return LoadedHandler(spec, datagram_factory=target)
+    if kind is not None:
         return LoadedHandler(spec, handle=target)
     raise HandlerLoadError(
         f"--handler {spec}: expected a protocol class or a handle(sock, address) "
@@ -155,13 +236,40 @@ def load_handler(spec: str) -> LoadedHandler:
     )
 
 
-def check_fit(handler: LoadedHandler, worker_class: str, datagram: str | None) -> None:
+def check_fit(
+    handler: LoadedHandler, worker_class: str, datagram: str | None, stream: str | None = None
+) -> None:
     """Raise ConfigError if this handler cannot run in ``worker_class``, or
-    over the datagram listener ``datagram`` (its name, None if there is none)."""
-    if datagram is not None and worker_class != "event":
-        raise ConfigError(f"-b {datagram}: datagram listeners need the event worker (-k event)")
-    if datagram is not None and handler.builtin is None:
-        raise ConfigError(f"-b {datagram}: datagram listeners serve the built-in handlers only")
+    over the datagram listener ``datagram`` or the stream listener ``stream``
+    (their names, None if there is none)."""
+    kind = handler.kind
+    if kind in ASYNCIO_ONLY_KINDS and worker_class != "asyncio":
+        what = "an async stream handler" if kind == "stream" else "a DatagramProtocol class"
+        raise ConfigError(f"--handler {handler.spec} is {what}: it needs -k asyncio")
+    if worker_class == "asyncio" and kind in BLOCKING_KINDS:
+        what = (
+            "a socketserver request handler"
+            if kind == "request-handler"
+            else (f"{describe_callable(handler.handle)}, a blocking handle(sock, address)")
+        )
+        raise ConfigError(
+            f"--handler {handler.spec} is {what}: -k asyncio runs protocols, protocol "
+            "factories and async stream handlers; use -k sync or -k thread"
+        )
+    if datagram is not None and worker_class not in ("event", "asyncio"):
+        raise ConfigError(
+            f"-b {datagram}: datagram listeners need the event worker (-k event) or -k asyncio"
+        )
+    if datagram is not None and kind not in ("built-in", "datagram"):
+        raise ConfigError(
+            f"-b {datagram}: datagram listeners serve the built-in handlers only, "
+            "or a DatagramProtocol class under -k asyncio"
+        )
+    if stream is not None and kind == "datagram":
+        raise ConfigError(
+            f"--handler {handler.spec} is a DatagramProtocol class; -b {stream} is a stream "
+            "listener: serve it on udp:// listeners only"
+        )
     if worker_class == "event" and handler.handle is not None:
         raise ConfigError(
             f"--handler {handler.spec} is {describe_callable(handler.handle)}, run as a "
