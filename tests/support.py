@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -434,3 +435,43 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needl
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in lines[0]
+
+
+# -- the --metrics endpoint ----------------------------------------------------------
+
+_SAMPLE_LINE = re.compile(r"^(\w+)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metrics_address(server: Server) -> str:
+    """HOST:PORT of a server's --metrics endpoint, from its log."""
+    match = re.search(r"metrics on http://(\S+)/metrics", server.log)
+    assert match, server.log
+    return match.group(1)
+
+
+def scrape_text(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return str(response.read().decode())
+
+
+def scrape(address: str) -> dict[str, float]:
+    """Every sample of /metrics: its name with its labels, as written -> value."""
+    values = {}
+    for line in scrape_text(address).splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def samples_of(values: dict[str, float], metric: str) -> list[tuple[dict[str, str], float]]:
+    """The samples of ``metric`` in ``scrape``'s result, each with its labels."""
+    found = []
+    for key, value in values.items():
+        match = _SAMPLE_LINE.match(f"{key} 0")
+        assert match, key
+        if match.group(1) == metric:
+            found.append((dict(_LABEL.findall(match.group(2) or "")), value))
+    return found

@@ -44,6 +44,7 @@ class Backoff:
         self.log = get_logger()
         self.crashes = 0  # quick crashes in a row
         self.respawn_at = 0.0  # no fork before this time.monotonic()
+        self.backoffs = 0  # forks ever put off (for the metrics)
 
     def note_exit(self, status: int, lifetime: float) -> None:
         """Count a worker's exit (``status`` from ``waitpid``, ``lifetime``
@@ -53,6 +54,7 @@ class Backoff:
             self.crashes = 0
             return
         self.crashes += 1
+        self.backoffs += 1
         delay = min(RESPAWN_DELAY_FIRST * 2 ** (self.crashes - 1), RESPAWN_DELAY_MAX)
         self.respawn_at = time.monotonic() + delay
         self.log.warning(

@@ -1,30 +1,67 @@
-"""The master's metrics endpoint: the scoreboard in Prometheus text format.
+"""The master's metrics endpoint: Prometheus text at /metrics, a status page at /.
 
-``--metrics HOST:PORT`` makes the master answer ``GET /metrics`` (anything
-else is a 404). The master serves it from its own loop, without threads (a
-master with threads would fork workers with their locks held): sockets are
-non-blocking, a request must arrive whole within ``REQUEST_TIMEOUT`` and fit
-in ``MAX_REQUEST`` bytes, and at most ``MAX_CLIENTS`` are served at once, so
-a slow or hostile client can never stall supervision. ``metrics_page``
-builds the page from the master's worker records and the scoreboard.
+``--metrics HOST:PORT`` makes the master answer ``GET /metrics`` (the
+Prometheus text format) and ``GET /`` (an HTML page for people,
+``status_page.py``); anything else is a 404. The master serves them from its
+own loop, without threads (a master with threads would fork workers with
+their locks held): sockets are non-blocking, a request must arrive whole
+within ``REQUEST_TIMEOUT`` and fit in ``MAX_REQUEST`` bytes, and at most
+``MAX_CLIENTS`` are served at once, so a slow or hostile client can never
+stall supervision.
+
+Each request reads a ``Snapshot`` (``snapshot.py``) from the master; this
+module only formats it. Every scoreboard field is a per-worker series
+(``prefork_worker_FIELD_total`` for a counter) and every counter a total
+(``prefork_FIELD_total``, every worker ever), named in ``_SERIES_NAMES``
+where the series' name is not the field's.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from prefork.server.listeners import Listener, create_listener
-from prefork.server.scoreboard import Scoreboard
+from prefork.server.snapshot import (
+    SLOT_COUNTERS,
+    SLOT_GAUGES,
+    SLOT_VALUES,
+    ListenerSample,
+    Sample,
+    Snapshot,
+)
+from prefork.server.status_page import render_page
 from prefork.settings import Address
 
 MAX_REQUEST = 8192  # bytes of request head we read before giving up
 MAX_CLIENTS = 16
 REQUEST_TIMEOUT = 2.0  # seconds a client has to send its request
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+HTML_CONTENT_TYPE = "text/html; charset=utf-8"
+
+# A field's name in the series where it is not the field's own, and its help.
+_SERIES_NAMES = {"accepted": "connections_accepted", "active": "connections_active"}
+_SLOT_HELP = {
+    "accepted": "Connections accepted",
+    "active": "Open connections",
+    "bytes_in": "Bytes received",
+    "bytes_out": "Bytes sent",
+    "idle_closed": "Connections closed by --idle-timeout",
+    "max_buffer_closed": "Connections closed for owing a peer more than --max-buffer",
+    "handler_errors": "User handler exceptions",
+    "proxy_rejected": "Connections refused at the PROXY header (untrusted peer or bad header)",
+}
+
+
+def series_name(slot_field: str) -> str:
+    """``prefork_worker_<this>_total`` and ``prefork_<this>_total`` for a slot field."""
+    return _SERIES_NAMES.get(slot_field, slot_field)
+
+
+def slot_help(slot_field: str) -> str:
+    return _SLOT_HELP.get(slot_field, f"Scoreboard field {slot_field}")
 
 
 @dataclass
@@ -34,116 +71,144 @@ class _Client:
     request: bytearray = field(default_factory=bytearray)
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One worker's line in the table."""
-
-    age: int
-    pid: int
-    generation: int
-    active: int
-    accepted: int
-    bytes_in: int
-    bytes_out: int
-    heartbeat_age: float  # seconds; -1 while it waits on a client
-    state: str = "serving"  # booting, serving, stopping (told to finish and exit)
+def _label(value: object) -> str:
+    """A label value as the text format quotes it."""
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{text}"'
 
 
-class Supervised(Protocol):
-    """What the page needs of the master's record of a worker."""
-
-    age: int
-    generation: int
-    slot: int
-    stopping: bool
+def _number(value: float | int) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def sample_workers(workers: Mapping[int, Supervised], scoreboard: Scoreboard) -> list[Sample]:
-    """What every live worker (by pid) has done, from the scoreboard, oldest first."""
-    now = time.monotonic()
-    samples = []
-    for pid, record in sorted(workers.items(), key=lambda item: item[1].age):
-        stats = scoreboard.read(record.slot)
-        beat_age = now - stats.heartbeat if stats.heartbeat > 0 else -1.0
-        samples.append(
-            Sample(
-                record.age,
-                pid,
-                record.generation,
-                stats.active,
-                stats.accepted,
-                stats.bytes_in,
-                stats.bytes_out,
-                beat_age,
-                "stopping" if record.stopping else "serving" if stats.pid else "booting",
-            )
-        )
-    return samples
-
-
-def metrics_page(
-    workers: Mapping[int, Supervised],
-    scoreboard: Scoreboard,
-    generation: int,
-    exited_totals: dict[str, int],
-) -> bytes:
-    """The page: the live workers, and the totals with what exited ones served."""
-    samples = sample_workers(workers, scoreboard)
-    totals = dict(exited_totals)
-    for s in samples:
-        totals["connections_accepted"] += s.accepted
-        totals["bytes_in"] += s.bytes_in
-        totals["bytes_out"] += s.bytes_out
-    return render(samples, generation, totals)
-
-
-def render(samples: list[Sample], generation: int, totals: dict[str, int]) -> bytes:
-    """The Prometheus text exposition of the scoreboard."""
+def render(snapshot: Snapshot) -> bytes:
+    """The Prometheus text exposition of ``snapshot``."""
+    samples, totals = snapshot.workers, snapshot.totals
     lines = [
         "# HELP prefork_workers Worker processes running.",
         "# TYPE prefork_workers gauge",
         f"prefork_workers {len(samples)}",
         "# HELP prefork_generation Reload generation (bumped by every HUP).",
         "# TYPE prefork_generation gauge",
-        f"prefork_generation {generation}",
+        f"prefork_generation {snapshot.master.generation}",
     ]
-    for name, help_text in (
-        ("connections_accepted", "Connections accepted, all workers ever."),
-        ("bytes_in", "Bytes received, all workers ever."),
-        ("bytes_out", "Bytes sent, all workers ever."),
-    ):
+    for name in SLOT_COUNTERS:
+        series = f"prefork_{series_name(name)}_total"
         lines += [
-            f"# HELP prefork_{name}_total {help_text}",
-            f"# TYPE prefork_{name}_total counter",
-            f"prefork_{name}_total {totals[name]}",
+            f"# HELP {series} {slot_help(name)}, all workers ever.",
+            f"# TYPE {series} counter",
+            f"{series} {totals.get(name, 0)}",
         ]
-    per_worker = (
-        ("worker_connections_active", "gauge", "Open connections of a worker.", "active"),
-        ("worker_connections_accepted_total", "counter", "Accepted by a worker.", "accepted"),
-        ("worker_bytes_in_total", "counter", "Bytes a worker received.", "bytes_in"),
-        ("worker_bytes_out_total", "counter", "Bytes a worker sent.", "bytes_out"),
-        (
-            "worker_heartbeat_age_seconds",
-            "gauge",
-            "Since a worker's last heartbeat; -1 while it waits on a client.",
-            "heartbeat_age",
-        ),
-    )
-    for name, kind, help_text, attr in per_worker:
-        lines += [f"# HELP prefork_{name} {help_text}", f"# TYPE prefork_{name} {kind}"]
-        for s in samples:
-            labels = f'worker="{s.age}",pid="{s.pid}",generation="{s.generation}"'
-            value = getattr(s, attr)
-            text = f"{value:.3f}" if isinstance(value, float) else str(value)
-            lines.append(f"prefork_{name}{{{labels}}} {text}")
+
+    def worker_labels(s: Sample) -> str:
+        return f"worker={_label(s.age)},pid={_label(s.pid)},generation={_label(s.generation)}"
+
+    for name in SLOT_VALUES:
+        gauge = name in SLOT_GAUGES
+        series = f"prefork_worker_{series_name(name)}" + ("" if gauge else "_total")
+        lines += [
+            f"# HELP {series} {slot_help(name)}, by one worker.",
+            f"# TYPE {series} {'gauge' if gauge else 'counter'}",
+        ]
+        lines += [f"{series}{{{worker_labels(s)}}} {s.value(name)}" for s in samples]
+    lines += [
+        "# HELP prefork_worker_heartbeat_age_seconds"
+        " Since a worker's last heartbeat; -1 while it waits on a client.",
+        "# TYPE prefork_worker_heartbeat_age_seconds gauge",
+    ]
+    lines += [
+        f"prefork_worker_heartbeat_age_seconds{{{worker_labels(s)}}} {s.heartbeat_age:.3f}"
+        for s in samples
+    ]
     lines += [
         "# HELP prefork_worker_state A worker's state: booting, serving or stopping.",
         "# TYPE prefork_worker_state gauge",
     ]
-    for s in samples:
-        labels = f'worker="{s.age}",pid="{s.pid}",generation="{s.generation}",state="{s.state}"'
-        lines.append(f"prefork_worker_state{{{labels}}} 1")
+    lines += [
+        f"prefork_worker_state{{{worker_labels(s)},state={_label(s.state)}}} 1" for s in samples
+    ]
+    lines += _process_lines(snapshot, worker_labels)
+    lines += _master_event_lines(snapshot)
+    lines += _listener_lines(snapshot.listeners)
     return ("\n".join(lines) + "\n").encode()
+
+
+# The process collector's series, from procfs.ProcessStats.
+_PROCESS_SERIES = (
+    (
+        "process_cpu_seconds_total",
+        "counter",
+        "User and system CPU time, in seconds.",
+        "cpu_seconds",
+    ),
+    ("process_resident_memory_bytes", "gauge", "Resident memory, in bytes.", "resident_bytes"),
+    ("process_open_fds", "gauge", "Open file descriptors.", "open_fds"),
+    (
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process, in seconds since the epoch.",
+        "start_time",
+    ),
+)
+
+
+def _process_lines(snapshot: Snapshot, worker_labels: Callable[[Sample], str]) -> list[str]:
+    """The master's and every worker's process_* series (label role)."""
+    master = snapshot.master
+    processes = [(f"role={_label('master')},pid={_label(master.pid)}", master.process)]
+    processes += [
+        (f"role={_label('worker')},{worker_labels(s)}", s.process) for s in snapshot.workers
+    ]
+    lines = []
+    for series, kind, help_text, attr in _PROCESS_SERIES:
+        lines += [f"# HELP {series} {help_text}", f"# TYPE {series} {kind}"]
+        for labels, stats in processes:
+            value = None if stats is None else getattr(stats, attr)
+            if value is not None:
+                lines.append(f"{series}{{{labels}}} {_number(value)}")
+    return lines
+
+
+def _master_event_lines(snapshot: Snapshot) -> list[str]:
+    lines = [
+        "# HELP prefork_watchdog_kills_total Workers the watchdog killed, by reason:"
+        " silent for longer than --timeout, or still finishing after --graceful-timeout.",
+        "# TYPE prefork_watchdog_kills_total counter",
+    ]
+    lines += [
+        f"prefork_watchdog_kills_total{{reason={_label(reason)}}} {count}"
+        for reason, count in snapshot.watchdog_kills.items()
+    ]
+    return lines + [
+        "# HELP prefork_respawns_total Workers forked to replace one that exited or was"
+        " killed without being told to stop (not at start, HUP or TTIN).",
+        "# TYPE prefork_respawns_total counter",
+        f"prefork_respawns_total {snapshot.respawns}",
+        "# HELP prefork_crash_backoffs_total Times the master put the next fork off"
+        " because a worker crashed soon after it started.",
+        "# TYPE prefork_crash_backoffs_total counter",
+        f"prefork_crash_backoffs_total {snapshot.crash_backoffs}",
+    ]
+
+
+def _listener_lines(listeners: list[ListenerSample]) -> list[str]:
+    def labels(sample: ListenerSample) -> str:
+        text = f"listener={_label(sample.name)}"
+        return text if sample.position < 0 else f"{text},position={_label(sample.position)}"
+
+    lines = [
+        "# HELP prefork_listen_queue_length Connections in a TCP listener's accept queue,"
+        " not yet taken by a worker.",
+        "# TYPE prefork_listen_queue_length gauge",
+    ]
+    lines += [f"prefork_listen_queue_length{{{labels(s)}}} {s.queue.length}" for s in listeners]
+    lines += [
+        "# HELP prefork_listen_queue_limit The most a TCP listener's accept queue holds"
+        " (--backlog, capped at net.core.somaxconn).",
+        "# TYPE prefork_listen_queue_limit gauge",
+    ]
+    lines += [f"prefork_listen_queue_limit{{{labels(s)}}} {s.queue.limit}" for s in listeners]
+    return lines
 
 
 class MetricsServer:
@@ -167,12 +232,13 @@ class MetricsServer:
             return None
         return max(0.0, min(c.deadline for c in self.clients.values()) - now)
 
-    def handle(self, readable: list[int], page: Callable[[], bytes]) -> None:
+    def handle(self, readable: list[int], snapshot: Callable[[], Snapshot]) -> None:
+        """Serve the clients in ``readable``; ``snapshot`` reads what a page shows."""
         now = time.monotonic()
         if self.listener.fileno() in readable:
             self._accept(now)
         for fd in [fd for fd in readable if fd in self.clients]:
-            self._read(self.clients[fd], page)
+            self._read(self.clients[fd], snapshot)
         for fd, client in list(self.clients.items()):
             if now >= client.deadline:
                 self._drop(fd)
@@ -193,7 +259,7 @@ class MetricsServer:
             sock.setblocking(False)
             self.clients[sock.fileno()] = _Client(sock, now + REQUEST_TIMEOUT)
 
-    def _read(self, client: _Client, page: Callable[[], bytes]) -> None:
+    def _read(self, client: _Client, snapshot: Callable[[], Snapshot]) -> None:
         fd = client.sock.fileno()
         try:
             data = client.sock.recv(MAX_REQUEST)
@@ -205,17 +271,20 @@ class MetricsServer:
         if data and b"\r\n\r\n" not in client.request and len(client.request) < MAX_REQUEST:
             return  # not whole yet
         if b"\r\n\r\n" in client.request:
-            request_line = bytes(client.request).split(b"\r\n", 1)[0].split()
-            if request_line[:2] == [b"GET", b"/metrics"]:
-                self._respond(client.sock, "200 OK", page())
+            request_line = bytes(client.request).split(b"\r\n", 1)[0].split() + [b""]
+            page = PAGES.get(request_line[1]) if request_line[:1] == [b"GET"] else None
+            if page is not None:
+                content_type, render_it = page
+                self._respond(client.sock, "200 OK", content_type, render_it(snapshot()))
             else:
-                self._respond(client.sock, "404 Not Found", b"try /metrics\n")
+                self._respond(client.sock, "404 Not Found", CONTENT_TYPE, b"try / or /metrics\n")
         self._drop(fd)
 
-    def _respond(self, sock: socket.socket, status: str, body: bytes) -> None:
+    def _respond(self, sock: socket.socket, status: str, content_type: str, body: bytes) -> None:
         head = (
-            f"HTTP/1.0 {status}\r\nContent-Type: {CONTENT_TYPE}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            f"HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
         ).encode()
         try:
             sock.settimeout(1.0)  # a page is a few KiB: the kernel takes it at once
@@ -226,3 +295,10 @@ class MetricsServer:
     def _drop(self, fd: int) -> None:
         client = self.clients.pop(fd)
         client.sock.close()
+
+
+# What each path serves: its content type and how the snapshot is written.
+PAGES: dict[bytes, tuple[str, Callable[[Snapshot], bytes]]] = {
+    b"/metrics": (CONTENT_TYPE, render),
+    b"/": (HTML_CONTENT_TYPE, render_page),
+}
