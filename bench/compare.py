@@ -64,7 +64,10 @@ server's kind (`c-epoll` for the event-driven servers, `c-prefork`, a process
 per connection, for the others). `cpu us/msg` is the server process tree's CPU
 per echoed message (from /proc), `busy` the share of its core it used (near
 100%: the server is the bottleneck), `client us` the generator's own CPU per
-message, `workers` the fewest-most connections a prefork worker took."""
+message, `workers` the fewest-most connections a prefork worker took. A ratio
+is the median of the per-round ratios, not the ratio of the medians shown: on
+a machine whose speed drifts between rounds the two differ, and the paired one
+is the figure this page quotes."""
 BEGIN = "<!-- bench/compare.py: generated section begins -->"
 END = "<!-- bench/compare.py: generated section ends -->"
 
@@ -719,7 +722,8 @@ def report(results: Results) -> str:
     baseline = any(name.endswith(BASELINE_SUFFIX) for name in results.servers)
     return (
         f"{results.rounds} interleaved rounds of {results.seconds:g} s per server and "
-        "workload; medians; ratios paired within a round\n"
+        "workload; medians; each ratio is the median of the rounds' own ratios (paired\n"
+        "within a round), so it can differ from the ratio of the two medians beside it\n"
         + tables(results, servers, workloads)
         + (memory_table(results) if results.memory else "")
         + (ab_table(results, servers, workloads) if baseline else "")
@@ -735,31 +739,65 @@ def report(results: Results) -> str:
 
 
 def plot(results: Results, servers: list[Server], workloads: list[Workload], out: Path) -> bool:
+    """Three panels: the paired ratios the text quotes (msg/s and CPU per
+    message against each server's C reference, linear, 1.0 marked), then the
+    absolute messages/s on a log axis with plain tick labels."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter
     except ImportError:
         print("note: matplotlib is not installed; no results.png (pip install matplotlib)")
         return False
-    fig, axes = plt.subplots(2, 1, figsize=(14, 8), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(14, 11), sharex=True)
     width = 0.8 / len(servers)
     colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # 20 distinct: one each
+    panels = (
+        ("rate", "msg/s vs the C reference\n(paired; higher is better)", True),
+        ("server_cpu", "CPU µs per message vs the C reference\n(paired; lower is better)", True),
+        ("rate", "messages/s (median, log axis)", False),
+    )
+    measured = {s.name for s in servers}
     for i, server in enumerate(servers):
+        reference = REFERENCE.get(server.family)
+        if reference not in measured:  # a run without the C reference: no ratio
+            reference = None
         xs = [j + (i - len(servers) / 2 + 0.5) * width for j in range(len(workloads))]
-        for ax, key in zip(axes, ("rate", "server_cpu"), strict=True):
-            values = [median(results.runs[(w.name, server.name)], key) or 0 for w in workloads]
-            ax.bar(xs, values, width, label=server.name, color=colors[i % len(colors)])
-    axes[0].set_ylabel("messages/s")
-    axes[0].set_yscale("log")
-    axes[1].set_ylabel("server CPU us per message")
-    axes[1].set_yscale("log")
-    axes[1].set_xticks(range(len(workloads)), [w.title for w in workloads])
-    axes[0].legend(ncol=4, fontsize="small")
-    axes[0].set_title("echo servers, server on one core, prefork bench on another (medians)")
+        for ax, (key, _, relative) in zip(axes, panels, strict=True):
+            if relative:
+                values = [
+                    paired(results, w.name, server.name, reference, key) if reference else None
+                    for w in workloads
+                ]
+            else:
+                values = [median(results.runs[(w.name, server.name)], key) for w in workloads]
+            ax.bar(
+                xs,
+                [v or 0 for v in values],
+                width,
+                label=server.name,
+                color=colors[i % len(colors)],
+            )
+    for ax, (_, label, relative) in zip(axes, panels, strict=True):
+        ax.set_ylabel(label)
+        if relative:
+            ax.axhline(1.0, color="black", linewidth=0.8)
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1f}x"))
+        else:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    axes[-1].set_xticks(range(len(workloads)), [w.title for w in workloads])
+    axes[0].legend(ncol=5, fontsize="small")
+    axes[0].set_title(
+        "echo servers: server on one core, prefork bench on another; references: "
+        + ", ".join(f"{ref} for {family}" for family, ref in REFERENCE.items())
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
     return True
 
 
@@ -809,12 +847,26 @@ def main() -> None:
         metavar="RESULTS_JSON",
         help="measure nothing: print the report of a stored results.json again",
     )
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="with --render: also draw the stored run's chart into PNG",
+    )
     args = parser.parse_args()
+    if args.plot is not None and args.render is None:
+        parser.error("--plot needs --render RESULTS_JSON (a full run draws results.png itself)")
     if args.render is not None:
         try:
-            print(report(read_raw(args.render)))
+            stored = read_raw(args.render)
         except (OSError, ValueError, KeyError) as exc:
             parser.error(f"--render {args.render}: cannot read a stored comparison: {exc!r}")
+        print(report(stored))
+        if args.plot is not None:
+            servers = [server_named(name) for name in stored.servers]
+            loads = [w for w in WORKLOADS if w.name in stored.workloads]
+            if not plot(stored, servers, loads, args.plot):
+                sys.exit(1)
         return
     if args.rounds < 1 or args.seconds <= 0:
         parser.error("--rounds must be at least 1 and --seconds positive")
