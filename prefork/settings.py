@@ -631,7 +631,10 @@ OPTIONS: tuple[Option, ...] = (
         metavar="HOST:PORT",
         parse=parse_metrics_address,
         restart_only=True,
-        help="serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics",
+        help=(
+            "serve the scoreboard in the Prometheus text format at http://HOST:PORT/metrics"
+            " and a status page for browsers at http://HOST:PORT/"
+        ),
     ),
     Option(
         key="log_level",
