@@ -175,3 +175,74 @@ def test_bad_config_file_values_are_one_line_usage_errors(tmp_path, text, needle
 def test_missing_config_file_is_a_usage_error(tmp_path):
     missing = tmp_path / "nope.toml"
     assert_one_line_error(run("serve", "-c", str(missing)), 2, str(missing), "cannot read")
+
+
+# -- addresses: the forms, and who holds a port ------------------------------------
+
+
+def test_a_port_alone_binds_loopback(server_factory):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = server_factory("-b", f":{port}", "-w", "1")
+    assert server.addresses == [f"127.0.0.1:{port}"]
+    with server.connect() as sock:
+        sock.sendall(b"hi")
+        assert sock.recv(2) == b"hi"
+
+
+def test_a_bad_address_and_the_help_name_every_form():
+    result = run("serve", "-b", "nowhere")
+    assert_one_line_error(result, 2, "'nowhere'", "[V6ADDR]:PORT", "unix:PATH", "udp://")
+    assert_one_line_error(result, 2, "fd://N", "proxy:")
+    help_text = " ".join(run("serve", "--help").stdout.split())
+    for form in ("udp://HOST:PORT", "fd://N", "proxy:ADDR", ":PORT alone", "IPv6 only"):
+        assert form in help_text
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_address_given_twice_is_named(tmp_path):
+    port = free_port()
+    result = run("serve", "-b", f"127.0.0.1:{port}", "-b", f"127.0.0.1:{port}", "-w", "1")
+    assert_one_line_error(result, 1, f"-b 127.0.0.1:{port}: address already in use (given twice)")
+    path = tmp_path / "s.sock"
+    result = run("serve", "-b", f"unix:{path}", "-b", f"unix:{path}", "-w", "1")
+    assert_one_line_error(result, 1, f"-b unix:{path}: address already in use (given twice)")
+
+
+def test_a_busy_metrics_port_is_named_as_metrics():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = run("serve", "-b", "127.0.0.1:0", "-w", "1", "--metrics", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, f"--metrics 127.0.0.1:{port}: address already in use")
+
+
+def test_a_bind_on_the_metrics_address_says_so():
+    port = free_port()
+    result = run("serve", "-b", f"127.0.0.1:{port}", "-w", "1", "--metrics", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, f"-b 127.0.0.1:{port}: address already in use", "--metrics")
+
+
+NOT_A_PROTOCOL = """
+class Echo:
+    def __init__(self, sock, address):
+        sock.sendall(sock.recv(100))
+"""
+
+
+def test_the_event_worker_refusal_says_what_the_handler_is(tmp_path):
+    from support import handler_env
+
+    (tmp_path / "classy.py").write_text(NOT_A_PROTOCOL)
+    result = run(
+        "serve", "-b", "127.0.0.1:0", "--handler", "classy:Echo", env=handler_env(tmp_path)
+    )
+    assert_one_line_error(result, 2, "a class without data_received (Echo)", "-k sync")
+    assert "function" not in result.stderr

@@ -262,6 +262,30 @@ def test_log_file_is_handed_to_the_user_so_workers_can_reopen_it(file_log_server
     assert wait_until(lambda: f"[{worker}] [INFO] worker" in server.text(), 10), server.text()
 
 
+@needs_root
+def test_user_without_group_hands_socket_and_log_file_to_the_login_group(
+    file_log_server, tmp_path
+):
+    """The workers run with the user's login group: the files they must open
+    or let clients reach belong to it, not to the master's group (root)."""
+    nobody = pwd.getpwnam(NOBODY)
+    assert nobody.pw_gid != os.getgid(), "the test needs a login group other than root's"
+    sock_path = tmp_path / "s.sock"
+    server = file_log_server("-b", f"unix:{sock_path}", "-w", "1", "--user", NOBODY)
+    st = os.stat(sock_path)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (
+        nobody.pw_uid,
+        nobody.pw_gid,
+        0o660,
+    )
+    log = os.stat(server.log_path)
+    assert (log.st_uid, log.st_gid) == (nobody.pw_uid, nobody.pw_gid)
+    assert wait_until(lambda: len(children(server.proc.pid)) == 1, 10)
+    worker = children(server.proc.pid)[0]
+    assert wait_until(lambda: proc_status(worker)["Gid"].split()[0] != "0", 5)
+    assert proc_status(worker)["Gid"].split() == [str(nobody.pw_gid)] * 4
+
+
 @pytest.mark.parametrize(
     ("option", "value", "words"),
     [

@@ -37,16 +37,21 @@ DRAIN_MAX = 4096  # connections a leaving worker takes from a listener's queue
 EMFILE_BACKOFF = 0.1  # seconds
 
 
-# struct tcp_info (linux/tcp.h): tcpi_bytes_received at 128, tcpi_notsent_bytes
-# at 144, tcpi_bytes_sent and tcpi_bytes_retrans at 200 (Linux 4.19+).
+# struct tcp_info (linux/tcp.h): tcpi_state at 0, tcpi_bytes_received at 128,
+# tcpi_notsent_bytes at 144, tcpi_bytes_sent and tcpi_bytes_retrans at 200
+# (Linux 4.19+).
 _TCP_INFO_SIZE = 216
+# States reached once the peer's FIN came (CLOSE_WAIT, LAST_ACK, TIME_WAIT,
+# CLOSING, CLOSE; tcp_states.h): the kernel counts that FIN as a byte received.
+_PEER_FIN_STATES = frozenset({8, 9, 6, 11, 7})
 
 
 def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     """Bytes a TCP connection received and its server wrote, as the kernel
     counted them (a user handle(sock, address) reads and writes as it likes,
-    so only the kernel knows): received; sent less what was sent again,
-    plus what still waits to be sent. None for other sockets."""
+    so only the kernel knows): received (less the peer's FIN); sent less
+    what was sent again, plus what still waits to be sent. None for other
+    sockets."""
     sock = socket.socket(fileno=conn)
     try:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
@@ -59,6 +64,8 @@ def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     if len(info) < _TCP_INFO_SIZE:  # a kernel older than 4.19
         return None
     (received,) = struct.unpack_from("=Q", info, 128)
+    if info[0] in _PEER_FIN_STATES:
+        received = max(0, received - 1)
     (notsent,) = struct.unpack_from("=I", info, 144)
     sent, retransmitted = struct.unpack_from("=QQ", info, 200)
     return received, sent - retransmitted + notsent
