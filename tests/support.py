@@ -32,6 +32,7 @@ WORKER_CLASS_ARGS = {
     "event": ["-k", "event"],
     "sync": ["-k", "sync"],
     "thread": ["-k", "thread", "--threads", "4"],
+    "asyncio": ["-k", "asyncio"],
 }
 
 

@@ -111,6 +111,10 @@ ZERO_DROP_CASES = {
     "thread": (["-k", "thread", "--threads", "2"], ALL_ACTIONS),
     "event-reuse-port": (["-k", "event", "--reuse-port"], ALL_ACTIONS),
     "sync-reuse-port": (["-k", "sync", "--reuse-port"], ALL_ACTIONS),
+    "asyncio": (["-k", "asyncio", "--loop", "asyncio"], ALL_ACTIONS),
+    # auto: uvloop when it is installed, asyncio otherwise
+    "asyncio-auto": (["-k", "asyncio", "--loop", "auto"], ALL_ACTIONS),
+    "asyncio-auto-reuse-port": (["-k", "asyncio", "--loop", "auto", "--reuse-port"], ALL_ACTIONS),
 }
 
 
@@ -156,7 +160,7 @@ def test_no_connection_is_lost_through_reloads_scaling_and_recycling(server_fact
     assert "recycled after" in server.log, "no worker was recycled under this load"
 
 
-@pytest.mark.parametrize("k", ["event", "sync", "thread"])
+@pytest.mark.parametrize("k", ["event", "sync", "thread", "asyncio"])
 def test_graceful_term_serves_the_connections_already_queued(server_factory, k):
     """Connections waiting in the listen queue when TERM comes are served,
     not reset: the master stops new ones from queueing, the workers take

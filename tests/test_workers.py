@@ -366,7 +366,7 @@ def position_of(server, position: int) -> int:
     return int(re.findall(pattern, server.log)[-1])
 
 
-@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
+@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"], ["-k", "asyncio"]])
 def test_reuse_port_respawned_worker_inherits_its_slot_queue(server_factory, k):
     import signal
 
@@ -386,7 +386,7 @@ def test_reuse_port_respawned_worker_inherits_its_slot_queue(server_factory, k):
             sock.close()
 
 
-@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"]])
+@pytest.mark.parametrize("k", [["-k", "event"], ["-k", "sync"], ["-k", "asyncio"]])
 def test_reuse_port_ttou_serves_a_queue_its_worker_left_behind(server_factory, k):
     """TTOU retires the highest position while connections wait in its queue
     and its worker dies without taking them (as one that stopped accepting
