@@ -13,16 +13,20 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import time
+import urllib.request
 
 import pytest
 
 from support import (
     TESTS_DIR,
     assert_one_line_error,
+    children_of,
     exchange,
     handler_env,
     pid_alive,
+    prefork_command,
     run,
     wait_until,
 )
@@ -341,3 +345,68 @@ def test_loop_auto_without_uvloop_runs_asyncio(server_factory, tmp_path):
     with server.connect() as sock:
         assert exchange(sock, b"auto") == b"auto"
     assert wait_until(lambda: "asyncio loop" in server.log, 5), server.log
+
+
+# -- the log file and the metrics ------------------------------------------------------
+
+
+def test_usr1_reopens_the_log_file_in_the_workers(tmp_path):
+    log = tmp_path / "prefork.log"
+    proc = subprocess.Popen(
+        prefork_command(
+            "serve",
+            "-b",
+            "127.0.0.1:0",
+            "-w",
+            "1",
+            "-k",
+            "asyncio",
+            "--max-requests",
+            "1",
+            "--log-file",
+            str(log),
+        ),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        text = lambda path=log: path.read_text() if path.exists() else ""  # noqa: E731
+        assert wait_until(lambda: "master started" in text(), 15), text()
+        port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", text()).group(1))
+        rotated = tmp_path / "prefork.log.1"
+        os.rename(log, rotated)  # what logrotate does
+        proc.send_signal(signal.SIGUSR1)
+        assert wait_until(lambda: "USR1: log file reopened" in text(), 10), text(rotated)
+        assert wait_until(lambda: len(children_of(proc.pid)) == 1, 10)
+        (worker,) = children_of(proc.pid)
+        time.sleep(0.5)  # the master passes USR1 on to the worker
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert exchange(sock, b"rotate me", timeout=10) == b"rotate me"
+        # The worker recycles after one connection and says so, in the new file.
+        assert wait_until(lambda: f"[{worker}] [INFO] worker" in text(), 10), text()
+        assert f"[{worker}] [INFO] worker" not in text(rotated)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def test_metrics_count_the_workers_connections_and_bytes(serve):
+    server = serve("-w", "2", "--metrics", "127.0.0.1:0")
+    assert wait_until(lambda: "metrics on http://" in server.log, 10), server.log
+    address = re.search(r"metrics on http://(\S+)/metrics", server.log).group(1)
+    for size in (10, 1000, 100_000):
+        with server.connect() as sock:
+            assert exchange(sock, b"m" * size) == b"m" * size
+
+    def value(name: str) -> float:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+            page = response.read().decode()
+        return sum(
+            float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", page, re.MULTILINE)
+        )
+
+    assert wait_until(lambda: value("prefork_connections_accepted_total") == 3, 10)
+    assert value("prefork_bytes_in_total") == 101_010
+    assert value("prefork_bytes_out_total") == 101_010

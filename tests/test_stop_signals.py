@@ -13,7 +13,7 @@ from support import WORKER_CLASS_ARGS, pid_alive, wait_until
 pytestmark = pytest.mark.timeout(60)
 
 
-@pytest.mark.parametrize("k", ["event", "sync"])
+@pytest.mark.parametrize("k", ["event", "sync", "asyncio"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
 def test_int_or_quit_during_a_graceful_stop_makes_it_fast(server_factory, k, sig):
     server = server_factory("-w", "1", "--graceful-timeout", "60", *WORKER_CLASS_ARGS[k])
