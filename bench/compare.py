@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -56,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 BUILD = HERE / ".build"  # the compiled C peers (--build-dir)
 PYTHON = sys.executable
-IDLE_CONNECTIONS = 1000
+IDLE_CONNECTIONS = 2000
 EXPLANATION = """\
 Each server alone on core 0, `prefork bench` on core 1. Medians of interleaved
 rounds; ratios are paired within a round against the C reference of the
@@ -120,14 +121,16 @@ def peer(script: str, *args: str) -> tuple[str, ...]:
 
 
 NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
+EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "4096")
 SERVERS = [
     # Event-driven: one process (one core) serves every connection.
     Server("c-epoll", "event", ("{build}/epoll_echo", "{port}")),
-    Server("prefork-event", "event", prefork_argv("-k", "event", "-w", "1"), prefork=True),
+    # --max-connections above the idle-memory count (2 x IDLE_CONNECTIONS + 20).
+    Server("prefork-event", "event", prefork_argv(*EVENT_ARGS), prefork=True),
     Server(
         "prefork-event-py",
         "event",
-        prefork_argv("-k", "event", "-w", "1"),
+        prefork_argv(*EVENT_ARGS),
         NO_EXTENSIONS,
         prefork=True,
     ),
@@ -214,6 +217,24 @@ def private_bytes(smaps_rollup: str) -> int:
         if name in ("Private_Clean", "Private_Dirty"):
             total += int(rest.split()[0]) * 1024  # in kB
     return total
+
+
+def proportional_bytes(smaps_rollup: str) -> int:
+    """PSS from /proc/PID/smaps_rollup: each page divided among the processes mapping it."""
+    for line in smaps_rollup.splitlines():
+        name, _, rest = line.partition(":")
+        if name == "Pss":
+            return int(rest.split()[0]) * 1024  # in kB
+    raise ValueError("no Pss line in smaps_rollup")
+
+
+def tree_pss(pid: int) -> int:
+    """The physical memory of ``pid`` and its descendants, each page counted
+    once: summed PSS. Summed USS counts a page twice once a worker writes to
+    a page it shared with the master after fork (the worker's copy and the
+    master's, now private too), so its growth overstates what the tree
+    allocated; summed PSS does not."""
+    return tree_total(pid, "smaps_rollup", proportional_bytes)
 
 
 def tree_uss(pid: int) -> int:
@@ -388,10 +409,26 @@ def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run
     )
 
 
+# How the idle-connection memory is measured (stored with the figures, so a
+# stored run keeps its own label): the growth of the tree's PSS from
+# IDLE_CONNECTIONS to twice as many idle connections. The slope leaves out
+# what the first connections cost once (pages of the interpreter's heap the
+# worker first writes after fork, the epoll set's first pages).
+MEMORY_METHOD = "pss-slope"
+MEMORY_LABELS = {
+    # Runs before 2026-12-01 (evening): 1,000 idle connections after 20 of warm-up.
+    "uss-growth": "user-space memory per idle connection (1,000 idle, USS growth)",
+    "pss-slope": (
+        f"memory per idle connection (PSS of the server's processes, from {IDLE_CONNECTIONS:,} "
+        f"to {2 * IDLE_CONNECTIONS:,} idle)"
+    ),
+}
+
+
 def idle_memory(server: Server, pin: Pinning) -> float:
-    """Bytes of server resident memory per idle connection."""
+    """Bytes of the server's memory per idle connection (MEMORY_METHOD)."""
     socks: list[socket.socket] = []
-    with Running(server, IDLE_CONNECTIONS + 20, pin) as running:
+    with Running(server, 2 * IDLE_CONNECTIONS + 20, pin) as running:
         try:
 
             def open_echoing(n: int) -> None:
@@ -402,12 +439,12 @@ def idle_memory(server: Server, pin: Pinning) -> float:
                         raise RuntimeError("no echo on an idle connection")
                     socks.append(sock)
 
-            open_echoing(20)  # warm: first-connection allocations are not per connection
+            open_echoing(20 + IDLE_CONNECTIONS)  # what the first ones cost once is left out
             time.sleep(0.3)
-            before = tree_uss(running.proc.pid)
+            before = tree_pss(running.proc.pid)
             open_echoing(IDLE_CONNECTIONS)
             time.sleep(0.3)
-            return (tree_uss(running.proc.pid) - before) / IDLE_CONNECTIONS
+            return (tree_pss(running.proc.pid) - before) / IDLE_CONNECTIONS
         finally:
             for sock in socks:
                 sock.close()
@@ -421,6 +458,7 @@ class Results:
     runs: dict[tuple[str, str], list[Run | None]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     memory: dict[str, float | None] = field(default_factory=dict)
+    memory_method: str = MEMORY_METHOD  # runs stored before it was recorded: "uss-growth"
     generator: dict[str, Any] = field(default_factory=dict)
     # How the run was made, stored so that its report can be made again from
     # results.json alone (--render), which is how RESULTS.md is checked.
@@ -617,7 +655,7 @@ def headline(results: Results) -> list[str]:
 
 
 def memory_table(results: Results) -> str:
-    lines = [f"\nuser-space memory per idle connection ({IDLE_CONNECTIONS:,} idle, USS growth)"]
+    lines = ["\n" + MEMORY_LABELS[results.memory_method]]
     for name, value in results.memory.items():
         lines.append(f"  {name:<17}{fmt(value, ',.0f', ' bytes'):>14}")
     return "\n".join(lines)
@@ -676,6 +714,7 @@ def write_raw(results: Results, command: str, path: Path) -> None:
             for i, run in enumerate(runs)
         ],
         "idle_bytes_per_connection": results.memory,
+        "idle_memory_method": results.memory_method,
         "generator": results.generator,
         "failures": results.failures,
         "rounds": results.rounds,
@@ -693,6 +732,7 @@ def read_raw(path: Path) -> Results:
     results = Results(
         failures=document["failures"],
         memory=document["idle_bytes_per_connection"],
+        memory_method=document.get("idle_memory_method", "uss-growth"),
         generator=document["generator"],
         rounds=document["rounds"],
         seconds=document["seconds"],
@@ -720,6 +760,13 @@ def report(results: Results) -> str:
     servers = [server_named(name) for name in results.servers]
     workloads = [w for w in WORKLOADS if w.name in results.workloads]
     baseline = any(name.endswith(BASELINE_SUFFIX) for name in results.servers)
+    failures = (
+        "\n\nfailed runs:\n" + "\n".join(f"  {f}" for f in results.failures)
+        if results.failures
+        else ""
+    )
+    if not workloads:  # --memory-only
+        return memory_table(results).lstrip("\n") + failures + f"\n\n({results.elapsed:.0f} s)"
     return (
         f"{results.rounds} interleaved rounds of {results.seconds:g} s per server and "
         "workload; medians; each ratio is the median of the rounds' own ratios (paired\n"
@@ -826,6 +873,11 @@ def main() -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-connection memory")
     parser.add_argument(
+        "--memory-only",
+        action="store_true",
+        help="measure only the idle-connection memory (no workload is run)",
+    )
+    parser.add_argument(
         "--no-generator-check", action="store_true", help="skip the second-generator check"
     )
     parser.add_argument(
@@ -899,6 +951,13 @@ def main() -> None:
     pin = pinning()
     command = "python bench/compare.py " + " ".join(sys.argv[1:])
     started = time.monotonic()
+    if args.memory_only:
+        workloads = []
+    # Up to 2 x IDLE_CONNECTIONS sockets each side (the servers inherit the limit).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * IDLE_CONNECTIONS + 512
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     results = compare(available, workloads, args.rounds, args.seconds, pin)
     if not args.no_memory:
         for server in available:
@@ -910,7 +969,7 @@ def main() -> None:
                 results.memory[server.name] = None
                 results.failures.append(f"memory, {server.name}: {exc}")
     names = [s.name for s in available]
-    if not args.no_generator_check and "prefork-event-py" in names:
+    if not args.no_generator_check and not args.memory_only and "prefork-event-py" in names:
         check_generator(args.seconds, args.rounds, pin, results)
     results.rounds, results.seconds = args.rounds, args.seconds
     results.servers = [s.name for s in available]
@@ -920,7 +979,8 @@ def main() -> None:
     print(text)
     write_markdown(text, command, args.output / "RESULTS.md")
     write_raw(results, command, args.output / "results.json")
-    plot(results, available, workloads, args.output / "results.png")
+    if workloads:  # a --memory-only run has nothing to draw
+        plot(results, available, workloads, args.output / "results.png")
     sys.exit(1 if results.failures else 0)
 
 
