@@ -30,6 +30,7 @@ class EventLoop:
     max_buffer_closed: int
     handler_errors: int
     proxy_rejected: int
+    access_log_dropped: int
     resource_errors: int
     datagrams: int
     def __init__(
@@ -48,6 +49,7 @@ class EventLoop:
         stats: Any = None,
         proxy_listeners: Iterable[Any] = (),
         proxy_trusted: Callable[[Any], bool] | None = None,
+        access_log: Any = -1,
     ) -> None: ...
     @property
     def active(self) -> int: ...

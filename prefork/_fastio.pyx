@@ -25,10 +25,12 @@ raised) and otherwise retries, exactly as PEP 475 does for ``socket``.
 import logging
 import os
 import socket
+import stat
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint64_t
+from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
@@ -37,9 +39,9 @@ from prefork cimport _posix as posix
 from prefork import _fastio_common as common
 from prefork import proxy
 from prefork._fastio_common import (
-    DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
+    ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args, fileno_of,
-    peer_name, peer_of_fd, proxy_fds, stats_view,
+    format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
 )
 
 _log = logging.getLogger("prefork")
@@ -231,6 +233,33 @@ cdef enum:
     HEARTBEAT_OFFSET = 0  # a double
     COUNTERS_OFFSET = 16  # N_COUNTERS int64s, in the order of LOOP_COUNTERS
     N_COUNTERS = 8
+    ACCESS_LOG_BUFFER = 65536
+    ACCESS_PIPE_WRITE = 4096
+    CLIENT_MAX = 64  # "[" IPv6 "]:" port, and a NUL
+
+# How a connection ended, for the access log: in the order of
+# prefork._fastio_common.END_REASONS (_end_name gives each its name).
+cdef enum End:
+    END_EOF, END_RESET, END_IDLE, END_MAX_BUFFER, END_PROXY, END_HANDLER, END_SHUTDOWN,
+    END_CLOSED, N_ENDS
+
+
+cdef const char *_end_name(int end) noexcept nogil:
+    if end == END_EOF:
+        return "eof"
+    if end == END_RESET:
+        return "reset"
+    if end == END_IDLE:
+        return "idle-timeout"
+    if end == END_MAX_BUFFER:
+        return "max-buffer"
+    if end == END_PROXY:
+        return "proxy-rejected"
+    if end == END_HANDLER:
+        return "handler-error"
+    if end == END_SHUTDOWN:
+        return "shutdown"
+    return "closed"
 
 # In the order of prefork._fastio_common.SERVICES.
 cdef enum Service:
@@ -255,14 +284,27 @@ COMPILED_FACTS = {
         "idle_closed", "max_buffer_closed", "handler_errors", "proxy_rejected",
     ),
 }
+COMPILED_FACTS["END_REASONS"] = tuple(
+    (<bytes>_end_name(end)).decode("ascii") for end in range(N_ENDS))
+COMPILED_FACTS["ACCESS_LOG_BUFFER"] = ACCESS_LOG_BUFFER
+COMPILED_FACTS["ACCESS_PIPE_WRITE"] = ACCESS_PIPE_WRITE
 common.check_facts(__name__, COMPILED_FACTS, vars(common))
 
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 
-# What closed a connection, for connection_lost(exc).
+# What closed a connection, for connection_lost(exc) and the access log.
 cdef enum:
-    CLOSED_OK = 0  # end of file, close(), idle: exc is None
+    CLOSED_OK = 0  # end of file, close(): exc is None
     CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
+    CLOSED_IDLE = -2  # the idle timeout: exc is None
+    CLOSED_SHUTDOWN = -3  # the loop's close(): exc is None
+
+
+cdef struct Access:
+    # What the access log says of a connection (allocated only with a log).
+    double started
+    unsigned long long nin, nout
+    char client[CLIENT_MAX]
 
 
 cdef struct Datagrams:
@@ -292,6 +334,8 @@ cdef struct Conn:
     PyObject *transport  # owned reference, or NULL
     PyObject *header  # owned bytearray while a PROXY header is read, else NULL
     PyObject *peer  # owned: the client's address from a PROXY header, or NULL
+    bint peer_eof  # the peer's end of file came (how it ended, for the log)
+    Access *access  # NULL without an access log
     Conn *prev
     Conn *next
 
@@ -353,6 +397,13 @@ cdef class EventLoop:
     cdef readonly unsigned long long accepted, bytes_in, bytes_out, idle_closed, resource_errors
     cdef readonly unsigned long long datagrams
     cdef readonly unsigned long long max_buffer_closed, handler_errors, proxy_rejected
+    cdef readonly unsigned long long access_log_dropped
+    cdef int alog_fd  # the access log, -1 without
+    cdef bint alog_socket  # written with send(MSG_DONTWAIT)
+    cdef bint alog_pipe  # written ACCESS_PIPE_WRITE bytes of whole lines at most
+    cdef unsigned char *alog  # ACCESS_LOG_BUFFER bytes of lines not yet written
+    cdef size_t alog_len
+    cdef int pid
     cdef int *dgram_fds
     cdef int n_dgrams
     cdef Datagrams *dgram
@@ -378,12 +429,13 @@ cdef class EventLoop:
     def __cinit__(self):
         self.epfd = -1
         self.wakeup_fd = -1
+        self.alog_fd = -1
 
     def __init__(self, listeners, str service, *, int wakeup_fd=-1,
                  int max_connections=DEFAULT_MAX_CONNECTIONS, max_buffer=DEFAULT_MAX_BUFFER,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, pattern=b"", protocol_factory=None,
                  datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
-                 proxy_trusted=None):
+                 proxy_trusted=None, access_log=-1):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef int index
@@ -405,6 +457,15 @@ cdef class EventLoop:
             self.stats = &stats_bytes[0]
         self.max_buffer = max_buffer
         self.idle_timeout = idle_timeout
+        if not (isinstance(access_log, int) and access_log < 0):
+            self.alog_fd = fileno_of(access_log)
+            mode = os.fstat(self.alog_fd).st_mode
+            self.alog_socket = stat.S_ISSOCK(mode)
+            self.alog_pipe = stat.S_ISFIFO(mode)
+            self.alog = <unsigned char *>malloc(ACCESS_LOG_BUFFER)
+            if self.alog == NULL:
+                raise MemoryError()
+        self.pid = os.getpid()
         self.read_size = min(READ_SIZE, max_buffer)
         self.buf = <unsigned char *>malloc(self.read_size)
         self.listeners = <int *>malloc(sizeof(int) * (len(fds) + 1))
@@ -478,7 +539,8 @@ cdef class EventLoop:
     def close(self):
         """Close every connection and the epoll set; listeners stay open."""
         while self.head != NULL:
-            self._close(self.head, CLOSED_OK)
+            self._close(self.head, CLOSED_SHUTDOWN)
+        self._flush_access_log()
         self.stop_accepting()
         self._release()
 
@@ -486,8 +548,11 @@ cdef class EventLoop:
         """Serve for up to ``timeout`` seconds (see the spec)."""
         if self.epfd < 0:
             raise ValueError("event loop is closed")
-        with nogil:
-            self._run(timeout)
+        try:
+            with nogil:
+                self._run(timeout)
+        finally:
+            self._flush_access_log()  # the loop's tick
 
     # -- internals ------------------------------------------------------------------
 
@@ -502,8 +567,12 @@ cdef class EventLoop:
             Py_XDECREF(conn.transport)
             Py_XDECREF(conn.header)
             Py_XDECREF(conn.peer)
+            free(conn.access)
             free(conn)
         self._free_graveyard()
+        free(self.alog)
+        self.alog = NULL
+        self.alog_fd = -1
         if self.epfd >= 0:
             posix.close(self.epfd)
             self.epfd = -1
@@ -659,7 +728,7 @@ cdef class EventLoop:
             next_conn = conn.next
             if conn.last_active <= limit:
                 self.idle_closed += 1
-                self._close(conn, CLOSED_OK)
+                self._close(conn, CLOSED_IDLE)
             conn = next_conn
         return 0
 
@@ -769,13 +838,23 @@ cdef class EventLoop:
 
     # -- connections ------------------------------------------------------------------
 
+    cdef int _accept_one(self, int lfd, posix.sockaddr_storage *addr) noexcept nogil:
+        """accept4 on ``lfd``; the peer's address into ``addr`` only with an
+        access log (it is the log's client)."""
+        cdef posix.socklen_t length = sizeof(posix.sockaddr_storage)
+        if self.alog_fd < 0:
+            return posix.accept4(lfd, NULL, NULL, posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
+        addr.ss_family = 0  # stays so if the kernel gives no address
+        return posix.accept4(lfd, <posix.sockaddr *>addr, &length,
+                             posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
+
     cdef int _drain(self, double now) except -1 nogil:
         """Take what is queued, as room allows; stop once the queues are empty."""
         cdef int i, fd, err, empty = 0
+        cdef posix.sockaddr_storage addr
         for i in range(self.n_listeners):
             while self.n_active < self.max_connections and self.drained < DRAIN_MAX:
-                fd = posix.accept4(self.listeners[i], NULL, NULL,
-                                   posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
+                fd = self._accept_one(self.listeners[i], &addr)
                 if fd < 0:
                     err = posix.errno
                     if err == posix.EINTR:
@@ -789,7 +868,7 @@ cdef class EventLoop:
                         empty += 1
                     break  # EMFILE and kin: try again at the next turn
                 self.drained += 1
-                self._open(fd, now, self.proxied[i])
+                self._open(fd, now, self.proxied[i], &addr)
         if empty == self.n_listeners or self.drained >= DRAIN_MAX:
             self.draining = False
             self._stop_accepting()
@@ -798,6 +877,7 @@ cdef class EventLoop:
     cdef int _accept(self, int index, double now) except -1 nogil:
         cdef int lfd = self.listeners[index]
         cdef int fd, err, k
+        cdef posix.sockaddr_storage addr
         for k in range(ACCEPT_BATCH):
             if self.n_active >= self.max_connections:
                 break
@@ -805,7 +885,7 @@ cdef class EventLoop:
                 self._stop_accepting()  # recycled: serve what we have, then end
                 self._recycled = True
                 return 0
-            fd = posix.accept4(lfd, NULL, NULL, posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
+            fd = self._accept_one(lfd, &addr)
             if fd < 0:
                 err = posix.errno
                 if err == posix.EINTR:
@@ -822,16 +902,28 @@ cdef class EventLoop:
                     self._disarm()
                     return 0
                 _raise_oserror(err)
-            self._open(fd, now, self.proxied[index])
+            self._open(fd, now, self.proxied[index], &addr)
         if self.armed:  # re-arm: to the back of the listener's wait queue
             self._readd(lfd, self._listener_tag(index))
         return 0
 
-    cdef int _open(self, int fd, double now, bint proxied) except -1 nogil:
-        cdef Conn *conn = <Conn *>calloc(1, sizeof(Conn))
+    cdef int _open(self, int fd, double now, bint proxied,
+                   const posix.sockaddr_storage *addr) except -1 nogil:
+        cdef Access *access = NULL
+        cdef Conn *conn
+        if self.alog_fd >= 0:
+            access = <Access *>calloc(1, sizeof(Access))
+            if access == NULL:
+                posix.close(fd)
+                return 0
+            access.started = now
+            _format_client(addr, access.client)
+        conn = <Conn *>calloc(1, sizeof(Conn))
         if conn == NULL:
+            free(access)
             posix.close(fd)
             return 0  # like a connection the peer aborted: the worker lives on
+        conn.access = access
         conn.fd = fd
         conn.reading = True
         conn.last_active = now
@@ -857,7 +949,7 @@ cdef class EventLoop:
         if self.proxy_trusted is not None and not self.proxy_trusted(peer):
             _log.warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
             self.proxy_rejected += 1
-            self._close_quietly(conn)
+            self._close_quietly(conn, END_PROXY)
             return 0
         header = bytearray()
         conn.header = <PyObject *>header
@@ -918,7 +1010,7 @@ cdef class EventLoop:
             if conn != NULL and not conn.closed:
                 client = <object>conn.peer if conn.peer != NULL else peer_of_fd(conn.fd)
                 _log.exception("handler failed; connection from %s closed", client)
-                self._close_exc(conn, exc)
+                self._close_exc(conn, exc, END_HANDLER)
             else:
                 _log.exception("handler failed")
             return None
@@ -943,9 +1035,21 @@ cdef class EventLoop:
         return 0
 
     cdef int _close(self, Conn *conn, int err) except -1 nogil:
-        """Close ``conn``; ``err`` > 0 is the errno that ended it."""
+        """Close ``conn``; ``err`` > 0 is the errno that ended it, else a
+        CLOSED_ code."""
+        cdef int end
+        if err > 0:
+            end = END_RESET
+        elif err == CLOSED_OVERFLOW:
+            end = END_MAX_BUFFER
+        elif err == CLOSED_IDLE:
+            end = END_IDLE
+        elif err == CLOSED_SHUTDOWN:
+            end = END_SHUTDOWN
+        else:
+            end = END_EOF if conn.peer_eof else END_CLOSED
         if conn.protocol == NULL:
-            self._close_quietly(conn)
+            self._close_quietly(conn, end)
             return 0
         with gil:
             if err > 0:
@@ -954,20 +1058,25 @@ cdef class EventLoop:
                 exc = BufferError("max_buffer exceeded")
             else:
                 exc = None
-            self._close_exc(conn, exc)
+            self._close_exc(conn, exc, end)
         return 0
 
-    cdef int _close_exc(self, Conn *conn, object exc) except -1:
+    cdef int _close_exc(self, Conn *conn, object exc, int end) except -1:
         """Close ``conn`` and tell its protocol (with the GIL)."""
         cdef PyObject *protocol = conn.protocol
         conn.protocol = NULL
-        self._close_quietly(conn)
+        self._close_quietly(conn, end)
         if protocol != NULL:
             self._call(NULL, <object>protocol, (exc,), "connection_lost")
             Py_XDECREF(protocol)
         return 0
 
-    cdef int _close_quietly(self, Conn *conn) except -1 nogil:
+    cdef int _close_quietly(self, Conn *conn, int end) except -1 nogil:
+        """Close ``conn``; ``end`` (an End) says why, for the access log."""
+        if conn.access != NULL:
+            self._log_access(conn, end)
+            free(conn.access)
+            conn.access = NULL
         if conn.registered:
             self._ctl(posix.EPOLL_CTL_DEL, conn.fd, 0, 0)
             conn.registered = False
@@ -1037,6 +1146,8 @@ cdef class EventLoop:
                 self._close(conn, <int>-sent)
                 return 0
             self.bytes_out += <unsigned long long>sent
+            if conn.access != NULL:
+                conn.access.nout += <unsigned long long>sent
         if <size_t>sent == length:
             return 0
         length -= <size_t>sent
@@ -1126,6 +1237,7 @@ cdef class EventLoop:
         if n == 0:
             with gil:
                 _log.debug("%s closed before its PROXY header", peer_of_fd(conn.fd))
+            conn.peer_eof = True
             self._close(conn, CLOSED_OK)
             return 0
         conn.last_active = now
@@ -1147,7 +1259,7 @@ cdef class EventLoop:
         except proxy.ProxyHeaderError as exc:
             _log.warning("PROXY header from %s: %s; closing", peer_of_fd(conn.fd), exc)
             self.proxy_rejected += 1
-            self._close_quietly(conn)
+            self._close_quietly(conn, END_PROXY)
             return -1
         if parsed is None:
             return -1
@@ -1161,12 +1273,18 @@ cdef class EventLoop:
             source = parsed.source
             conn.peer = <PyObject *>source
             Py_INCREF(source)
+            if conn.access != NULL:  # the log names the client, not the balancer
+                client = format_client(source).encode("ascii", "replace")[:CLIENT_MAX - 1]
+                memcpy(conn.access.client, <const char *>client, len(client))
+                conn.access.client[len(client)] = 0
         self._start(conn)
         return rest
 
     cdef int _received(self, Conn *conn, ssize_t n) except -1 nogil:
         """Serve the ``n`` bytes at the start of the read buffer."""
         self.bytes_in += <unsigned long long>n
+        if conn.access != NULL:
+            conn.access.nin += <unsigned long long>n
         if self.svc == ECHO:
             self._write(conn, self.buf, <size_t>n)
         elif self.svc == PROTOCOL:
@@ -1177,6 +1295,7 @@ cdef class EventLoop:
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:
         cdef bint keep_open = False
         conn.reading = False
+        conn.peer_eof = True
         if self.svc == CHARGEN:
             return 0  # half-closed: the peer still reads the stream
         if self.svc == PROTOCOL:
@@ -1194,6 +1313,8 @@ cdef class EventLoop:
             return 0
         conn.last_active = now
         self.bytes_out += <unsigned long long>sent
+        if conn.access != NULL:
+            conn.access.nout += <unsigned long long>sent
         conn.sent += <size_t>sent
         if _owed(conn) == 0:
             conn.sent = conn.pending_len = 0
@@ -1210,5 +1331,88 @@ cdef class EventLoop:
             return 0
         conn.last_active = now
         self.bytes_out += <unsigned long long>sent
+        if conn.access != NULL:
+            conn.access.nout += <unsigned long long>sent
         conn.offset = (conn.offset + <size_t>sent) % self.pattern_len
         return 0
+
+    # -- the access log -------------------------------------------------------------
+    # See the spec's _log_access and _flush_access_log: the same lines, the
+    # same buffer rule, formatted and written here without the GIL.
+
+    cdef void _log_access(self, Conn *conn, int end) noexcept nogil:
+        cdef char line[256]
+        cdef char stamp[32]
+        cdef posix.timespec ts
+        cdef posix.tm parts
+        cdef int n
+        cdef Access *a = conn.access
+        posix.clock_gettime(posix.CLOCK_REALTIME, &ts)
+        posix.gmtime_r(&ts.tv_sec, &parts)
+        posix.strftime(stamp, sizeof(stamp), ACCESS_TIME_FMT, &parts)
+        n = snprintf(line, sizeof(line), "%s.%03ldZ %s %d %.6f %llu %llu %s\n", stamp,
+                     ts.tv_nsec // 1000000, a.client, self.pid, _monotonic() - a.started,
+                     a.nin, a.nout, _end_name(end))
+        if n <= 0 or <size_t>n >= sizeof(line):  # cannot happen: CLIENT_MAX bounds it
+            self.access_log_dropped += 1
+            return
+        if self.alog_len + <size_t>n > ACCESS_LOG_BUFFER:
+            self._flush_access_log()
+            if self.alog_len + <size_t>n > ACCESS_LOG_BUFFER:
+                self.access_log_dropped += 1
+                return
+        memcpy(self.alog + self.alog_len, line, <size_t>n)
+        self.alog_len += <size_t>n
+
+    cdef void _flush_access_log(self) noexcept nogil:
+        """Write what the log takes now, without waiting; keep the rest."""
+        cdef size_t done = 0, size
+        cdef ssize_t r
+        if self.alog_fd < 0:
+            return
+        while done < self.alog_len:
+            size = self.alog_len - done
+            if self.alog_pipe and size > ACCESS_PIPE_WRITE:
+                size = ACCESS_PIPE_WRITE  # back to the end of the last whole line
+                while size > 0 and self.alog[done + size - 1] != 10:  # "\n"
+                    size -= 1
+            if self.alog_socket:
+                r = posix.send(self.alog_fd, self.alog + done, size,
+                               posix.MSG_DONTWAIT | posix.MSG_NOSIGNAL)
+            else:
+                r = posix.write(self.alog_fd, self.alog + done, size)
+            if r > 0:
+                done += <size_t>r
+            elif r < 0 and posix.errno == posix.EINTR:
+                continue
+            else:
+                break  # full (EAGAIN), gone (EPIPE), no space...: later
+        if done > 0:
+            memmove(self.alog, self.alog + done, self.alog_len - done)
+            self.alog_len -= done
+
+
+cdef const char *ACCESS_TIME_FMT = b"%Y-%m-%dT%H:%M:%S"
+COMPILED_FACTS["ACCESS_TIME_FORMAT"] = (<bytes>ACCESS_TIME_FMT).decode("ascii")
+common.check_facts(__name__, COMPILED_FACTS, vars(common))
+
+
+cdef void _format_client(const posix.sockaddr_storage *addr, char *out) noexcept nogil:
+    """``format_client`` of an accepted peer's address, into CLIENT_MAX bytes."""
+    cdef char host[48]
+    cdef const posix.sockaddr_in *v4
+    cdef const posix.sockaddr_in6 *v6
+    if addr != NULL and addr.ss_family == posix.AF_INET:
+        v4 = <const posix.sockaddr_in *>addr
+        if posix.inet_ntop(posix.AF_INET, &v4.sin_addr, host, sizeof(host)) != NULL:
+            snprintf(out, CLIENT_MAX, "%s:%u", host, <unsigned int>posix.ntohs(v4.sin_port))
+            return
+    elif addr != NULL and addr.ss_family == posix.AF_INET6:
+        v6 = <const posix.sockaddr_in6 *>addr
+        if posix.inet_ntop(posix.AF_INET6, &v6.sin6_addr, host, sizeof(host)) != NULL:
+            snprintf(out, CLIENT_MAX, "[%s]:%u", host, <unsigned int>posix.ntohs(v6.sin6_port))
+            return
+    elif addr != NULL and addr.ss_family == posix.AF_UNIX:
+        snprintf(out, CLIENT_MAX, "unix")
+        return
+    snprintf(out, CLIENT_MAX, "-")

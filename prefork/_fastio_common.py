@@ -101,6 +101,59 @@ def _check_slot_layout() -> None:
 _check_slot_layout()
 
 
+# -- the access log --------------------------------------------------------------------
+#
+# One line per connection when it ends (--access-log), the same bytes from
+# both loops and the blocking workers, fields separated by one space:
+#   TIME CLIENT PID DURATION BYTES_IN BYTES_OUT END
+#   2026-12-01T18:27:48.123Z 127.0.0.1:54321 4242 0.001234 5 5 eof
+# TIME is UTC with milliseconds (truncated); CLIENT the PROXY header's source
+# when there was one, else the peer (``format_client``); DURATION seconds
+# from accept to close; the bytes are the service's (a PROXY header is not
+# counted); END one of END_REASONS. The loops buffer lines (at most
+# ACCESS_LOG_BUFFER bytes) and write them when the buffer is full and at the
+# end of every ``run``; what the file does not take at once waits in the
+# buffer, and a line that finds it full is dropped and counted, never waited for.
+END_REASONS = (
+    "eof",  # the peer closed (or left before its PROXY header was whole)
+    "reset",  # a socket error ended it: reset, broken pipe...
+    "idle-timeout",  # nothing either way for --idle-timeout
+    "max-buffer",  # owed a peer that does not read more than --max-buffer
+    "proxy-rejected",  # an untrusted peer or a malformed PROXY header
+    "handler-error",  # a user handler raised
+    "shutdown",  # the worker closed it on its way out
+    "closed",  # the server ended it: daytime's line sent, a protocol's close()
+)
+ACCESS_LOG_BUFFER = 64 * 1024  # bytes of lines a loop holds before writing
+# A pipe takes a write of at most PIPE_BUF bytes whole or not at all, never
+# mixed with another writer's: lines go to a pipe in such writes, whole lines.
+ACCESS_PIPE_WRITE = 4096
+ACCESS_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"  # then .mmmZ
+
+
+def format_client(peer: Any) -> str:
+    """A peer address as the access log writes it: ``1.2.3.4:56``,
+    ``[::1]:56``, ``unix`` for a UNIX socket's peer, ``-`` when unknown."""
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if isinstance(peer, (str, bytes)):
+        return "unix"
+    return "-"
+
+
+def access_line(
+    wall_ns: int, client: str, pid: int, duration: float, nin: int, nout: int, end: str
+) -> bytes:
+    """One access log line (see above); ``wall_ns`` is ``time.time_ns()``."""
+    seconds, nanoseconds = divmod(wall_ns, 1_000_000_000)
+    stamp = time.strftime(ACCESS_TIME_FORMAT, time.gmtime(seconds))
+    return (
+        f"{stamp}.{nanoseconds // 1_000_000:03d}Z {client} {pid} {duration:.6f} "
+        f"{nin} {nout} {end}\n"
+    ).encode()
+
+
 # -- checking a compiled module ------------------------------------------------------
 
 

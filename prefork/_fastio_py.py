@@ -68,6 +68,7 @@ import os
 import random
 import select
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -76,6 +77,8 @@ from typing import Any
 from prefork import proxy
 from prefork._fastio_common import (
     ACCEPT_BATCH,
+    ACCESS_LOG_BUFFER,
+    ACCESS_PIPE_WRITE,
     CHARGEN_DATAGRAM_MAX,
     COUNTERS_OFFSET,
     DATAGRAM_BATCH,
@@ -91,10 +94,12 @@ from prefork._fastio_common import (
     MAX_EVENTS,
     READ_SIZE,
     SWEEP_INTERVAL,
+    access_line,
     byte_view,
     check_loop_args,
     daytime_line,
     fileno_of,
+    format_client,
     peer_name,
     proxy_fds,
     stats_view,
@@ -256,6 +261,11 @@ class _Conn:
         "transport",
         "header",
         "peer",
+        "peer_eof",
+        "started",
+        "nin",
+        "nout",
+        "client",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -272,6 +282,11 @@ class _Conn:
         self.transport: Transport | None = None
         self.header: bytearray | None = None  # a PROXY header being read
         self.peer: Any = None  # the client's address, from a PROXY header
+        self.peer_eof = False  # the peer's end of file came (how it ended, for the log)
+        # For the access log: since when, what this connection moved, who.
+        self.started = now
+        self.nin = self.nout = 0
+        self.client = ""
 
 
 class Transport:
@@ -349,6 +364,15 @@ class EventLoop:
     are closed at once. The header's address becomes the protocol's
     ``peername`` (the balancer's is ``proxy_peername``).
 
+    ``access_log`` (a descriptor open for appending, borrowed; -1: none)
+    gets one line per connection when it ends (``_fastio_common.access_line``:
+    time, client, pid, duration, bytes in and out, ``END_REASONS``). Lines
+    wait in a buffer of ``ACCESS_LOG_BUFFER`` bytes, written when it is full
+    and at the end of every ``run`` (and by ``close``) with one non-blocking
+    write (``send(MSG_DONTWAIT)`` on a socket); what the file does not take
+    stays buffered, and a line that finds the buffer full is dropped and
+    counted in ``access_log_dropped``: the loop never waits for the log.
+
     ``datagram_sockets`` are bound UDP sockets (borrowed, non-blocking) on
     which the built-in service answers every datagram with one datagram to
     its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
@@ -380,6 +404,7 @@ class EventLoop:
         stats: Any = None,
         proxy_listeners: Any = (),
         proxy_trusted: Any = None,
+        access_log: Any = -1,
     ) -> None:
         self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -397,6 +422,16 @@ class EventLoop:
         self.accepted = self.bytes_in = self.bytes_out = 0
         self.idle_closed = self.resource_errors = self.datagrams = 0
         self.max_buffer_closed = self.handler_errors = self.proxy_rejected = 0
+        self.access_log_dropped = 0
+        off = isinstance(access_log, int) and access_log < 0
+        self._access_fd = -1 if off else fileno_of(access_log)
+        self._access_sock: socket.socket | None = None  # set when the log is a socket
+        mode = os.fstat(self._access_fd).st_mode if self._access_fd >= 0 else 0
+        if stat.S_ISSOCK(mode):
+            self._access_sock = socket.socket(fileno=self._access_fd)
+        self._access_pipe = stat.S_ISFIFO(mode)  # written ACCESS_PIPE_WRITE at most
+        self._access_buffer = bytearray()
+        self._pid = os.getpid()
         self._factory = protocol_factory
         self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
         self._conns: dict[int, _Conn] = {}
@@ -470,7 +505,11 @@ class EventLoop:
     def close(self) -> None:
         """Close every connection and the epoll set; listeners stay open."""
         for conn in list(self._conns.values()):
-            self._close(conn)
+            self._close(conn, end="shutdown")
+        self._flush_access_log()
+        if self._access_sock is not None:
+            self._access_sock.detach()
+            self._access_sock = None
         if self._accepting:
             self.stop_accepting()
         for sock in self._listeners.values():
@@ -485,7 +524,14 @@ class EventLoop:
 
         Returns early once a signal has arrived (its handlers have run) or
         when the loop has stopped accepting and has no connection left.
+        The access log's buffer is written on the way out.
         """
+        try:
+            self._run(timeout)
+        finally:
+            self._flush_access_log()
+
+    def _run(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         self._rearm()
         while True:
@@ -575,7 +621,7 @@ class EventLoop:
         limit = now - self.idle_timeout
         for conn in [c for c in self._conns.values() if c.last_active <= limit]:
             self.idle_closed += 1
-            self._close(conn)
+            self._close(conn, end="idle-timeout")
 
     # -- connections ------------------------------------------------------------------
 
@@ -591,7 +637,7 @@ class EventLoop:
             if not self._accepting:  # a signal handler stopped us (and closed the listener)
                 return
             try:
-                sock, _ = listener.accept()
+                sock, addr = listener.accept()
             except (BlockingIOError, ConnectionAbortedError):
                 break
             except OSError as exc:
@@ -603,7 +649,7 @@ class EventLoop:
                 self._paused_until = now + EMFILE_PAUSE
                 self._disarm()
                 return
-            self._open(sock, now, fd in self._proxy_fds)
+            self._open(sock, now, fd in self._proxy_fds, addr)
         if self._armed:  # re-arm: to the back of the listener's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
@@ -614,7 +660,7 @@ class EventLoop:
         for fd, listener in self._listeners.items():
             while len(self._conns) < self.max_connections and self._drained < DRAIN_MAX:
                 try:
-                    sock, _ = listener.accept()
+                    sock, addr = listener.accept()
                 except BlockingIOError:
                     empty += 1
                     break
@@ -623,7 +669,7 @@ class EventLoop:
                 except OSError:  # EMFILE and kin: try again at the next turn
                     break
                 self._drained += 1
-                self._open(sock, now, fd in self._proxy_fds)
+                self._open(sock, now, fd in self._proxy_fds, addr)
         if empty == len(self._listeners) or self._drained >= DRAIN_MAX:
             self._draining = False
             self.stop_accepting()
@@ -668,17 +714,19 @@ class EventLoop:
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
 
-    def _open(self, sock: socket.socket, now: float, proxied: bool = False) -> None:
+    def _open(self, sock: socket.socket, now: float, proxied: bool, addr: Any) -> None:
         sock.setblocking(False)
         conn = _Conn(sock, now)
         self._conns[conn.fd] = conn
         self.accepted += 1
+        if self._access_fd >= 0:  # the log's client: the address accept gave
+            conn.client = format_client(addr)
         if proxied:
             peer = peer_name(sock)
             if self._proxy_trusted is not None and not self._proxy_trusted(peer):
                 _log().warning("PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer)
                 self.proxy_rejected += 1
-                self._close(conn)
+                self._close(conn, end="proxy-rejected")
                 return
             conn.header = bytearray()  # the service starts once it is read
             self._update(conn)
@@ -715,11 +763,19 @@ class EventLoop:
             self._epoll.modify(conn.fd, events)
         conn.events = events
 
-    def _close(self, conn: _Conn, exc: BaseException | None = None) -> None:
+    def _close(self, conn: _Conn, exc: BaseException | None = None, end: str | None = None) -> None:
+        """Close ``conn``; ``end`` says why for the access log (by default:
+        an OSError is a reset, else the peer's end of file or the server's
+        close)."""
         if conn.registered:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]
         conn.sock.close()
+        if self._access_fd >= 0:
+            if end is None:
+                closed = "eof" if conn.peer_eof else "closed"
+                end = "reset" if isinstance(exc, OSError) else closed
+            self._log_access(conn, end)
         if conn.transport is not None:
             conn.transport._conn = None
             conn.transport._loop = None
@@ -745,7 +801,7 @@ class EventLoop:
             if conn is not None and conn.fd in self._conns:
                 client = conn.peer if conn.peer is not None else peer_name(conn.sock)
                 _log().exception("handler failed; connection from %s closed", client)
-                self._close(conn, exc)
+                self._close(conn, exc, end="handler-error")
             else:
                 _log().exception("handler failed")
             return None
@@ -783,6 +839,7 @@ class EventLoop:
             return
         if n == 0:
             _log().debug("%s closed before its PROXY header", peer_name(conn.sock))
+            conn.peer_eof = True
             self._close(conn)
             return
         conn.last_active = now
@@ -792,7 +849,7 @@ class EventLoop:
         except proxy.ProxyHeaderError as exc:
             _log().warning("PROXY header from %s: %s; closing", peer_name(conn.sock), exc)
             self.proxy_rejected += 1
-            self._close(conn)
+            self._close(conn, end="proxy-rejected")
             return
         if header is None:
             return
@@ -800,6 +857,8 @@ class EventLoop:
         self._buffer[:rest] = conn.header[header.length :]
         conn.header = None
         conn.peer = header.source
+        if self._access_fd >= 0 and header.source is not None:
+            conn.client = format_client(header.source)
         self._start(conn)
         if rest and conn.fd in self._conns and conn.reading:
             self._received(conn, rest)
@@ -818,6 +877,7 @@ class EventLoop:
     def _received(self, conn: _Conn, n: int) -> None:
         """Serve the ``n`` bytes at the start of the read buffer."""
         self.bytes_in += n
+        conn.nin += n
         if self.service == "echo":
             self._write(conn, self._buffer[:n])
         elif self.service == "protocol":
@@ -826,6 +886,7 @@ class EventLoop:
 
     def _end_of_file(self, conn: _Conn) -> None:
         conn.reading = False
+        conn.peer_eof = True
         if self.service == "chargen":
             return  # half-closed: the peer still reads the stream
         keep_open = False
@@ -846,13 +907,14 @@ class EventLoop:
                 self._close(conn, exc)
                 return
             self.bytes_out += sent
+            conn.nout += sent
         if sent < len(data):
             if len(conn.pending) + len(data) - sent > self.max_buffer:
                 _log().warning(
                     "more than --max-buffer (%d bytes) owed to the peer; closing", self.max_buffer
                 )
                 self.max_buffer_closed += 1
-                self._close(conn, BufferError("max_buffer exceeded"))
+                self._close(conn, BufferError("max_buffer exceeded"), end="max-buffer")
                 return
             conn.pending += data[sent:]
             if conn.registered:
@@ -864,6 +926,7 @@ class EventLoop:
             return
         conn.last_active = now
         self.bytes_out += sent
+        conn.nout += sent
         del conn.pending[:sent]
         if not conn.pending and conn.eof:
             self._close(conn)
@@ -875,7 +938,52 @@ class EventLoop:
             return
         conn.last_active = now
         self.bytes_out += sent
+        conn.nout += sent
         conn.offset = (conn.offset + sent) % len(self._pattern)
+
+    # -- the access log -----------------------------------------------------------
+
+    def _log_access(self, conn: _Conn, end: str) -> None:
+        """Buffer ``conn``'s line; write the buffer first if the line does not
+        fit, and drop the line if it still does not."""
+        line = access_line(
+            time.time_ns(),
+            conn.client,
+            self._pid,
+            time.monotonic() - conn.started,
+            conn.nin,
+            conn.nout,
+            end,
+        )
+        if len(self._access_buffer) + len(line) > ACCESS_LOG_BUFFER:
+            self._flush_access_log()
+            if len(self._access_buffer) + len(line) > ACCESS_LOG_BUFFER:
+                self.access_log_dropped += 1
+                return
+        self._access_buffer += line
+
+    def _flush_access_log(self) -> None:
+        """Write what the log takes now, without waiting; keep the rest."""
+        done = 0
+        with memoryview(self._access_buffer) as view:
+            while done < len(view):
+                end = len(view)
+                if self._access_pipe and end - done > ACCESS_PIPE_WRITE:
+                    # the whole lines that fit (a line is far shorter)
+                    end = self._access_buffer.rfind(b"\n", done, done + ACCESS_PIPE_WRITE) + 1
+                try:
+                    if self._access_sock is not None:
+                        sent = self._access_sock.send(
+                            view[done:end], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+                        )
+                    else:
+                        sent = os.write(self._access_fd, view[done:end])
+                except OSError:  # full (EAGAIN), gone (EPIPE), no space...: later
+                    break
+                if sent <= 0:
+                    break
+                done += sent
+        del self._access_buffer[:done]
 
 
 def _send_now(sock: socket.socket, data: Any) -> int:

@@ -32,8 +32,9 @@ cdef extern from "<sys/socket.h>" nogil:
     ctypedef unsigned int socklen_t
     struct sockaddr:
         pass
+    ctypedef unsigned short sa_family_t
     struct sockaddr_storage:
-        pass
+        sa_family_t ss_family
     struct msghdr:
         void *msg_name
         socklen_t msg_namelen
@@ -56,6 +57,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
     int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
     int AF_UNIX
+    int AF_INET
+    int AF_INET6
     int SOCK_STREAM
     int SOCK_DGRAM
     int SOCK_CLOEXEC
@@ -68,6 +71,22 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<netinet/in.h>" nogil:
     int IPPROTO_TCP
+    struct in_addr:
+        pass
+    struct in6_addr:
+        pass
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        in6_addr sin6_addr
+    unsigned short ntohs(unsigned short n)
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
 
 cdef extern from "<netinet/tcp.h>" nogil:
     int TCP_NODELAY
@@ -103,6 +122,7 @@ cdef extern from "<time.h>" nogil:
     struct tm:
         pass
     int CLOCK_MONOTONIC
+    int CLOCK_REALTIME
     int clock_gettime(int clk_id, timespec *tp)
     time_t time(time_t *t)
     tm *gmtime_r(const time_t *timep, tm *result)
@@ -111,3 +131,4 @@ cdef extern from "<time.h>" nogil:
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)

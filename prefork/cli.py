@@ -20,6 +20,7 @@ else:  # pragma: no cover
 
 from prefork import __version__, fastio
 from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
+from prefork.server.access_log import check_access_log
 from prefork.server.handlers import check_fit, load_handler
 from prefork.server.log import setup_logging
 from prefork.settings import (
@@ -157,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     setup_logging(config.log_level, config.log_file)
+    check_access_log(config.access_log)
     check_can_switch(config.user, config.group)
     # systemd socket activation: its sockets take the place of --bind.
     activated = tuple(Address("fd", fd=fd) for fd in inherited_fds())

@@ -652,6 +652,16 @@ OPTIONS: tuple[Option, ...] = (
         help="append the log to FILE instead of stderr; USR1 reopens it (for logrotate)",
     ),
     Option(
+        key="access_log",
+        flags=("--access-log",),
+        metavar="FILE",
+        parse=parse_path,
+        help="append one line per connection to FILE (- for stdout) when it ends: time, client "
+        "(the PROXY source when there is one), worker pid, duration, bytes in and out, how it "
+        "ended (format in docs/deployment.md); lines the file cannot take at once are dropped "
+        "and counted, never waited for; USR1 reopens it",
+    ),
+    Option(
         key="user",
         flags=("--user",),
         metavar="USER",
@@ -720,6 +730,7 @@ class Config:
     metrics: Address | None = _default("metrics")
     log_level: str = _default("log_level")
     log_file: str | None = _default("log_file")
+    access_log: str | None = _default("access_log")
     user: int | None = _default("user")
     group: int | None = _default("group")
     umask: int | None = _default("umask")

@@ -329,9 +329,11 @@ class Arbiter:
         self.log.info("TTOU: %d worker(s)", self.num_workers)
 
     def handle_usr1(self) -> None:
-        """Reopen --log-file here, then in every worker."""
+        """Reopen --log-file here, then it and --access-log in every worker."""
         if log_file_path() is None:
             self.log.info("USR1: no --log-file to reopen (the log goes to stderr)")
+            if self.config.access_log is not None:
+                self.kill_workers(signal.SIGUSR1)  # their --access-log
             return
         if reopen_log_file():
             self.give_log_file_to_workers()  # a new file is root's: the workers must reopen it

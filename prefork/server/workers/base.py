@@ -34,7 +34,9 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
+from prefork._fastio_common import access_line, format_client
 from prefork.proxy import TrustedPeers
+from prefork.server.access_log import AccessLog
 from prefork.server.handlers import LoadedHandler
 from prefork.server.listeners import Listener
 from prefork.server.log import get_logger, log_stream, reopen_log_file
@@ -121,6 +123,9 @@ class Worker:
         self.max_buffer_closed = 0
         self.handler_errors = 0
         self.proxy_rejected = 0
+        # --access-log, opened in the child; lines dropped so far, last reported.
+        self.access_log: AccessLog | None = None
+        self.reported_drops = 0
         # Who may send a PROXY protocol header (--forwarded-allow-ips).
         self.proxy_trusted = TrustedPeers(config.forwarded_allow_ips)
 
@@ -129,6 +134,8 @@ class Worker:
         then run."""
         self.init_signals()
         set_title(f"worker {self.age} [{self.title_suffix}]")
+        if self.config.access_log is not None:  # before the privilege drop, as --log-file
+            self.access_log = AccessLog(self.config.access_log)
         drop_privileges(self.config.user, self.config.group)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked across fork
         # Fast stop if the master dies; SIGQUIT is handled, so we log and go.
@@ -192,10 +199,40 @@ class Worker:
         return f"{self.config.handler} {names}"
 
     def handle_usr1(self, signum: int, frame: FrameType | None) -> None:
+        if self.access_log is not None and not self.access_log.reopen():
+            self.log.error("USR1: cannot reopen the access log; still writing to the old one")
         if reopen_log_file():
             faulthandler.register(DUMP_SIGNAL, file=log_stream(), all_threads=True)
         else:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
+
+    def log_access(self, client: object, started: float, nin: int, nout: int, end: str) -> None:
+        """One access log line for a connection that ended (blocking workers;
+        the event loop writes its own)."""
+        assert self.access_log is not None
+        line = access_line(
+            time.time_ns(),
+            format_client(client),
+            os.getpid(),
+            time.monotonic() - started,
+            nin,
+            nout,
+            end,
+        )
+        self.access_log.write(line)
+        self.report_access_log_drops(self.access_log.dropped)
+
+    def report_access_log_drops(self, dropped: int) -> None:
+        """Log lines the access log could not take, at most once a second."""
+        now = time.monotonic()
+        if dropped != self.reported_drops and now - self.drops_logged_at >= 1.0:
+            self.log.warning(
+                "access log: %d lines dropped (the file did not take them at once)",
+                dropped - self.reported_drops,
+            )
+            self.reported_drops, self.drops_logged_at = dropped, now
+
+    drops_logged_at = 0.0
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         """Only record: the loop, woken by the wake-up pipe, sees ``stopping``

@@ -37,6 +37,7 @@ class EventWorker(Worker):
             stats=self.scoreboard.slot_view(self.slot),
             proxy_listeners=proxied,
             proxy_trusted=self.proxy_trusted,
+            access_log=self.access_log.fd if self.access_log is not None else -1,
         )
         self.booted = True
         if self.stopping:  # TERM arrived while booting
@@ -61,6 +62,7 @@ class EventWorker(Worker):
                         self.loop.resource_errors - reported_errors,
                     )
                     reported_errors = self.loop.resource_errors
+                self.report_access_log_drops(self.loop.access_log_dropped)
         finally:
             self.loop.close()
             self.collect_stats()

@@ -71,6 +71,17 @@ def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     return received, sent - retransmitted + notsent
 
 
+class ProxyRefused(Exception):
+    """The PROXY header was refused (logged and counted): close the connection."""
+
+
+# How a connection ends, for the access log, when the handler returns: the
+# built-ins return at the peer's end of file, but daytime closes first and
+# chargen runs until the peer is gone; a protocol ends at the peer's end of
+# file, a handle() function when it likes.
+NORMAL_ENDS = {"echo": "eof", "discard": "eof", "daytime": "closed", "chargen": "reset"}
+
+
 def peer_of(conn: int, client: Any) -> Any:
     """Who a connection is from, for logs: the PROXY header's client if any."""
     return client or peer_of_fd(conn)
@@ -190,7 +201,8 @@ class SyncWorker(Worker):
 
     def read_proxy_header(self, conn: int) -> proxy.ProxyHeader | None:
         """The PROXY header (its ``source`` None: keep the socket's peer), or
-        None if the connection must be closed."""
+        None if the peer left before it was whole; raises ProxyRefused if
+        the peer may not send one or sent a malformed one."""
         sock = socket.socket(fileno=conn)
         try:
             peer = sock.getpeername()
@@ -199,7 +211,7 @@ class SyncWorker(Worker):
                     "PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer
                 )
                 self.count_close("proxy_rejected")
-                return None
+                raise ProxyRefused
             if self.beats_per_connection:
                 self.waiting_on_peer()
             try:
@@ -207,9 +219,10 @@ class SyncWorker(Worker):
             except (proxy.ProxyHeaderError, TimeoutError) as exc:
                 reason = exc if isinstance(exc, proxy.ProxyHeaderError) else "timed out"
                 self.log.warning("PROXY header from %s: %s; closing", peer, reason)
-                if not isinstance(exc, proxy.ProxyHeaderClosed):  # it left: not refused
-                    self.count_close("proxy_rejected")
-                return None
+                if isinstance(exc, proxy.ProxyHeaderClosed):  # it left: not refused
+                    return None
+                self.count_close("proxy_rejected")
+                raise ProxyRefused from None
             return header
         finally:
             sock.detach()
@@ -232,6 +245,9 @@ class SyncWorker(Worker):
         client: Any = None
         header_length = 0
         handled = False  # the handler ran: what the kernel counted is its
+        # For the access log: a QUIT (SystemExit) leaves "shutdown" in place.
+        started, end = time.monotonic(), "shutdown"
+        peer = peer_of_fd(conn) if self.access_log is not None else None
         try:
             header = self.read_proxy_header(conn) if proxied else None
             if header is not None:
@@ -239,7 +255,15 @@ class SyncWorker(Worker):
             if header is not None or not proxied:
                 handled = True
                 nin, nout = handler(conn, buffer, client)
+                end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
+                if self.handler.protocol_factory is not None:
+                    end = "eof"
+            else:
+                end = "eof"  # left before its PROXY header was whole
+        except ProxyRefused:
+            end = "proxy-rejected"
         except OSError as exc:
+            end = "reset"
             if exc.errno in CONNECTION_ERRORS:
                 self.log.debug("connection from %s closed: %s", peer_of(conn, client), exc)
             elif self.handler.builtin is None:  # user code: where it failed matters
@@ -247,17 +271,21 @@ class SyncWorker(Worker):
                     "handler failed; connection from %s closed", peer_of(conn, client)
                 )
                 self.count_close("handler_errors")
+                end = "handler-error"
             else:
                 self.log.error("connection from %s: %s", peer_of(conn, client), exc)
         except Exception:
             self.log.exception("handler failed; connection from %s closed", peer_of(conn, client))
             self.count_close("handler_errors")
+            end = "handler-error"
         finally:
             if handled and self.handler.handle is not None:  # user code does its own I/O
                 counts = kernel_byte_counts(conn)
                 if counts is not None:  # the PROXY header is not the handler's
                     nin, nout = max(0, counts[0] - header_length), counts[1]
             os.close(conn)
+            if self.access_log is not None:
+                self.log_access(client or peer, started, nin, nout, end)
             if self.beats_per_connection:
                 self.notify()
             with self.stats_lock:  # threads of a ThreadWorker share the counters
