@@ -276,7 +276,7 @@ def master_events(address: str) -> tuple[float, ...]:
 
 def test_the_master_counts_watchdog_kills_and_respawns(server_factory):
     server = server_factory(
-        "-w", "1", "-k", "event", "--timeout", "1", "--metrics", "127.0.0.1:0",
+        "-w", "1", "-k", "event", "--timeout", "2", "--metrics", "127.0.0.1:0",
         "--handler", "handlers.faulty:HangOnData", env=handler_env(TESTS_DIR),
     )  # fmt: skip
     address = metrics_address(server)
