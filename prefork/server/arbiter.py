@@ -51,6 +51,7 @@ from prefork.server.snapshot import (
     take_snapshot,
 )
 from prefork.server.systemd import Notifier
+from prefork.server.upgrade import HandOver, Successor, old_pid_path, read_ready, start_successor
 from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, next_look
 from prefork.server.workers import WORKER_CLASSES
@@ -124,6 +125,8 @@ class Arbiter:
             signal.SIGTTIN: self.handle_ttin,
             signal.SIGTTOU: self.handle_ttou,
             signal.SIGUSR1: self.handle_usr1,
+            signal.SIGUSR2: self.handle_usr2,
+            signal.SIGWINCH: self.handle_winch,
             signal.SIGCHLD: self.handle_chld,
         }
         self.stop_mode: Literal["graceful", "fast"] | None = None  # set by stop()
@@ -133,6 +136,11 @@ class Arbiter:
         self.pid = os.getpid()
         self.pid_file = PidFile(config.pid_file) if config.pid_file else None
         self.notifier = Notifier()
+        # USR2 (upgrade.py): what this master was handed by the one it
+        # upgrades, the new master it started, and WINCH's "no workers".
+        self.hand_over = HandOver()
+        self.successor: Successor | None = None
+        self.winched = False
 
     # -- set-up ---------------------------------------------------------------
 
@@ -140,15 +148,17 @@ class Arbiter:
         """Bind every listener (raises BindError), then take over signals."""
         if self.config.umask is not None:
             os.umask(self.config.umask)
+        self.hand_over = HandOver.from_environment()
         if self.pid_file is not None:  # first: a second server must change nothing
             self.pid_file.create(self.pid)
         self.give_log_file_to_workers()
         if self.config.metrics is not None:
             try:
-                self.metrics = MetricsServer(self.config.metrics)
+                self.metrics = MetricsServer(self.config.metrics, self.hand_over.take_metrics())
             except BindError as exc:  # say which option: -b addresses fail alike
                 raise BindError(f"--metrics {exc}") from None
-        listeners = open_listeners(self.config)  # a failure is then the only line
+        # A failure is then the only line.
+        listeners = open_listeners(self.config, self.hand_over.sockets)
         if self.metrics is not None:
             self.log.info("metrics on http://%s/metrics", self.metrics.name)
         for listener in listeners:
@@ -166,7 +176,19 @@ class Arbiter:
         if self.config.reuse_port:  # UNIX and fd:// sockets stay shared
             self.listeners = [lst for lst in listeners if not lst.per_slot]
             first = [lst for lst in listeners if lst.per_slot]  # position 0's
-            self.positions = Positions(first, self.config.backlog)
+            self.positions = Positions(
+                first, self.config.backlog, self.hand_over.sockets, self.config.proxy_protocol
+            )
+        if self.hand_over.sockets:
+            adopted = {lst.fileno() for lst in self.all_listeners()}
+            if self.metrics is not None:
+                adopted.add(self.metrics.listener.fileno())
+            self.hand_over.close_unused(adopted)
+            self.log.info(
+                "upgrade: took over %s from master %d",
+                plural(len(adopted), "socket"),
+                self.hand_over.predecessor,
+            )
         self.init_signals()
         names = " ".join(lst.name for lst in listeners)
         set_title(f"master [{self.config.handler} {names}]")
@@ -204,6 +226,7 @@ class Arbiter:
             self.start()
             self.manage_workers()
             self.notifier.notify(f"READY=1\nMAINPID={self.pid}\nSTATUS={self.status_text()}")
+            self.hand_over.report_ready()  # a USR2 upgrade: the old master may go
             while True:
                 self.sleep(self.loop_timeout())
                 self.notifier.ping()
@@ -222,6 +245,8 @@ class Arbiter:
             self.notifier.close()
             if self.pid_file is not None:
                 self.pid_file.remove(self.pid)
+                if self.successor is not None:  # ours is FILE.oldbin meanwhile
+                    PidFile(old_pid_path(self.pid_file.path)).remove(self.pid)
 
     def status_text(self) -> str:
         return (
@@ -245,6 +270,8 @@ class Arbiter:
         if self.sig_queue:
             return
         watched = [self.wakeup_r]
+        if self.successor is not None and self.successor.ready_r >= 0:
+            watched.append(self.successor.ready_r)
         if self.metrics is not None:
             watched += self.metrics.fds()
             client_due = self.metrics.timeout(time.monotonic())
@@ -255,6 +282,8 @@ class Arbiter:
         except InterruptedError:
             readable = []
         drain(self.wakeup_r)
+        if self.successor is not None and self.successor.ready_r in readable:  # -1 never is
+            self.check_successor()
         if self.metrics is not None:
             self.metrics.handle(readable, self.snapshot)
 
@@ -311,7 +340,13 @@ class Arbiter:
         self.handle_int()
 
     def handle_hup(self) -> None:
-        """Graceful reload (see ``reload``), told to systemd."""
+        """Graceful reload (see ``reload``), told to systemd. After WINCH: the
+        workers come back as they were, nothing read again (a rollback)."""
+        if self.winched:
+            self.winched = False
+            self.num_workers = self.config.workers
+            self.log.info("HUP after WINCH: %s back", plural(self.num_workers, "worker"))
+            return
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
         self.reload()
@@ -341,6 +376,107 @@ class Arbiter:
         else:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
         self.kill_workers(signal.SIGUSR1)
+
+    def handle_usr2(self) -> None:
+        """Upgrade: start a new master (``python -m prefork``, this command
+        line) on these very sockets; see upgrade.py. One at a time."""
+        if self.successor is not None:
+            self.log.warning(
+                "USR2: an upgrade is under way (new master %d); ignored", self.successor.pid
+            )
+            return
+        if self.hand_over.predecessor_alive():
+            self.log.warning(
+                "USR2: master %d, which this one upgrades, is still running; ignored",
+                self.hand_over.predecessor,
+            )
+            return
+        sockets = {lst.key: lst.fileno() for lst in self.listeners}
+        if self.positions is not None:
+            sockets.update({lst.key: lst.fileno() for lst in self.positions.live_sockets()})
+        if self.metrics is not None:
+            sockets["metrics"] = self.metrics.listener.fileno()
+        if self.pid_file is not None:
+            try:
+                os.replace(self.pid_file.path, old_pid_path(self.pid_file.path))
+            except OSError as exc:
+                self.log.error("USR2: cannot move the pid file aside: %s; ignored", exc.strerror)
+                return
+        try:
+            self.successor = start_successor(sockets, self.pid)
+        except OSError as exc:
+            self.log.error("USR2: cannot fork a new master: %s", exc.strerror)
+            self.give_pid_file_back()
+            return
+        self.log.info("USR2: new master %d starting", self.successor.pid)
+
+    def check_successor(self) -> None:
+        """The new master's pipe is readable: it is ready, or it failed."""
+        assert self.successor is not None
+        said = read_ready(self.successor)
+        if said is None:
+            return
+        if said:
+            self.log.info(
+                "USR2: new master %d ready; WINCH here retires this master's workers",
+                self.successor.pid,
+            )
+        os.close(self.successor.ready_r)  # said, or closed unsaid: reaping tells the rest
+        self.successor.ready_r = -1
+
+    def successor_exited(self, status: int) -> None:
+        """The new master left (failed to start, or stopped after a rollback):
+        this master keeps serving and takes the pid file back."""
+        assert self.successor is not None
+        successor, self.successor = self.successor, None
+        if successor.ready_r >= 0:
+            os.close(successor.ready_r)
+        how = (
+            f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+            if os.WIFSIGNALED(status)
+            else f"exited with code {os.waitstatus_to_exitcode(status)}"
+        )
+        when = "" if successor.ready else " before it was ready"
+        self.log.error(
+            "USR2: new master %d %s%s; this master (%d) keeps serving",
+            successor.pid,
+            how,
+            when,
+            self.pid,
+        )
+        self.give_pid_file_back()
+
+    def give_pid_file_back(self) -> None:
+        """FILE.oldbin back to FILE (written anew if it went missing)."""
+        if self.pid_file is None:
+            return
+        try:
+            os.replace(old_pid_path(self.pid_file.path), self.pid_file.path)
+        except OSError:
+            try:
+                self.pid_file.create(self.pid)
+            except PreforkError as exc:
+                self.log.error("%s", exc)
+
+    def handle_winch(self) -> None:
+        """Stop this master's workers gracefully and fork none (a new master
+        serves); the master stays. HUP brings them back, TERM ends it."""
+        if self.winched:
+            return
+        self.winched = True
+        self.log.info(
+            "WINCH: %s finishing; HUP brings them back, TERM stops this master",
+            plural(len(self.current_workers()), "worker"),
+        )
+
+    def sharing_master(self) -> int:
+        """The pid of another master holding these sockets (the new master a
+        USR2 started, or the one this master upgraded), or 0."""
+        if self.successor is not None:
+            return self.successor.pid
+        if self.hand_over.predecessor_alive():
+            return self.hand_over.predecessor
+        return 0
 
     def handle_chld(self) -> None:
         """Nothing: CHLD only wakes the loop, which reaps every time round."""
@@ -419,6 +555,10 @@ class Arbiter:
     def manage_workers(self) -> None:
         """Fork until the current generation has ``num_workers``; TERM extras
         (the oldest; with --reuse-port, see manage_positions)."""
+        if self.winched:  # workers of a new master serve: ours only leave
+            for pid in self.current_workers():
+                self.stop_worker(pid)
+            return
         if self.positions is not None:
             self.manage_positions(self.positions)
             return
@@ -470,11 +610,11 @@ class Arbiter:
     def all_listeners(self) -> list[Listener]:
         return self.listeners + (self.positions.sockets() if self.positions else [])
 
-    def close_all_listeners(self) -> None:
+    def close_all_listeners(self, unlink: bool = True) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
-        close_listeners(self.listeners, unlink=True)
+        close_listeners(self.listeners, unlink=unlink)
         if self.positions is not None:
             self.positions.close()
 
@@ -562,6 +702,9 @@ class Arbiter:
                 return
             if pid == 0:
                 return
+            if self.successor is not None and pid == self.successor.pid:
+                self.successor_exited(status)
+                continue
             record = self.workers.pop(pid, None)
             if record is None:
                 continue
@@ -626,10 +769,13 @@ class Arbiter:
     def stop(self, graceful: bool) -> int:
         """Close listeners, signal workers, wait, KILL stragglers; return 0."""
         self.notifier.notify(f"STOPPING=1\nSTATUS={'graceful' if graceful else 'fast'} stop")
-        if graceful:  # no new connections, but the queued ones get served
+        sharer = self.sharing_master()
+        if sharer:  # its workers go on serving the queues: leave the sockets as they are
+            self.log.info("the sockets stay with master %d", sharer)
+        elif graceful:  # no new connections, but the queued ones get served
             for listener in self.all_listeners():
                 listener.drop_new_connections()
-        self.close_all_listeners()
+        self.close_all_listeners(unlink=not sharer)
         if graceful:
             self.stop_mode = "graceful"
             self.stop_deadline = time.monotonic() + self.config.graceful_timeout

@@ -39,6 +39,9 @@ class Listener:
     name: str  # the real address: port 0 resolved, e.g. 127.0.0.1:40123
     unix_inode: int = 0  # to remove only our own UNIX socket file
     proxy: bool = False  # connections start with a PROXY protocol header
+    # Its name in a USR2 hand-over (upgrade.py): "b<i>" for the i-th -b
+    # address, "p<position>.<i>" for a --reuse-port position's copy.
+    key: str = ""
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -228,10 +231,18 @@ def describe(sock: socket.socket) -> str:
 
 
 def create_listener(
-    address: Address, backlog: int, unix_mode: int = 0o660, reuse_port: bool = False
+    address: Address,
+    backlog: int,
+    unix_mode: int = 0o660,
+    reuse_port: bool = False,
+    handed_over: int | None = None,
 ) -> Listener:
     """Bind one address. ``reuse_port`` (TCP and UDP only: Linux refuses it on
-    UNIX sockets since 6.12.9) joins a SO_REUSEPORT group."""
+    UNIX sockets since 6.12.9) joins a SO_REUSEPORT group. ``handed_over``:
+    the descriptor of this address's socket, inherited from the master this
+    one upgrades (USR2): adopted, not bound, so its queue goes on."""
+    if handed_over is not None:
+        return adopt_listener(address, handed_over)
     if address.kind == "fd":
         return inherit_listener(address)
     inode = 0
@@ -277,6 +288,36 @@ def inherit_listener(address: Address) -> Listener:
     return Listener(address, sock, describe(sock), proxy=proxy)
 
 
+def adopt_listener(address: Address, fd: int) -> Listener:
+    """The socket of ``address`` that the previous master handed over: check
+    it is what the address says, and take it as it is (bound, listening,
+    its queue and its SO_REUSEPORT group kept)."""
+    if address.kind == "fd":  # systemd's socket, passed on under its new number
+        return inherit_listener(replace(address, fd=fd))
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
+        raise BindError(f"{address}: the handed-over descriptor {fd} is not a socket") from None
+    want = socket.SOCK_DGRAM if address.kind == "udp" else socket.SOCK_STREAM
+    if sock.type != want or (address.kind == "unix") != (sock.family == socket.AF_UNIX):
+        sock.detach()
+        raise BindError(f"{address}: the handed-over descriptor {fd} is another kind of socket")
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    inode = 0
+    if address.kind == "unix":
+        try:
+            inode = os.stat(address.path).st_ino
+        except OSError:
+            inode = 0  # gone: nothing of ours to remove on exit
+    elif sock.type == socket.SOCK_STREAM:
+        try:  # a SYN filter left by a master that began to stop and then did not
+            sock.setsockopt(socket.SOL_SOCKET, _SO_DETACH_FILTER, 0)
+        except OSError:
+            pass  # ENOENT: none attached
+    return Listener(address, sock, describe(sock), inode, address.proxy)
+
+
 def create_listeners(
     addresses: tuple[Address, ...] | list[Address],
     backlog: int,
@@ -284,15 +325,25 @@ def create_listeners(
     reuse_port: bool = False,
     option: str = "",
     metrics: Address | None = None,
+    keys: list[str] | None = None,
+    handed_over: dict[str, int] | None = None,
 ) -> list[Listener]:
     """Bind every address or none: on an error the ones made are closed.
     Errors start with ``option`` (e.g. "-b "); an address in use says which
-    other address of ours (earlier ones, ``metrics``) holds it, if one does."""
+    other address of ours (earlier ones, ``metrics``) holds it, if one does.
+    ``keys`` names each address's listener for a hand-over; ``handed_over``
+    maps such names to the descriptors a previous master passed (USR2)."""
     listeners: list[Listener] = []
+    keys = keys or [""] * len(addresses)
+    handed_over = handed_over or {}
     try:
-        for address in addresses:
+        for address, key in zip(addresses, keys, strict=True):
             try:
-                listeners.append(create_listener(address, backlog, unix_mode, reuse_port))
+                listener = create_listener(
+                    address, backlog, unix_mode, reuse_port, handed_over.get(key)
+                )
+                listener.key = key
+                listeners.append(listener)
             except AddressInUse as exc:
                 holder = _who_has(address, listeners, metrics)
                 raise AddressInUse(f"{option}{exc}{holder}") from None
@@ -304,10 +355,11 @@ def create_listeners(
     return listeners
 
 
-def open_listeners(config: Config) -> list[Listener]:
+def open_listeners(config: Config, handed_over: dict[str, int] | None = None) -> list[Listener]:
     """The master's start: bind or adopt every --bind address (all or none,
-    raises BindError). With --proxy-protocol every stream listener expects a
-    PROXY header, whatever its address says."""
+    raises BindError), or take the sockets a previous master handed over
+    (``handed_over``, by key). With --proxy-protocol every stream listener
+    expects a PROXY header, whatever its address says."""
     listeners = create_listeners(
         config.binds,
         config.backlog,
@@ -315,6 +367,8 @@ def open_listeners(config: Config) -> list[Listener]:
         config.reuse_port,
         option="-b ",
         metrics=config.metrics,
+        keys=[f"b{i}" for i in range(len(config.binds))],
+        handed_over=handed_over,
     )
     if config.proxy_protocol:
         for listener in listeners:

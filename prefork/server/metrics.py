@@ -214,8 +214,12 @@ def _listener_lines(listeners: list[ListenerSample]) -> list[str]:
 class MetricsServer:
     """A tiny HTTP/1.0 server run from the master's loop."""
 
-    def __init__(self, address: Address) -> None:
-        self.listener: Listener = create_listener(address, backlog=MAX_CLIENTS)
+    def __init__(self, address: Address, handed_over: int | None = None) -> None:
+        """Bind ``address``, or adopt ``handed_over``: the socket of the master
+        this one upgrades (USR2), whose clients keep their port."""
+        self.listener: Listener = create_listener(
+            address, backlog=MAX_CLIENTS, handed_over=handed_over
+        )
         self.clients: dict[int, _Client] = {}
 
     @property

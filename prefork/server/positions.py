@@ -65,11 +65,25 @@ class Positions:
     """Every position's sockets (made on first use, kept across respawns and
     reloads) and the retired ones until their queue is served."""
 
-    def __init__(self, first: list[Listener], backlog: int) -> None:
+    def __init__(
+        self,
+        first: list[Listener],
+        backlog: int,
+        handed_over: dict[str, int] | None = None,
+        proxy: bool = False,
+    ) -> None:
         self.log = get_logger()
         self.addresses: list[Address] = [lst.bound_address() for lst in first]
         self.backlog = backlog
+        # A USR2 upgrade: the previous master's position sockets, by key
+        # (their queues go on; a position made anew would start empty).
+        self.handed_over = handed_over or {}
         self.live: dict[int, list[Listener]] = {0: first}
+        # Adopt every position handed over, beyond the count too: its queue
+        # must be served (retire_from then takes care of the extra ones).
+        for key in self.handed_over:
+            if key.startswith("p"):
+                self.listeners(int(key[1:].partition(".")[0]), proxy)
         self.retired: list[RetiredSockets] = []  # given up, not yet closed
 
     def listeners(self, position: int, proxy: bool) -> list[Listener]:
@@ -77,11 +91,21 @@ class Positions:
         (``proxy``: --proxy-protocol, every stream expects a PROXY header;
         else as each address says)."""
         if position not in self.live:
-            made = create_listeners(self.addresses, self.backlog, reuse_port=True)
+            made = create_listeners(
+                self.addresses,
+                self.backlog,
+                reuse_port=True,
+                keys=[f"p{position}.{i}" for i in range(len(self.addresses))],
+                handed_over=self.handed_over,
+            )
             for listener in made:
                 listener.proxy = listener.proxy or (proxy and not listener.datagram)
             self.live[position] = made
         return self.live[position]
+
+    def live_sockets(self) -> list[Listener]:
+        """Every live position's sockets (what a USR2 hands over)."""
+        return [lst for group in self.live.values() for lst in group]
 
     def sockets(self) -> list[Listener]:
         """Every position's sockets, retired ones included."""
