@@ -94,3 +94,13 @@ def test_a_handle_functions_proxy_header_is_not_counted(server_factory, tmp_path
     assert server.wait(30) == 0
     assert wait_until(lambda: EXITED.search(server.log) is not None, 5), server.log
     assert "exited: 1 connection, 3 bytes in, 6 bytes out" in server.log
+
+
+def test_one_connection_is_said_in_the_singular(server_factory):
+    server = server_factory("-w", "1", "-k", "sync", "--max-requests", "1")
+    with server.connect() as sock:
+        assert exchange(sock, b"one", timeout=10) == b"one"
+    assert wait_until(lambda: "exited: " in server.log, 10), server.log
+    assert "recycled after 1 connection" in server.log, server.log
+    assert "exited: 1 connection, 3 bytes in, 3 bytes out" in server.log, server.log
+    assert "1 connections" not in server.log

@@ -39,7 +39,7 @@ from prefork.proxy import TrustedPeers
 from prefork.server.access_log import AccessLog
 from prefork.server.handlers import LoadedHandler
 from prefork.server.listeners import Listener
-from prefork.server.log import get_logger, log_stream, reopen_log_file
+from prefork.server.log import get_logger, log_stream, plural, reopen_log_file
 from prefork.server.privileges import drop_privileges
 from prefork.server.proctitle import set_title
 from prefork.server.scoreboard import Scoreboard
@@ -244,7 +244,8 @@ class Worker:
         """Served ``max_requests``: stop accepting, finish, exit to be replaced."""
         if self.alive:
             self.alive = False
-            self.log.info("worker %d recycled after %d connections", self.age, self.accepted)
+            served = plural(self.accepted, "connection")
+            self.log.info("worker %d recycled after %s", self.age, served)
             self.recycle_listeners()
 
     def recycle_listeners(self) -> None:
