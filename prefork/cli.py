@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -56,6 +57,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server", description="Run the server.")
     add_serve_options(serve)
+    check = commands.add_parser(
+        "check",
+        help="check a configuration without starting",
+        description="Check serve's options (or a -c file) and import the handler, as serve "
+        "would, without binding anything: exit 0, or one line and exit 2 (a bad setting) "
+        "or 3 (the handler does not load).",
+    )
+    add_serve_options(check)
+    for name, what in (
+        ("reload", "HUP: a new generation of workers, settings and handler read again"),
+        ("stop", "TERM (or QUIT with --fast) and wait until the master is gone"),
+        ("upgrade", "USR2, wait for the new master, WINCH and TERM the old one"),
+    ):
+        command = commands.add_parser(
+            name,
+            help=f"signal the master a pid file names: {what}",
+            description=f"Signal the master that --pid FILE names: {what}. A missing, "
+            "stale or foreign pid file is reported (exit 1) and nothing is sent.",
+        )
+        command.add_argument("--pid", metavar="FILE", required=True, help="the master's pid file")
+        if name != "reload":
+            command.add_argument(
+                "--timeout",
+                metavar="S",
+                default="60",
+                help="seconds to wait for each step (default 60)",
+            )
+        if name == "stop":
+            command.add_argument("--fast", action="store_true", help="QUIT: close connections now")
     status = commands.add_parser(
         "status",
         help="show a running server's workers",
@@ -152,18 +182,38 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+def check(args: argparse.Namespace) -> int:
+    """``prefork check``: what ``serve`` validates before binding, and no more."""
+    config = config_from_args(args)
+    check_access_log(config.access_log)
+    check_can_switch(config.user, config.group)
+    handler = load_handler(config.handler)
+    udp = [str(a) for a in config.binds if a.kind == "udp"]
+    tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
+    check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
+    binds = " ".join(str(a) for a in config.binds)
+    print(
+        f"configuration OK: {config.workers} {config.worker_class} worker(s), "
+        f"handler {config.handler}, on {binds}"
+    )
+    return 0
+
+
 def serve(args: argparse.Namespace) -> int:
     from prefork.server.arbiter import Arbiter
     from prefork.server.systemd import inherited_fds
+    from prefork.server.upgrade import ACTIVATED_ENV, activated_binds
 
     config = config_from_args(args)
     setup_logging(config.log_level, config.log_file)
     check_access_log(config.access_log)
     check_can_switch(config.user, config.group)
-    # systemd socket activation: its sockets take the place of --bind.
-    activated = tuple(Address("fd", fd=fd) for fd in inherited_fds())
+    # systemd socket activation: its sockets take the place of --bind (and
+    # after a USR2 upgrade, those the socket-activated master handed over).
+    activated = tuple(Address("fd", fd=fd) for fd in inherited_fds()) or activated_binds()
     if activated:
         config = dataclasses.replace(config, binds=activated)
+        os.environ[ACTIVATED_ENV] = str(len(activated))  # for a USR2's new master
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     handler = load_handler(config.handler)
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
@@ -191,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
             return client.run(args.address, args.udp, args.send, not args.no_newline, timeout)
         if args.command == "bench":
             return bench.run(args)
+        if args.command == "check":
+            return check(args)
+        if args.command in ("reload", "stop", "upgrade"):
+            from prefork.tools import control
+
+            if args.command == "reload":
+                return control.reload(args.pid)
+            timeout = parse_seconds(args.timeout, "--timeout") or 60.0
+            if args.command == "stop":
+                return control.stop(args.pid, args.fast, timeout)
+            return control.upgrade(args.pid, timeout)
         if args.command == "status":
             from prefork.tools.status import fetch, table
 

@@ -403,7 +403,7 @@ class Arbiter:
                 self.log.error("USR2: cannot move the pid file aside: %s; ignored", exc.strerror)
                 return
         try:
-            self.successor = start_successor(sockets, self.pid)
+            self.successor = start_successor(sockets, self.pid, self.notifier.address)
         except OSError as exc:
             self.log.error("USR2: cannot fork a new master: %s", exc.strerror)
             self.give_pid_file_back()

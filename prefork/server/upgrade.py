@@ -25,7 +25,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from prefork.settings import Address
+
 HANDED_OVER_ENV = "PREFORK_HANDED_OVER"
+# Set by a master started by systemd socket activation (its -b addresses are
+# systemd's sockets, not its command line's): the count of them, so that a
+# new master takes the handed-over b0..bN-1 in their place.
+ACTIVATED_ENV = "PREFORK_ACTIVATED"
 READY_ENV = "PREFORK_UPGRADE_READY"
 PREDECESSOR_ENV = "PREFORK_UPGRADE_FROM"
 READY = b"ready\n"
@@ -56,16 +62,21 @@ class HandOver:
         text = os.environ.pop(HANDED_OVER_ENV, "")
         ready = os.environ.pop(READY_ENV, "")
         predecessor = os.environ.pop(PREDECESSOR_ENV, "")
+        return cls(
+            cls.from_environment_text(text),
+            int(ready) if ready.isdigit() else -1,
+            int(predecessor) if predecessor.isdigit() else 0,
+        )
+
+    @staticmethod
+    def from_environment_text(text: str) -> dict[str, int]:
+        """``b0=5,p1.0=7,metrics=6`` as a dict."""
         sockets = {}
         for item in filter(None, text.split(",")):
             key, _, fd = item.partition("=")
             if key and fd.isdigit():
                 sockets[key] = int(fd)
-        return cls(
-            sockets,
-            int(ready) if ready.isdigit() else -1,
-            int(predecessor) if predecessor.isdigit() else 0,
-        )
+        return sockets
 
     def take_metrics(self) -> int | None:
         return self.sockets.get("metrics")
@@ -105,12 +116,28 @@ class Successor:
     ready: bool = False
 
 
-def start_successor(sockets: dict[str, int], master_pid: int) -> Successor:
+def activated_binds() -> tuple[Address, ...]:
+    """In a new master whose predecessor was socket-activated: its systemd
+    sockets, as they were handed over, in place of the command line's -b."""
+    count = os.environ.get(ACTIVATED_ENV, "")
+    if not count.isdigit() or HANDED_OVER_ENV not in os.environ:
+        return ()
+    handed = HandOver.from_environment_text(os.environ[HANDED_OVER_ENV])
+    keys = [f"b{i}" for i in range(int(count))]
+    return tuple(Address("fd", fd=handed[key]) for key in keys if key in handed)
+
+
+def start_successor(
+    sockets: dict[str, int], master_pid: int, notify_socket: str | None
+) -> Successor:
     """Fork and exec a new master (``python -m prefork`` and this master's
-    arguments) that inherits ``sockets`` (key -> descriptor)."""
+    arguments) that inherits ``sockets`` (key -> descriptor) and systemd's
+    ``notify_socket`` (this master took it out of its environment)."""
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     argv = [sys.executable, "-m", "prefork", *sys.argv[1:]]
     env = dict(os.environ)
+    if notify_socket:  # the new master says MAINPID= and READY=1 there
+        env["NOTIFY_SOCKET"] = notify_socket
     env[HANDED_OVER_ENV] = ",".join(f"{key}={fd}" for key, fd in sockets.items())
     env[READY_ENV] = str(ready_w)
     env[PREDECESSOR_ENV] = str(master_pid)
