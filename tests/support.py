@@ -476,3 +476,39 @@ def samples_of(values: dict[str, float], metric: str) -> list[tuple[dict[str, st
         if match.group(1) == metric:
             found.append((dict(_LABEL.findall(match.group(2) or "")), value))
     return found
+
+
+class ConnectEchoLoad:
+    """Clients in threads, each connecting, echoing a payload of up to 200 KB
+    and closing, over and over until stopped: the load under which reloads
+    and upgrades must lose nothing. ``failures`` says what went wrong."""
+
+    def __init__(self, server: Server, clients: int = 6) -> None:
+        self.server = server
+        self.failures: list[str] = []
+        self.done = [0] * clients
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def __enter__(self) -> ConnectEchoLoad:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _client(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            payload = os.urandom(1 + (i * 7919 + n * 104729) % 200_000)
+            try:
+                with self.server.connect(timeout=20) as sock:
+                    if exchange(sock, payload, timeout=20) != payload:
+                        self.failures.append(f"client {n}: echo differs")
+            except OSError as exc:
+                self.failures.append(f"client {n}: {exc!r}")
+            self.done[n] += 1
+            i += 1

@@ -436,14 +436,15 @@ class Arbiter:
             if os.WIFSIGNALED(status)
             else f"exited with code {os.waitstatus_to_exitcode(status)}"
         )
-        when = "" if successor.ready else " before it was ready"
-        self.log.error(
-            "USR2: new master %d %s%s; this master (%d) keeps serving",
-            successor.pid,
-            how,
-            when,
-            self.pid,
-        )
+        if successor.ready:  # stopped after it served: a rollback
+            self.log.info("USR2: new master %d %s; this master serves alone", successor.pid, how)
+        else:
+            self.log.error(
+                "USR2: new master %d %s before it was ready; this master (%d) keeps serving",
+                successor.pid,
+                how,
+                self.pid,
+            )
         self.give_pid_file_back()
 
     def give_pid_file_back(self) -> None:

@@ -122,9 +122,13 @@ def upgrade(path: str, timeout: float) -> int:
         pid = new_master()
         return bool(pid) and bool(workers_of(pid))
 
-    def failed() -> bool:  # the old master took FILE back, or the new one died
-        pid = new_master()
-        return gone(old) or (not pid and not os.path.exists(old_pid_path(path)))
+    began = False  # FILE.oldbin appeared: the old master has acted on USR2
+
+    def failed() -> bool:  # the old master took FILE back, or it died
+        nonlocal began
+        moved = os.path.exists(old_pid_path(path))
+        began = began or moved
+        return gone(old) or (began and not moved and not new_master())
 
     if not wait_for(lambda: new_serves() or failed(), timeout) or not new_serves():
         raise ControlError(
