@@ -38,6 +38,7 @@ import asyncio
 import errno
 import random
 import socket
+import sys
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -563,7 +564,14 @@ class AsyncioWorker(Worker):
         self.loop = loop
         asyncio.set_event_loop(loop)
         self.log.debug("worker %d: %s loop", self.age, name)
-        loop.run_until_complete(self.serve())
+        try:
+            loop.run_until_complete(self.serve())
+        except RuntimeError:
+            if self.quitting:  # handle_quit stopped the loop
+                return
+            raise
+        if self.quitting:
+            return
         # Left normally: nothing of ours is pending; close what user code left.
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
@@ -582,6 +590,7 @@ class AsyncioWorker(Worker):
                     await loop.create_datagram_endpoint(
                         lambda: DatagramEndpoint(self, make()), sock=listener.sock
                     )
+        await self.warm_up()
         self.booted = True
         self.arm()
         self.tick_once()
@@ -590,6 +599,18 @@ class AsyncioWorker(Worker):
         finally:
             loop.remove_reader(self.wakeup_r)
             self.disarm()
+
+    async def warm_up(self) -> None:
+        """Have the loop open what it opens for its first connection (uvloop:
+        a spare descriptor on /dev/null), so that the worker holds as many
+        descriptors before it serves as after."""
+        loop = asyncio.get_running_loop()
+        ours, theirs = socket.socketpair()
+        with theirs:
+            ours.setblocking(False)
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+            transport.abort()
+        await asyncio.sleep(0)  # the abort's connection_lost
 
     async def supervise(self) -> None:
         """Until it is time to go: act on TERM, recycling, the deadline."""
@@ -696,6 +717,21 @@ class AsyncioWorker(Worker):
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         super().handle_term(signum, frame)
         self.poke()
+
+    def handle_quit(self, signum: int, frame: FrameType | None) -> None:
+        """Fast stop, by stopping the loop rather than by raising here: a
+        SystemExit raised inside a transport's callback is caught by uvloop
+        as a fatal error of that transport. A repeat (the master sends QUIT
+        every half second) means the loop did not get there, stuck in user
+        code: then raise, which interrupts it."""
+        loop = self.loop
+        if self.quitting or loop is None or loop.is_closed() or not loop.is_running():
+            self.quitting = True
+            self.alive = False
+            sys.exit(0)
+        self.quitting = True
+        self.alive = False
+        loop.call_soon_threadsafe(loop.stop)
 
     def poke(self) -> None:
         """From a signal handler: wake ``supervise`` through the loop."""
