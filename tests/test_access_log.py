@@ -37,7 +37,7 @@ from support import (
 
 pytestmark = pytest.mark.timeout(120)
 
-IDLE = 1.5  # the loops' idle timeout in the script
+IDLE = 3.0  # the loops' idle timeout in the script
 PROXY_V1 = b"PROXY TCP4 192.0.2.7 198.51.100.1 40001 7007\r\n"
 
 
