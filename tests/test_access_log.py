@@ -411,3 +411,22 @@ def test_every_worker_class_logs_and_usr1_reopens(server_factory, implementation
 def test_an_access_log_that_cannot_be_opened_is_a_one_line_error(tmp_path):
     result = run("serve", "-b", "127.0.0.1:0", "--access-log", str(tmp_path / "no" / "such"))
     assert_one_line_error(result, 1, "--access-log", "cannot open")
+
+
+def test_a_reload_to_a_path_that_cannot_be_opened_keeps_serving(server_factory, tmp_path):
+    """Checked at start only: after a HUP the new workers say why and serve
+    without a log rather than failing to boot."""
+    config = tmp_path / "prefork.toml"
+    good = tmp_path / "access.log"
+    config.write_text(f'access-log = "{good}"\nworkers = 1\n')
+    server = server_factory("-c", str(config))
+    (first,) = server.wait_workers(1)
+    bad = tmp_path / "no" / "such" / "access.log"
+    config.write_text(f'access-log = "{bad}"\nworkers = 1\n')
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: f"--access-log {bad}: cannot open" in server.log, 15), server.log
+    assert wait_until(lambda: first not in server.workers() and len(server.workers()) == 1, 15)
+    with server.connect() as sock:
+        sock.sendall(b"still here")
+        sock.shutdown(socket.SHUT_WR)
+        assert read_to_end(sock) == b"still here"

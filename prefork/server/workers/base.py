@@ -135,7 +135,14 @@ class Worker:
         self.init_signals()
         set_title(f"worker {self.age} [{self.title_suffix}]")
         if self.config.access_log is not None:  # before the privilege drop, as --log-file
-            self.access_log = AccessLog(self.config.access_log)
+            try:
+                self.access_log = AccessLog(self.config.access_log)
+            except OSError as exc:  # checked at start; a HUP's new path is not: serve on
+                self.log.error(
+                    "--access-log %s: cannot open: %s; no access log",
+                    self.config.access_log,
+                    exc.strerror,
+                )
         drop_privileges(self.config.user, self.config.group)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())  # blocked across fork
         # Fast stop if the master dies; SIGQUIT is handled, so we log and go.
