@@ -50,6 +50,11 @@ SIZE_MAX = sys.maxsize
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+# nginx's name for the old master's pid file while a USR2 upgrade runs (the
+# new master writes FILE): the server renames it, `prefork upgrade` reads it.
+OLD_PID_SUFFIX = ".oldbin"
+
+
 @dataclass(frozen=True)
 class Address:
     """Where to listen: ``kind`` is ``tcp`` or ``udp`` (host, port), ``unix``
@@ -617,7 +622,7 @@ OPTIONS: tuple[Option, ...] = (
         help="who may send that header: addresses or networks, comma-separated, or * for "
         "any; other peers are closed and logged",
     ),
-    Option(
+    Option(  # during a USR2 upgrade the old master's file is FILE + OLD_PID_SUFFIX
         key="pid_file",
         flags=("--pid",),
         metavar="FILE",

@@ -263,9 +263,7 @@ def test_log_file_is_handed_to_the_user_so_workers_can_reopen_it(file_log_server
 
 
 @needs_root
-def test_user_without_group_hands_socket_and_log_file_to_the_login_group(
-    file_log_server, tmp_path
-):
+def test_user_without_group_hands_socket_and_log_file_to_the_login_group(file_log_server, tmp_path):
     """The workers run with the user's login group: the files they must open
     or let clients reach belong to it, not to the master's group (root)."""
     nobody = pwd.getpwnam(NOBODY)

@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from prefork.settings import Address
+from prefork.settings import OLD_PID_SUFFIX, Address
 
 HANDED_OVER_ENV = "PREFORK_HANDED_OVER"
 # Set by a master started by systemd socket activation (its -b addresses are
@@ -170,4 +170,4 @@ def read_ready(successor: Successor) -> bool | None:
 
 
 def old_pid_path(path: str) -> str:
-    return f"{path}.oldbin"
+    return path + OLD_PID_SUFFIX

@@ -3,7 +3,7 @@
 Like ``nginx -s``: the pid file says who the master is, and nothing is sent
 blindly. A file that is missing, unreadable, or names a process that is gone
 or is not a prefork master is reported (exit 1) and no signal is sent.
-``upgrade`` runs the whole USR2 sequence (server/upgrade.py): USR2, wait for
+``upgrade`` runs the whole USR2 sequence (see server/upgrade.py): USR2, wait for
 the new master's workers, WINCH the old master, wait for its workers to
 finish, TERM it; a new master that dies first leaves the old one serving.
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 
 from prefork.errors import PreforkError
-from prefork.server.upgrade import old_pid_path
+from prefork.settings import OLD_PID_SUFFIX
 
 POLL = 0.05  # seconds between two looks at /proc
 
@@ -126,7 +126,7 @@ def upgrade(path: str, timeout: float) -> int:
 
     def failed() -> bool:  # the old master took FILE back, or it died
         nonlocal began
-        moved = os.path.exists(old_pid_path(path))
+        moved = os.path.exists(path + OLD_PID_SUFFIX)
         began = began or moved
         return gone(old) or (began and not moved and not new_master())
 
