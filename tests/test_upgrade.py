@@ -22,6 +22,8 @@ from support import (
     children_of,
     exchange,
     handler_env,
+    launch,
+    prefork_command,
     run,
     wait_until,
 )
@@ -204,3 +206,33 @@ def test_prefork_upgrade_runs_the_whole_sequence(server_factory, tmp_path):
     assert not load.failures, (load.failures[:5], server.log[-3000:])
     assert new != old and f"master {old} stopped; master {new} serves" in done.stdout
     assert len(workers_of(new)) == 2
+
+
+def test_a_socket_activated_master_hands_systemds_socket_on(tmp_path):
+    """LISTEN_FDS as systemd sets them (see test_operations): the new master
+    serves systemd's socket, not the command line's default address."""
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(16)
+    port = listening.getsockname()[1]
+    pid_file = tmp_path / "master.pid"
+
+    def as_fd_3() -> None:
+        os.dup2(listening.fileno(), 3)
+
+    script = 'LISTEN_PID=$$ LISTEN_FDS=1 exec "$@"'
+    argv = prefork_command("serve", "-w", "1", "--pid", str(pid_file))
+    server = launch(["sh", "-c", script, "sh", *argv], preexec_fn=as_fd_3, pass_fds=(3,))
+    try:
+        listening.close()  # systemd's copy is now only the server's
+        server.wait_workers(1)
+        new = upgrade(server, pid_file)
+        retire_old(server)
+        server.signal(signal.SIGTERM)
+        assert server.wait(STEP) == 0
+        assert server.addresses == [f"127.0.0.1:{port}"] * 2, server.log  # both masters
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert exchange(sock, b"activated") == b"activated"
+        assert len(workers_of(new)) == 1
+    finally:
+        server.kill_all()
