@@ -158,10 +158,18 @@ def test_term_during_a_slow_request_completes_it(serve):
 
 def test_graceful_timeout_cancels_tasks_before_the_master_kills(serve):
     """A handler that never finishes is cancelled (its except/finally runs)
-    just before --graceful-timeout, and the worker leaves by itself."""
+    just before --graceful-timeout, and the worker leaves by itself; the
+    drain, longer than --timeout, keeps the heartbeat going."""
     graceful = 3.0
     server = serve(
-        "-w", "1", "--handler", f"{KINDS}:stubborn_stream", "--graceful-timeout", str(graceful)
+        "-w",
+        "1",
+        "--handler",
+        f"{KINDS}:stubborn_stream",
+        "--graceful-timeout",
+        str(graceful),
+        "--timeout",
+        "1",
     )
     (worker,) = server.wait_workers(1)
     with server.connect() as sock:
@@ -176,6 +184,7 @@ def test_graceful_timeout_cancels_tasks_before_the_master_kills(serve):
     assert not pid_alive(worker)
     assert took >= graceful - 1.0, took  # not before its time
     assert "stubborn_stream cancelled" in server.log
+    assert "silent for" not in server.log
     assert "--graceful-timeout: aborting 1 connection, cancelling 1 task" in server.log
     assert "killing" not in server.log
 
