@@ -6,12 +6,18 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 
 import pytest
 
-from support import TESTS_DIR, WORKER_CLASS_ARGS, exchange, handler_env, wait_until
+from support import (
+    TESTS_DIR,
+    WORKER_CLASS_ARGS,
+    ConnectEchoLoad,
+    exchange,
+    handler_env,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,35 +131,12 @@ def test_no_connection_is_lost_through_reloads_scaling_and_recycling(server_fact
         "-w", "3", *options, "--max-requests", "60", "--max-requests-jitter", "20"
     )
     server.wait_workers(3)
-    stop = threading.Event()
-    failures: list[str] = []
-    done = [0] * 6
-
-    def client(n: int) -> None:
-        i = 0
-        while not stop.is_set():
-            payload = os.urandom(1 + (i * 7919 + n * 104729) % 200_000)
-            try:
-                with server.connect(timeout=20) as sock:
-                    if exchange(sock, payload, timeout=20) != payload:
-                        failures.append(f"client {n}: echo differs")
-            except OSError as exc:
-                failures.append(f"client {n}: {exc!r}")
-            done[n] += 1
-            i += 1
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(len(done))]
-    for thread in threads:
-        thread.start()
-    try:
+    with ConnectEchoLoad(server) as load:
         for sig in actions:
             time.sleep(0.6)
             server.signal(sig)
         time.sleep(1.0)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(60)
+    failures, done = load.failures, load.done
     assert not failures, (failures[:5], server.log[-3000:])
     assert sum(done) > 100, done
     assert server.log.count("generation") >= 3
