@@ -200,13 +200,44 @@ def tree_total(pid: int, name: str, value: Callable[[str], int]) -> int:
     return total
 
 
+def process_cpu_ns(pid: int) -> int | None:
+    """Nanoseconds on a CPU so far, every live thread of ``pid``: the first
+    field of each /proc/PID/task/TID/schedstat. Unlike utime + stime in
+    /proc/PID/stat, which move by whole clock ticks (10 ms), it is exact, so
+    a short window on a busy machine does not read as no CPU at all. None
+    where the kernel keeps no schedstat (CONFIG_SCHED_INFO off)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0  # gone meanwhile
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}"):
+                continue  # the thread ended meanwhile
+            return None
+    return total
+
+
 def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system, all threads) used so far by ``pid`` and its descendants."""
-    # utime and stime are fields 14 and 15 of stat: 11 and 12 after the ")" ending comm.
-    ticks = tree_total(
-        pid, "stat", lambda text: sum(map(int, text.rsplit(")", 1)[1].split()[11:13]))
-    )
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (all threads) used so far by ``pid`` and its descendants."""
+    total = 0.0
+    for p in tree(pid):
+        exact = process_cpu_ns(p)
+        if exact is not None:
+            total += exact / 1e9
+            continue
+        # utime and stime: fields 14 and 15 of stat, 11 and 12 after the ")" ending comm.
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ticks = sum(map(int, f.read().rsplit(")", 1)[1].split()[11:13]))
+        except FileNotFoundError:
+            continue
+        total += ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def private_bytes(smaps_rollup: str) -> int:
@@ -391,7 +422,7 @@ def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run
         result = bench(address, load, seconds, pin, metrics, server_pid=running.proc.pid)
         cpu = result["server_cpu_seconds"]
     messages = max(result["messages"], 1)
-    if cpu <= 0:
+    if cpu <= 0:  # exact to the nanosecond (tree_cpu): none means no process was found
         raise RuntimeError("the server's processes used no CPU: they were not found in /proc")
     balance = ""
     spread = result.get("workers")
