@@ -151,3 +151,27 @@ def test_handler_load_errors_are_one_line(handler, code, needles):
         stdin=subprocess.DEVNULL,
     )
     assert_one_line_error(result, code, *needles)
+
+
+@pytest.mark.parametrize("k", [["-k", "sync"], ["-k", "thread"]])
+def test_socketserver_request_handlers_run_as_socketserver_runs_them(server_factory, k):
+    server = server_factory(
+        "-w", "1", *k, "--handler", "handlers.socketserver_kinds:Lifecycle", env=_tests_on_path()
+    )
+    with server.connect() as sock:
+        # Everything until the end of file: finish() ran, then the sending side shut.
+        assert exchange(sock, b"hi") == b"hi setup,handle True True True finish"
+    server = server_factory(
+        "-w", "1", *k, "--handler", "handlers.socketserver_kinds:Upper", env=_tests_on_path()
+    )
+    with server.connect() as sock:
+        assert exchange(sock, b"one\ntwo\n") == b"ONE\nTWO\n"
+    assert "Traceback" not in server.log
+
+
+def test_a_request_handler_is_refused_by_the_event_worker():
+    done = run(
+        "serve", "-k", "event", "--handler", "handlers.socketserver_kinds:Upper",
+        env=_tests_on_path(),
+    )  # fmt: skip
+    assert_one_line_error(done, 2, "socketserver request handler", "-k sync")

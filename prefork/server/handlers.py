@@ -14,6 +14,13 @@
   protocol whose constructor takes arguments; run as a protocol class is.
 - a **blocking callable** ``handle(sock, address)``, socketserver style, for
   the sync and thread workers.
+- a **socketserver request handler** (a ``socketserver.BaseRequestHandler``
+  subclass, ``StreamRequestHandler`` with its ``rfile``/``wfile`` too), for
+  the sync and thread workers, run as socketserver runs it: constructed with
+  ``(request, client_address, server)`` per connection (``setup``,
+  ``handle``, ``finish``), then the sending side is shut down and the socket
+  closed. ``server`` is a stand-in (``RequestServer``): the master owns the
+  listening socket.
 - for the asyncio worker (``-k asyncio``) only: an ``async def
   handle(reader, writer)`` **stream handler** (asyncio's streams, a task per
   connection) and an ``asyncio.DatagramProtocol`` class for ``udp://``.
@@ -194,6 +201,8 @@ class LoadedHandler:
         if factory is not None:
             return lambda fd, buffer, peer: serve_protocol(fd, buffer, factory, peer)
         assert handle is not None
+        if self.kind == "request-handler":
+            return lambda fd, buffer, peer: serve_request_handler(fd, handle, peer)
         return lambda fd, buffer, peer: serve_handle(fd, handle, peer)
 
 
@@ -269,6 +278,11 @@ def check_fit(
         raise ConfigError(
             f"--handler {handler.spec} is a DatagramProtocol class; -b {stream} is a stream "
             "listener: serve it on udp:// listeners only"
+        )
+    if worker_class == "event" and handler.kind == "request-handler":
+        raise ConfigError(
+            f"--handler {handler.spec} is a socketserver request handler, run by -k sync and "
+            "-k thread only; the event worker runs protocol classes (classes with data_received)"
         )
     if worker_class == "event" and handler.handle is not None:
         raise ConfigError(
@@ -365,6 +379,43 @@ def serve_protocol(
         return nin, transport.bytes_out
     finally:
         sock.detach()
+
+
+class RequestServer:
+    """What a socketserver request handler sees as ``self.server``. The
+    master owns the listening socket and the workers serve, so there is no
+    ``socketserver.BaseServer`` here: this stand-in carries what handlers
+    read of one (``server_address``, ``RequestHandlerClass``, ``timeout``);
+    ``shutdown()`` is refused (stop the master with a signal)."""
+
+    timeout = None
+
+    def __init__(self, server_address: Any, handler_class: type) -> None:
+        self.server_address = server_address
+        self.RequestHandlerClass = handler_class
+
+    def shutdown(self) -> None:
+        raise NotImplementedError("prefork's master stops the server: send it TERM")
+
+
+def serve_request_handler(fd: int, handler_class: Any, client: Any = None) -> tuple[int, int]:
+    """Run a ``socketserver.BaseRequestHandler`` subclass on one connection as
+    socketserver does: ``handler_class(request, client_address, server)``,
+    whose constructor runs ``setup``, ``handle`` and ``finish``; then, as
+    ``TCPServer.shutdown_request`` does, shut the sending side down and close.
+    The request is a duplicate of the worker's descriptor (the worker closes
+    the original). Returns (0, 0): the worker reads a TCP connection's byte
+    counts from the kernel, as for ``serve_handle``."""
+    with socket.socket(fileno=os.dup(fd)) as request:
+        server = RequestServer(request.getsockname(), handler_class)
+        try:
+            handler_class(request, peer_name(request) if client is None else client, server)
+        finally:
+            try:
+                request.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass  # the peer has gone: nothing to tell it
+    return 0, 0
 
 
 def serve_handle(
