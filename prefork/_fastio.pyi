@@ -33,6 +33,8 @@ class EventLoop:
     access_log_dropped: int
     resource_errors: int
     datagrams: int
+    udp_refused_loop: int
+    udp_refused_source: int
     def __init__(
         self,
         listeners: Iterable[Any],
@@ -50,6 +52,8 @@ class EventLoop:
         proxy_listeners: Iterable[Any] = (),
         proxy_trusted: Callable[[Any], bool] | None = None,
         access_log: Any = -1,
+        udp_allow_low_ports: bool = False,
+        udp_loop_ports: Iterable[int] = (),
     ) -> None: ...
     @property
     def active(self) -> int: ...
@@ -57,6 +61,8 @@ class EventLoop:
     def accepting(self) -> bool: ...
     @property
     def recycled(self) -> bool: ...
+    @property
+    def udp_refused_from(self) -> dict[str, str]: ...
     def drain(self) -> None: ...
     def stop_accepting(self) -> None: ...
     def close(self) -> None: ...

@@ -40,8 +40,8 @@ from prefork import _fastio_common as common
 from prefork import proxy
 from prefork._fastio_common import (
     ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
-    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args, fileno_of,
-    format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
+    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args,
+    datagram_loop_ports, fileno_of, format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
 )
 
 _log = logging.getLogger("prefork")
@@ -229,10 +229,11 @@ cdef enum:
     DATAGRAM_BATCH = 16
     DATAGRAM_SIZE = 65536
     CHARGEN_DATAGRAM_MAX = 512
-    SLOT_SIZE = 80
+    SLOT_SIZE = 96
     HEARTBEAT_OFFSET = 0  # a double
     COUNTERS_OFFSET = 16  # N_COUNTERS int64s, in the order of LOOP_COUNTERS
-    N_COUNTERS = 8
+    N_COUNTERS = 10
+    LOW_PORT_LIMIT = 1024
     ACCESS_LOG_BUFFER = 65536
     ACCESS_PIPE_WRITE = 4096
     CLIENT_MAX = 64  # "[" IPv6 "]:" port, and a NUL
@@ -261,6 +262,11 @@ cdef const char *_end_name(int end) noexcept nogil:
         return "shutdown"
     return "closed"
 
+# Why the UDP guard refused a datagram: in the order of
+# prefork._fastio_common.UDP_REFUSALS (ANSWER: it did not).
+cdef enum Refusal:
+    REFUSED_LOOP, REFUSED_SOURCE, N_REFUSALS, ANSWER
+
 # In the order of prefork._fastio_common.SERVICES.
 cdef enum Service:
     ECHO, DISCARD, CHARGEN, DAYTIME, PROTOCOL
@@ -282,7 +288,10 @@ COMPILED_FACTS = {
     "LOOP_COUNTERS": (  # as _publish writes them
         "accepted", "active", "bytes_in", "bytes_out",
         "idle_closed", "max_buffer_closed", "handler_errors", "proxy_rejected",
+        "udp_refused_loop", "udp_refused_source",
     ),
+    "UDP_REFUSALS": common.enum_order({"loop": REFUSED_LOOP, "source": REFUSED_SOURCE}),
+    "LOW_PORT_LIMIT": LOW_PORT_LIMIT,
 }
 COMPILED_FACTS["END_REASONS"] = tuple(
     (<bytes>_end_name(end)).decode("ascii") for end in range(N_ENDS))
@@ -398,6 +407,11 @@ cdef class EventLoop:
     cdef readonly unsigned long long datagrams
     cdef readonly unsigned long long max_buffer_closed, handler_errors, proxy_rejected
     cdef readonly unsigned long long access_log_dropped
+    cdef readonly unsigned long long udp_refused_loop, udp_refused_source
+    cdef unsigned short *loop_ports  # the UDP guard's ports (host order)
+    cdef int n_loop_ports
+    cdef bint allow_low_ports
+    cdef posix.sockaddr_storage refused_from[N_REFUSALS]  # the last sender refused, by reason
     cdef int alog_fd  # the access log, -1 without
     cdef bint alog_socket  # written with send(MSG_DONTWAIT)
     cdef bint alog_pipe  # written ACCESS_PIPE_WRITE bytes of whole lines at most
@@ -435,7 +449,8 @@ cdef class EventLoop:
                  int max_connections=DEFAULT_MAX_CONNECTIONS, max_buffer=DEFAULT_MAX_BUFFER,
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, pattern=b"", protocol_factory=None,
                  datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
-                 proxy_trusted=None, access_log=-1):
+                 proxy_trusted=None, access_log=-1, udp_allow_low_ports=False,
+                 udp_loop_ports=()):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef int index
@@ -502,6 +517,14 @@ cdef class EventLoop:
         if wakeup_fd >= 0:
             self._ctl(posix.EPOLL_CTL_ADD, wakeup_fd, posix.EPOLLIN,
                       self._listener_tag(self.n_listeners))
+        loop_ports = sorted(datagram_loop_ports(dgram_fds, udp_loop_ports))
+        self.loop_ports = <unsigned short *>malloc(sizeof(unsigned short) * (len(loop_ports) + 1))
+        if self.loop_ports == NULL:
+            raise MemoryError()
+        for i, port in enumerate(loop_ports):
+            self.loop_ports[i] = port
+        self.n_loop_ports = len(loop_ports)
+        self.allow_low_ports = bool(udp_allow_low_ports)
         for i in range(self.n_dgrams):
             self._ctl(posix.EPOLL_CTL_ADD, self.dgram_fds[i], posix.EPOLLIN | posix.EPOLLEXCLUSIVE,
                       self._dgram_tag(i))
@@ -522,6 +545,20 @@ cdef class EventLoop:
     @property
     def recycled(self):
         return self._recycled
+
+    @property
+    def udp_refused_from(self):
+        """The last sender the UDP guard refused, by reason (see the spec)."""
+        cdef char text[CLIENT_MAX]
+        cdef int reason
+        found = {}
+        for reason in range(<int>N_REFUSALS):
+            if self.refused_from[reason].ss_family == 0:
+                found[common.UDP_REFUSALS[reason]] = ""
+            else:
+                _format_client(&self.refused_from[reason], text)
+                found[common.UDP_REFUSALS[reason]] = (<bytes>text).decode("ascii")
+        return found
 
     def drain(self):
         """Accept what is queued, then stop accepting (see the spec)."""
@@ -586,6 +623,8 @@ cdef class EventLoop:
         self.dgram_fds = NULL
         free(self.dgram)
         self.dgram = NULL
+        free(self.loop_ports)
+        self.loop_ports = NULL
 
     cdef int _stop_accepting(self) except -1 nogil:
         cdef int i
@@ -688,6 +727,8 @@ cdef class EventLoop:
         counters[5] = <long long>self.max_buffer_closed
         counters[6] = <long long>self.handler_errors
         counters[7] = <long long>self.proxy_rejected
+        counters[8] = <long long>self.udp_refused_loop
+        counters[9] = <long long>self.udp_refused_source
         memcpy(self.stats + HEARTBEAT_OFFSET, &now, sizeof(now))
         memcpy(self.stats + COUNTERS_OFFSET, counters, sizeof(counters))
 
@@ -796,6 +837,8 @@ cdef class EventLoop:
             length = d.received[i].msg_len
             self.datagrams += 1
             self.bytes_in += length
+            if self._refuse(&d.senders[i], d.received[i].msg_hdr.msg_namelen):
+                continue  # no reply: it could feed a loop or reflect
             if d.received[i].msg_hdr.msg_flags & posix.MSG_TRUNC:
                 continue  # cannot happen with 64 KiB buffers; never echo a cut datagram
             if self.svc == ECHO:
@@ -835,6 +878,21 @@ cdef class EventLoop:
             return 0
         self._readd(fd, self._dgram_tag(index))  # to the back of the socket's wait queue
         return 0
+
+    cdef bint _refuse(self, posix.sockaddr_storage *sender,
+                      posix.socklen_t length) noexcept nogil:
+        """The UDP guard (the spec's datagram_refusal): count and remember a
+        sender whose datagram must go unanswered, and say so."""
+        cdef int reason = _refusal(sender, length, self.loop_ports, self.n_loop_ports,
+                                   self.allow_low_ports)
+        if reason == ANSWER:
+            return False
+        if reason == REFUSED_LOOP:
+            self.udp_refused_loop += 1
+        else:
+            self.udp_refused_source += 1
+        memcpy(&self.refused_from[reason], sender, sizeof(posix.sockaddr_storage))
+        return True
 
     # -- connections ------------------------------------------------------------------
 
@@ -1416,3 +1474,39 @@ cdef void _format_client(const posix.sockaddr_storage *addr, char *out) noexcept
         snprintf(out, CLIENT_MAX, "unix")
         return
     snprintf(out, CLIENT_MAX, "-")
+
+
+cdef int _refusal(const posix.sockaddr_storage *addr, posix.socklen_t length,
+                  const unsigned short *loop_ports, int n_loop_ports,
+                  bint allow_low_ports) noexcept nogil:
+    """``datagram_refusal`` of prefork._fastio_common in C: a Refusal, or
+    ANSWER (also for what is not IPv4 or IPv6: a UNIX datagram peer)."""
+    cdef const unsigned char *a
+    cdef unsigned int port, i
+    cdef bint bad = False
+    cdef bint zero = True
+    if length >= sizeof(posix.sockaddr_in) and addr.ss_family == posix.AF_INET:
+        a = <const unsigned char *>&(<const posix.sockaddr_in *>addr).sin_addr
+        port = posix.ntohs((<const posix.sockaddr_in *>addr).sin_port)
+        bad = a[0] == 0 or a[0] >= 224
+    elif length >= sizeof(posix.sockaddr_in6) and addr.ss_family == posix.AF_INET6:
+        a = <const unsigned char *>&(<const posix.sockaddr_in6 *>addr).sin6_addr
+        port = posix.ntohs((<const posix.sockaddr_in6 *>addr).sin6_port)
+        for i in range(10):
+            zero = zero and a[i] == 0
+        if zero and a[10] == 0xFF and a[11] == 0xFF:  # IPv4-mapped: the IPv4 rule
+            bad = a[12] == 0 or a[12] >= 224
+        else:
+            for i in range(10, 16):
+                zero = zero and a[i] == 0
+            bad = a[0] == 0xFF or zero
+    else:
+        return ANSWER
+    if bad or port == 0:
+        return REFUSED_SOURCE
+    if port < LOW_PORT_LIMIT and not allow_low_ports:
+        return REFUSED_LOOP
+    for i in range(<unsigned int>n_loop_ports):
+        if loop_ports[i] == port:
+            return REFUSED_LOOP
+    return ANSWER

@@ -58,7 +58,8 @@ def daytime_line(now: float | None = None) -> bytes:
 # first so that it is 8-byte aligned: the compiled loop stores a C double
 # there. The loop's counters are contiguous 64-bit integers: what it served,
 # then why it closed or turned away connections (idle timeout, --max-buffer,
-# a user handler that raised, a PROXY header refused).
+# a user handler that raised, a PROXY header refused), then the datagrams the
+# UDP guard dropped unanswered, by reason (UDP_REFUSALS).
 SLOT_FIELDS = (
     "heartbeat",
     "pid",
@@ -70,8 +71,10 @@ SLOT_FIELDS = (
     "max_buffer_closed",
     "handler_errors",
     "proxy_rejected",
+    "udp_refused_loop",
+    "udp_refused_source",
 )
-SLOT = struct.Struct("<dqqqqqqqqq")
+SLOT = struct.Struct("<dqqqqqqqqqqq")
 SLOT_SIZE = SLOT.size
 SLOT_OFFSETS = {
     name: struct.calcsize(SLOT.format[: index + 1]) for index, name in enumerate(SLOT_FIELDS)
@@ -99,6 +102,70 @@ def _check_slot_layout() -> None:
 
 
 _check_slot_layout()
+
+
+# -- the UDP guard ---------------------------------------------------------------------
+#
+# A UDP service answers whoever the source address names, and that can be
+# forged: a datagram "from" another echo-like service starts a packet storm
+# between the two that never ends (CVE-1999-0103), and one "from" a victim
+# makes the server a reflector. So both loops (and -k asyncio) drop, without
+# a reply, a datagram whose reply could feed a loop, reason "loop": from a
+# port below LOW_PORT_LIMIT (the system services live there: echo 7, discard
+# 9, daytime 13, chargen 19; OpenBSD inetd's rule), unless low ports are
+# allowed, or from a port this server serves UDP on (FreeBSD inetd's
+# check_loop; by port, whatever the address: the forger picks the address);
+# and, reason "source", a datagram from an address no reply may go to, or
+# from port 0: IPv4 0/8 (unspecified), 224/4 (multicast), 240/4 (reserved,
+# with the broadcast 255.255.255.255); IPv6 :: and ff00::/8 (multicast); an
+# IPv4-mapped IPv6 address by its IPv4 rule.
+UDP_REFUSALS = ("loop", "source")  # the slot's udp_refused_* fields, in order
+LOW_PORT_LIMIT = 1024
+
+
+def _bad_ipv4(first_octet: int) -> bool:
+    return first_octet == 0 or first_octet >= 224
+
+
+def datagram_refusal(sender: Any, loop_ports: frozenset[int], allow_low_ports: bool) -> str | None:
+    """Why a datagram from ``sender`` (recvfrom's address) must go
+    unanswered: ``"loop"``, ``"source"``, or None to answer it. Anything
+    that is not an IPv4 or IPv6 address (a UNIX datagram peer) is answered."""
+    if not isinstance(sender, tuple) or len(sender) < 2 or not isinstance(sender[0], str):
+        return None
+    host, port = sender[0], sender[1]
+    try:
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:  # a scoped IPv6 address (fe80::1%lo): never one of the bad ones
+        packed = b"\xfe"
+    if len(packed) == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":  # IPv4-mapped
+        packed = packed[12:]
+    if len(packed) == 4:
+        bad = _bad_ipv4(packed[0])
+    else:
+        bad = packed[0] == 0xFF or packed == bytes(16)
+    if bad or port == 0:
+        return "source"
+    if (port < LOW_PORT_LIMIT and not allow_low_ports) or port in loop_ports:
+        return "loop"
+    return None
+
+
+def datagram_loop_ports(fds: list[int], extra: Any) -> frozenset[int]:
+    """The ports a datagram must not come from: those the sockets ``fds``
+    (the loop's own datagram sockets, borrowed) are bound to, and ``extra``
+    (the server's other UDP services), each 1 to 65535."""
+    ports = {int(port) for port in extra}
+    if any(not 0 < port < 65536 for port in ports):
+        raise ValueError("udp_loop_ports must be ports, 1 to 65535")
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        try:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                ports.add(sock.getsockname()[1])
+        finally:
+            sock.detach()
+    return frozenset(ports)
 
 
 # -- the access log --------------------------------------------------------------------

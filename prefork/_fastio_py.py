@@ -97,6 +97,8 @@ from prefork._fastio_common import (
     access_line,
     byte_view,
     check_loop_args,
+    datagram_loop_ports,
+    datagram_refusal,
     daytime_line,
     fileno_of,
     format_client,
@@ -376,6 +378,12 @@ class EventLoop:
     ``datagram_sockets`` are bound UDP sockets (borrowed, non-blocking) on
     which the built-in service answers every datagram with one datagram to
     its sender (RFC 862/863/864/867 over UDP); ``stop_accepting`` stops them.
+    The UDP guard (``_fastio_common.datagram_refusal``) drops unanswered
+    what comes from a port below 1024 (unless ``udp_allow_low_ports``), from
+    a port of these sockets or of ``udp_loop_ports`` (the server's other UDP
+    services), or from an address no reply may go to; it counts them in
+    ``udp_refused_loop`` and ``udp_refused_source``, and ``udp_refused_from``
+    names the last sender refused for each reason.
 
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
     ``bytes_out``, ``datagrams`` (received), ``resource_errors`` (EMFILE
@@ -405,6 +413,8 @@ class EventLoop:
         proxy_listeners: Any = (),
         proxy_trusted: Any = None,
         access_log: Any = -1,
+        udp_allow_low_ports: bool = False,
+        udp_loop_ports: Any = (),
     ) -> None:
         self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -423,6 +433,8 @@ class EventLoop:
         self.idle_closed = self.resource_errors = self.datagrams = 0
         self.max_buffer_closed = self.handler_errors = self.proxy_rejected = 0
         self.access_log_dropped = 0
+        self.udp_refused_loop = self.udp_refused_source = 0
+        self._refused_from = {"loop": "", "source": ""}
         off = isinstance(access_log, int) and access_log < 0
         self._access_fd = -1 if off else fileno_of(access_log)
         self._access_sock: socket.socket | None = None  # set when the log is a socket
@@ -449,6 +461,8 @@ class EventLoop:
         if wakeup_fd >= 0:
             self._epoll.register(wakeup_fd, _EPOLLIN)
         self._datagram_sockets = {fd: socket.socket(fileno=fd) for fd in dgram_fds}
+        self._loop_ports = datagram_loop_ports(dgram_fds, udp_loop_ports)
+        self._allow_low_ports = bool(udp_allow_low_ports)
         self._datagram_buffer = bytearray(DATAGRAM_SIZE) if dgram_fds else bytearray()
         for fd in self._datagram_sockets:
             self._epoll.register(fd, _LISTEN_EVENTS)
@@ -462,6 +476,12 @@ class EventLoop:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    @property
+    def udp_refused_from(self) -> dict[str, str]:
+        """The last sender the UDP guard refused, by reason ("" for none),
+        as the access log writes addresses."""
+        return dict(self._refused_from)
 
     @property
     def recycled(self) -> bool:
@@ -582,6 +602,8 @@ class EventLoop:
             self.max_buffer_closed,
             self.handler_errors,
             self.proxy_rejected,
+            self.udp_refused_loop,
+            self.udp_refused_source,
         )
 
     def _arm_if_ready(self, now: float) -> None:
@@ -694,6 +716,14 @@ class EventLoop:
                 continue
             self.datagrams += 1
             self.bytes_in += n
+            refusal = datagram_refusal(sender, self._loop_ports, self._allow_low_ports)
+            if refusal is not None:  # no reply: it could feed a loop or reflect
+                if refusal == "loop":
+                    self.udp_refused_loop += 1
+                else:
+                    self.udp_refused_source += 1
+                self._refused_from[refusal] = format_client(sender)
+                continue
             if flags & socket.MSG_TRUNC:
                 continue  # never answer with a cut datagram
             if self.service == "echo":

@@ -622,6 +622,16 @@ OPTIONS: tuple[Option, ...] = (
         help="who may send that header: addresses or networks, comma-separated, or * for "
         "any; other peers are closed and logged",
     ),
+    Option(
+        key="udp_allow_low_ports",
+        flags=("--udp-allow-low-ports",),
+        default=False,
+        worker_classes=("event", "asyncio"),
+        help="answer UDP datagrams from source ports below 1024, which are refused by "
+        "default (the system services live there: a reply to echo or chargen starts a "
+        "packet loop); datagrams from a port this server serves UDP on, or from a "
+        "broadcast, multicast or unspecified address, stay refused",
+    ),
     Option(  # during a USR2 upgrade the old master's file is FILE + OLD_PID_SUFFIX
         key="pid_file",
         flags=("--pid",),
@@ -731,6 +741,7 @@ class Config:
     unix_mode: int = _default("unix_mode")
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
+    udp_allow_low_ports: bool = _default("udp_allow_low_ports")
     pid_file: str | None = _default("pid_file")
     metrics: Address | None = _default("metrics")
     log_level: str = _default("log_level")

@@ -81,6 +81,7 @@ CLI_SURFACE = {
     ("--unix-mode",): "MODE",
     ("--proxy-protocol",): None,
     ("--forwarded-allow-ips",): "LIST",
+    ("--udp-allow-low-ports",): None,
     ("--pid",): "FILE",
     ("--metrics",): "HOST:PORT",
     ("--log-level",): "LEVEL",

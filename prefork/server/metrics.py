@@ -13,7 +13,8 @@ Each request reads a ``Snapshot`` (``snapshot.py``) from the master; this
 module only formats it. Every scoreboard field is a per-worker series
 (``prefork_worker_FIELD_total`` for a counter) and every counter a total
 (``prefork_FIELD_total``, every worker ever), named in ``_SERIES_NAMES``
-where the series' name is not the field's.
+where the series' name is not the field's; fields that count one thing by
+reason share a series with a ``reason`` label (``_LABELED``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prefork._fastio_common import UDP_REFUSALS
 from prefork.server.listeners import Listener, create_listener
 from prefork.server.snapshot import (
     SLOT_COUNTERS,
@@ -52,12 +54,35 @@ _SLOT_HELP = {
     "max_buffer_closed": "Connections closed for owing a peer more than --max-buffer",
     "handler_errors": "User handler exceptions",
     "proxy_rejected": "Connections refused at the PROXY header (untrusted peer or bad header)",
+    "udp_refused": "Datagrams dropped unanswered by the UDP guard, by reason: loop (from a"
+    " port below 1024 or one this server serves UDP on), source (from a broadcast,"
+    " multicast or unspecified address)",
 }
+# Slot fields shown as one series with a label: field -> (series, label, value).
+_LABELED = {f"udp_refused_{reason}": ("udp_refused", "reason", reason) for reason in UDP_REFUSALS}
 
 
 def series_name(slot_field: str) -> str:
     """``prefork_worker_<this>_total`` and ``prefork_<this>_total`` for a slot field."""
+    if slot_field in _LABELED:
+        return _LABELED[slot_field][0]
     return _SERIES_NAMES.get(slot_field, slot_field)
+
+
+def series_label(slot_field: str) -> str:
+    """The label that tells a field from the others of its series, or ""."""
+    if slot_field not in _LABELED:
+        return ""
+    _, label, value = _LABELED[slot_field]
+    return f"{label}={_label(value)}"
+
+
+def _series_groups(fields: tuple[str, ...]) -> dict[str, list[str]]:
+    """The fields by the series they are shown in, in slot order."""
+    groups: dict[str, list[str]] = {}
+    for name in fields:
+        groups.setdefault(series_name(name), []).append(name)
+    return groups
 
 
 def slot_help(slot_field: str) -> str:
@@ -92,25 +117,33 @@ def render(snapshot: Snapshot) -> bytes:
         "# TYPE prefork_generation gauge",
         f"prefork_generation {snapshot.master.generation}",
     ]
-    for name in SLOT_COUNTERS:
-        series = f"prefork_{series_name(name)}_total"
+    for base, names in _series_groups(SLOT_COUNTERS).items():
+        series = f"prefork_{base}_total"
         lines += [
-            f"# HELP {series} {slot_help(name)}, all workers ever.",
+            f"# HELP {series} {slot_help(base)}, all workers ever.",
             f"# TYPE {series} counter",
-            f"{series} {totals.get(name, 0)}",
         ]
+        for name in names:
+            label = series_label(name)
+            lines.append(
+                f"{series}{{{label}}} {totals.get(name, 0)}"
+                if label
+                else f"{series} {totals.get(name, 0)}"
+            )
 
     def worker_labels(s: Sample) -> str:
         return f"worker={_label(s.age)},pid={_label(s.pid)},generation={_label(s.generation)}"
 
-    for name in SLOT_VALUES:
-        gauge = name in SLOT_GAUGES
-        series = f"prefork_worker_{series_name(name)}" + ("" if gauge else "_total")
+    for base, names in _series_groups(SLOT_VALUES).items():
+        gauge = names[0] in SLOT_GAUGES
+        series = f"prefork_worker_{base}" + ("" if gauge else "_total")
         lines += [
-            f"# HELP {series} {slot_help(name)}, by one worker.",
+            f"# HELP {series} {slot_help(base)}, by one worker.",
             f"# TYPE {series} {'gauge' if gauge else 'counter'}",
         ]
-        lines += [f"{series}{{{worker_labels(s)}}} {s.value(name)}" for s in samples]
+        for name in names:
+            label = "".join(f",{text}" for text in [series_label(name)] if text)
+            lines += [f"{series}{{{worker_labels(s)}{label}}} {s.value(name)}" for s in samples]
     lines += [
         "# HELP prefork_worker_heartbeat_age_seconds"
         " Since a worker's last heartbeat; -1 while it waits on a client.",

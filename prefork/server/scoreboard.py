@@ -53,6 +53,9 @@ class WorkerStats:
     max_buffer_closed: int = 0  # owed a non-reader more than --max-buffer
     handler_errors: int = 0  # a user handler raised
     proxy_rejected: int = 0  # an untrusted peer, or a malformed PROXY header
+    # Datagrams the UDP guard dropped unanswered (_fastio_common.UDP_REFUSALS).
+    udp_refused_loop: int = 0  # from a low port, or a port of ours: a loop could start
+    udp_refused_source: int = 0  # from an address no reply may go to
 
 
 if tuple(field.name for field in dataclasses.fields(WorkerStats)) != SLOT_FIELDS:

@@ -51,7 +51,10 @@ from prefork._fastio_common import (
     DRAIN_MAX,
     EMFILE_PAUSE,
     SWEEP_INTERVAL,
+    datagram_loop_ports,
+    datagram_refusal,
     daytime_line,
+    format_client,
 )
 from prefork.server.handlers import CHARGEN_PATTERN
 from prefork.server.listeners import Listener
@@ -174,9 +177,10 @@ def _nbytes(data: Any) -> int:
     return len(data) if isinstance(data, bytes) else memoryview(data).nbytes
 
 
-class Connection(asyncio.Protocol):
-    """The protocol the loop sees for one connection; the user's (``inner``)
-    sees ``ConnectionTransport``. Counts, times and guards each callback."""
+class Connection:
+    """What the loop sees for one connection (as ``StreamConnection`` or
+    ``BufferedConnection``); the user's protocol (``inner``) sees
+    ``ConnectionTransport``. Counts, times and guards each callback."""
 
     __slots__ = (
         "worker",
@@ -294,9 +298,16 @@ class Connection(asyncio.Protocol):
             self.worker.log.exception("handler failed in connection_lost")
 
 
+class StreamConnection(Connection, asyncio.Protocol):
+    """``Connection`` for an ``asyncio.Protocol``."""
+
+    __slots__ = ()
+
+
 class BufferedConnection(Connection, asyncio.BufferedProtocol):
     """``Connection`` for an ``asyncio.BufferedProtocol``: the loop reads
-    straight into the protocol's buffer."""
+    straight into the protocol's buffer. Not an ``asyncio.Protocol`` too:
+    uvloop would then call ``data_received``."""
 
     __slots__ = ()
 
@@ -459,6 +470,8 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.worker.bytes_in += len(data)
+        if self.worker.refuse_datagram(addr):
+            return  # no reply: it could feed a loop or reflect
         try:
             self.inner.datagram_received(data, addr)
         except Exception as exc:
@@ -523,6 +536,11 @@ class AsyncioWorker(Worker):
         self.waker: asyncio.Future[None] | None = None
         self.last_emfile_log = 0.0
         self.stream_listeners = [lst for lst in self.listeners if not lst.datagram]
+        # The UDP guard's ports: every UDP service of this server.
+        self.udp_loop_ports = datagram_loop_ports(
+            [lst.sock.fileno() for lst in self.listeners if lst.datagram], ()
+        )
+        self.udp_refused_from = {"loop": "", "source": ""}
         graceful = self.config.graceful_timeout
         # Cancel this long before the master's KILL, so that cancellation runs.
         self.cancel_lead = min(CANCEL_LEAD, graceful / 10)
@@ -551,6 +569,20 @@ class AsyncioWorker(Worker):
         assert handler.builtin is not None
         builtin = handler.builtin
         return lambda: DatagramService(builtin)
+
+    def refuse_datagram(self, addr: Any) -> bool:
+        """The UDP guard (``_fastio_common.datagram_refusal``), for built-ins
+        and user DatagramProtocols alike: count and remember a sender whose
+        datagram must go unanswered, and say so."""
+        reason = datagram_refusal(addr, self.udp_loop_ports, self.config.udp_allow_low_ports)
+        if reason is None:
+            return False
+        if reason == "loop":
+            self.udp_refused_loop += 1
+        else:
+            self.udp_refused_source += 1
+        self.udp_refused_from[reason] = format_client(addr)
+        return True
 
     @property
     def active_count(self) -> int:
@@ -689,6 +721,7 @@ class AsyncioWorker(Worker):
         now = time.monotonic()
         self.notify()
         self.publish_counts()
+        self.report_udp_refusals(self.udp_refused_from)
         if self.config.idle_timeout > 0 and now >= self.next_sweep:
             self.next_sweep = now + self.sweep_interval
             limit = now - self.config.idle_timeout
@@ -854,8 +887,8 @@ class AsyncioWorker(Worker):
             )
             sock.close()
             return
-        kind = BufferedConnection if isinstance(inner, asyncio.BufferedProtocol) else Connection
-        conn = kind(self, inner, client, first)
+        buffered = isinstance(inner, asyncio.BufferedProtocol)
+        conn = (BufferedConnection if buffered else StreamConnection)(self, inner, client, first)
         self.conns.add(conn)
         assert self.loop is not None
         self.loop.create_task(self.attach(conn, sock))

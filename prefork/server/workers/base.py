@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from prefork._fastio_common import access_line, format_client
+from prefork._fastio_common import UDP_REFUSALS, access_line, format_client
 from prefork.proxy import TrustedPeers
 from prefork.server.access_log import AccessLog
 from prefork.server.handlers import LoadedHandler
@@ -123,6 +123,10 @@ class Worker:
         self.max_buffer_closed = 0
         self.handler_errors = 0
         self.proxy_rejected = 0
+        # Datagrams the UDP guard dropped, by reason; when each was last logged.
+        self.udp_refused_loop = 0
+        self.udp_refused_source = 0
+        self.udp_refusals_logged = dict.fromkeys(UDP_REFUSALS, (0, 0.0))
         # --access-log, opened in the child; lines dropped so far, last reported.
         self.access_log: AccessLog | None = None
         self.reported_drops = 0
@@ -186,6 +190,8 @@ class Worker:
             self.max_buffer_closed,
             self.handler_errors,
             self.proxy_rejected,
+            self.udp_refused_loop,
+            self.udp_refused_source,
         )
 
     def init_signals(self) -> None:
@@ -240,6 +246,29 @@ class Worker:
             self.reported_drops, self.drops_logged_at = dropped, now
 
     drops_logged_at = 0.0
+
+    def report_udp_refusals(self, last_from: dict[str, str]) -> None:
+        """Log the datagrams the UDP guard dropped, at most once a second per
+        reason; ``last_from`` names the last sender refused for each."""
+        now = time.monotonic()
+        for reason in UDP_REFUSALS:
+            count = getattr(self, f"udp_refused_{reason}")
+            logged, at = self.udp_refusals_logged[reason]
+            if count == logged or now - at < 1.0:
+                continue
+            why = (
+                "from a port below 1024 or one this server serves UDP on: a reply could "
+                "start a packet loop"
+                if reason == "loop"
+                else "from an address no reply may go to (broadcast, multicast, unspecified)"
+            )
+            self.log.warning(
+                "udp: %s refused %s (last from %s)",
+                plural(count - logged, "datagram"),
+                why,
+                last_from.get(reason) or "-",
+            )
+            self.udp_refusals_logged[reason] = (count, now)
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         """Only record: the loop, woken by the wake-up pipe, sees ``stopping``

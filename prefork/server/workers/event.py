@@ -38,6 +38,9 @@ class EventWorker(Worker):
             proxy_listeners=proxied,
             proxy_trusted=self.proxy_trusted,
             access_log=self.access_log.fd if self.access_log is not None else -1,
+            # The loop refuses datagrams from its own sockets' ports: every UDP
+            # service this server runs is among them.
+            udp_allow_low_ports=config.udp_allow_low_ports,
         )
         self.booted = True
         if self.stopping:  # TERM arrived while booting
@@ -63,6 +66,7 @@ class EventWorker(Worker):
                     )
                     reported_errors = self.loop.resource_errors
                 self.report_access_log_drops(self.loop.access_log_dropped)
+                self.report_udp_refusals(self.loop.udp_refused_from)
         finally:
             self.loop.close()
             self.collect_stats()
@@ -78,6 +82,8 @@ class EventWorker(Worker):
         self.max_buffer_closed = self.loop.max_buffer_closed
         self.handler_errors = self.loop.handler_errors
         self.proxy_rejected = self.loop.proxy_rejected
+        self.udp_refused_loop = self.loop.udp_refused_loop
+        self.udp_refused_source = self.loop.udp_refused_source
         self.publish()
 
     def recycle_listeners(self) -> None:

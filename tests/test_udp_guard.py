@@ -1,0 +1,299 @@
+"""The UDP guard: no reply to a datagram that could start a packet loop or
+make the server a reflector (CVE-1999-0103), in both hot loops and in a
+real server (event and asyncio workers).
+
+Source ports below 1024 and forged source addresses need root: a socket
+bound to a low port on 127.0.0.2, and a raw socket for what no socket can
+be bound to (multicast, broadcast, port 0). Without root those tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from prefork import _fastio_common
+
+from support import metrics_address, samples_of, scrape, wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not ROOT, reason="binding low ports and raw sockets need root")
+
+# How long a datagram that gets no answer is waited for: a reply on loopback
+# takes well under a millisecond, even on a loaded machine far less than this.
+NO_REPLY_WAIT = 0.5
+
+
+def udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
+    """An IPv4 header and a UDP datagram, sent whole through a raw socket
+    (checksum 0: none, which the kernel accepts for UDP over IPv4)."""
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0,
+        64,
+        socket.IPPROTO_UDP,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
+    return ip + udp
+
+
+def spoof(src: tuple[str, int], dst: tuple[str, int], payload: bytes = b"spoofed\n") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.sendto(udp_packet(src[0], src[1], dst[0], dst[1], payload), (dst[0], 0))
+
+
+def client_at(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.settimeout(NO_REPLY_WAIT)
+    return sock
+
+
+def answered(client: socket.socket, address: tuple[str, int], payload: bytes = b"hi\n") -> bool:
+    client.sendto(payload, address)
+    try:
+        client.recvfrom(65536)
+    except TimeoutError:
+        return False
+    return True
+
+
+# -- the rule, as the common module states it -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "sender, allow_low, reason",
+    [
+        (("127.0.0.2", 40000), False, None),
+        (("127.0.0.2", 7), False, "loop"),
+        (("127.0.0.2", 1023), False, "loop"),
+        (("127.0.0.2", 1024), False, None),
+        (("127.0.0.2", 19), True, None),
+        (("127.0.0.2", 7007), True, "loop"),  # one of ours: allow_low does not help
+        (("::1", 7007, 0, 0), False, "loop"),
+        (("127.0.0.2", 0), True, "source"),
+        (("0.0.0.0", 40000), False, "source"),
+        (("224.0.0.5", 40000), False, "source"),
+        (("239.255.255.250", 40000), False, "source"),
+        (("240.0.0.1", 40000), False, "source"),
+        (("255.255.255.255", 40000), False, "source"),
+        (("::", 40000, 0, 0), False, "source"),
+        (("ff02::1", 40000, 0, 0), False, "source"),
+        (("::ffff:224.0.0.1", 40000, 0, 0), False, "source"),
+        (("::ffff:127.0.0.1", 40000, 0, 0), False, None),
+        (("fe80::1%lo", 40000, 0, 1), False, None),
+        ("/run/some.sock", False, None),  # a UNIX datagram peer has no port
+    ],
+)
+def test_which_senders_are_refused(sender, allow_low, reason):
+    assert _fastio_common.datagram_refusal(sender, frozenset({7007}), allow_low) == reason
+
+
+# -- both loops ---------------------------------------------------------------------------
+
+
+class LoopThread:
+    """An EventLoop of ``impl`` serving ``sockets`` in a thread until closed."""
+
+    def __init__(self, impl, service: str, sockets: list[socket.socket], **options) -> None:
+        from prefork.server.handlers import chargen_pattern
+
+        self.sockets = sockets
+        for sock in sockets:
+            sock.setblocking(False)
+        self.loop = impl.EventLoop(
+            [], service, datagram_sockets=sockets, pattern=chargen_pattern(1), **options
+        )
+        self.stop = threading.Event()
+        self.thread = threading.Thread(
+            target=lambda: [self.loop.run(0.05) for _ in iter(self.stop.is_set, True)],
+            daemon=True,
+        )
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.loop.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def loops():
+    made: list[LoopThread] = []
+
+    def make(impl, service: str, *addresses: tuple[str, int], **options) -> LoopThread:
+        sockets = []
+        for address in addresses:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sockets.append(sock)
+            sock.bind(address)
+        made.append(LoopThread(impl, service, sockets, **options))
+        return made[-1]
+
+    yield make
+    for loop in made:
+        loop.close()
+
+
+@needs_root
+@pytest.mark.parametrize("port", [7, 19, 123, 1023])
+def test_a_datagram_from_a_low_port_gets_no_reply_and_is_counted(impl, loops, port):
+    served = loops(impl, "echo", ("127.0.0.1", 0))
+    address = served.sockets[0].getsockname()
+    with client_at("127.0.0.2", port) as low, client_at("127.0.0.2", 0) as high:
+        assert not answered(low, address)
+        assert wait_until(lambda: served.loop.udp_refused_loop == 1, 5)
+        assert served.loop.udp_refused_from == {"loop": f"127.0.0.2:{port}", "source": ""}
+        assert answered(high, address)  # the control, from a high port
+        assert (served.loop.udp_refused_loop, served.loop.udp_refused_source) == (1, 0)
+        assert served.loop.datagrams == 2  # received, both: one refused
+
+
+@needs_root
+def test_allowing_low_ports_answers_them(impl, loops):
+    served = loops(impl, "echo", ("127.0.0.1", 0), udp_allow_low_ports=True)
+    with client_at("127.0.0.2", 7) as low:
+        assert answered(low, served.sockets[0].getsockname())
+    assert served.loop.udp_refused_loop == 0
+
+
+@pytest.mark.parametrize("allow_low", [False, True])
+def test_a_datagram_from_a_port_the_loop_serves_gets_no_reply(impl, loops, allow_low):
+    """FreeBSD inetd's check_loop: from one of our own ports, whatever the
+    address, a reply could start a loop (here with the loop's own sockets)."""
+    served = loops(impl, "echo", ("127.0.0.1", 0), udp_allow_low_ports=allow_low)
+    port = served.sockets[0].getsockname()[1]
+    with client_at("127.0.0.2", port) as ours:
+        assert not answered(ours, ("127.0.0.1", port))
+    assert served.loop.udp_refused_loop == 1
+    assert served.loop.udp_refused_from["loop"] == f"127.0.0.2:{port}"
+
+
+def test_udp_loop_ports_adds_ports_of_other_services(impl, loops):
+    with client_at("127.0.0.2", 0) as other:
+        served = loops(impl, "echo", ("127.0.0.1", 0), udp_loop_ports=[other.getsockname()[1]])
+        assert not answered(other, served.sockets[0].getsockname())
+    assert served.loop.udp_refused_loop == 1
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", udp_loop_ports=[70000])
+
+
+@needs_root
+@pytest.mark.parametrize(
+    "source", [("224.0.0.5", 40000), ("255.255.255.255", 40000), ("240.0.0.1", 40000)]
+)
+def test_a_datagram_from_a_forged_source_gets_no_reply(impl, loops, source):
+    served = loops(impl, "echo", ("127.0.0.1", 0))
+    spoof(source, served.sockets[0].getsockname())
+    assert wait_until(lambda: served.loop.udp_refused_source == 1, 5)
+    assert served.loop.udp_refused_from["source"] == f"{source[0]}:{source[1]}"
+    assert served.loop.bytes_out == 0
+
+
+@needs_root
+def test_a_datagram_from_port_zero_gets_no_reply(impl, loops):
+    served = loops(impl, "echo", ("127.0.0.1", 0), udp_allow_low_ports=True)
+    spoof(("127.0.0.2", 0), served.sockets[0].getsockname())
+    assert wait_until(lambda: served.loop.udp_refused_source == 1, 5)
+    assert served.loop.bytes_out == 0
+
+
+@needs_root
+def test_a_spoofed_echo_to_chargen_datagram_dies_out(impl, loops):
+    """CVE-1999-0103: one datagram "from" echo (7) to chargen (19) would
+    make the two answer each other forever; fewer than 10 packets follow."""
+    echo = loops(impl, "echo", ("127.0.0.2", 7))
+    chargen = loops(impl, "chargen", ("127.0.0.3", 19))
+    spoof(("127.0.0.2", 7), ("127.0.0.3", 19))
+    assert wait_until(lambda: chargen.loop.datagrams >= 1, 5)
+    time.sleep(1.0)  # a storm would be thousands of packets by now
+    assert echo.loop.datagrams + chargen.loop.datagrams - 1 < 10
+    assert chargen.loop.udp_refused_loop == 1
+
+
+def test_a_spoofed_datagram_between_two_of_our_ports_dies_out(impl, loops):
+    """The same loop with high ports: one echo loop serving the same port on
+    two addresses, a datagram "from" one to the other."""
+    if not ROOT:
+        pytest.skip("a raw socket needs root")
+    with client_at("127.0.0.1", 0) as probe:  # a free port for both addresses
+        port = probe.getsockname()[1]
+    served = loops(impl, "echo", ("127.0.0.2", port), ("127.0.0.3", port))
+    spoof(("127.0.0.2", port), ("127.0.0.3", port))
+    assert wait_until(lambda: served.loop.datagrams >= 1, 5)
+    time.sleep(1.0)
+    assert served.loop.datagrams < 10
+    assert served.loop.udp_refused_loop == 1
+
+
+# -- a real server ---------------------------------------------------------------------------
+
+
+def udp_address(server) -> tuple[str, int]:
+    text = next(a for a in server.addresses if a.startswith("udp://"))
+    host, _, port = text[len("udp://") :].rpartition(":")
+    return host, int(port)
+
+
+def refused(server) -> dict[str, float]:
+    values = samples_of(scrape(metrics_address(server)), "prefork_udp_refused_total")
+    return {labels["reason"]: value for labels, value in values}
+
+
+@needs_root
+@pytest.mark.parametrize("worker_class", ["event", "asyncio"])
+def test_a_server_refuses_counts_and_logs(server_factory, worker_class):
+    server = server_factory(
+        "-b", "udp://127.0.0.1:0", "-w", "1", "-k", worker_class, "--metrics", "127.0.0.1:0"
+    )
+    address = udp_address(server)
+    with client_at("127.0.0.2", 19) as low, client_at("127.0.0.2", 0) as high:
+        assert not answered(low, address)
+        assert answered(high, address)
+        spoof(("224.0.0.5", 40000), address)
+        spoof(("224.0.0.6", 40000), address)
+        assert wait_until(lambda: refused(server) == {"loop": 1, "source": 2}, 5), refused(server)
+        assert not answered(low, address)  # a second one within the second: no new log line
+        assert wait_until(lambda: refused(server) == {"loop": 2, "source": 2}, 5)
+    per_worker = samples_of(scrape(metrics_address(server)), "prefork_worker_udp_refused_total")
+    assert sorted((labels["reason"], value) for labels, value in per_worker) == [
+        ("loop", 2),
+        ("source", 2),
+    ]
+    assert wait_until(lambda: "(last from 224.0.0.6:40000)" in server.log, 5), server.log
+    lines = [line for line in server.log.splitlines() if "udp: " in line]
+    loop_lines = [line for line in lines if "127.0.0.2:19" in line]
+    assert loop_lines and "[WARNING] udp: 1 datagram refused from a port below 1024" in lines[0]
+    # at most once a second per reason: the second low-port datagram came too soon
+    time.sleep(1.5)
+    lines = [line for line in server.log.splitlines() if "udp: " in line]
+    assert len(lines) == 3, lines
+
+
+@needs_root
+@pytest.mark.parametrize("worker_class", ["event", "asyncio"])
+def test_udp_allow_low_ports_answers_a_low_port(server_factory, worker_class):
+    server = server_factory(
+        "-b", "udp://127.0.0.1:0", "-w", "1", "-k", worker_class, "--udp-allow-low-ports"
+    )
+    with client_at("127.0.0.2", 19) as low:
+        assert answered(low, udp_address(server))
+        port = udp_address(server)[1]
+    with client_at("127.0.0.2", port) as ours:  # one of its own ports: still refused
+        assert not answered(ours, udp_address(server))
