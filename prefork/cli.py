@@ -32,6 +32,7 @@ from prefork.settings import (
     Config,
     Option,
     check_can_switch,
+    check_udp_exposure,
     parse_seconds,
 )
 from prefork.tools import bench
@@ -182,6 +183,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
+def udp_hosts(config: Config) -> list[tuple[str, str]]:
+    """Each udp:// address's name and host (fd:// sockets are checked once
+    bound: their address is known then)."""
+    return [(str(a), a.host) for a in config.binds if a.kind == "udp"]
+
+
 def check(args: argparse.Namespace) -> int:
     """``prefork check``: what ``serve`` validates before binding, and no more."""
     config = config_from_args(args)
@@ -191,6 +198,7 @@ def check(args: argparse.Namespace) -> int:
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
+    check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
     binds = " ".join(str(a) for a in config.binds)
     print(
         f"configuration OK: {config.workers} {config.worker_class} worker(s), "
@@ -218,6 +226,7 @@ def serve(args: argparse.Namespace) -> int:
     handler = load_handler(config.handler)
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
+    check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
 
     def reload_config() -> Config:
         """HUP: the command line and the -c file, read again."""

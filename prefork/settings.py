@@ -27,6 +27,7 @@ import ipaddress
 import os
 import pwd
 import re
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -268,6 +269,42 @@ def parse_allowed(text: str, option: str = "--forwarded-allow-ips") -> tuple[str
         except ValueError:
             raise ConfigError(f"{option}: not an address or network: {item!r}") from None
     return items
+
+
+# The built-ins that answer a datagram with more than it brought: chargen up
+# to 512 bytes, daytime about 30, even for an empty one (US-CERT TA14-017A
+# puts chargen's amplification at 359).
+UDP_AMPLIFIERS = ("chargen", "daytime")
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is loopback only: a name is
+    loopback when every address it resolves to is."""
+    try:
+        addresses = [ipaddress.ip_address(host.split("%", 1)[0])]
+    except ValueError:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)
+        except OSError:
+            return False  # the bind will say why
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    mapped = [getattr(a, "ipv4_mapped", None) or a for a in addresses]
+    return bool(mapped) and all(a.is_loopback for a in mapped)
+
+
+def check_udp_exposure(handler: str, udp_public: bool, udp: list[tuple[str, str]]) -> None:
+    """Refuse (ConfigError: exit 2) to serve a UDP amplifier on any of
+    ``udp`` ((name, host) of each UDP listener) that is not loopback, unless
+    ``udp_public`` says the operator means it."""
+    if handler not in UDP_AMPLIFIERS or udp_public:
+        return
+    for name, host in udp:
+        if not is_loopback_host(host):
+            raise ConfigError(
+                f"-b {name}: UDP {handler} answers anyone, even an empty datagram, at the "
+                "address it claims to come from, so on a non-loopback address it amplifies "
+                "attacks on others; bind it to loopback, or add --udp-public if you mean it"
+            )
 
 
 def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
@@ -632,6 +669,15 @@ OPTIONS: tuple[Option, ...] = (
         "packet loop); datagrams from a port this server serves UDP on, or from a "
         "broadcast, multicast or unspecified address, stay refused",
     ),
+    Option(
+        key="udp_public",
+        flags=("--udp-public",),
+        default=False,
+        help="serve UDP chargen or daytime on an address that is not loopback; without it "
+        "such a start (or a HUP to such a handler) is refused, because they answer a tiny "
+        "datagram with a larger one to whatever address it claims: a reflector for attacks "
+        "on others (see the security section of docs/deployment.md)",
+    ),
     Option(  # during a USR2 upgrade the old master's file is FILE + OLD_PID_SUFFIX
         key="pid_file",
         flags=("--pid",),
@@ -742,6 +788,7 @@ class Config:
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
     udp_allow_low_ports: bool = _default("udp_allow_low_ports")
+    udp_public: bool = _default("udp_public")
     pid_file: str | None = _default("pid_file")
     metrics: Address | None = _default("metrics")
     log_level: str = _default("log_level")

@@ -82,6 +82,7 @@ CLI_SURFACE = {
     ("--proxy-protocol",): None,
     ("--forwarded-allow-ips",): "LIST",
     ("--udp-allow-low-ports",): None,
+    ("--udp-public",): None,
     ("--pid",): "FILE",
     ("--metrics",): "HOST:PORT",
     ("--log-level",): "LEVEL",

@@ -10,8 +10,10 @@ be bound to (multicast, broadcast, port 0). Without root those tests skip.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -19,7 +21,15 @@ import pytest
 
 from prefork import _fastio_common
 
-from support import metrics_address, samples_of, scrape, wait_until
+from support import (
+    assert_one_line_error,
+    metrics_address,
+    prefork_command,
+    run,
+    samples_of,
+    scrape,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -297,3 +307,72 @@ def test_udp_allow_low_ports_answers_a_low_port(server_factory, worker_class):
         port = udp_address(server)[1]
     with client_at("127.0.0.2", port) as ours:  # one of its own ports: still refused
         assert not answered(ours, udp_address(server))
+
+
+# -- --udp-public -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "handler, bind", [("chargen", "udp://0.0.0.0:0"), ("daytime", "udp://[::]:0")]
+)
+@pytest.mark.parametrize("command", ["serve", "check"])
+def test_an_amplifier_on_a_public_address_needs_udp_public(command, handler, bind):
+    result = run(command, "-b", bind, "--handler", handler, "-w", "1")
+    assert_one_line_error(result, 2, f"-b {bind}", f"UDP {handler}", "--udp-public", "loopback")
+    assert run("check", "-b", bind, "--handler", handler, "--udp-public").returncode == 0
+
+
+def test_an_amplifier_on_any_loopback_address_needs_nothing():
+    for bind in ("udp://127.0.0.2:0", "udp://[::1]:0", "udp://localhost:0"):
+        result = run("check", "-b", bind, "--handler", "chargen")
+        assert result.returncode == 0, result.stderr
+
+
+def test_an_amplifier_with_udp_public_serves_a_public_address(server_factory):
+    server = server_factory(
+        "-b", "udp://0.0.0.0:0", "--handler", "daytime", "-w", "1", "--udp-public"
+    )
+    port = int(server.addresses[0].rpartition(":")[2])
+    with client_at("127.0.0.1", 0) as client:
+        assert answered(client, ("127.0.0.1", port))
+
+
+def test_echo_on_a_public_address_needs_no_udp_public(server_factory):
+    server = server_factory("-b", "udp://0.0.0.0:0", "-w", "1")
+    port = int(server.addresses[0].rpartition(":")[2])
+    with client_at("127.0.0.1", 0) as client:
+        assert answered(client, ("127.0.0.1", port))
+
+
+def test_an_inherited_public_udp_socket_is_checked_once_bound():
+    """fd:// (systemd's ListenDatagram=): the address is known once taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("0.0.0.0", 0))
+        fd = sock.fileno()
+        result = subprocess.run(
+            prefork_command("serve", "-b", f"fd://{fd}", "--handler", "chargen", "-w", "1"),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            pass_fds=(fd,),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("prefork: error: -b udp://0.0.0.0:") and "--udp-public" in last
+
+
+def test_a_hup_to_an_amplifier_on_a_public_address_is_refused(server_factory, tmp_path):
+    config = tmp_path / "prefork.toml"
+    config.write_text('bind = ["udp://0.0.0.0:0"]\nworkers = 1\nhandler = "echo"\n')
+    server = server_factory("-c", str(config), any_port=False)
+    port = int(server.addresses[0].rpartition(":")[2])
+    workers = server.wait_workers(1)
+    config.write_text('bind = ["udp://0.0.0.0:0"]\nworkers = 1\nhandler = "chargen"\n')
+    server.signal(signal.SIGHUP)
+    assert wait_until(lambda: "--udp-public" in server.log, 10), server.log
+    assert server.workers() == workers  # the echo workers serve on
+    with client_at("127.0.0.1", 0) as client:
+        client.sendto(b"still echo\n", ("127.0.0.1", port))
+        assert client.recvfrom(100)[0] == b"still echo\n"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import select
 import signal
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -56,7 +57,7 @@ from prefork.server.wakeup import drain, open_wakeup_pipe
 from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, next_look
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
-from prefork.settings import OPTIONS, RESTART_ONLY, Config
+from prefork.settings import OPTIONS, RESTART_ONLY, Config, check_udp_exposure
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 # A QUIT that reaches a worker just before it blocks in recv() runs its handler
@@ -79,6 +80,16 @@ def show_setting(key: str, value: object) -> str:
     if isinstance(value, tuple):
         return ",".join(str(item) for item in value)
     return str(value)
+
+
+def datagram_hosts(listeners: list[Listener]) -> list[tuple[str, str]]:
+    """Each UDP listener's name and bound host, as check_udp_exposure takes
+    them (an inherited fd:// socket's address is only known here)."""
+    return [
+        (lst.name, str(lst.sock.getsockname()[0]))
+        for lst in listeners
+        if lst.datagram and lst.sock.family in (socket.AF_INET, socket.AF_INET6)
+    ]
 
 
 class Stop(Exception):
@@ -168,6 +179,9 @@ class Arbiter:
         stream = next((lst.name for lst in listeners if not lst.datagram), None)
         try:
             check_fit(self.handler, self.config.worker_class, datagram, stream)
+            check_udp_exposure(
+                self.config.handler, self.config.udp_public, datagram_hosts(listeners)
+            )
         except PreforkError:
             close_listeners(listeners, unlink=True)
             raise
@@ -499,6 +513,7 @@ class Arbiter:
         datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
         stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
         check_fit(handler, config.worker_class, datagram, stream)
+        check_udp_exposure(config.handler, config.udp_public, datagram_hosts(self.all_listeners()))
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
             setup_logging(config.log_level, config.log_file)
         return config, handler
