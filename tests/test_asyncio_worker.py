@@ -119,6 +119,25 @@ def test_protocol_factory(serve, attr, greeting):
         assert exchange(sock, b"abc") == greeting + b"abc"
 
 
+def test_buffered_protocol_with_and_without_a_proxy_header(serve):
+    server = serve(
+        "-w",
+        "1",
+        "-b",
+        "127.0.0.1:0",
+        "-b",
+        "proxy:127.0.0.1:0",
+        "--handler",
+        f"{KINDS}:BufferedEcho",
+    )
+    payload = os.urandom(1 << 20)
+    with server.connect(0) as sock:
+        assert exchange(sock, payload) == payload
+    header = b"PROXY TCP4 203.0.113.7 127.0.0.1 51000 7007\r\n"
+    with server.connect(1) as sock:  # what follows the header in its packet reaches it too
+        assert exchange(sock, header + payload) == payload
+
+
 def test_a_docs_style_echo_protocol_runs_unchanged(serve):
     server = serve("-w", "1", "--handler", f"{KINDS}:DocsEcho")
     with server.connect() as sock:

@@ -115,3 +115,19 @@ def blocking_handle(sock: Any, address: Any) -> None:
 class RequestHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         self.request.sendall(self.request.recv(100))
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    """Echo through asyncio.BufferedProtocol: the loop reads into our buffer."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(4096)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.transport.write(bytes(self.buffer[:nbytes]))

@@ -893,7 +893,9 @@ class AsyncioWorker(Worker):
         assert self.loop is not None
         self.loop.create_task(self.attach(conn, sock))
 
-    async def attach(self, conn: Connection, sock: socket.socket) -> None:
+    async def attach(
+        self, conn: StreamConnection | BufferedConnection, sock: socket.socket
+    ) -> None:
         assert self.loop is not None
         try:
             await self.loop.connect_accepted_socket(lambda: conn, sock)
