@@ -35,7 +35,7 @@ from prefork.settings import (
     check_udp_exposure,
     parse_seconds,
 )
-from prefork.tools import bench
+from prefork.tools import bench, client, status
 
 PROG = "prefork"
 
@@ -87,37 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "stop":
             command.add_argument("--fast", action="store_true", help="QUIT: close connections now")
-    status = commands.add_parser(
-        "status",
-        help="show a running server's workers",
-        description="Show a running server's workers, read from its --metrics endpoint.",
-    )
-    status.add_argument("address", metavar="HOST:PORT", help="the server's --metrics address")
-    client = commands.add_parser(
-        "client",
-        help="send lines to a server and print the replies",
-        description="Send each line of standard input (or -e TEXT) to a server and print "
-        "what comes back.",
-    )
-    client.add_argument(
-        "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
-    )
-    client.add_argument(
-        "-u", "--udp", action="store_true", help="datagrams: the same as udp://HOST:PORT"
-    )
-    client.add_argument(
-        "-e", "--send", metavar="TEXT", help="send TEXT and a newline, print the reply, exit"
-    )
-    client.add_argument(
-        "-n", "--no-newline", action="store_true", help="with -e: send TEXT without a newline"
-    )
-    client.add_argument(
-        "--timeout",
-        metavar="S",
-        default="5",
-        help="seconds to connect, and to wait for the replies after the end of input "
-        "(default 5; 0 = no limit)",
-    )
+    status.add_parser(commands)
+    client.add_parser(commands)
     bench.add_parser(commands)
     return parser
 
@@ -244,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         if args.command == "client":
-            from prefork.tools import client
-
-            timeout = parse_seconds(args.timeout, "--timeout") or None
-            return client.run(args.address, args.udp, args.send, not args.no_newline, timeout)
+            return client.run(args)
         if args.command == "bench":
             return bench.run(args)
         if args.command == "check":
@@ -262,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 return control.stop(args.pid, args.fast, timeout)
             return control.upgrade(args.pid, timeout)
         if args.command == "status":
-            from prefork.tools.status import fetch, table
-
-            print(table(fetch(args.address)))
-            return 0
+            return status.run(args)
         return serve(args)
     except PreforkError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)

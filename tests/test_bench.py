@@ -435,7 +435,10 @@ def test_json_result(servers, name, scheme):
     assert document["implementation"] == name
     assert document["mode"] == ("datagram" if scheme == "udp://" else "stream")
     assert (document["messages"], document["failed"], document["error_total"]) == (600, 0, 0)
-    assert document["size"] == 1024 and document["bytes_received"] == 600 * 1024
+    # Bytes cover the whole run: the warm-up's messages, then the 600; none is left in flight.
+    answered = document["warmup"]["messages"] + 600
+    assert document["size"] == 1024 and document["in_flight"] == 0
+    assert document["bytes_received"] == document["bytes_sent"] == answered * 1024
     assert document["messages_per_second"] > 0 and document["mb_per_second"] > 0
     latency = document["latency_us"]
     order = [latency[k] for k in ("min", "p50", "p90", "p99", "p99.9", "max")]
@@ -495,8 +498,9 @@ def test_worker_balance_from_the_metrics(servers):
     if figures[0]:
         assert spread["connections"]["ratio"] == pytest.approx(figures[1] / figures[0])
     text = bench(
-        address(servers["echo"]), "-t", "0.3", "-c", "4", "--warmup", "0", "--metrics", metrics
-    )
+        address(servers["echo"]), "-t", "0.3", "-c", "4", "--warmup", "0",
+        "--metrics", f"http://{metrics}",
+    )  # fmt: skip
     assert text.returncode == 0, text.stderr
     assert re.search(r"connections per worker\s+min \d+, max \d+, max/min", text.stdout)
     assert re.search(r"worker 1 \(pid \d+\)\s+\d+ connections, [\d,]+ bytes in", text.stdout)
@@ -538,7 +542,88 @@ def test_errors_are_counted_and_exit_1(servers, refused_port, server, args, kind
 def test_errors_in_the_warm_up_count(refused_port):
     result = bench(f"127.0.0.1:{refused_port}", "-c", "2", "-t", "0.2", "--warmup", "0.2")
     assert result.returncode == 1
-    assert result.stderr.strip() == "prefork: error: 2 errors: connect 2"
+    assert result.stderr.strip() == (
+        "prefork: error: 2 errors: connect 2; "
+        "no message was echoed: every connection failed in the warm-up"
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("-t", "1"),  # shorter than the default --timeout (2 s): no error is counted
+        ("-t", "0.3", "--timeout", "10", "--warmup", "0"),
+        ("-n", "5", "--timeout", "10", "-t", "0.5"),
+        ("-t", "0.3", "--timeout", "10", "--udp"),
+        ("-t", "0.5", "--connect-per-request", "--timeout", "10"),
+    ],
+)
+def test_nothing_echoed_fails_whatever_the_durations(servers, args):
+    """A server that never answers fails the run even when no wait has timed
+    out yet; the report says n/a where there is nothing to measure."""
+    scheme = "udp://" if "--udp" in args else ""
+    target = address(servers["discard"], scheme).removeprefix("udp://")
+    result = bench(target, "-c", "3", *args)
+    assert result.returncode == 1, result.stdout
+    assert_one_line_error(result, 1, "no message was echoed")
+    assert re.search(r"messages\s+0\n", result.stdout), result.stdout
+    assert re.search(r"MB/s\s+n/a\n", result.stdout), result.stdout
+    for name in ("p50", "p90", "p99", "p99.9", "max"):
+        assert re.search(rf"latency {re.escape(name)}\s+n/a\n", result.stdout), result.stdout
+    assert "0.0 us" not in result.stdout
+    document = json.loads(bench(target, "-c", "3", *args, "--json").stdout)
+    assert document["messages"] == 0 and document["mb_per_second"] is None
+    assert set(document["latency_us"].values()) == {None}
+
+
+def test_nothing_echoed_says_what_was_still_awaited(servers):
+    result = bench(address(servers["discard"]), "-c", "3", "-t", "0.5", "--warmup", "0.2")
+    assert re.fullmatch(
+        r"prefork: error: no message was echoed in 0\.5\d s "
+        r"\(3 still awaited their echo at the end; --timeout is 2 s\)\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_wrong_echoes_are_not_counted_as_echoed_bytes(servers):
+    """Bytes came back, but no message was right: no MB/s is made of them."""
+    result = bench(address(servers["corrupt"]), "-c", "2", "-n", "20", "--warmup", "0")
+    assert result.returncode == 1
+    assert re.search(r"MB/s\s+n/a\n", result.stdout), result.stdout
+    assert "mismatch 20; no message was echoed" in result.stderr
+
+
+@pytest.mark.parametrize("mode", ["stream", "connect", "datagram"])
+def test_json_counts_add_up_over_the_warm_up_and_the_window(servers, mode):
+    """Bytes and connections cover the whole run, as errors do: what came
+    back never exceeds what was sent, and the connections are all counted,
+    however many the warm-up opened."""
+    size, connections = 1000, 4
+    scheme = "udp://" if mode == "datagram" else ""
+    extra = ["--connect-per-request"] if mode == "connect" else []
+    result = bench(
+        address(servers["echo"], scheme), "-t", "0.5", "--warmup", "0.3", "-c", str(connections),
+        "-s", str(size), "--json", *extra,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    warmup = document["warmup"]
+    assert warmup["seconds"] >= 0.3 and warmup["messages"] > 0 and document["messages"] > 0
+    answered = warmup["messages"] + document["messages"]
+    in_flight = document["in_flight"]
+    assert 0 <= in_flight <= connections
+    sent, received = document["bytes_sent"], document["bytes_received"]
+    assert answered * size <= received <= sent <= (answered + in_flight) * size, document
+    assert document["mb_per_second"] == pytest.approx(
+        document["messages"] * size / document["seconds"] / 1e6
+    )
+    opened = document["connections_opened"]
+    if mode == "stream":
+        assert opened == warmup["connections_opened"] == connections
+    elif mode == "connect":
+        # One per message: each answered one's, and those in flight whose connect completed.
+        assert answered <= opened <= answered + in_flight
+        assert warmup["connections_opened"] >= warmup["messages"] > 0
 
 
 @pytest.mark.parametrize("name", ["cython", "python"])
@@ -671,7 +756,9 @@ def test_bad_addresses_are_usage_errors(text):
 def test_unix_socket_that_does_not_exist(tmp_path: Path):
     result = run("bench", f"unix:{tmp_path / 'nobody.sock'}", "-c", "1", "-n", "1", "--warmup", "0")
     assert result.returncode == 1
-    assert result.stderr.strip() == "prefork: error: 1 error: connect 1"
+    assert result.stderr.strip() == (
+        "prefork: error: 1 error: connect 1; no message was echoed: every connection failed"
+    )
 
 
 def test_help():

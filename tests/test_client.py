@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import select
 import signal
 import socket
@@ -20,7 +21,7 @@ import pytest
 
 from prefork.server.handlers import chargen_pattern
 
-from support import assert_one_line_error, prefork_command
+from support import TESTS_DIR, assert_one_line_error, handler_env, prefork_command, run
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -125,9 +126,18 @@ def test_output_is_binary_safe_and_large_input_streams(echo_address):
     assert result.stdout == payload
 
 
-def test_discard_prints_nothing(server_factory):
+def test_send_once_to_discard_is_no_reply_exit_1(server_factory):
     host, port = server_factory("-w", "1", "--handler", "discard").tcp()
     result = client("-e", "into the void", f"{host}:{port}")
+    assert result.stdout == b""
+    assert_one_line_error(
+        result, 1, f"{host}:{port}: the server closed the connection without replying"
+    )
+
+
+def test_piped_input_to_discard_prints_nothing_and_exits_0(server_factory):
+    host, port = server_factory("-w", "1", "--handler", "discard").tcp()
+    result = client(f"{host}:{port}", input=b"into the void\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, b"", "")
 
 
@@ -181,7 +191,8 @@ def test_reader_going_away_ends_the_client_quietly(server_factory):
         stop(proc)
 
 
-def test_send_once_gives_up_when_the_server_never_closes():
+def test_send_once_without_a_reply_in_time_is_exit_1():
+    """A hung handler: the connection stays open and nothing comes back."""
     done = threading.Event()
 
     def hold(conn: socket.socket) -> None:
@@ -194,7 +205,23 @@ def test_send_once_gives_up_when_the_server_never_closes():
         result = client("-e", "anyone?", "--timeout", "0.5", f"127.0.0.1:{port}")
         done.set()
     assert time.monotonic() - started < 10
-    assert (result.returncode, result.stdout) == (0, b"")
+    assert result.stdout == b""
+    assert_one_line_error(result, 1, f"127.0.0.1:{port}: no reply within 0.5 s")
+
+
+def test_send_once_gives_up_when_the_server_replies_but_never_closes():
+    done = threading.Event()
+
+    def answer_and_hold(conn: socket.socket) -> None:
+        conn.sendall(conn.recv(1024))
+        while conn.recv(1024):
+            pass
+        done.wait(20)
+
+    with local_server(answer_and_hold) as port:
+        result = client("-e", "anyone?", "--timeout", "0.5", f"127.0.0.1:{port}")
+        done.set()
+    assert (result.returncode, result.stdout) == (0, b"anyone?\n")
     assert result.stderr == "prefork: the server did not close within 0.5 s of the end of input\n"
 
 
@@ -243,11 +270,159 @@ def test_missing_unix_socket_is_one_line_exit_1(tmp_path):
         (["--udp", "unix:/tmp/x"], "--udp"),
         (["-n", "127.0.0.1:7"], "-n/--no-newline"),
         (["--timeout", "soon", "127.0.0.1:7"], "'soon'"),
+        (["--expect", "ping", "127.0.0.1:7"], "--expect: only with -e TEXT"),
         ([], "ADDRESS"),
     ],
 )
 def test_bad_command_lines_exit_2(args, needle):
     assert_one_line_error(client(*args), 2, needle)
+
+
+# -- a health check: -e needs a reply, --expect the right one --------------------
+
+
+def faulty_server(server_factory, handler: str, *args: str) -> str:
+    """A one-worker server running ``handlers.faulty:HANDLER``; its address."""
+    server = server_factory(
+        "-w", "1", *args, "--handler", f"handlers.faulty:{handler}", env=handler_env(TESTS_DIR)
+    )
+    server.wait_workers(1)
+    host, port = server.tcp()
+    return f"{host}:{port}"
+
+
+@pytest.mark.parametrize("k", ["event", "sync"])
+def test_a_hung_handler_is_no_reply_exit_1(server_factory, k):
+    address = faulty_server(server_factory, "HangOnData", "-k", k)
+    started = time.monotonic()
+    result = client("-e", "ping", "--timeout", "0.5", address)
+    assert time.monotonic() - started < 10
+    assert result.stdout == b""
+    assert_one_line_error(result, 1, f"{address}: no reply within 0.5 s")
+
+
+@pytest.mark.parametrize("k", ["event", "sync"])
+def test_a_handler_that_raised_is_exit_1(server_factory, k):
+    address = faulty_server(server_factory, "RaiseOnBoom", "-k", k)
+    result = client("-e", "boom", address)
+    assert result.stdout == b""
+    assert_one_line_error(
+        result, 1, f"{address}: the server closed the connection without replying"
+    )
+
+
+def test_a_worker_killed_by_the_watchdog_is_exit_1(server_factory):
+    """The client waits longer than the watchdog: the hung worker is killed
+    and its connection closed with no reply, which ends the client at once."""
+    address = faulty_server(server_factory, "HangOnData", "--timeout", "1")
+    started = time.monotonic()
+    result = client("-e", "ping", "--timeout", "20", address)
+    assert time.monotonic() - started < 15  # the kill, not the client's timeout
+    assert result.stdout == b""
+    assert_one_line_error(result, 1, address)
+    assert re.search(
+        r"the server closed the connection without replying|connection reset by peer",
+        result.stderr,
+    ), result.stderr
+
+
+def test_expect_the_echo_exits_0(echo_address):
+    result = client("-e", "ping", "--expect", "ping", echo_address)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ping\n", "")
+    result = client("-n", "-e", "ping", "--expect", "ping", echo_address)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"ping", "")
+
+
+@pytest.mark.parametrize(
+    ("expect", "shown"),
+    [
+        ("pong", "'ping\\n'"),
+        ("pin", "'ping\\n'"),
+        ("ping pong", "'ping\\n'"),
+        ("PING", "'ping\\n'"),
+    ],
+)
+def test_expect_another_reply_says_what_came_and_exits_1(echo_address, expect, shown):
+    result = client("-e", "ping", "--expect", expect, echo_address)
+    assert result.stdout == b"ping\n"  # printed all the same
+    assert_one_line_error(result, 1, f"{echo_address}: expected {expect!r}, the reply was {shown}")
+
+
+def test_expect_quotes_a_long_or_binary_reply_on_one_line(server_factory):
+    host, port = server_factory("-w", "1", "--handler", "chargen").tcp()
+    result = client("-e", "x", "--expect", "hello", f"{host}:{port}")
+    line = result.stderr.strip()
+    assert_one_line_error(result, 1, "expected 'hello', the reply was '")
+    assert re.search(r"\.\.\. \([\d,]+ bytes received\)$", line), line
+    assert len(line) < 200, line
+
+
+@pytest.mark.parametrize(
+    ("reply", "code"),
+    [(b"ping\r\n", 0), (b"ping\n", 0), (b"pong\n", 1), (b"ping\nmore\n", 1)],
+)
+def test_expect_stops_waiting_once_the_reply_is_settled(reply, code):
+    """A server that answers and keeps the connection open: the client does
+    not wait out its timeout once the reply is a whole line, right or wrong."""
+    done = threading.Event()
+
+    def answer_and_hold(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(reply)
+        done.wait(20)
+
+    with local_server(answer_and_hold) as port:
+        started = time.monotonic()
+        result = client("-e", "ping", "--expect", "ping", "--timeout", "20", f"127.0.0.1:{port}")
+        elapsed = time.monotonic() - started
+        done.set()
+    assert elapsed < 20, elapsed  # it did not wait out its timeout
+    assert result.returncode == code, result.stderr
+    assert result.stdout == reply
+
+
+def test_expect_over_udp(udp_server):
+    address = udp_server()
+    result = client("-e", "datagram", "--expect", "datagram", address)
+    assert (result.returncode, result.stdout, result.stderr) == (0, b"datagram\n", "")
+    result = client("-e", "datagram", "--expect", "something else", address)
+    assert_one_line_error(result, 1, "expected 'something else', the reply was 'datagram\\n'")
+
+
+def deployment_health_check() -> list[str]:
+    """The ``prefork client`` command of docs/deployment.md's HEALTHCHECK."""
+    path = os.path.join(TESTS_DIR, os.pardir, "docs", "deployment.md")
+    with open(path) as f:
+        text = f.read()
+    match = re.search(r"HEALTHCHECK [^\n]*\\\n\s*CMD (prefork client [^>|\n]*)", text)
+    assert match, "no HEALTHCHECK with a prefork client command in docs/deployment.md"
+    words = match.group(1).split()
+    assert words[-1] == "127.0.0.1:7007", words
+    return words[2:-1]  # the options, without "prefork client" and the address
+
+
+def test_the_documented_health_check_tells_healthy_from_hung(server_factory, echo_address):
+    options = deployment_health_check()
+    assert "--expect" in options
+    assert client(*options, echo_address).returncode == 0
+    hung = faulty_server(server_factory, "HangOnData")
+    started = time.monotonic()
+    result = client(*options, hung)
+    assert result.returncode == 1, result.stderr
+    assert time.monotonic() - started < 10
+    discard = server_factory("-w", "1", "--handler", "discard").tcp()
+    assert client(*options, f"{discard[0]}:{discard[1]}").returncode == 1
+    daytime = server_factory("-w", "1", "--handler", "daytime").tcp()
+    assert client(*options, f"{daytime[0]}:{daytime[1]}").returncode == 1
+
+
+def test_help_says_what_the_exit_status_means():
+    result = run("client", "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "Exit status: 0 when the reply came (with --expect, the one expected)" in text
+    assert "1 when no reply came within --timeout" in text
+    assert "--expect TEXT" in text
 
 
 # -- a terminal -----------------------------------------------------------------

@@ -74,10 +74,11 @@ def test_metrics_match_the_traffic_sent(server_factory, k):
         "out",
         "heartbeat",
     ]
-    assert sorted(int(line.split()[1]) for line in lines[1:]) == sorted(server.workers())
-    assert {line.split()[3] for line in lines[1:]} == {"serving"}
-    assert sum(int(line.split()[5]) for line in lines[1:]) == len(sizes)
-    assert sum(int(line.split()[6]) for line in lines[1:]) == total
+    rows, totals = lines[1:-1], lines[-1].split()  # the last row is the totals
+    assert sorted(int(line.split()[1]) for line in rows) == sorted(server.workers())
+    assert {line.split()[3] for line in rows} == {"serving"}
+    assert sum(int(line.split()[5]) for line in rows) == len(sizes) == int(totals[4])
+    assert sum(int(line.split()[6]) for line in rows) == total == int(totals[5])
 
 
 def test_a_worker_told_to_stop_shows_as_stopping_until_it_exits(server_factory):
@@ -151,7 +152,8 @@ def test_status_of_nothing_is_a_one_line_error():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    assert_one_line_error(run("status", f"127.0.0.1:{port}"), 1, "Connection refused")
+    result = run("status", f"127.0.0.1:{port}")
+    assert_one_line_error(result, 1, f"cannot connect to 127.0.0.1:{port} (connection refused)")
 
 
 @pytest.mark.parametrize("value", ["unix:/tmp/m.sock", "nope", "127.0.0.1:99999"])

@@ -9,10 +9,20 @@ histogram. This module turns options into one, runs it in slices of
 figures are dropped when it ends, but not its errors: every error of the run
 counts.
 
-Exit status: 0; 1 if any error was counted (a one-line summary on stderr
-after the report) or the address cannot be resolved or scraped; 2 for bad
-options. Ctrl-C ends the run early like the end of ``-t``: what was measured
-is reported and the status is as above.
+Exit status: 0; 1 if no message was echoed in the measured window, or any
+error was counted (a one-line summary on stderr after the report), or the
+address cannot be resolved or scraped; 2 for bad options. Ctrl-C ends the
+run early like the end of ``-t``: what was measured is reported and the
+status is as above. A run shorter than ``--timeout`` against a server that
+never answers counts no error (no wait has timed out yet), but it echoed
+nothing: that alone fails it.
+
+What the figures cover: messages, rates and latencies the measured window
+(after the warm-up); bytes, connections opened and errors the whole run,
+warm-up included, so that what was sent and what came back are counted over
+the same span (a window alone receives the echoes of messages the warm-up
+sent). The JSON's ``warmup`` object holds the warm-up's own share. With no
+message echoed, the latencies and MB/s are ``n/a`` (``null`` in JSON).
 
 With ``--metrics HOST:PORT`` (the server's metrics endpoint) it scrapes the
 per-worker counters before and after the run and reports how the
@@ -31,16 +41,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
 from prefork.errors import EXIT_FAILURE, EXIT_OK, ConfigError, PreforkError
-from prefork.settings import (
-    Address,
-    parse_address,
-    parse_int,
-    parse_seconds,
-    parse_size,
-)
+from prefork.settings import Address, parse_int, parse_seconds, parse_size
 
 if TYPE_CHECKING:
     from rich.live import Live
+
+    from prefork.tools.status import Endpoint
 
 __all__ = ["Options", "Result", "add_parser", "options_from_args", "run"]
 
@@ -50,6 +56,8 @@ MAX_IN_FLIGHT = 1_000_000  # connections x depth
 QUANTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999))
 DEFAULTS = {"connections": "50", "size": "1024", "depth": "1", "duration": "5"}
 DEFAULTS |= {"warmup": "0.5", "timeout": "2"}
+# The counters the warm-up's reset drops, kept in ``Result.warmup``.
+WARMUP_COUNTERS = ("messages", "failed", "bytes_sent", "bytes_received", "connections_opened")
 
 
 # What --marks writes to standard error at the edges of the measured window.
@@ -65,7 +73,8 @@ def add_parser(commands: Any) -> None:
         help="load an echo server and report its throughput and latency",
         description="Keep connections busy with messages against an echo server, check "
         "every byte that comes back, and report messages/s, MB/s and latency percentiles. "
-        "Exit status 1 if any echo was wrong, short or lost, or a connection failed.",
+        "Exit status 1 if no message was echoed, any echo was wrong, short or lost, or a "
+        "connection failed; 2 for bad options.",
     )
     bench.add_argument(
         "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
@@ -125,12 +134,17 @@ def add_parser(commands: Any) -> None:
         f"(default {DEFAULTS['timeout']})",
     )
     bench.add_argument(
-        "--json", action="store_true", help="print the result as JSON on standard output"
+        "--json",
+        action="store_true",
+        help="print the result as JSON on standard output (messages, rates and latencies "
+        "cover the measured window; bytes, connections and errors the whole run, whose "
+        "warm-up share is in 'warmup')",
     )
     bench.add_argument(
         "--metrics",
-        metavar="HOST:PORT",
-        help="the server's --metrics address: report how the load spread over its workers",
+        metavar="ADDRESS",
+        help="the server's --metrics HOST:PORT (or http:// URL): report how the load spread "
+        "over its workers",
     )
     bench.add_argument(
         "--marks",
@@ -153,7 +167,7 @@ class Options:
     warmup: float
     timeout: float
     json: bool = False
-    metrics: str | None = None
+    metrics: Endpoint | None = None
     marks: bool = False  # mark the measured window's edges on stderr
 
 
@@ -201,12 +215,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         raise ConfigError(f"--timeout: expected a number of seconds > 0, got {args.timeout!r}")
     metrics = None
     if args.metrics is not None:
-        where = parse_address(args.metrics, "--metrics")
-        if where.kind != "tcp" or where.proxy:
-            raise ConfigError(
-                f"--metrics: expected HOST:PORT or [V6ADDR]:PORT, got {args.metrics!r}"
-            )
-        metrics = str(where)
+        from prefork.tools.status import parse_endpoint
+
+        metrics = parse_endpoint(args.metrics, "--metrics")
     return Options(
         address=address,
         mode=mode,
@@ -264,7 +275,15 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
     warmed_up: bool = False  # the warm-up ended before the run did
+    all_failed: str = ""  # when every connection had failed: "warm-up", "window", or ""
     cpu_seconds: float = 0.0  # this process's user + system time while measuring
+    in_flight: int = 0  # messages sent and not yet answered when the run ended
+    # The warm-up's own counters (dropped from the figures above by the reset).
+    warmup: dict[str, float] = field(default_factory=dict)
+
+    def whole_run(self, name: str) -> int:
+        """A counter over the whole run, warm-up included."""
+        return int(getattr(self, name) + self.warmup.get(name, 0))
 
     @property
     def error_total(self) -> int:
@@ -277,6 +296,10 @@ class Result:
 
     def rate(self, amount: int) -> float:
         return amount / self.seconds if self.seconds > 0 else 0.0
+
+    def echoed_per_second(self, size: int) -> float | None:
+        """Bytes of right echoes per second of the window (None: none came)."""
+        return self.rate(self.messages * size) if self.messages else None
 
     def latency(self, fraction: float) -> int:
         from prefork.loadgen import percentile
@@ -362,6 +385,7 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
     """Warm up, reset, then run until ``-t`` or ``-n`` or Ctrl-C."""
     result = Result()
     warm_errors: dict[str, int] = {}
+    warm: dict[str, float] = {}
     started = time.monotonic()
     measuring_since: float | None = None
     finished = False
@@ -370,7 +394,11 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
         while not finished and (now := time.monotonic()) < end:
             finished = generator.run(min(SLICE, end - now))
             progress.update(generator, "warm-up", now - started)
+        if finished:  # the warm-up has no message limit: only failures end it
+            result.all_failed = "warm-up"
         warm_errors = generator.errors
+        warm = {name: getattr(generator, name) for name in WARMUP_COUNTERS}
+        warm["seconds"] = time.monotonic() - started
         generator.reset()
         result.warmed_up = True
         if options.marks:
@@ -385,6 +413,9 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
             wait = SLICE if deadline is None else min(SLICE, deadline - now)
             finished = generator.run(wait, options.count)
             progress.update(generator, "running", time.monotonic() - measuring_since)
+        counted = generator.messages + generator.failed
+        if finished and not (options.count and counted >= options.count):
+            result.all_failed = result.all_failed or "window"
     except KeyboardInterrupt:
         result.interrupted = True
     if measuring_since is not None:
@@ -401,6 +432,11 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
         result.latency_min = generator.latency_min
         result.latency_max = generator.latency_max
         result.latency_total = generator.latency_total
+    else:  # interrupted in the warm-up: what it counted is the whole run
+        warm = {name: getattr(generator, name) for name in WARMUP_COUNTERS}
+        warm["seconds"] = time.monotonic() - started
+    result.warmup = warm
+    result.in_flight = generator.in_flight
     errors = generator.errors
     result.errors = {kind: errors[kind] + warm_errors.get(kind, 0) for kind in errors}
     return result
@@ -408,33 +444,35 @@ def measure(generator: Any, options: Options, progress: Progress) -> Result:
 
 # -- worker balance ----------------------------------------------------------------------
 
-BALANCE_METRICS = (
-    ("connections", "worker_connections_accepted_total"),
-    ("bytes_in", "worker_bytes_in_total"),
+BALANCE_METRICS = (  # (key here, the series' key in prefork status's rows)
+    ("connections", "connections_accepted_total"),
+    ("bytes_in", "bytes_in_total"),
 )
 
 
-def scrape(address: str) -> dict[tuple[int, int], dict[str, int]]:
+def scrape(endpoint: Endpoint) -> dict[tuple[int, int], dict[str, int]]:
     """Per worker (worker, pid): the counters ``BALANCE_METRICS`` names."""
-    from prefork.tools.status import fetch, per_worker
+    from prefork.tools.status import read
 
     workers: dict[tuple[int, int], dict[str, int]] = {}
-    for (worker, pid, _), values in per_worker(fetch(address)).items():
-        workers[(worker, pid)] = {
-            key: int(float(values.get(name, "0"))) for key, name in BALANCE_METRICS
+    for row in read(endpoint)["workers"]:
+        workers[(row["worker"], row.get("pid", 0))] = {
+            key: int(row.get(name) or 0) for key, name in BALANCE_METRICS
         }
     return workers
 
 
-def scrape_settled(address: str, settle: float = 1.5) -> dict[tuple[int, int], dict[str, int]]:
+def scrape_settled(
+    endpoint: Endpoint, settle: float = 1.5
+) -> dict[tuple[int, int], dict[str, int]]:
     """Scrape until two scrapes agree (a worker publishes its counters when it
     wakes), at most ``settle`` seconds."""
     deadline = time.monotonic() + settle
     time.sleep(0.05)
-    previous = scrape(address)
+    previous = scrape(endpoint)
     while time.monotonic() < deadline:
         time.sleep(0.1)
-        current = scrape(address)
+        current = scrape(endpoint)
         if current == previous:
             break
         previous = current
@@ -483,11 +521,19 @@ def describe(options: Options) -> str:
 
 
 def as_dict(result: Result, options: Options, implementation: str) -> dict[str, Any]:
-    latency = {"min": result.latency_min / 1e3}
-    latency["mean"] = result.latency_total / result.messages / 1e3 if result.messages else 0.0
-    for name, fraction in QUANTILES:
-        latency[name] = result.latency(fraction) / 1e3
-    latency["max"] = result.latency_max / 1e3
+    """The JSON document: see the module's docstring for what each figure covers."""
+    latency: dict[str, float | None] = dict.fromkeys(
+        ["min", "mean", *(name for name, _ in QUANTILES), "max"]
+    )
+    if result.messages:
+        latency["min"] = result.latency_min / 1e3
+        latency["mean"] = result.latency_total / result.messages / 1e3
+        for name, fraction in QUANTILES:
+            latency[name] = result.latency(fraction) / 1e3
+        latency["max"] = result.latency_max / 1e3
+    echoed = result.echoed_per_second(options.size)
+    warmup = {"seconds": result.warmup.get("seconds", 0.0)}
+    warmup |= {name: int(result.warmup.get(name, 0)) for name in WARMUP_COUNTERS}
     return {
         "address": str(options.address),
         "mode": options.mode,
@@ -500,11 +546,13 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
         "interrupted": result.interrupted,
         "messages": result.messages,
         "failed": result.failed,
+        "in_flight": result.in_flight,
         "messages_per_second": result.rate(result.messages),
-        "bytes_sent": result.bytes_sent,
-        "bytes_received": result.bytes_received,
-        "mb_per_second": result.rate(result.bytes_received) / 1e6,
-        "connections_opened": result.connections_opened,
+        "mb_per_second": None if echoed is None else echoed / 1e6,
+        "bytes_sent": result.whole_run("bytes_sent"),
+        "bytes_received": result.whole_run("bytes_received"),
+        "connections_opened": result.whole_run("connections_opened"),
+        "warmup": warmup,
         "cpu_seconds": result.cpu_seconds,
         "cpu_us_per_message": result.cpu_per_message,
         "latency_us": latency,
@@ -529,13 +577,15 @@ def report(
         answered += f" (and {result.failed:,} failed)"
     rows.append(("messages", answered))
     rows.append(("messages/s", f"{result.rate(result.messages):,.0f}"))
-    rows.append(("MB/s", f"{result.rate(result.bytes_received) / 1e6:,.2f} echoed"))
+    echoed = result.echoed_per_second(options.size)
+    rows.append(("MB/s", "n/a" if echoed is None else f"{echoed / 1e6:,.2f} echoed"))
     if result.cpu_per_message is not None:
         per_message = f"{result.cpu_per_message:.2f} us/message"
         rows.append(("client CPU", f"{result.cpu_seconds:.2f} s, {per_message}"))
     for name, fraction in QUANTILES:
-        rows.append((f"latency {name}", format_ns(result.latency(fraction))))
-    rows.append(("latency max", format_ns(result.latency_max)))
+        figure = format_ns(result.latency(fraction)) if result.messages else "n/a"
+        rows.append((f"latency {name}", figure))
+    rows.append(("latency max", format_ns(result.latency_max) if result.messages else "n/a"))
     if options.mode == "connect":
         opened = f"{result.connections_opened:,} ({result.rate(result.connections_opened):,.0f}/s)"
         rows.append(("connections", opened))
@@ -596,9 +646,32 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report(result, options, loadgen.IMPLEMENTATION, spread))
     sys.stdout.flush()
+    problems = []
     if result.error_total:
         found = ", ".join(f"{kind} {count:,}" for kind, count in result.errors.items() if count)
         plural = "s" if result.error_total != 1 else ""
-        print(f"prefork: error: {result.error_total:,} error{plural}: {found}", file=sys.stderr)
+        problems.append(f"{result.error_total:,} error{plural}: {found}")
+    if not result.messages:
+        problems.append(nothing_echoed(result, options))
+    if problems:
+        print(f"prefork: error: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def nothing_echoed(result: Result, options: Options) -> str:
+    """Why a run that echoed no message fails, in a few words."""
+    if not result.warmed_up:
+        return "no message was echoed (interrupted in the warm-up)"
+    if result.all_failed:
+        where = " in the warm-up" if result.all_failed == "warm-up" else ""
+        return f"no message was echoed: every connection failed{where}"
+    text = f"no message was echoed in {result.seconds:.2f} s"
+    if result.failed:
+        text += f" ({result.failed:,} failed)"
+    elif result.in_flight and not result.error_total:
+        text += (
+            f" ({result.in_flight:,} still awaited their echo at the end; "
+            f"--timeout is {options.timeout:g} s)"
+        )
+    return text

@@ -19,11 +19,20 @@ datagram received is printed as it is. At most ``WINDOW`` datagrams wait for
 a reply at a time (a pipe must not flood the server), each wait bounded by
 ``timeout``; replies still missing at the end are an error.
 
-Errors (refused, reset, unresolvable) raise ``ClientError``: one line, exit 1.
+``-e TEXT`` is a request: it needs a reply. No reply within ``timeout``
+(a hung handler, ``discard``), or a close without one (a handler that
+raised, a worker killed), is a ``ClientError``; so is, with ``--expect``, a
+reply other than the text expected (the client stops waiting as soon as the
+reply is settled either way). That makes ``prefork client -e ping --expect
+ping`` a health check.
+
+Errors (refused, reset, unresolvable, no reply, the wrong reply) raise
+``ClientError``: one line, exit 1.
 """
 
 from __future__ import annotations
 
+import argparse
 import errno
 import os
 import select
@@ -31,11 +40,13 @@ import socket
 import sys
 import time
 from collections import deque
-from typing import BinaryIO
+from collections.abc import Callable
+from functools import partial
+from typing import Any, BinaryIO
 
 from prefork._loadgen_common import MAX_DATAGRAM  # longer lines are split
 from prefork.errors import EXIT_FAILURE, EXIT_OK, ClientError, ConfigError
-from prefork.settings import Address, parse_address
+from prefork.settings import Address, parse_address, parse_seconds
 
 CHUNK = 64 * 1024  # bytes per read from standard input or a stream socket
 DATAGRAM_SIZE = 65536  # receive buffer: larger than any UDP payload
@@ -65,14 +76,19 @@ def target_address(text: str, udp: bool = False) -> Address:
     return address
 
 
+def reason(exc: OSError) -> str:
+    """An OSError in a few lower-case words, without its ``[Errno N]``."""
+    known = _REASONS.get(exc.errno or 0)
+    if known is not None:
+        return known
+    text = exc.strerror or str(exc) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
 def _error(address: Address, exc: OSError) -> ClientError:
     if isinstance(exc, socket.gaierror):
         return ClientError(f"{address}: cannot resolve host: {exc.strerror}")
-    reason = _REASONS.get(exc.errno or 0)
-    if reason is None:
-        text = exc.strerror or str(exc) or type(exc).__name__
-        reason = text[:1].lower() + text[1:]
-    return ClientError(f"{address}: {reason}")
+    return ClientError(f"{address}: {reason(exc)}")
 
 
 def connect(address: Address, timeout: float | None) -> socket.socket:
@@ -132,17 +148,79 @@ def _wait(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
+SHOWN = 60  # bytes of a wrong reply quoted in the error
+
+
+class Reply:
+    """What came back: how many bytes, and the first ``keep`` of them."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.size = 0
+        self.head = bytearray()
+
+    def add(self, data: bytes) -> None:
+        self.size += len(data)
+        room = self.keep - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+
+    def __str__(self) -> str:
+        """The reply as one line of text (Python's escapes), cut short if long."""
+        shown = bytes(self.head[:SHOWN])
+        text = repr(shown.decode("utf-8", "backslashreplace"))
+        if self.size > len(shown):
+            text += f"... ({self.size:,} bytes received)"
+        return text
+
+
+class Expect:
+    """``--expect TEXT``: the reply must be TEXT, TEXT\\n or TEXT\\r\\n."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self.lines = (text + b"\n", text + b"\r\n")
+
+    def matches(self, reply: Reply) -> bool:
+        head = bytes(reply.head)
+        return reply.size == len(head) and (head == self.text or head in self.lines)
+
+    def settled(self, reply: Reply) -> bool:
+        """No need to wait for more: the reply is a whole expected line, or it
+        can no longer become one."""
+        head = bytes(reply.head)
+        if reply.size != len(head) or reply.size > len(self.lines[1]):
+            return True
+        if head in self.lines:
+            return True
+        return not any(form.startswith(head) for form in (self.text, *self.lines))
+
+    def keep(self) -> int:
+        """Bytes of a reply to keep: enough to compare, and to quote."""
+        return max(len(self.lines[1]), SHOWN) + 1
+
+
+# How a stream conversation ended (``talk_stream``).
+CLOSED_FIRST = "closed first"  # the server closed before the input ended
+CLOSED = "closed"  # the server closed after the end of input
+TIMED_OUT = "timed out"  # the server did not close within ``timeout`` of the end of input
+SETTLED = "settled"  # ``settled()`` said the reply needs no more waiting
+
+
 def talk_stream(
     sock: socket.socket,
     out: BinaryIO,
     stdin: int | None,
     message: bytes = b"",
     timeout: float | None = DEFAULT_TIMEOUT,
-) -> bool:
+    reply: Reply | None = None,
+    settled: Callable[[], bool] | None = None,
+) -> str:
     """Send ``message`` then standard input (the descriptor ``stdin``, or None
-    for no input), printing every byte received. Returns True if the server
-    closed before the input ended, False if it closed after (or did not close
-    within ``timeout`` seconds of the end of input: then it says so)."""
+    for no input), printing every byte received (and adding it to ``reply``).
+    Returns how it ended: ``CLOSED_FIRST``, ``CLOSED``, ``TIMED_OUT`` (no
+    close within ``timeout`` seconds of the end of input), or ``SETTLED``
+    (``settled()``, asked after each chunk received, said so)."""
     sock.setblocking(False)
     pending = memoryview(message)  # not yet sent: the message, then a chunk of input at most
     reading = stdin is not None
@@ -167,13 +245,16 @@ def talk_stream(
         writers = [sock] if pending else []
         ready, writable, _ = select.select(readers, writers, [], _wait(deadline))
         if not ready and not writable:
-            _say(f"the server did not close within {timeout:g} s of the end of input")
-            return False
+            return TIMED_OUT
         if sock in ready:
             data = sock.recv(CHUNK)
             if not data:
-                return not finished
+                return CLOSED if finished else CLOSED_FIRST
             _write(out, data)
+            if reply is not None:
+                reply.add(data)
+                if settled is not None and settled():
+                    return SETTLED
         if writable:
             try:
                 pending = pending[sock.send(pending) :]
@@ -210,10 +291,11 @@ def talk_datagram(
     stdin: int | None,
     messages: list[bytes] | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
+    reply: Reply | None = None,
 ) -> tuple[int, int]:
     """Send each of ``messages``, then each line of standard input, as one
-    datagram, printing every datagram received. Returns (datagrams sent,
-    replies received).
+    datagram, printing every datagram received (and adding it to ``reply``).
+    Returns (datagrams sent, replies received).
 
     At most ``WINDOW`` datagrams are out without a reply, so a pipe does not
     flood the server's receive buffer. Waiting for a reply is bounded by
@@ -245,7 +327,10 @@ def talk_datagram(
                 return sent, received
             lost, deadline = sent - received, None
         if sock in ready:
-            _write(out, sock.recv(DATAGRAM_SIZE))
+            data = sock.recv(DATAGRAM_SIZE)
+            _write(out, data)
+            if reply is not None:
+                reply.add(data)
             received += 1
             deadline = None
         if stdin is not None and stdin in ready:
@@ -258,40 +343,101 @@ def talk_datagram(
                     queue.append(bytes(partial))
 
 
-def run(
+EXIT_STATUS = (
+    "Exit status: 0 when the reply came (with --expect, the one expected) or, without -e, "
+    "at the end of input; 1 when no reply came within --timeout, the server closed without "
+    "one, the reply was not --expect's, or the connection failed (refused, reset, "
+    "unresolvable); 2 for a bad command line; 130 on Ctrl-C. A health check reads 0 as "
+    "healthy and 1 as not."
+)
+
+
+def add_parser(commands: Any) -> None:
+    """The ``client`` subcommand, on ``commands`` (argparse's subparsers action)."""
+    client = commands.add_parser(
+        "client",
+        help="send lines to a server and print the replies",
+        description="Send each line of standard input (or -e TEXT) to a server and print "
+        "what comes back. " + EXIT_STATUS,
+    )
+    client.add_argument(
+        "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
+    )
+    client.add_argument(
+        "-u", "--udp", action="store_true", help="datagrams: the same as udp://HOST:PORT"
+    )
+    client.add_argument(
+        "-e",
+        "--send",
+        metavar="TEXT",
+        help="send TEXT and a newline, print the reply, exit; no reply is an error",
+    )
+    client.add_argument(
+        "-n", "--no-newline", action="store_true", help="with -e: send TEXT without a newline"
+    )
+    client.add_argument(
+        "--expect",
+        metavar="TEXT",
+        help="with -e: exit 1 unless the reply is TEXT (a newline or CRLF after it is allowed)",
+    )
+    client.add_argument(
+        "--timeout",
+        metavar="S",
+        default=str(DEFAULT_TIMEOUT),
+        help=f"seconds to connect, and to wait for the replies after the end of input "
+        f"(default {DEFAULT_TIMEOUT:g}; 0 = no limit)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``prefork client`` command: its exit status, or raise ClientError or ConfigError."""
+    timeout = parse_seconds(args.timeout, "--timeout") or None
+    return talk(args.address, args.udp, args.send, not args.no_newline, timeout, args.expect)
+
+
+def talk(
     text: str,
     udp: bool = False,
     send: str | None = None,
     newline: bool = True,
     timeout: float | None = DEFAULT_TIMEOUT,
+    expect_text: str | None = None,
 ) -> int:
-    """The ``prefork client`` command: exit 0, or raise ClientError or ConfigError."""
+    """Connect to ``text`` and talk: exit 0, or raise ClientError or ConfigError."""
     address = target_address(text, udp)
     if not newline and send is None:
         raise ConfigError("-n/--no-newline: only with -e TEXT")
+    if expect_text is not None and send is None:
+        raise ConfigError("--expect: only with -e TEXT")
     message = None
     if send is not None:
         message = os.fsencode(send) + (b"\n" if newline else b"")
+    expect = None if expect_text is None else Expect(os.fsencode(expect_text))
+    reply = None if message is None else Reply(SHOWN + 1 if expect is None else expect.keep())
     stdin = None
     if message is None and sys.stdin is not None:
         stdin = sys.stdin.fileno()
     out = sys.stdout.buffer
+    waited = "no limit" if timeout is None else f"{timeout:g} s"
     with connect(address, timeout) as sock:
         if stdin is not None and os.isatty(stdin):
             _say(f"connected to {address} (Ctrl-D ends the input, Ctrl-C quits)")
         try:
             if address.kind == "udp":
                 sent, received = talk_datagram(
-                    sock, out, stdin, None if message is None else [message], timeout
+                    sock, out, stdin, None if message is None else [message], timeout, reply
                 )
                 if received < sent:
                     missing = sent - received
                     raise ClientError(
-                        f"{address}: no reply to {missing} of {sent} datagram(s) "
-                        f"within {timeout:g} s"
+                        f"{address}: no reply to {missing} of {sent} datagram(s) within {waited}"
                     )
-            elif talk_stream(sock, out, stdin, message or b"", timeout):
-                _say("connection closed by server")
+                ended = CLOSED
+            else:
+                settled = None
+                if expect is not None and reply is not None:
+                    settled = partial(expect.settled, reply)
+                ended = talk_stream(sock, out, stdin, message or b"", timeout, reply, settled)
         except _OutputClosed:
             # Stop quietly, and point stdout at /dev/null so that the flush at
             # interpreter exit does not fail again with a traceback.
@@ -301,4 +447,19 @@ def run(
             return EXIT_FAILURE
         except OSError as exc:
             raise _error(address, exc) from None
+    if reply is not None and reply.size == 0:
+        if ended == TIMED_OUT:
+            raise ClientError(f"{address}: no reply within {waited}")
+        raise ClientError(f"{address}: the server closed the connection without replying")
+    if expect is not None and reply is not None:
+        if not expect.matches(reply):
+            raise ClientError(
+                f"{address}: expected {expect.text.decode('utf-8', 'backslashreplace')!r}, "
+                f"the reply was {reply}"
+            )
+        return EXIT_OK
+    if ended == CLOSED_FIRST:
+        _say("connection closed by server")
+    elif ended == TIMED_OUT:
+        _say(f"the server did not close within {waited} of the end of input")
     return EXIT_OK
