@@ -238,6 +238,27 @@ def test_bad_options_are_usage_errors(args, needle):
     assert_one_line_error(status(*args), 2, needle)
 
 
+def test_a_reader_that_goes_away_ends_it_quietly(servers):
+    address = metrics_address(servers["echo"])
+    for args in (["--json"], ["--watch", "0.1"]):
+        proc = subprocess.Popen(
+            prefork_command("status", *args, address),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            proc.stdout.close()  # like `prefork status ... | head -c0`
+            assert proc.wait(20) == 1
+            assert proc.stderr.read() == b"", args
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            proc.stderr.close()
+
+
 def test_help_says_what_the_exit_status_means():
     result = status("--help")
     assert result.returncode == 0
@@ -266,6 +287,8 @@ prefork_worker_state{worker="3",pid="41",generation="1",state="serving"} 1
 # TYPE process_resident_memory_bytes gauge
 process_resident_memory_bytes{worker="2",pid="40",generation="1"} 8.5e6
 process_resident_memory_bytes{worker="3",pid="41",generation="1"} 1.5e6
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total{worker="2",pid="40",generation="1"} 0
 # TYPE process_start_time_seconds gauge
 process_start_time_seconds{worker="2",pid="40",generation="1"} 1700000000.25
 process_start_time_seconds{worker="3",pid="41",generation="1"} 1700000100.5
@@ -278,7 +301,7 @@ prefork_later_series{kind="x",} +Inf
 def test_the_page_is_parsed_generically():
     page = parse_exposition(PAGE)
     names = [sample.name for sample in page.samples]
-    assert "prefork_later_series" in names and len(names) == 14
+    assert "prefork_later_series" in names and len(names) == 15
     odd = next(s for s in page.samples if s.name == "prefork_worker_odd_seconds")
     assert odd.labels["note"] == 'a "quoted" \\ value'
     assert page.types["prefork_handler_errors_total"] == "counter"
@@ -288,13 +311,15 @@ def test_the_page_is_parsed_generically():
     assert (first["worker"], first["pid"], first["state"]) == (2, 40, "stopping")
     assert (second["worker"], second["pid"], second["state"]) == (3, 41, "serving")
     assert first["bytes_in_total"] == 1000 and first["process_resident_memory_bytes"] == 8500000
+    assert isinstance(first["process_cpu_seconds_total"], float)  # seconds: a float, even 0
     assert first["process_start_time_seconds"] == 1700000000.25
     assert second['odd_seconds{note="a "quoted" \\ value"}'] is None  # NaN has no JSON
     assert document["totals"] == {
         "workers": 2,
         "connections_active": 7,
         "bytes_in_total": 1024,
-        "process_resident_memory_bytes": 10000000,  # times (_seconds) do not add up
+        "process_resident_memory_bytes": 10000000,
+        "process_cpu_seconds_total": 0.0,  # a counter adds up; times (_seconds) do not
     }
     assert document["server"]["workers"] == 2
     assert document["server"]['handler_errors_total{listener="127.0.0.1:7007"}'] == 3

@@ -273,9 +273,12 @@ def _key(name: str, labels: dict[str, str]) -> str:
 
 
 def _value(key: str, value: float) -> int | float | None:
+    """A whole number as an int, unless the series counts seconds (a float
+    always, so that a reader sees one type per series); NaN and infinities,
+    which JSON lacks, as None."""
     if math.isnan(value) or math.isinf(value):
         return None
-    if value.is_integer() and not key.split("{")[0].endswith("_seconds"):
+    if value.is_integer() and "_seconds" not in key.split("{")[0]:
         return int(value)
     return value
 
@@ -467,7 +470,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--count: only with --watch")
     if every is None:
         document = read(endpoint, timeout)
-        print(json.dumps(document, indent=2) if args.json else table(document))
+        try:
+            print(json.dumps(document, indent=2) if args.json else table(document), flush=True)
+        except BrokenPipeError:  # the reader went away (| head)
+            return _output_closed()
         return EXIT_OK
     if args.json:
         raise ConfigError("--json: not with --watch")
@@ -476,6 +482,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--watch: expected a number of seconds > 0, got {every!r}")
     count = None if args.count is None else parse_int(args.count, "--count", minimum=1)
     return watch(endpoint, interval, count, timeout)
+
+
+def _output_closed() -> int:
+    """Whoever read standard output went away: point it at /dev/null, so that
+    the flush at exit does not fail again, and stop quietly with status 1."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_FAILURE
 
 
 def _is_number(text: str) -> bool:
@@ -542,10 +557,7 @@ def watch(endpoint: Endpoint, interval: float, count: int | None, timeout: float
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # the reader went away (| head): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit fails no more
-        os.close(devnull)
-        return EXIT_FAILURE
+        return _output_closed()
     finally:
         live.stop()
     if error is not None:
