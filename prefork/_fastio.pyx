@@ -426,6 +426,7 @@ cdef class EventLoop:
     cdef unsigned char *stats  # a scoreboard slot, written at every wake-up without the GIL
     cdef int n_active
     cdef bint _accepting, _recycled, armed, draining
+    cdef bint _return_soon  # return_soon(): leave run() before waiting again
     cdef unsigned long long drained
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
@@ -569,6 +570,10 @@ cdef class EventLoop:
             self.draining = True
             self.drained = 0
 
+    def return_soon(self):
+        """Make ``run`` return before it waits again (see the spec)."""
+        self._return_soon = True
+
     def stop_accepting(self):
         """Take the listeners out of the loop for good (graceful stop)."""
         self._stop_accepting()
@@ -687,6 +692,8 @@ cdef class EventLoop:
             if wait <= 0 and now >= deadline:
                 return 0
             ms = <int>(wait * 1000.0 + 0.999) if wait > 0 else 0
+            if self._return_soon:  # callbacks are waiting: look, do not wait
+                ms = 0
             n = posix.epoll_wait(self.epfd, self.events, MAX_EVENTS, ms)
             if n < 0:
                 if posix.errno != posix.EINTR:
@@ -712,7 +719,8 @@ cdef class EventLoop:
                 elif self.armed:
                     self._accept(<int>(tag >> 1), now)
             self._free_graveyard()
-            if woken:
+            if woken or self._return_soon:
+                self._return_soon = False
                 return 0
 
     cdef void _publish(self, double now) noexcept nogil:

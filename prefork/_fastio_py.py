@@ -456,6 +456,7 @@ class EventLoop:
         self._armed = False
         self._draining = False
         self._drained = 0
+        self._return_soon = False  # return_soon(): leave run() before waiting again
         self._paused_until = 0.0
         self._wakeup_fd = wakeup_fd
         if wakeup_fd >= 0:
@@ -504,6 +505,14 @@ class EventLoop:
         if self._accepting and not self._draining:
             self._draining = True
             self._drained = 0
+
+    def return_soon(self) -> None:
+        """Make ``run`` return once it has served the events in hand, instead
+        of waiting for more: the asyncio callbacks and timers that user code
+        scheduled run between two ``run`` calls (workers/event_asyncio.py).
+        Called by user code inside ``run``, or before it (``run`` then looks
+        at what is ready once, without waiting, and returns)."""
+        self._return_soon = True
 
     def stop_accepting(self) -> None:
         """Take the listeners out of the loop for good (graceful stop).
@@ -568,6 +577,8 @@ class EventLoop:
                 wait = min(wait, self._paused_until - now)
             if wait <= 0 and now >= deadline:
                 return
+            if self._return_soon:  # callbacks are waiting: look, do not wait
+                wait = 0.0
             events = self._epoll.poll(max(wait, 0.0), MAX_EVENTS)
             now = time.monotonic()
             if self._stats is not None:
@@ -584,7 +595,8 @@ class EventLoop:
                     self._accept(fd, now)
                 elif fd in self._datagram_sockets:
                     self._serve_datagrams(fd)
-            if woken:
+            if woken or self._return_soon:
+                self._return_soon = False
                 return
 
     def _publish(self, now: float) -> None:

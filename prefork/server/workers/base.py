@@ -204,7 +204,7 @@ class Worker:
         signal.signal(signal.SIGUSR1, self.handle_usr1)
         faulthandler.register(DUMP_SIGNAL, file=log_stream(), all_threads=True)
         # A fresh wake-up pipe: the master's stays the master's.
-        self.wakeup_r, _ = open_wakeup_pipe()
+        self.wakeup_r, self.wakeup_w = open_wakeup_pipe()
 
     @property
     def title_suffix(self) -> str:

@@ -4,14 +4,24 @@ The whole loop (accept, read, write back, buffer what the kernel did not
 take, publish the heartbeat and counters) runs inside ``fastio.EventLoop``
 without the GIL; this class only starts it, wakes up every tick (a second,
 or a quarter of --timeout) or at a signal to check on the master and report
-trouble, and stops it gracefully.
+trouble, and stops it gracefully. Between two runs of the loop it runs the
+asyncio callbacks and timers that user protocols scheduled: to their code
+the loop is an asyncio loop (``EventWorkerLoop``, workers/event_asyncio.py).
 """
 
 from __future__ import annotations
 
+import select
+import time
+
 from prefork import fastio
 from prefork.server.handlers import CHARGEN_PATTERN
 from prefork.server.workers.base import Worker
+from prefork.server.workers.event_asyncio import EventWorkerLoop
+
+# At most this long before the master's KILL, a graceful stop cancels the
+# tasks still running, so that their cancellation runs (as -k asyncio does).
+CANCEL_LEAD = 1.0
 
 
 class EventWorker(Worker):
@@ -45,12 +55,32 @@ class EventWorker(Worker):
         self.booted = True
         if self.stopping:  # TERM arrived while booting
             self.loop.drain()
+        # The methods it lacks raise NotImplementedError (set at import): not abstract.
+        aio = EventWorkerLoop(self.wakeup_w)  # type: ignore[abstract]
+        aio.attach(self.loop)
         reported_errors = 0
+        next_look = 0.0  # the once-a-tick look at the master and the counters
+        cancel_at: float | None = None  # a graceful stop: when to cancel the tasks left
         try:
-            while self.loop.accepting or self.loop.active:
-                self.loop.run(self.tick)
+            while self.loop.accepting or self.loop.active or aio.busy():
+                if self.loop.accepting or self.loop.active:
+                    self.loop.run(aio.timeout(self.tick))
+                else:  # only tasks and timers are left (a graceful stop): wait for them
+                    if select.select([self.wakeup_r], [], [], aio.timeout(self.tick))[0]:
+                        self.drain_wakeup()
+                aio.run_once()
+                now = time.monotonic()
+                if now < next_look and self.alive and not self.stopping:
+                    continue  # returned for callbacks: nothing else to look at
+                next_look = now + self.tick
                 if self.stopping:  # TERM: the loop's next turn takes the queue
                     self.loop.drain()  # (a no-op once drained)
+                    if cancel_at is None:
+                        graceful = self.config.graceful_timeout
+                        cancel_at = now + graceful - min(CANCEL_LEAD, graceful / 10)
+                    elif now >= cancel_at and aio.cancel_tasks():
+                        self.log.warning("graceful stop: tasks still running cancelled")
+                        cancel_at = float("inf")
                 self.collect_stats()
                 if not self.alive and not self.loop.accepting and not self.loop.recycled:
                     self.stop_accepting()  # drained: let go
@@ -68,6 +98,7 @@ class EventWorker(Worker):
                 self.report_access_log_drops(self.loop.access_log_dropped)
                 self.report_udp_refusals(self.loop.udp_refused_from)
         finally:
+            aio.detach()
             self.loop.close()
             self.collect_stats()
 
