@@ -35,6 +35,8 @@ class EventLoop:
     datagrams: int
     udp_refused_loop: int
     udp_refused_source: int
+    udp_refused_rate: int
+    udp_rate_evictions: int
     def __init__(
         self,
         listeners: Iterable[Any],
@@ -54,6 +56,10 @@ class EventLoop:
         access_log: Any = -1,
         udp_allow_low_ports: bool = False,
         udp_loop_ports: Iterable[int] = (),
+        udp_rate: float = 0.0,
+        udp_burst: int = 1,
+        udp_rate_prefix: tuple[int, int] = (24, 56),
+        udp_rate_table: Any = None,
     ) -> None: ...
     @property
     def active(self) -> int: ...

@@ -29,7 +29,7 @@ import stat
 
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
-from libc.stdint cimport uint64_t
+from libc.stdint cimport int64_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
@@ -41,7 +41,7 @@ from prefork import proxy
 from prefork._fastio_common import (
     ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args,
-    datagram_loop_ports, fileno_of, format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
+    check_rate_args, datagram_loop_ports, fileno_of, format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
 )
 
 _log = logging.getLogger("prefork")
@@ -229,11 +229,12 @@ cdef enum:
     DATAGRAM_BATCH = 16
     DATAGRAM_SIZE = 65536
     CHARGEN_DATAGRAM_MAX = 512
-    SLOT_SIZE = 96
+    SLOT_SIZE = 112
     HEARTBEAT_OFFSET = 0  # a double
     COUNTERS_OFFSET = 16  # N_COUNTERS int64s, in the order of LOOP_COUNTERS
-    N_COUNTERS = 10
+    N_COUNTERS = 12
     LOW_PORT_LIMIT = 1024
+    RATE_WAYS = 4
     ACCESS_LOG_BUFFER = 65536
     ACCESS_PIPE_WRITE = 4096
     CLIENT_MAX = 64  # "[" IPv6 "]:" port, and a NUL
@@ -265,7 +266,7 @@ cdef const char *_end_name(int end) noexcept nogil:
 # Why the UDP guard refused a datagram: in the order of
 # prefork._fastio_common.UDP_REFUSALS (ANSWER: it did not).
 cdef enum Refusal:
-    REFUSED_LOOP, REFUSED_SOURCE, N_REFUSALS, ANSWER
+    REFUSED_LOOP, REFUSED_SOURCE, REFUSED_RATE, N_REFUSALS, ANSWER
 
 # In the order of prefork._fastio_common.SERVICES.
 cdef enum Service:
@@ -288,10 +289,13 @@ COMPILED_FACTS = {
     "LOOP_COUNTERS": (  # as _publish writes them
         "accepted", "active", "bytes_in", "bytes_out",
         "idle_closed", "max_buffer_closed", "handler_errors", "proxy_rejected",
-        "udp_refused_loop", "udp_refused_source",
+        "udp_refused_loop", "udp_refused_source", "udp_refused_rate", "udp_rate_evictions",
     ),
-    "UDP_REFUSALS": common.enum_order({"loop": REFUSED_LOOP, "source": REFUSED_SOURCE}),
+    "UDP_REFUSALS": common.enum_order({
+        "loop": REFUSED_LOOP, "source": REFUSED_SOURCE, "rate": REFUSED_RATE,
+    }),
     "LOW_PORT_LIMIT": LOW_PORT_LIMIT,
+    "RATE_WAYS": RATE_WAYS,
 }
 COMPILED_FACTS["END_REASONS"] = tuple(
     (<bytes>_end_name(end)).decode("ascii") for end in range(N_ENDS))
@@ -307,6 +311,26 @@ cdef enum:
     CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
     CLOSED_IDLE = -2  # the idle timeout: exc is None
     CLOSED_SHUTDOWN = -3  # the loop's close(): exc is None
+
+
+cdef struct RateEntry:
+    # prefork._fastio_common.RATE_ENTRY: a prefix's bucket in the shared table.
+    uint64_t family  # 4 or 6; 0: empty
+    uint64_t prefix  # the first 32 or 64 bits of the address, masked
+    int64_t tat  # its theoretical arrival time, CLOCK_MONOTONIC ns
+
+cdef uint64_t RATE_HASH = 0x9E3779B97F4A7C15
+COMPILED_FACTS["RATE_HASH"] = RATE_HASH
+COMPILED_FACTS["RATE_ENTRY_SIZE"] = sizeof(RateEntry)
+
+
+cdef inline uint64_t _be(const unsigned char *p, int n) noexcept nogil:
+    """``n`` bytes at ``p`` as an unsigned big-endian number."""
+    cdef uint64_t value = 0
+    cdef int i
+    for i in range(n):
+        value = (value << 8) | p[i]
+    return value
 
 
 cdef struct Access:
@@ -408,6 +432,12 @@ cdef class EventLoop:
     cdef readonly unsigned long long max_buffer_closed, handler_errors, proxy_rejected
     cdef readonly unsigned long long access_log_dropped
     cdef readonly unsigned long long udp_refused_loop, udp_refused_source
+    cdef readonly unsigned long long udp_refused_rate, udp_rate_evictions
+    cdef object rate_view  # keeps the rate table alive
+    cdef RateEntry *rate_table  # NULL: no rate limit
+    cdef uint64_t rate_sets
+    cdef int64_t rate_interval, rate_tolerance
+    cdef uint64_t rate_mask4, rate_mask6
     cdef unsigned short *loop_ports  # the UDP guard's ports (host order)
     cdef int n_loop_ports
     cdef bint allow_low_ports
@@ -451,16 +481,29 @@ cdef class EventLoop:
                  idle_timeout=DEFAULT_IDLE_TIMEOUT, pattern=b"", protocol_factory=None,
                  datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
                  proxy_trusted=None, access_log=-1, udp_allow_low_ports=False,
-                 udp_loop_ports=()):
+                 udp_loop_ports=(), udp_rate=0.0, udp_burst=1,
+                 udp_rate_prefix=common.DEFAULT_RATE_PREFIX, udp_rate_table=None):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
+        cdef unsigned char[::1] table_bytes
         cdef int index
         pattern_view = check_loop_args(service, max_connections, max_buffer, idle_timeout,
                                         pattern, protocol_factory)
         if datagram_sockets and service == "protocol":
             raise ValueError("datagram sockets serve the built-in services only")
+        rate_view, interval, tolerance, prefix4, prefix6 = check_rate_args(
+            udp_rate, udp_burst, udp_rate_prefix, udp_rate_table)
         fds = [fileno_of(listener) for listener in listeners]
         dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
+        if rate_view is not None:
+            table_bytes = rate_view
+            self.rate_view = rate_view
+            self.rate_table = <RateEntry *>&table_bytes[0]
+            self.rate_sets = <uint64_t>(len(rate_view) // (sizeof(RateEntry) * RATE_WAYS))
+            self.rate_interval = interval
+            self.rate_tolerance = tolerance
+            self.rate_mask4 = ((1 << prefix4) - 1) << (32 - prefix4)
+            self.rate_mask6 = ((1 << prefix6) - 1) << (64 - prefix6)
         index = SERVICES.index(service)
         self.svc = <Service>index
         self.service = service
@@ -737,6 +780,8 @@ cdef class EventLoop:
         counters[7] = <long long>self.proxy_rejected
         counters[8] = <long long>self.udp_refused_loop
         counters[9] = <long long>self.udp_refused_source
+        counters[10] = <long long>self.udp_refused_rate
+        counters[11] = <long long>self.udp_rate_evictions
         memcpy(self.stats + HEARTBEAT_OFFSET, &now, sizeof(now))
         memcpy(self.stats + COUNTERS_OFFSET, counters, sizeof(counters))
 
@@ -847,6 +892,9 @@ cdef class EventLoop:
             self.bytes_in += length
             if self._refuse(&d.senders[i], d.received[i].msg_hdr.msg_namelen):
                 continue  # no reply: it could feed a loop or reflect
+            if (self.rate_table != NULL and self.svc != DISCARD
+                    and not self._admit(&d.senders[i])):
+                continue  # over the rate limit: no reply
             if d.received[i].msg_hdr.msg_flags & posix.MSG_TRUNC:
                 continue  # cannot happen with 64 KiB buffers; never echo a cut datagram
             if self.svc == ECHO:
@@ -900,6 +948,58 @@ cdef class EventLoop:
         else:
             self.udp_refused_source += 1
         memcpy(&self.refused_from[reason], sender, sizeof(posix.sockaddr_storage))
+        return True
+
+    cdef bint _admit(self, posix.sockaddr_storage *sender) noexcept nogil:
+        """The rate limit (the spec's rate_admit): whether a reply may go to
+        ``sender``'s prefix now; counts refusals and evictions."""
+        cdef uint64_t family, prefix, mixed
+        cdef int64_t now, tat, held, victim_tat = 0
+        cdef const unsigned char *a
+        cdef RateEntry *entry
+        cdef RateEntry *found = NULL
+        cdef RateEntry *victim = NULL
+        cdef posix.timespec ts
+        cdef int way
+        if sender.ss_family == posix.AF_INET:
+            a = <const unsigned char *>&(<const posix.sockaddr_in *>sender).sin_addr
+            family = 4
+            prefix = _be(a, 4) & self.rate_mask4
+        elif sender.ss_family == posix.AF_INET6:
+            a = <const unsigned char *>&(<const posix.sockaddr_in6 *>sender).sin6_addr
+            if _be(a, 8) == 0 and _be(a + 8, 4) == 0xFFFF:  # IPv4-mapped
+                family = 4
+                prefix = _be(a + 12, 4) & self.rate_mask4
+            else:
+                family = 6
+                prefix = _be(a, 8) & self.rate_mask6
+        else:
+            return True
+        posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
+        now = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+        mixed = ((family * RATE_HASH) ^ prefix) * RATE_HASH
+        entry = self.rate_table + ((mixed >> 32) & (self.rate_sets - 1)) * RATE_WAYS
+        for way in range(RATE_WAYS):
+            if entry[way].family == family and entry[way].prefix == prefix:
+                found = &entry[way]
+                break
+            held = entry[way].tat if entry[way].family != 0 else 0  # empty: older than any
+            if victim == NULL or held < victim_tat:
+                victim, victim_tat = &entry[way], held
+        if found == NULL:
+            if victim.family != 0 and victim.tat > now:
+                self.udp_rate_evictions += 1  # a limit lost: counted, logged
+            victim.family = 0
+            victim.prefix = prefix
+            victim.tat = now
+            victim.family = family  # the family last: the entry is whole
+            found = victim
+        tat = found.tat
+        if tat > now + self.rate_tolerance:
+            self.udp_refused_rate += 1
+            memcpy(&self.refused_from[<int>REFUSED_RATE], sender, sizeof(posix.sockaddr_storage))
+            return False
+        found.tat = (tat if tat > now else now) + self.rate_interval
         return True
 
     # -- connections ------------------------------------------------------------------

@@ -59,7 +59,8 @@ def daytime_line(now: float | None = None) -> bytes:
 # there. The loop's counters are contiguous 64-bit integers: what it served,
 # then why it closed or turned away connections (idle timeout, --max-buffer,
 # a user handler that raised, a PROXY header refused), then the datagrams the
-# UDP guard dropped unanswered, by reason (UDP_REFUSALS).
+# UDP guard and the UDP rate limit left unanswered, by reason (UDP_REFUSALS),
+# and the rate table's evictions of a prefix still limited.
 SLOT_FIELDS = (
     "heartbeat",
     "pid",
@@ -73,8 +74,10 @@ SLOT_FIELDS = (
     "proxy_rejected",
     "udp_refused_loop",
     "udp_refused_source",
+    "udp_refused_rate",
+    "udp_rate_evictions",
 )
-SLOT = struct.Struct("<dqqqqqqqqqqq")
+SLOT = struct.Struct("<dqqqqqqqqqqqqq")
 SLOT_SIZE = SLOT.size
 SLOT_OFFSETS = {
     name: struct.calcsize(SLOT.format[: index + 1]) for index, name in enumerate(SLOT_FIELDS)
@@ -119,7 +122,8 @@ _check_slot_layout()
 # from port 0: IPv4 0/8 (unspecified), 224/4 (multicast), 240/4 (reserved,
 # with the broadcast 255.255.255.255); IPv6 :: and ff00::/8 (multicast); an
 # IPv4-mapped IPv6 address by its IPv4 rule.
-UDP_REFUSALS = ("loop", "source")  # the slot's udp_refused_* fields, in order
+# The slot's udp_refused_* fields, in order; "rate" is the rate limit's (below).
+UDP_REFUSALS = ("loop", "source", "rate")
 LOW_PORT_LIMIT = 1024
 
 
@@ -166,6 +170,118 @@ def datagram_loop_ports(fds: list[int], extra: Any) -> frozenset[int]:
         finally:
             sock.detach()
     return frozenset(ports)
+
+
+# -- the UDP rate limit ----------------------------------------------------------------
+#
+# A token bucket per source prefix (/24 and /56 by default), shared by every
+# worker: a table in memory the master maps before it forks (like the
+# scoreboard), so a limit holds across workers, HUPs and respawns. Each
+# bucket is kept as GCRA does (the generic cell rate algorithm, what a token
+# bucket is when read as time): one "theoretical arrival time" (TAT, in
+# CLOCK_MONOTONIC nanoseconds, the same clock in every process) per prefix.
+# A datagram at ``now`` is answered if TAT <= now + (burst - 1) * interval,
+# and then TAT = max(TAT, now) + interval; so over any window W a prefix gets
+# at most rate * W + burst replies. The others go unanswered, counted as
+# udp_refused_rate.
+#
+# The table: RATE_WAYS entries per set, sets a power of two; a prefix lives
+# in the set its hash names (``rate_set``). An entry is RATE_ENTRY: family
+# (4 or 6; 0 = empty), prefix (the address's first 32 or 64 bits, masked,
+# as an unsigned big-endian number), TAT. A new prefix takes the entry of
+# its set with the smallest TAT; one whose TAT is past is as good as empty
+# (its bucket is full), but one still in the future holds a limit that is
+# lost: that eviction is counted (udp_rate_evictions) and logged, never
+# silent, and a bigger table is the cure. Workers read and write the
+# entries' 8-byte words without a lock: a race between two workers can lose
+# one update (one reply more, once), never a whole limit.
+RATE_ENTRY = struct.Struct("<QQq")
+RATE_ENTRY_SIZE = RATE_ENTRY.size
+RATE_WAYS = 4
+RATE_HASH = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: Fibonacci hashing
+DEFAULT_RATE_PREFIX = (24, 56)  # IPv4, IPv6
+_U64 = (1 << 64) - 1
+
+
+def rate_key(sender: Any, prefix4: int, prefix6: int) -> tuple[int, int] | None:
+    """The (family, prefix) a datagram from ``sender`` is limited by, or
+    None for a sender that is not IPv4 or IPv6. An IPv4-mapped IPv6 address
+    is its IPv4 address."""
+    if not isinstance(sender, tuple) or len(sender) < 2 or not isinstance(sender[0], str):
+        return None
+    host = sender[0].split("%", 1)[0]
+    packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    if len(packed) == 16 and packed[:12] == b"\0" * 10 + b"\xff\xff":
+        packed = packed[12:]
+    if len(packed) == 4:
+        mask = ((1 << prefix4) - 1) << (32 - prefix4)
+        return 4, int.from_bytes(packed, "big") & mask
+    mask = ((1 << prefix6) - 1) << (64 - prefix6)
+    return 6, int.from_bytes(packed[:8], "big") & mask
+
+
+def rate_set(family: int, prefix: int, sets: int) -> int:
+    """The set a prefix lives in, of ``sets`` (a power of two)."""
+    mixed = (((family * RATE_HASH) & _U64) ^ prefix) * RATE_HASH & _U64
+    return (mixed >> 32) & (sets - 1)
+
+
+def rate_admit(
+    table: memoryview, key: tuple[int, int], now: int, interval: int, tolerance: int
+) -> tuple[bool, bool]:
+    """Whether a datagram of prefix ``key`` at ``now`` (ns) is answered, and
+    whether making room for it evicted a prefix still limited. ``interval``
+    is 1/rate and ``tolerance`` (burst - 1) * interval, in ns."""
+    family, prefix = key
+    size = RATE_ENTRY.size
+    base = rate_set(family, prefix, len(table) // (size * RATE_WAYS)) * RATE_WAYS
+    found = victim = -1
+    victim_tat = 0
+    for way in range(RATE_WAYS):
+        offset = (base + way) * size
+        entry_family, entry_prefix, tat = RATE_ENTRY.unpack_from(table, offset)
+        if entry_family == family and entry_prefix == prefix:
+            found = offset
+            break
+        held = tat if entry_family else 0  # empty: older than any
+        if victim < 0 or held < victim_tat:
+            victim, victim_tat = offset, held
+    evicted = False
+    if found < 0:
+        family_before, _, tat_before = RATE_ENTRY.unpack_from(table, victim)
+        evicted = family_before != 0 and tat_before > now
+        found, tat = victim, now
+        RATE_ENTRY.pack_into(table, victim, 0, prefix, now)  # the family last: whole
+        struct.pack_into("<Q", table, victim, family)
+    if tat > now + tolerance:
+        return False, evicted
+    struct.pack_into("<q", table, found + 16, max(tat, now) + interval)
+    return True, evicted
+
+
+def check_rate_args(
+    rate: float, burst: int, prefix: Any, table: Any
+) -> tuple[memoryview | None, int, int, int, int]:
+    """Validate the rate limit's arguments: the table's view (None when the
+    limit is off), interval and tolerance in ns, and the two prefix lengths.
+    Without a ``table`` a limited loop makes its own (this process only)."""
+    prefix4, prefix6 = prefix
+    if not 1 <= prefix4 <= 32 or not 1 <= prefix6 <= 64:
+        raise ValueError("udp_rate_prefix must be (1..32, 1..64)")
+    if not rate >= 0 or burst < 1:
+        raise ValueError("udp_rate must be >= 0 and udp_burst >= 1")
+    if rate == 0:
+        return None, 0, 0, prefix4, prefix6
+    if table is None:
+        table = bytearray(RATE_ENTRY.size * RATE_WAYS * 1024)
+    view = memoryview(table).cast("B")
+    sets = len(view) // (RATE_ENTRY.size * RATE_WAYS)
+    if view.readonly or sets < 1 or sets & (sets - 1) or len(view) % (RATE_ENTRY.size * RATE_WAYS):
+        raise ValueError(
+            "udp_rate_table must be a writable table of 2**k sets of RATE_WAYS entries"
+        )
+    interval = max(1, round(1e9 / rate))
+    return view, interval, (burst - 1) * interval, prefix4, prefix6
 
 
 # -- the access log --------------------------------------------------------------------

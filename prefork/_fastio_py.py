@@ -86,6 +86,7 @@ from prefork._fastio_common import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RATE_PREFIX,
     DRAIN_MAX,
     EMFILE_PAUSE,
     HEARTBEAT,
@@ -97,6 +98,7 @@ from prefork._fastio_common import (
     access_line,
     byte_view,
     check_loop_args,
+    check_rate_args,
     datagram_loop_ports,
     datagram_refusal,
     daytime_line,
@@ -104,6 +106,8 @@ from prefork._fastio_common import (
     format_client,
     peer_name,
     proxy_fds,
+    rate_admit,
+    rate_key,
     stats_view,
 )
 
@@ -383,7 +387,15 @@ class EventLoop:
     a port of these sockets or of ``udp_loop_ports`` (the server's other UDP
     services), or from an address no reply may go to; it counts them in
     ``udp_refused_loop`` and ``udp_refused_source``, and ``udp_refused_from``
-    names the last sender refused for each reason.
+    names the last sender refused for each reason. ``udp_rate`` (replies per
+    second, 0 = none) limits the replies to each source prefix
+    (``udp_rate_prefix``: IPv4 and IPv6 lengths) to a token bucket of
+    ``udp_burst``, kept in ``udp_rate_table`` (a writable buffer of
+    ``RATE_ENTRY``s, shared by every worker; None: one of this loop's own):
+    see ``_fastio_common.rate_admit``. Datagrams over it go unanswered and
+    count in ``udp_refused_rate``; a prefix still limited that a full table
+    pushes out counts in ``udp_rate_evictions``. Discard sends nothing and
+    is not limited.
 
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
     ``bytes_out``, ``datagrams`` (received), ``resource_errors`` (EMFILE
@@ -415,10 +427,18 @@ class EventLoop:
         access_log: Any = -1,
         udp_allow_low_ports: bool = False,
         udp_loop_ports: Any = (),
+        udp_rate: float = 0.0,
+        udp_burst: int = 1,
+        udp_rate_prefix: tuple[int, int] = DEFAULT_RATE_PREFIX,
+        udp_rate_table: Any = None,
     ) -> None:
         self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
         )
+        self._rate_table, self._rate_interval, self._rate_tolerance, *prefixes = check_rate_args(
+            udp_rate, udp_burst, udp_rate_prefix, udp_rate_table
+        )
+        self._rate_prefixes = tuple(prefixes)
         if datagram_sockets and service == "protocol":
             raise ValueError("datagram sockets serve the built-in services only")
         fds = [fileno_of(listener) for listener in listeners]
@@ -433,8 +453,9 @@ class EventLoop:
         self.idle_closed = self.resource_errors = self.datagrams = 0
         self.max_buffer_closed = self.handler_errors = self.proxy_rejected = 0
         self.access_log_dropped = 0
-        self.udp_refused_loop = self.udp_refused_source = 0
-        self._refused_from = {"loop": "", "source": ""}
+        self.udp_refused_loop = self.udp_refused_source = self.udp_refused_rate = 0
+        self.udp_rate_evictions = 0
+        self._refused_from = {"loop": "", "source": "", "rate": ""}
         off = isinstance(access_log, int) and access_log < 0
         self._access_fd = -1 if off else fileno_of(access_log)
         self._access_sock: socket.socket | None = None  # set when the log is a socket
@@ -616,6 +637,8 @@ class EventLoop:
             self.proxy_rejected,
             self.udp_refused_loop,
             self.udp_refused_source,
+            self.udp_refused_rate,
+            self.udp_rate_evictions,
         )
 
     def _arm_if_ready(self, now: float) -> None:
@@ -736,6 +759,9 @@ class EventLoop:
                     self.udp_refused_source += 1
                 self._refused_from[refusal] = format_client(sender)
                 continue
+            if self._rate_table is not None and self.service != "discard":
+                if not self._admit(sender):
+                    continue  # over the rate limit: no reply
             if flags & socket.MSG_TRUNC:
                 continue  # never answer with a cut datagram
             if self.service == "echo":
@@ -755,6 +781,22 @@ class EventLoop:
         if self._accepting:  # re-arm: to the back of the socket's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
+
+    def _admit(self, sender: Any) -> bool:
+        """The rate limit (``_fastio_common.rate_admit``): whether a reply
+        may go to ``sender``'s prefix now; counts refusals and evictions."""
+        assert self._rate_table is not None
+        key = rate_key(sender, *self._rate_prefixes)
+        if key is None:
+            return True
+        admitted, evicted = rate_admit(
+            self._rate_table, key, time.monotonic_ns(), self._rate_interval, self._rate_tolerance
+        )
+        self.udp_rate_evictions += evicted
+        if not admitted:
+            self.udp_refused_rate += 1
+            self._refused_from["rate"] = format_client(sender)
+        return admitted
 
     def _open(self, sock: socket.socket, now: float, proxied: bool, addr: Any) -> None:
         sock.setblocking(False)

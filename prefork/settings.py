@@ -38,6 +38,8 @@ from prefork._fastio_common import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RATE_PREFIX,
+    RATE_WAYS,
 )
 from prefork.errors import ConfigError, PreforkError
 
@@ -305,6 +307,51 @@ def check_udp_exposure(handler: str, udp_public: bool, udp: list[tuple[str, str]
                 "address it claims to come from, so on a non-loopback address it amplifies "
                 "attacks on others; bind it to loopback, or add --udp-public if you mean it"
             )
+
+
+# --udp-rate when it is not given: replies per second per source prefix for
+# the amplifiers, none for echo and discard.
+DEFAULT_UDP_RATE = 10.0
+MAX_RATE_TABLE = 1 << 24  # entries: 384 MiB of shared memory
+
+
+def parse_rate(text: str, option: str = "--udp-rate") -> float:
+    """``N`` or ``N/s``: replies per second, 0 = no limit."""
+    number = text[:-2] if text.endswith("/s") else text
+    try:
+        rate = float(number)
+    except ValueError:
+        rate = -1.0
+    if not 0 <= rate <= 1e9:
+        raise ConfigError(f"{option}: expected replies per second such as 10/s, got {text!r}")
+    return rate
+
+
+def parse_prefixes(text: str, option: str = "--udp-rate-prefix") -> tuple[int, int]:
+    """``V4,V6``: the prefix lengths a rate limit counts by."""
+    parts = text.split(",")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        prefix4, prefix6 = (int(part) for part in parts)
+        if 1 <= prefix4 <= 32 and 1 <= prefix6 <= 64:
+            return prefix4, prefix6
+    raise ConfigError(
+        f"{option}: expected V4,V6 prefix lengths (1-32,1-64) such as 24,56, got {text!r}"
+    )
+
+
+def parse_table_size(text: str, option: str = "--udp-rate-table") -> int:
+    size = parse_int(text, option, minimum=16 * RATE_WAYS, maximum=MAX_RATE_TABLE)
+    if size & (size - 1):
+        raise ConfigError(f"{option}: expected a power of two such as 16384, got {text!r}")
+    return size
+
+
+def udp_rate_of(config: Config) -> float:
+    """The UDP rate limit a server runs with: --udp-rate, or by default
+    DEFAULT_UDP_RATE for the amplifiers and none for the others."""
+    if config.udp_rate is not None:
+        return config.udp_rate
+    return DEFAULT_UDP_RATE if config.handler in UDP_AMPLIFIERS else 0.0
 
 
 def parse_metrics_address(text: str, option: str = "--metrics") -> Address:
@@ -670,6 +717,49 @@ OPTIONS: tuple[Option, ...] = (
         "broadcast, multicast or unspecified address, stay refused",
     ),
     Option(
+        key="udp_rate",
+        flags=("--udp-rate",),
+        metavar="N[/s]",
+        parse=parse_rate,
+        default_text=f"{DEFAULT_UDP_RATE:g}/s for chargen and daytime, 0 for echo and discard",
+        worker_classes=("event", "asyncio"),
+        help="UDP replies per second to one source prefix (see --udp-rate-prefix), 0 = no "
+        "limit; a token bucket of --udp-burst, shared by all workers; datagrams over it "
+        "get no reply and are counted",
+    ),
+    Option(
+        key="udp_burst",
+        flags=("--udp-burst",),
+        metavar="N",
+        parse=partial(parse_int, minimum=1, maximum=C_INT_MAX),
+        default=20,
+        worker_classes=("event", "asyncio"),
+        help="UDP replies one source prefix may get at once, above --udp-rate",
+    ),
+    Option(
+        key="udp_rate_prefix",
+        flags=("--udp-rate-prefix",),
+        metavar="V4,V6",
+        parse=parse_prefixes,
+        default=DEFAULT_RATE_PREFIX,
+        show=lambda value: f"{value[0]},{value[1]}",
+        worker_classes=("event", "asyncio"),
+        help="the IPv4 and IPv6 prefix lengths --udp-rate counts by: one bucket per /24 "
+        "and per /56 by default",
+    ),
+    Option(
+        key="udp_rate_table",
+        flags=("--udp-rate-table",),
+        metavar="N",
+        parse=parse_table_size,
+        default=16384,
+        restart_only=True,
+        worker_classes=("event", "asyncio"),
+        help="source prefixes the --udp-rate table holds (a power of two, 24 bytes each, in "
+        "memory shared by the workers); when it is full, a prefix still limited is pushed "
+        "out, counted and logged: raise it then",
+    ),
+    Option(
         key="udp_public",
         flags=("--udp-public",),
         default=False,
@@ -788,6 +878,10 @@ class Config:
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
     udp_allow_low_ports: bool = _default("udp_allow_low_ports")
+    udp_rate: float | None = _default("udp_rate")
+    udp_burst: int = _default("udp_burst")
+    udp_rate_prefix: tuple[int, int] = _default("udp_rate_prefix")
+    udp_rate_table: int = _default("udp_rate_table")
     udp_public: bool = _default("udp_public")
     pid_file: str | None = _default("pid_file")
     metrics: Address | None = _default("metrics")

@@ -72,6 +72,9 @@ def test_the_compiled_hot_loop_compiles_in_what_the_common_module_says():
         "LOOP_COUNTERS",
         "UDP_REFUSALS",
         "LOW_PORT_LIMIT",
+        "RATE_WAYS",
+        "RATE_HASH",
+        "RATE_ENTRY_SIZE",
     } <= set(facts)
     for name, value in facts.items():
         assert value == getattr(_fastio_common, name), name
@@ -168,12 +171,12 @@ def test_the_scoreboard_slot_bytes_are_pinned():
     board = scoreboard.Scoreboard(2)
     try:
         board.beat(1, 12.5)
-        board.write(1, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10)
-        values = (12.5, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10)
-        assert bytes(board.slot_view(1)) == struct.pack("<dqqqqqqqqqqq", *values)
+        board.write(1, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12)
+        values = (12.5, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12)
+        assert bytes(board.slot_view(1)) == struct.pack("<dqqqqqqqqqqqqq", *values)
         assert board.read(1) == scoreboard.WorkerStats(*values)
         assert tuple(f.name for f in fields(scoreboard.WorkerStats)) == _fastio_common.SLOT_FIELDS
-        assert _fastio_common.SLOT.format == "<dqqqqqqqqqqq" and _fastio_common.SLOT_SIZE == 96
+        assert _fastio_common.SLOT.format == "<dqqqqqqqqqqqqq" and _fastio_common.SLOT_SIZE == 112
         assert _fastio_common.LOOP_COUNTERS[4:] == (
             "idle_closed",
             "max_buffer_closed",
@@ -181,6 +184,8 @@ def test_the_scoreboard_slot_bytes_are_pinned():
             "proxy_rejected",
             "udp_refused_loop",
             "udp_refused_source",
+            "udp_refused_rate",
+            "udp_rate_evictions",
         )
         board.write(1, 4321, 3, 2, 100, 200)  # the close counters left out are zeros
         assert board.read(1) == scoreboard.WorkerStats(12.5, 4321, 3, 2, 100, 200)

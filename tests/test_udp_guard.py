@@ -16,6 +16,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -36,9 +37,11 @@ pytestmark = pytest.mark.timeout(60)
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="binding low ports and raw sockets need root")
 
-# How long a datagram that gets no answer is waited for: a reply on loopback
-# takes well under a millisecond, even on a loaded machine far less than this.
+# How long a reply is waited for once the server has taken the datagram (it
+# is sent in the same step), and how long when nothing says it has: a loaded
+# machine can pause a worker for a while.
 NO_REPLY_WAIT = 0.5
+REPLY_WAIT = 10.0
 
 
 def udp_packet(src: str, sport: int, dst: str, dport: int, payload: bytes) -> bytes:
@@ -73,8 +76,16 @@ def client_at(host: str, port: int) -> socket.socket:
     return sock
 
 
-def answered(client: socket.socket, address: tuple[str, int], payload: bytes = b"hi\n") -> bool:
-    client.sendto(payload, address)
+def answered(client: socket.socket, address: tuple[str, int], loop=None, wait=REPLY_WAIT) -> bool:
+    """Send one datagram; whether a reply came. With ``loop`` (an EventLoop),
+    once it has taken the datagram, a reply is there at once or never; without,
+    ``wait`` seconds are given (pass NO_REPLY_WAIT where none is expected)."""
+    before = loop.datagrams if loop is not None else 0
+    client.sendto(b"hi\n", address)
+    if loop is not None:
+        assert wait_until(lambda: loop.datagrams > before, REPLY_WAIT)
+        wait = NO_REPLY_WAIT
+    client.settimeout(wait)
     try:
         client.recvfrom(65536)
     except TimeoutError:
@@ -167,10 +178,14 @@ def test_a_datagram_from_a_low_port_gets_no_reply_and_is_counted(impl, loops, po
     served = loops(impl, "echo", ("127.0.0.1", 0))
     address = served.sockets[0].getsockname()
     with client_at("127.0.0.2", port) as low, client_at("127.0.0.2", 0) as high:
-        assert not answered(low, address)
+        assert not answered(low, address, served.loop)
         assert wait_until(lambda: served.loop.udp_refused_loop == 1, 5)
-        assert served.loop.udp_refused_from == {"loop": f"127.0.0.2:{port}", "source": ""}
-        assert answered(high, address)  # the control, from a high port
+        assert served.loop.udp_refused_from == {
+            "loop": f"127.0.0.2:{port}",
+            "source": "",
+            "rate": "",
+        }
+        assert answered(high, address, served.loop)  # the control, from a high port
         assert (served.loop.udp_refused_loop, served.loop.udp_refused_source) == (1, 0)
         assert served.loop.datagrams == 2  # received, both: one refused
 
@@ -179,7 +194,7 @@ def test_a_datagram_from_a_low_port_gets_no_reply_and_is_counted(impl, loops, po
 def test_allowing_low_ports_answers_them(impl, loops):
     served = loops(impl, "echo", ("127.0.0.1", 0), udp_allow_low_ports=True)
     with client_at("127.0.0.2", 7) as low:
-        assert answered(low, served.sockets[0].getsockname())
+        assert answered(low, served.sockets[0].getsockname(), served.loop)
     assert served.loop.udp_refused_loop == 0
 
 
@@ -190,7 +205,7 @@ def test_a_datagram_from_a_port_the_loop_serves_gets_no_reply(impl, loops, allow
     served = loops(impl, "echo", ("127.0.0.1", 0), udp_allow_low_ports=allow_low)
     port = served.sockets[0].getsockname()[1]
     with client_at("127.0.0.2", port) as ours:
-        assert not answered(ours, ("127.0.0.1", port))
+        assert not answered(ours, ("127.0.0.1", port), served.loop)
     assert served.loop.udp_refused_loop == 1
     assert served.loop.udp_refused_from["loop"] == f"127.0.0.2:{port}"
 
@@ -198,7 +213,7 @@ def test_a_datagram_from_a_port_the_loop_serves_gets_no_reply(impl, loops, allow
 def test_udp_loop_ports_adds_ports_of_other_services(impl, loops):
     with client_at("127.0.0.2", 0) as other:
         served = loops(impl, "echo", ("127.0.0.1", 0), udp_loop_ports=[other.getsockname()[1]])
-        assert not answered(other, served.sockets[0].getsockname())
+        assert not answered(other, served.sockets[0].getsockname(), served.loop)
     assert served.loop.udp_refused_loop == 1
     with pytest.raises(ValueError):
         impl.EventLoop([], "echo", udp_loop_ports=[70000])
@@ -274,16 +289,20 @@ def test_a_server_refuses_counts_and_logs(server_factory, worker_class):
     )
     address = udp_address(server)
     with client_at("127.0.0.2", 19) as low, client_at("127.0.0.2", 0) as high:
-        assert not answered(low, address)
+        assert not answered(low, address, wait=NO_REPLY_WAIT)
         assert answered(high, address)
         spoof(("224.0.0.5", 40000), address)
         spoof(("224.0.0.6", 40000), address)
-        assert wait_until(lambda: refused(server) == {"loop": 1, "source": 2}, 5), refused(server)
-        assert not answered(low, address)  # a second one within the second: no new log line
-        assert wait_until(lambda: refused(server) == {"loop": 2, "source": 2}, 5)
+        expected = {"loop": 1, "source": 2, "rate": 0}
+        assert wait_until(lambda: refused(server) == expected, 5), refused(server)
+        assert not answered(
+            low, address, wait=NO_REPLY_WAIT
+        )  # a second one within the second: no new log line
+        assert wait_until(lambda: refused(server) == {"loop": 2, "source": 2, "rate": 0}, 5)
     per_worker = samples_of(scrape(metrics_address(server)), "prefork_worker_udp_refused_total")
     assert sorted((labels["reason"], value) for labels, value in per_worker) == [
         ("loop", 2),
+        ("rate", 0),
         ("source", 2),
     ]
     assert wait_until(lambda: "(last from 224.0.0.6:40000)" in server.log, 5), server.log
@@ -306,7 +325,7 @@ def test_udp_allow_low_ports_answers_a_low_port(server_factory, worker_class):
         assert answered(low, udp_address(server))
         port = udp_address(server)[1]
     with client_at("127.0.0.2", port) as ours:  # one of its own ports: still refused
-        assert not answered(ours, udp_address(server))
+        assert not answered(ours, udp_address(server), wait=NO_REPLY_WAIT)
 
 
 # -- --udp-public -----------------------------------------------------------------------------
@@ -376,3 +395,213 @@ def test_a_hup_to_an_amplifier_on_a_public_address_is_refused(server_factory, tm
     with client_at("127.0.0.1", 0) as client:
         client.sendto(b"still echo\n", ("127.0.0.1", port))
         assert client.recvfrom(100)[0] == b"still echo\n"
+
+
+# -- --udp-rate ---------------------------------------------------------------------------
+
+
+class Flood:
+    sent_at = 0.0  # time.monotonic() once the last datagram of a flood was sent
+
+
+def flood(
+    client: socket.socket, address: tuple[str, int], count: int, taken: Callable[[], int]
+) -> tuple[int, float]:
+    """Send ``count`` one-byte datagrams as fast as loopback takes them, wait
+    until the server has ``taken`` them all (a count of datagrams or bytes
+    received), then take every reply; returns the replies and the seconds
+    from the first send until all were taken (the window the limit applies
+    over: every reply was decided within it)."""
+    before = taken()
+    started = time.monotonic()
+    for _ in range(count):
+        client.sendto(b"x", address)
+    Flood.sent_at = time.monotonic()
+    assert wait_until(lambda: taken() >= before + count, 30), (taken(), before, count)
+    window = time.monotonic() - started
+    client.settimeout(NO_REPLY_WAIT)  # the replies are queued by now
+    replies = 0
+    while True:
+        try:
+            client.recvfrom(65536)
+        except TimeoutError:
+            return replies, window
+        replies += 1
+
+
+@pytest.mark.parametrize("service", ["echo", "chargen", "daytime"])
+def test_a_flood_from_one_prefix_gets_at_most_rate_times_window_plus_burst(impl, loops, service):
+    served = loops(impl, service, ("127.0.0.1", 0), udp_rate=20, udp_burst=5)
+    address = served.sockets[0].getsockname()
+    with client_at("127.0.0.2", 0) as flooder, client_at("127.0.1.2", 0) as other:
+        replies, window = flood(flooder, address, 200, lambda: served.loop.datagrams)
+        assert 5 <= replies <= 20 * window + 5, (replies, window)
+        assert wait_until(lambda: served.loop.udp_refused_rate == 200 - replies, 5)
+        assert answered(other, address, served.loop)  # another /24 has its own bucket
+    assert served.loop.udp_refused_from["rate"].startswith("127.0.0.2:")
+    assert served.loop.udp_rate_evictions == 0
+
+
+def test_the_prefix_length_decides_who_shares_a_bucket(impl, loops):
+    served = loops(impl, "echo", ("127.0.0.1", 0), udp_rate=0.1, udp_burst=1)
+    address = served.sockets[0].getsockname()
+    with client_at("127.0.0.2", 0) as one, client_at("127.0.0.3", 0) as neighbour:
+        assert answered(one, address, served.loop)
+        assert not answered(neighbour, address, served.loop)  # the same /24: the same bucket
+    exact = loops(impl, "echo", ("127.0.0.1", 0), udp_rate=0.1, udp_rate_prefix=(32, 64))
+    address = exact.sockets[0].getsockname()
+    with client_at("127.0.0.2", 0) as one, client_at("127.0.0.3", 0) as neighbour:
+        assert answered(one, address, exact.loop) and answered(neighbour, address, exact.loop)
+
+
+def test_loops_sharing_a_table_share_the_limit(impl, loops):
+    """Two loops (two workers) on one table: the prefix gets one budget."""
+    table = bytearray(_fastio_common.RATE_ENTRY_SIZE * _fastio_common.RATE_WAYS * 64)
+    options = dict(udp_rate=10, udp_burst=5, udp_rate_table=table)
+    first = loops(impl, "echo", ("127.0.0.1", 0), **options)
+    second = loops(impl, "echo", ("127.0.0.1", 0), **options)
+    with client_at("127.0.0.2", 0) as flooder:
+        started = time.monotonic()
+        got = 0
+        for loop in (first, second, first, second):
+            replies, _ = flood(
+                flooder, loop.sockets[0].getsockname(), 20, lambda loop=loop: loop.loop.datagrams
+            )
+            got += replies
+        window = time.monotonic() - started
+    assert got <= 10 * window + 5, (got, window)
+
+
+def test_the_compiled_loop_and_its_twin_read_one_table_alike(loops):
+    """The table's layout and rule are the common module's: a compiled loop
+    and a twin on one table give a prefix one budget."""
+    from prefork import _fastio_py
+
+    from support import require_compiled
+
+    table = bytearray(_fastio_common.RATE_ENTRY_SIZE * _fastio_common.RATE_WAYS * 64)
+    options = dict(udp_rate=10, udp_burst=5, udp_rate_table=table)
+    compiled = loops(require_compiled("_fastio"), "echo", ("127.0.0.1", 0), **options)
+    twin = loops(_fastio_py, "echo", ("127.0.0.1", 0), **options)
+    with client_at("127.0.0.2", 0) as flooder:
+        started = time.monotonic()
+        got = sum(
+            flood(
+                flooder, loop.sockets[0].getsockname(), 20, lambda loop=loop: loop.loop.datagrams
+            )[0]
+            for loop in (compiled, twin)
+        )
+        window = time.monotonic() - started
+    assert 5 <= got <= 10 * window + 5, (got, window)
+    assert twin.loop.udp_refused_rate + compiled.loop.udp_refused_rate == 40 - got
+
+
+def test_a_full_table_evicts_and_counts_but_keeps_limiting(impl, loops):
+    """One set of RATE_WAYS entries: a fifth prefix pushes out one still
+    limited (counted: the limit for that one starts again, never silently);
+    the prefixes still in the table stay limited."""
+    table = bytearray(_fastio_common.RATE_ENTRY_SIZE * _fastio_common.RATE_WAYS)
+    served = loops(impl, "echo", ("127.0.0.1", 0), udp_rate=0.1, udp_burst=1, udp_rate_table=table)
+    address = served.sockets[0].getsockname()
+    clients = [client_at(f"127.0.{n}.2", 0) for n in range(1, 6)]
+    try:
+        for client in clients[:4]:
+            assert answered(client, address, served.loop)  # each prefix's burst of one
+        assert served.loop.udp_rate_evictions == 0
+        assert answered(clients[4], address, served.loop)  # a fifth: room made by an eviction
+        assert served.loop.udp_rate_evictions == 1
+        assert not answered(
+            clients[4], address, served.loop
+        )  # in the table: limited, nothing evicted
+        assert served.loop.udp_rate_evictions == 1
+        # Five prefixes taking turns in four entries push each other out; every
+        # reply that a lost limit let through is an eviction counted.
+        for _ in range(2):
+            before = served.loop.udp_rate_evictions
+            answers = sum(answered(client, address, served.loop) for client in clients)
+            assert answers <= served.loop.udp_rate_evictions - before
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_rate_arguments_are_checked(impl):
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", udp_rate=-1)
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", udp_rate=1, udp_burst=0)
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", udp_rate=1, udp_rate_prefix=(33, 56))
+    with pytest.raises(ValueError):
+        impl.EventLoop([], "echo", udp_rate=1, udp_rate_table=bytearray(100))
+
+
+def server_flood(server, client: socket.socket, count: int) -> tuple[int, float]:
+    """``flood`` a server with --metrics: its bytes in count the datagrams."""
+    address = metrics_address(server)
+    return flood(
+        client,
+        udp_address(server),
+        count,
+        lambda: int(scrape(address).get("prefork_bytes_in_total", 0)),
+    )
+
+
+@pytest.mark.parametrize(
+    "handler, worker_class", [("chargen", "event"), ("daytime", "event"), ("chargen", "asyncio")]
+)
+def test_a_server_limits_the_amplifiers_by_default(server_factory, handler, worker_class):
+    server = server_factory(
+        "-b",
+        "udp://127.0.0.1:0",
+        "--handler",
+        handler,
+        "-w",
+        "2",
+        "--metrics",
+        "127.0.0.1:0",
+        "-k",
+        worker_class,
+    )
+    server.wait_workers(2)
+    with client_at("127.0.0.2", 0) as flooder, client_at("127.0.1.2", 0) as other:
+        replies, window = server_flood(server, flooder, 150)
+        # the defaults: 10/s, a burst of 20, over both workers together
+        assert 20 <= replies <= 10 * window + 20, (replies, window)
+        assert answered(other, udp_address(server))
+        assert wait_until(lambda: refused(server).get("rate") == 150 - replies, 5), refused(server)
+    assert wait_until(lambda: "over --udp-rate" in server.log, 5), server.log
+
+
+def test_the_limit_holds_across_workers_hup_and_respawns(server_factory):
+    server = server_factory(
+        "-b",
+        "udp://127.0.0.1:0",
+        "--handler",
+        "chargen",
+        "-w",
+        "2",
+        "--udp-rate",
+        "1/s",
+        "--metrics",
+        "127.0.0.1:0",
+    )
+    workers = server.wait_workers(2)
+    with client_at("127.0.0.2", 0) as flooder:
+        replies, window = server_flood(server, flooder, 100)
+        assert 20 <= replies <= window + 20, (replies, window)
+        flooded_at = Flood.sent_at  # the bucket is empty from here on
+        server.signal(signal.SIGHUP)  # a new generation of workers: the table stays
+        assert wait_until(lambda: not set(server.workers()) & set(workers), 15), server.log
+        os.kill(server.wait_workers(2)[0], signal.SIGKILL)  # and a respawn
+        server.wait_workers(2)
+        replies, _ = server_flood(server, flooder, 100)
+        # no fresh burst of 20: only what the rate gave back since the flood
+        assert replies <= (time.monotonic() - flooded_at) + 1, replies
+
+
+def test_a_server_does_not_limit_echo_by_default(server_factory):
+    server = server_factory("-b", "udp://127.0.0.1:0", "-w", "1")
+    with client_at("127.0.0.2", 0) as client:
+        replies = sum(answered(client, udp_address(server)) for _ in range(50))
+    assert replies == 50

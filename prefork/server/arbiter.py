@@ -116,7 +116,7 @@ class Arbiter:
         self.listeners: list[Listener] = []  # shared by every worker
         self.positions: Positions | None = None  # --reuse-port: each position's own
         self.workers: dict[int, WorkerRecord] = {}  # by pid
-        self.scoreboard = Scoreboard()
+        self.scoreboard = Scoreboard(rate_entries=config.udp_rate_table)
         self.worker_age = 0
         self.generation = 0
         self.metrics: MetricsServer | None = None

@@ -54,9 +54,11 @@ _SLOT_HELP = {
     "max_buffer_closed": "Connections closed for owing a peer more than --max-buffer",
     "handler_errors": "User handler exceptions",
     "proxy_rejected": "Connections refused at the PROXY header (untrusted peer or bad header)",
-    "udp_refused": "Datagrams dropped unanswered by the UDP guard, by reason: loop (from a"
-    " port below 1024 or one this server serves UDP on), source (from a broadcast,"
-    " multicast or unspecified address)",
+    "udp_refused": "Datagrams left unanswered, by reason: loop (from a port below 1024 or"
+    " one this server serves UDP on), source (from a broadcast, multicast or unspecified"
+    " address), rate (over --udp-rate for the source prefix)",
+    "udp_rate_evictions": "Source prefixes still limited pushed out of the full --udp-rate"
+    " table (raise --udp-rate-table)",
 }
 # Slot fields shown as one series with a label: field -> (series, label, value).
 _LABELED = {f"udp_refused_{reason}": ("udp_refused", "reason", reason) for reason in UDP_REFUSALS}

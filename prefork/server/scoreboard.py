@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from prefork._fastio_common import (
     HEARTBEAT,
     HEARTBEAT_OFFSET,
+    RATE_ENTRY_SIZE,
     SLOT,
     SLOT_FIELDS,
     SLOT_OFFSETS,
@@ -56,6 +57,8 @@ class WorkerStats:
     # Datagrams the UDP guard dropped unanswered (_fastio_common.UDP_REFUSALS).
     udp_refused_loop: int = 0  # from a low port, or a port of ours: a loop could start
     udp_refused_source: int = 0  # from an address no reply may go to
+    udp_refused_rate: int = 0  # over --udp-rate for its source prefix
+    udp_rate_evictions: int = 0  # a prefix still limited pushed out of the rate table
 
 
 if tuple(field.name for field in dataclasses.fields(WorkerStats)) != SLOT_FIELDS:
@@ -65,9 +68,16 @@ if SLOT_FIELDS[:2] != ("heartbeat", "pid") or _PID_OFFSET + _AFTER_HEARTBEAT.siz
 
 
 class Scoreboard:
-    def __init__(self, slots: int = MAX_SLOTS) -> None:
+    def __init__(self, slots: int = MAX_SLOTS, rate_entries: int = 0) -> None:
+        """``rate_entries``: the size of the UDP rate limit's table, which
+        lives beside the slots (``_fastio_common.RATE_ENTRY``), 0 for none."""
         self.slots = slots
         self._map = mmap.mmap(-1, slots * SLOT_SIZE)  # MAP_SHARED|MAP_ANONYMOUS
+        self._rates = mmap.mmap(-1, rate_entries * RATE_ENTRY_SIZE) if rate_entries else None
+
+    def rate_table(self) -> memoryview | None:
+        """The UDP rate limit's table, shared by every worker (None: none)."""
+        return memoryview(self._rates) if self._rates is not None else None
 
     def write(
         self,
@@ -105,3 +115,5 @@ class Scoreboard:
 
     def close(self) -> None:
         self._map.close()
+        if self._rates is not None:
+            self._rates.close()

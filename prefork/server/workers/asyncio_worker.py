@@ -51,15 +51,19 @@ from prefork._fastio_common import (
     DRAIN_MAX,
     EMFILE_PAUSE,
     SWEEP_INTERVAL,
+    check_rate_args,
     datagram_loop_ports,
     datagram_refusal,
     daytime_line,
     format_client,
+    rate_admit,
+    rate_key,
 )
 from prefork.server.handlers import CHARGEN_PATTERN
 from prefork.server.listeners import Listener
 from prefork.server.log import plural
 from prefork.server.workers.base import Worker
+from prefork.settings import udp_rate_of
 
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CANCEL_LEAD = 1.0  # at most this long before the master's KILL, cancel what is left
@@ -540,7 +544,9 @@ class AsyncioWorker(Worker):
         self.udp_loop_ports = datagram_loop_ports(
             [lst.sock.fileno() for lst in self.listeners if lst.datagram], ()
         )
-        self.udp_refused_from = {"loop": "", "source": ""}
+        self.udp_refused_from = {"loop": "", "source": "", "rate": ""}
+        self.rate_table: memoryview | None = None  # the UDP rate limit's, set in serve()
+        self.rate_interval = self.rate_tolerance = 0
         graceful = self.config.graceful_timeout
         # Cancel this long before the master's KILL, so that cancellation runs.
         self.cancel_lead = min(CANCEL_LEAD, graceful / 10)
@@ -575,12 +581,26 @@ class AsyncioWorker(Worker):
         and user DatagramProtocols alike: count and remember a sender whose
         datagram must go unanswered, and say so."""
         reason = datagram_refusal(addr, self.udp_loop_ports, self.config.udp_allow_low_ports)
+        if reason is None and self.rate_table is not None and self.handler.builtin != "discard":
+            key = rate_key(addr, *self.config.udp_rate_prefix)
+            if key is not None:
+                admitted, evicted = rate_admit(
+                    self.rate_table,
+                    key,
+                    time.monotonic_ns(),
+                    self.rate_interval,
+                    self.rate_tolerance,
+                )
+                self.udp_rate_evictions += evicted
+                reason = None if admitted else "rate"
         if reason is None:
             return False
         if reason == "loop":
             self.udp_refused_loop += 1
-        else:
+        elif reason == "source":
             self.udp_refused_source += 1
+        else:
+            self.udp_refused_rate += 1
         self.udp_refused_from[reason] = format_client(addr)
         return True
 
@@ -616,6 +636,12 @@ class AsyncioWorker(Worker):
             self.datagram_factory() if len(self.stream_listeners) < len(self.listeners) else None
         )
         if factory is not None:
+            self.rate_table, self.rate_interval, self.rate_tolerance, _, _ = check_rate_args(
+                udp_rate_of(self.config),
+                self.config.udp_burst,
+                self.config.udp_rate_prefix,
+                self.scoreboard.rate_table(),
+            )
             make = factory
             for listener in self.listeners:
                 if listener.datagram:

@@ -126,6 +126,9 @@ class Worker:
         # Datagrams the UDP guard dropped, by reason; when each was last logged.
         self.udp_refused_loop = 0
         self.udp_refused_source = 0
+        self.udp_refused_rate = 0
+        self.udp_rate_evictions = 0
+        self.evictions_logged = (0, 0.0)
         self.udp_refusals_logged = dict.fromkeys(UDP_REFUSALS, (0, 0.0))
         # --access-log, opened in the child; lines dropped so far, last reported.
         self.access_log: AccessLog | None = None
@@ -192,6 +195,8 @@ class Worker:
             self.proxy_rejected,
             self.udp_refused_loop,
             self.udp_refused_source,
+            self.udp_refused_rate,
+            self.udp_rate_evictions,
         )
 
     def init_signals(self) -> None:
@@ -256,12 +261,12 @@ class Worker:
             logged, at = self.udp_refusals_logged[reason]
             if count == logged or now - at < 1.0:
                 continue
-            why = (
-                "from a port below 1024 or one this server serves UDP on: a reply could "
-                "start a packet loop"
-                if reason == "loop"
-                else "from an address no reply may go to (broadcast, multicast, unspecified)"
-            )
+            why = {
+                "loop": "from a port below 1024 or one this server serves UDP on: a reply "
+                "could start a packet loop",
+                "source": "from an address no reply may go to (broadcast, multicast, unspecified)",
+                "rate": "over --udp-rate for their source prefix",
+            }[reason]
             self.log.warning(
                 "udp: %s refused %s (last from %s)",
                 plural(count - logged, "datagram"),
@@ -269,6 +274,14 @@ class Worker:
                 last_from.get(reason) or "-",
             )
             self.udp_refusals_logged[reason] = (count, now)
+        logged, at = self.evictions_logged
+        if self.udp_rate_evictions != logged and now - at >= 1.0:
+            self.log.warning(
+                "udp: the --udp-rate table is full: %s still limited pushed out, which "
+                "start afresh; raise --udp-rate-table",
+                f"{self.udp_rate_evictions - logged} prefix(es)",
+            )
+            self.evictions_logged = (self.udp_rate_evictions, now)
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         """Only record: the loop, woken by the wake-up pipe, sees ``stopping``

@@ -18,6 +18,7 @@ from prefork import fastio
 from prefork.server.handlers import CHARGEN_PATTERN
 from prefork.server.workers.base import Worker
 from prefork.server.workers.event_asyncio import EventWorkerLoop
+from prefork.settings import udp_rate_of
 
 # At most this long before the master's KILL, a graceful stop cancels the
 # tasks still running, so that their cancellation runs (as -k asyncio does).
@@ -51,6 +52,10 @@ class EventWorker(Worker):
             # The loop refuses datagrams from its own sockets' ports: every UDP
             # service this server runs is among them.
             udp_allow_low_ports=config.udp_allow_low_ports,
+            udp_rate=udp_rate_of(config) if datagrams else 0.0,
+            udp_burst=config.udp_burst,
+            udp_rate_prefix=config.udp_rate_prefix,
+            udp_rate_table=self.scoreboard.rate_table() if datagrams else None,
         )
         self.booted = True
         if self.stopping:  # TERM arrived while booting
@@ -115,6 +120,8 @@ class EventWorker(Worker):
         self.proxy_rejected = self.loop.proxy_rejected
         self.udp_refused_loop = self.loop.udp_refused_loop
         self.udp_refused_source = self.loop.udp_refused_source
+        self.udp_refused_rate = self.loop.udp_refused_rate
+        self.udp_rate_evictions = self.loop.udp_rate_evictions
         self.publish()
 
     def recycle_listeners(self) -> None:
