@@ -58,7 +58,8 @@ def test_killed_worker_is_reaped_and_replaced(serve):
     after = server.wait_workers(2)
     assert victim not in after
     assert victim not in [int(p) for p in os.listdir("/proc") if p.isdigit()], "zombie left"
-    assert "killed by SIGKILL" in server.log
+    # The log reaches us through a pipe and a reader thread: wait for the line.
+    assert wait_until(lambda: "killed by SIGKILL" in server.log, 10), server.log
     with server.connect() as sock:
         assert exchange(sock, b"still serving") == b"still serving"
 

@@ -86,6 +86,14 @@ CLI_CASES = [
     (["--forwarded-allow-ips", "10.0.0.0/33"], ["--forwarded-allow-ips", "10.0.0.0/33"]),
     (["--forwarded-allow-ips", ""], ["--forwarded-allow-ips", "''"]),
     (["-b", "proxy:udp://127.0.0.1:0"], ["-b/--bind", "stream listeners"]),
+    (["--loop", "fast"], ["--loop", "'fast'"]),
+    (["--access-log", ""], ["--access-log", "''"]),
+    (["--udp-rate", "x"], ["--udp-rate", "'x'"]),
+    (["--udp-burst", "-1"], ["--udp-burst", "'-1'"]),
+    (["--udp-rate-prefix", "99"], ["--udp-rate-prefix", "'99'"]),
+    (["--udp-rate-table", "0"], ["--udp-rate-table", "'0'"]),
+    (["--udp-allow-low-ports=yes"], ["--udp-allow-low-ports", "'yes'"]),
+    (["--udp-public=yes"], ["--udp-public", "'yes'"]),
 ]
 
 
@@ -164,6 +172,14 @@ FILE_CASES = {
     "umask": ('umask = "abc"', "umask"),
     "proxy-protocol": ('proxy_protocol = "yes"', "proxy-protocol"),
     "forwarded-allow-ips": ("forwarded_allow_ips = [1]", "forwarded-allow-ips"),
+    "loop": ('loop = "fast"', "loop"),
+    "access-log": ("access_log = [1]", "access-log"),
+    "udp-rate": ('udp_rate = "x"', "udp-rate"),
+    "udp-burst": ("udp_burst = 0", "udp-burst"),
+    "udp-rate-prefix": ('udp_rate_prefix = "99"', "udp-rate-prefix"),
+    "udp-rate-table": ("udp_rate_table = 1", "udp-rate-table"),
+    "udp-allow-low-ports": ('udp_allow_low_ports = "yes"', "udp-allow-low-ports"),
+    "udp-public": ("udp_public = 1", "udp-public"),
 }
 
 
