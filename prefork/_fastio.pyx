@@ -22,6 +22,7 @@ loop takes the GIL, runs ``PyErr_CheckSignals`` (which raises if a handler
 raised) and otherwise retries, exactly as PEP 475 does for ``socket``.
 """
 
+import asyncio
 import logging
 import os
 import socket
@@ -40,8 +41,9 @@ from prefork import _fastio_common as common
 from prefork import proxy
 from prefork._fastio_common import (
     ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
-    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, byte_view, check_loop_args,
-    check_rate_args, datagram_loop_ports, fileno_of, format_client, peer_name, peer_of_fd, proxy_fds, stats_view,
+    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, WRITE_HIGH_WATER, WRITE_LOW_WATER,
+    byte_view, check_loop_args, check_rate_args, datagram_loop_ports, fileno_of, format_client,
+    peer_name, peer_of_fd, proxy_fds, stats_view, write_buffer_limits,
 )
 
 _log = logging.getLogger("prefork")
@@ -368,6 +370,11 @@ cdef struct Conn:
     PyObject *header  # owned bytearray while a PROXY header is read, else NULL
     PyObject *peer  # owned: the client's address from a PROXY header, or NULL
     bint peer_eof  # the peer's end of file came (how it ended, for the log)
+    bint read_paused  # Transport.pause_reading()
+    bint write_paused  # the protocol was told pause_writing()
+    bint shut_when_flushed  # Transport.write_eof() while owing
+    bint buffered  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
+    size_t low_water  # owed bytes at which a paused protocol resumes writing
     Access *access  # NULL without an access log
     Conn *prev
     Conn *next
@@ -389,23 +396,101 @@ cdef class Transport:
     cdef EventLoop _loop  # None once the connection is closed
     cdef Conn *_conn
     cdef dict _extra
+    cdef size_t _high
+    cdef bint _eof_written
+    cdef object _sock  # get_extra_info("socket"), made on demand, detached at the close
 
     def write(self, data):
         cdef const unsigned char[::1] view
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
         if self._loop is None or self._conn.eof:
             return
         view = memoryview(data).cast("B")
         if view.shape[0] > 0:
             self._loop._write(self._conn, &view[0], <size_t>view.shape[0])
+            if (self._loop is not None and not self._conn.write_paused
+                    and _owed(self._conn) > self._high):
+                self._pause_writing()
+
+    cdef _pause_writing(self):
+        self._conn.write_paused = True
+        self._loop._flow_control(self._conn, "pause_writing")
+
+    def writelines(self, list_of_data):
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self):
+        if self._loop is None or self._conn.eof or self._eof_written:
+            return
+        self._eof_written = True
+        if _owed(self._conn) > 0:
+            self._conn.shut_when_flushed = True
+        elif posix.shutdown(self._conn.fd, posix.SHUT_WR) < 0:
+            _raise_oserror(posix.errno)
+
+    def can_write_eof(self):
+        return True
 
     def close(self):
         if self._loop is not None:
             self._loop._close_when_flushed(self._conn)
 
+    def abort(self):
+        if self._loop is not None:
+            self._loop._close(self._conn, CLOSED_OK)
+
     def is_closing(self):
         return self._loop is None or self._conn.eof
 
+    def pause_reading(self):
+        self._set_reading(False)
+
+    def resume_reading(self):
+        self._set_reading(True)
+
+    cdef _set_reading(self, bint reading):
+        if self._loop is not None and self._conn.read_paused == reading:
+            self._conn.read_paused = not reading
+            if self._conn.registered:
+                self._loop._update(self._conn)
+
+    def is_reading(self):
+        return self._loop is not None and not self._conn.eof and not self._conn.read_paused
+
+    def set_write_buffer_limits(self, high=None, low=None):
+        high, low = write_buffer_limits(high, low)
+        self._high = high
+        if self._loop is not None:
+            self._conn.low_water = low
+            if not self._conn.write_paused and _owed(self._conn) > self._high:
+                self._pause_writing()
+
+    def get_write_buffer_limits(self):
+        low = self._conn.low_water if self._loop is not None else WRITE_LOW_WATER
+        return low, self._high
+
+    def get_write_buffer_size(self):
+        return _owed(self._conn) if self._loop is not None else 0
+
+    def get_protocol(self):
+        if self._loop is None or self._conn.protocol == NULL:
+            return None
+        return <object>self._conn.protocol
+
+    def set_protocol(self, protocol):
+        if self._loop is None:
+            return
+        Py_XDECREF(self._conn.protocol)
+        self._conn.protocol = <PyObject *>protocol
+        Py_INCREF(protocol)
+        self._conn.buffered = isinstance(protocol, asyncio.BufferedProtocol)
+
     def get_extra_info(self, name, default=None):
+        if name == "socket":
+            if self._sock is None and self._loop is not None:
+                self._sock = socket.socket(fileno=self._conn.fd)
+            return self._sock if self._sock is not None else default
         return self._extra.get(name, default)
 
 
@@ -1154,6 +1239,8 @@ cdef class EventLoop:
             sock.detach()
         (<Transport>transport)._loop = self
         (<Transport>transport)._conn = conn
+        (<Transport>transport)._high = WRITE_HIGH_WATER
+        conn.low_water = WRITE_LOW_WATER
         conn.transport = <PyObject *>transport
         Py_INCREF(transport)
         protocol = self._call(conn, self.factory, ())
@@ -1161,6 +1248,7 @@ cdef class EventLoop:
             return 0
         conn.protocol = <PyObject *>protocol
         Py_INCREF(protocol)
+        conn.buffered = isinstance(protocol, asyncio.BufferedProtocol)
         self._call(conn, protocol, (transport,), "connection_made")
         return 0
 
@@ -1188,7 +1276,7 @@ cdef class EventLoop:
         if conn.header != NULL:
             events = posix.EPOLLIN
         else:
-            if conn.reading and not owes:
+            if conn.reading and not owes and not conn.read_paused:
                 events |= posix.EPOLLIN
             if owes or (self.svc == CHARGEN and not conn.eof):
                 events |= posix.EPOLLOUT
@@ -1263,6 +1351,8 @@ cdef class EventLoop:
             with gil:
                 if conn.transport != NULL:
                     (<Transport>conn.transport)._loop = None
+                    if (<Transport>conn.transport)._sock is not None:  # the fd is closed
+                        (<Transport>conn.transport)._sock.detach()
                 Py_XDECREF(conn.transport)
                 Py_XDECREF(conn.header)
                 Py_XDECREF(conn.peer)
@@ -1453,10 +1543,43 @@ cdef class EventLoop:
             conn.access.nin += <unsigned long long>n
         if self.svc == ECHO:
             self._write(conn, self.buf, <size_t>n)
+        elif self.svc == PROTOCOL and conn.buffered:
+            with gil:
+                self._give_buffered(conn, n)
         elif self.svc == PROTOCOL:
             with gil:
                 self._call(conn, <object>conn.protocol, (self.buf[:n],), "data_received")
         return 0  # discard and chargen drop their input
+
+    cdef int _flow_control(self, Conn *conn, str method) except -1:
+        """pause_writing() or resume_writing(), if the protocol has them (see the spec)."""
+        callback = getattr(<object>conn.protocol, method, None)
+        if callback is not None:
+            self._call(conn, callback, ())
+        return 0
+
+    cdef int _give_buffered(self, Conn *conn, ssize_t n) except -1:
+        """An asyncio.BufferedProtocol: copy the ``n`` bytes read into the
+        buffers it hands out, no bytes object per read (see the spec)."""
+        cdef ssize_t given = 0
+        while given < n and not conn.closed:
+            taken = self._call(conn, self._fill, (<object>conn.protocol, given, n - given))
+            if taken is None:  # it raised: the connection is closed
+                return 0
+            given += <ssize_t>taken
+        return 0
+
+    def _fill(self, protocol, Py_ssize_t start, Py_ssize_t count):
+        """One get_buffer(count), filled from the read buffer at ``start``
+        as far as it holds, then buffer_updated(taken); returns taken."""
+        cdef unsigned char[::1] view = memoryview(protocol.get_buffer(count)).cast("B")
+        cdef Py_ssize_t taken
+        if view.shape[0] == 0:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        taken = min(view.shape[0], count)
+        memcpy(&view[0], self.buf + start, <size_t>taken)
+        protocol.buffer_updated(taken)
+        return taken
 
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:
         cdef bint keep_open = False
@@ -1482,10 +1605,20 @@ cdef class EventLoop:
         if conn.access != NULL:
             conn.access.nout += <unsigned long long>sent
         conn.sent += <size_t>sent
+        if conn.write_paused and _owed(conn) <= conn.low_water:
+            conn.write_paused = False
+            with gil:
+                self._flow_control(conn, "resume_writing")
+            if conn.closed:
+                return 0
         if _owed(conn) == 0:
             conn.sent = conn.pending_len = 0
             if conn.eof:
                 self._close(conn, CLOSED_OK)
+            elif conn.shut_when_flushed:
+                conn.shut_when_flushed = False
+                if posix.shutdown(conn.fd, posix.SHUT_WR) < 0:
+                    return posix.errno
         return 0
 
     cdef int _generate(self, Conn *conn, double now) except -1 nogil:

@@ -39,9 +39,28 @@ SWEEP_INTERVAL = 1.0  # seconds between idle sweeps (shorter for short timeouts)
 DATAGRAM_BATCH = 16  # datagrams served per wake-up of one datagram socket
 DATAGRAM_SIZE = 65536  # receive buffer per datagram: larger than any UDP payload
 CHARGEN_DATAGRAM_MAX = 512  # RFC 864: a UDP reply holds 0 to 512 characters
+# A protocol's transport asks it to pause_writing() when it owes more than
+# the high-water mark and to resume_writing() at the low one: asyncio's
+# defaults, changed by set_write_buffer_limits(). --max-buffer stays the hard
+# ceiling for a protocol that does not pause.
+WRITE_HIGH_WATER = 64 * 1024
+WRITE_LOW_WATER = WRITE_HIGH_WATER // 4
 # RFC 867 leaves the format free; this is its suggested one, in UTC. ASCII, so
 # C's strftime (the compiled loop) and time.strftime give the same bytes.
 DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"
+
+
+def write_buffer_limits(high: int | None = None, low: int | None = None) -> tuple[int, int]:
+    """``Transport.set_write_buffer_limits``' arguments as asyncio reads them:
+    (high, low); a missing one follows from the other (high = 4 x low,
+    low = high / 4). Raises ValueError unless high >= low >= 0."""
+    if high is None:
+        high = WRITE_HIGH_WATER if low is None else 4 * low
+    if low is None:
+        low = high // 4
+    if not high >= low >= 0:
+        raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+    return high, low
 
 
 def daytime_line(now: float | None = None) -> bytes:

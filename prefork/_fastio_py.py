@@ -63,6 +63,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import random
@@ -95,6 +96,8 @@ from prefork._fastio_common import (
     MAX_EVENTS,
     READ_SIZE,
     SWEEP_INTERVAL,
+    WRITE_HIGH_WATER,
+    WRITE_LOW_WATER,
     access_line,
     byte_view,
     check_loop_args,
@@ -109,6 +112,7 @@ from prefork._fastio_common import (
     rate_admit,
     rate_key,
     stats_view,
+    write_buffer_limits,
 )
 
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
@@ -272,6 +276,10 @@ class _Conn:
         "nin",
         "nout",
         "client",
+        "read_paused",
+        "write_paused",
+        "shut_when_flushed",
+        "buffered",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -293,37 +301,119 @@ class _Conn:
         self.started = now
         self.nin = self.nout = 0
         self.client = ""
+        self.read_paused = False  # Transport.pause_reading()
+        self.write_paused = False  # the protocol was told pause_writing()
+        self.shut_when_flushed = False  # Transport.write_eof() while owing
+        self.buffered = False  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
 
 
 class Transport:
-    """What a protocol gets in ``connection_made``: asyncio's transport, in short.
+    """What a protocol gets in ``connection_made``: asyncio's stream transport.
 
     ``write`` sends at once what the kernel takes and keeps the rest (the
     connection is not read meanwhile); writing nothing does nothing (no
-    send, and no activity for the idle timeout), as in asyncio. ``close``
-    closes after flushing.
+    send, and no activity for the idle timeout), as in asyncio. Flow control
+    is asyncio's: past the high-water mark of what is owed the protocol is
+    told ``pause_writing()``, at the low one ``resume_writing()``; a protocol
+    that does not stop writing is cut off at --max-buffer. ``close`` closes
+    after flushing, ``abort`` at once (what is owed is dropped), ``write_eof``
+    shuts the sending side once what is owed has gone. ``pause_reading``
+    stops reading until ``resume_reading``.
     """
 
     def __init__(self, loop: EventLoop, conn: _Conn) -> None:
         self._loop: EventLoop | None = loop
         self._conn: _Conn | None = conn
+        self._high = WRITE_HIGH_WATER
+        self._low = WRITE_LOW_WATER
+        self._eof_written = False
         peer = peer_name(conn.sock)
-        self._extra = {"peername": peer, "sockname": conn.sock.getsockname()}
+        self._extra = {
+            "peername": peer,
+            "sockname": conn.sock.getsockname(),
+            "socket": conn.sock,
+        }
         if conn.peer is not None:  # behind a PROXY protocol balancer
             self._extra.update(peername=conn.peer, proxy_peername=peer)
 
     def write(self, data: Any) -> None:
-        if self._loop is not None and self._conn is not None and not self._conn.eof:
+        if self._eof_written:
+            raise RuntimeError("Cannot call write() after write_eof()")
+        conn, loop = self._conn, self._loop
+        if loop is not None and conn is not None and not conn.eof:
             view = memoryview(data).cast("B")
             if view:
-                self._loop._write(self._conn, view)
+                loop._write(conn, view)
+                if not conn.write_paused and len(conn.pending) > self._high:
+                    if conn.fd in loop._conns:
+                        conn.write_paused = True
+                        loop._flow_control(conn, "pause_writing")
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def write_eof(self) -> None:
+        conn = self._conn
+        if conn is None or conn.eof or self._eof_written:
+            return
+        self._eof_written = True
+        if conn.pending:
+            conn.shut_when_flushed = True
+        else:
+            conn.sock.shutdown(socket.SHUT_WR)
+
+    def can_write_eof(self) -> bool:
+        return True
 
     def close(self) -> None:
         if self._loop is not None and self._conn is not None:
             self._loop._close_when_flushed(self._conn)
 
+    def abort(self) -> None:
+        """Close now, dropping what is owed; the protocol's connection_lost(None)."""
+        if self._loop is not None and self._conn is not None:
+            self._loop._close(self._conn)
+
     def is_closing(self) -> bool:
         return self._conn is None or self._conn.eof
+
+    def pause_reading(self) -> None:
+        self._set_reading(False)
+
+    def resume_reading(self) -> None:
+        self._set_reading(True)
+
+    def _set_reading(self, reading: bool) -> None:
+        conn, loop = self._conn, self._loop
+        if conn is not None and loop is not None and conn.read_paused == reading:
+            conn.read_paused = not reading
+            if conn.registered:
+                loop._update(conn)
+
+    def is_reading(self) -> bool:
+        return self._conn is not None and not self._conn.eof and not self._conn.read_paused
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._high, self._low = write_buffer_limits(high, low)
+        conn, loop = self._conn, self._loop
+        if conn is not None and loop is not None and not conn.write_paused:
+            if len(conn.pending) > self._high:
+                conn.write_paused = True
+                loop._flow_control(conn, "pause_writing")
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low, self._high
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._conn.pending) if self._conn is not None else 0
+
+    def get_protocol(self) -> Any:
+        return self._conn.protocol if self._conn is not None else None
+
+    def set_protocol(self, protocol: Any) -> None:
+        if self._conn is not None:
+            self._conn.protocol = protocol
+            self._conn.buffered = isinstance(protocol, asyncio.BufferedProtocol)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._extra.get(name, default)
@@ -827,6 +917,7 @@ class EventLoop:
             conn.transport = Transport(self, conn)
             conn.protocol = self._call(conn, self._factory)
             if conn.protocol is not None:
+                conn.buffered = isinstance(conn.protocol, asyncio.BufferedProtocol)
                 self._call(conn, conn.protocol, conn.transport, method="connection_made")
         if conn.fd in self._conns:
             self._update(conn)
@@ -836,7 +927,7 @@ class EventLoop:
         events = 0
         if conn.header is not None:
             events = _EPOLLIN
-        elif conn.reading and not conn.pending:
+        elif conn.reading and not conn.pending and not conn.read_paused:
             events |= _EPOLLIN
         if conn.pending or (self.service == "chargen" and not conn.eof):
             events |= _EPOLLOUT
@@ -964,9 +1055,40 @@ class EventLoop:
         conn.nin += n
         if self.service == "echo":
             self._write(conn, self._buffer[:n])
+        elif self.service == "protocol" and conn.buffered:
+            self._give_buffered(conn, n)
         elif self.service == "protocol":
             self._call(conn, conn.protocol, bytes(self._buffer[:n]), method="data_received")
         # discard and chargen drop their input
+
+    def _flow_control(self, conn: _Conn, method: str) -> None:
+        """Tell the protocol ``pause_writing()`` or ``resume_writing()``, if it
+        has them: a protocol without (not an asyncio.Protocol subclass) has
+        opted out, and only --max-buffer bounds what it may owe."""
+        callback = getattr(conn.protocol, method, None)
+        if callback is not None:
+            self._call(conn, callback)
+
+    def _give_buffered(self, conn: _Conn, n: int) -> None:
+        """An asyncio.BufferedProtocol: copy the ``n`` bytes read into the
+        buffers it hands out, no bytes object per read (``_fill``)."""
+        given = 0
+        while given < n and conn.fd in self._conns:
+            taken = self._call(conn, self._fill, conn.protocol, given, n - given)
+            if taken is None:  # it raised: the connection is closed
+                return
+            given += taken
+
+    def _fill(self, protocol: Any, start: int, count: int) -> int:
+        """One get_buffer(count), filled from the read buffer at ``start``
+        as far as it holds, then buffer_updated(taken); returns taken."""
+        view = memoryview(protocol.get_buffer(count)).cast("B")
+        if not len(view):
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        taken = min(len(view), count)
+        view[:taken] = self._buffer[start : start + taken]
+        protocol.buffer_updated(taken)
+        return taken
 
     def _end_of_file(self, conn: _Conn) -> None:
         conn.reading = False
@@ -1012,8 +1134,17 @@ class EventLoop:
         self.bytes_out += sent
         conn.nout += sent
         del conn.pending[:sent]
+        if conn.write_paused and conn.transport is not None:
+            if len(conn.pending) <= conn.transport._low:
+                conn.write_paused = False
+                self._flow_control(conn, "resume_writing")
+                if conn.fd not in self._conns:
+                    return
         if not conn.pending and conn.eof:
             self._close(conn)
+        elif not conn.pending and conn.shut_when_flushed:
+            conn.shut_when_flushed = False
+            conn.sock.shutdown(socket.SHUT_WR)
 
     def _generate(self, conn: _Conn, now: float) -> None:
         assert self._pattern is not None

@@ -56,6 +56,8 @@ cdef extern from "<sys/socket.h>" nogil:
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
     int getsockopt(int fd, int level, int name, void *value, socklen_t *length)
     int setsockopt(int fd, int level, int name, const void *value, socklen_t length)
+    int shutdown(int fd, int how)
+    int SHUT_WR
     int AF_UNIX
     int AF_INET
     int AF_INET6

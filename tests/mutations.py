@@ -71,13 +71,15 @@ MUTATIONS = (
     ),
     Mutation(
         "loop-flush-not-counted",
-        "        self.bytes_out += sent\n        conn.nout += sent\n        del conn.pending[:sent]\n",
+        "        self.bytes_out += sent\n"
+        "        conn.nout += sent\n        del conn.pending[:sent]\n",
         "        conn.nout += sent\n        del conn.pending[:sent]\n",
         SHORT + "test_event_loop_echo_through_short_sends[python]",
     ),
     Mutation(
         "loop-write-not-counted",
-        "            self.bytes_out += sent\n            conn.nout += sent\n        if sent < len(data):\n",
+        "            self.bytes_out += sent\n"
+        "            conn.nout += sent\n        if sent < len(data):\n",
         "            conn.nout += sent\n        if sent < len(data):\n",
         SHORT + "test_event_loop_protocol_writes_through_short_sends[python]",
     ),

@@ -1,0 +1,294 @@
+"""The protocol transport's asyncio contract, both implementations of the loop.
+
+Flow control (pause_writing past the high-water mark, resume_writing at the
+low one, never cut off when the protocol honours it), pause_reading and
+resume_reading, write_eof, abort, writelines, BufferedProtocol, the buffer
+limits and the protocol switch. The loop runs in the test's own thread, as
+in a worker: ``drive`` turns it until what the test waits for has happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+HIGH, LOW = 64 * 1024, 16 * 1024  # asyncio's defaults
+
+
+def drive(loop, until, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not until():
+        assert time.monotonic() < deadline, "the loop never got there"
+        loop.run(0.02)
+
+
+class Served:
+    """A loop of ``impl`` serving ``factory`` on a fresh listener; a client."""
+
+    def __init__(self, impl, factory, **options) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.setblocking(False)
+        self.loop = impl.EventLoop([self.listener], "protocol", protocol_factory=factory, **options)
+        self.client = socket.socket()
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connect
+        self.client.connect(self.listener.getsockname())
+        self.client.setblocking(False)
+        drive(self.loop, lambda: self.loop.accepted == 1)
+
+    def read_all(self, until_eof: bool = True, size: int | None = None) -> bytes:
+        """Read while driving the loop, to the end of file or ``size`` bytes."""
+        data = bytearray()
+
+        def done() -> bool:
+            try:
+                chunk = self.client.recv(1 << 20)
+            except BlockingIOError:
+                return False
+            if not chunk:
+                return True
+            data.extend(chunk)
+            return size is not None and len(data) >= size
+
+        drive(self.loop, done)
+        return bytes(data)
+
+    def close(self) -> None:
+        self.client.close()
+        self.loop.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def served(impl):
+    made: list[Served] = []
+
+    def serve(factory, **options) -> Served:
+        s = Served(impl, factory, **options)
+        made.append(s)
+        return s
+
+    yield serve
+    for s in made:
+        s.close()
+
+
+class Producer(asyncio.Protocol):
+    """Writes TOTAL bytes in CHUNKs, as fast as flow control lets it."""
+
+    TOTAL = 4 << 20
+    CHUNK = 8 * 1024
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.paused = False
+        self.pauses = self.resumes = 0
+        self.most_owed = 0
+        self.lost: object = "open"
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.produce()
+
+    def produce(self) -> None:
+        while not self.paused and self.sent < self.TOTAL:
+            self.transport.write(bytes([self.sent // self.CHUNK % 251]) * self.CHUNK)
+            self.sent += self.CHUNK
+            self.most_owed = max(self.most_owed, self.transport.get_write_buffer_size())
+        if self.sent >= self.TOTAL:
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.resumes += 1
+        self.produce()
+
+    def connection_lost(self, exc) -> None:
+        self.lost = exc
+
+
+def test_a_producer_that_honours_flow_control_is_never_cut_off(served):
+    """4 MiB through a 256 KiB --max-buffer to a client that reads late: the
+    protocol is paused past the high-water mark, resumed at the low one,
+    and every byte arrives in order."""
+    protocols: list[Producer] = []
+    s = served(lambda: protocols.append(Producer()) or protocols[-1], max_buffer=256 * 1024)
+    (p,) = protocols
+    assert p.paused and p.pauses == 1  # stopped at the mark, not at the ceiling
+    assert HIGH < p.transport.get_write_buffer_size() <= HIGH + Producer.CHUNK
+    data = s.read_all()
+    expected = b"".join(bytes([i % 251]) * Producer.CHUNK for i in range(p.TOTAL // p.CHUNK))
+    assert data == expected
+    assert p.lost is None and p.resumes >= 1
+    assert p.most_owed <= HIGH + Producer.CHUNK
+
+
+def test_set_write_buffer_limits_moves_the_marks(served):
+    protocols: list[Producer] = []
+
+    class Early(Producer):
+        def connection_made(self, transport) -> None:
+            transport.set_write_buffer_limits(high=16 * 1024)
+            assert transport.get_write_buffer_limits() == (4 * 1024, 16 * 1024)
+            super().connection_made(transport)
+
+    s = served(lambda: protocols.append(Early()) or protocols[-1])
+    (p,) = protocols
+    assert p.paused and p.transport.get_write_buffer_size() <= 16 * 1024 + Producer.CHUNK
+    with pytest.raises(ValueError):
+        p.transport.set_write_buffer_limits(high=1, low=2)
+    assert len(s.read_all()) == p.TOTAL
+
+
+def test_the_default_limits_are_asyncios(served):
+    seen = []
+
+    class Look(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            seen.append(transport.get_write_buffer_limits())
+            seen.append(transport.get_write_buffer_size())
+            seen.append(transport.can_write_eof())
+            sock = transport.get_extra_info("socket")
+            seen.append(sock.getsockname() == transport.get_extra_info("sockname"))
+
+    served(Look)
+    assert seen == [(LOW, HIGH), 0, True, True]
+
+
+def test_pause_reading_stops_data_until_resume(served):
+    received: list[bytes] = []
+    protocols: list[asyncio.Protocol] = []
+
+    class Pauser(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+            self.transport.pause_reading()
+
+    s = served(lambda: protocols.append(Pauser()) or protocols[-1])
+    s.client.sendall(b"first")
+    drive(s.loop, lambda: received == [b"first"])
+    transport = protocols[0].transport  # type: ignore[attr-defined]
+    assert not transport.is_reading()
+    s.client.sendall(b"second")
+    for _ in range(10):
+        s.loop.run(0.02)
+    assert received == [b"first"]  # paused: not read
+    transport.resume_reading()
+    assert transport.is_reading()
+    drive(s.loop, lambda: len(received) == 2)
+    assert received[1] == b"second"
+
+
+def test_write_eof_half_closes_and_the_connection_still_reads(served):
+    received: list[bytes] = []
+    errors: list[str] = []
+
+    class Bye(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            transport.writelines([b"b", b"y", b"e"])
+            transport.write_eof()
+            try:
+                transport.write(b"more")
+            except RuntimeError as exc:
+                errors.append(str(exc))
+
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+
+    s = served(Bye)
+    assert s.read_all() == b"bye"  # then the end of file: the sending side shut
+    s.client.sendall(b"still listening")
+    drive(s.loop, lambda: received == [b"still listening"])
+    assert errors == ["Cannot call write() after write_eof()"]
+
+
+def test_abort_drops_what_is_owed_and_tells_the_protocol(served):
+    SIZE = 16 << 20
+    lost: list[object] = []
+    owed: list[int] = []
+
+    class Quitter(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            # More than the kernel's buffers take (tcp_wmem's ceiling is 4 MiB
+            # here), while the client reads nothing yet: the rest is owed.
+            transport.write(b"x" * SIZE)
+            owed.append(transport.get_write_buffer_size())
+            transport.abort()
+
+        def connection_lost(self, exc) -> None:
+            lost.append(exc)
+
+    s = served(Quitter, max_buffer=2 * SIZE)
+    assert lost == [None]
+    assert s.loop.active == 0
+    assert owed[0] > 0
+    # What the kernel had taken arrives; what was owed never does.
+    assert s.read_all() == b"x" * (SIZE - owed[0])
+
+
+class BufferedEcho(asyncio.BufferedProtocol):
+    """Hands out 7-byte buffers: a read is copied into several of them."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(7)
+        self.updates = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.updates += 1
+        self.transport.write(bytes(self.buffer[:nbytes]))
+
+    def data_received(self, data: bytes) -> None:  # pragma: no cover - must not be called
+        raise AssertionError("a BufferedProtocol got data_received")
+
+
+def test_a_buffered_protocol_reads_into_its_own_buffers(served):
+    protocols: list[BufferedEcho] = []
+    s = served(lambda: protocols.append(BufferedEcho()) or protocols[-1])
+    payload = bytes(range(256)) * 40
+    s.client.sendall(payload)
+    assert s.read_all(size=len(payload)) == payload
+    assert protocols[0].updates >= len(payload) // 7
+
+
+def test_set_protocol_hands_the_connection_over(served):
+    received: list[tuple[str, bytes]] = []
+
+    class Second(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.append(("second", data))
+
+    class First(asyncio.Protocol):
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            received.append(("first", data))
+            second = Second()
+            self.transport.set_protocol(second)
+            assert self.transport.get_protocol() is second
+
+    s = served(First)
+    s.client.sendall(b"one")
+    drive(s.loop, lambda: len(received) == 1)
+    s.client.sendall(b"two")
+    drive(s.loop, lambda: len(received) == 2)
+    assert received == [("first", b"one"), ("second", b"two")]
