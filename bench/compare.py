@@ -122,6 +122,8 @@ def peer(script: str, *args: str) -> tuple[str, ...]:
 
 NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
 EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "4096")
+USER_ECHO = ("--handler", "asyncio_echo:Echo")
+PEERS_ON_PATH = (("PYTHONPATH", str(PEERS)),)
 SERVERS = [
     # Event-driven: one process (one core) serves every connection.
     Server("c-epoll", "event", ("{build}/epoll_echo", "{port}")),
@@ -132,6 +134,31 @@ SERVERS = [
         "event",
         prefork_argv(*EVENT_ARGS),
         NO_EXTENSIONS,
+        prefork=True,
+    ),
+    # A user's own protocol: the standalone asyncio/uvloop servers' Echo class
+    # (bench/peers/asyncio_echo.py), served by the event worker's loop and by
+    # -k asyncio on each stock loop (the process model's cost is the difference).
+    Server(
+        "prefork-event-proto",
+        "event",
+        prefork_argv(*EVENT_ARGS, *USER_ECHO),
+        PEERS_ON_PATH,
+        prefork=True,
+    ),
+    Server(
+        "prefork-asyncio",
+        "event",
+        prefork_argv("-k", "asyncio", "--loop", "asyncio", *EVENT_ARGS[2:], *USER_ECHO),
+        PEERS_ON_PATH,
+        prefork=True,
+    ),
+    Server(
+        "prefork-uvloop",
+        "event",
+        prefork_argv("-k", "asyncio", "--loop", "uvloop", *EVENT_ARGS[2:], *USER_ECHO),
+        PEERS_ON_PATH,
+        needs="uvloop",
         prefork=True,
     ),
     Server("asyncio", "event", peer("asyncio_echo.py", "asyncio", "{port}")),
@@ -672,6 +699,21 @@ def headline(results: Results) -> list[str]:
         f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', event, 'c-epoll', 'mbps')} of C epoll, "
         f"sync {ratio('bulk', sync, 'c-prefork', 'mbps')} of C prefork"
     )
+    if ("pingpong", "prefork-event-proto") in results.runs:
+        proto = "prefork-event-proto"
+        small = ratio("pingpong", proto, "uvloop", "server_cpu")
+        bulk = ratio("bulk", proto, "uvloop", "server_cpu")
+        out.append(
+            f"a user's Protocol on the event worker: CPU/msg {small} of uvloop's at "
+            f"50 x 1 KiB, {bulk} in bulk"
+        )
+    for worker, alone in (("prefork-asyncio", "asyncio"), ("prefork-uvloop", "uvloop")):
+        if ("pingpong", worker) in results.runs:
+            out.append(
+                f"-k asyncio on {alone}: CPU/msg {ratio('pingpong', worker, alone, 'server_cpu')}"
+                f" of the standalone {alone} server at 50 x 1 KiB, "
+                f"{ratio('bulk', worker, alone, 'server_cpu')} in bulk"
+            )
     if results.runs.get(("pingpong", "c-epoll")):
         runs = [r for r in results.runs[("pingpong", "c-epoll")] if r is not None]
         gen = statistics.median(r.client_cpu / r.server_cpu for r in runs) if runs else None
