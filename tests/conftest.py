@@ -8,6 +8,7 @@ port behind.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from types import ModuleType
 
@@ -18,6 +19,16 @@ from prefork import _fastio_py
 from support import Server, require_compiled, start_server
 
 RELIABILITY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reliability")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run under a shell's background job (``cmd &``), this process inherits
+    SIGINT ignored, and so would every program a test starts: Python then
+    installs no KeyboardInterrupt handler, and the tests of what Ctrl-C does
+    time out. A handled signal is reset to the default on exec, so handling
+    SIGINT here gives the children the default a terminal gives them."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -75,7 +75,8 @@ class EventWorker(Worker):
                         self.drain_wakeup()
                 aio.run_once()
                 now = time.monotonic()
-                if now < next_look and self.alive and not self.stopping:
+                serving = self.loop.accepting or self.loop.active
+                if now < next_look and self.alive and not self.stopping and serving:
                     continue  # returned for callbacks: nothing else to look at
                 next_look = now + self.tick
                 if self.stopping:  # TERM: the loop's next turn takes the queue
