@@ -111,6 +111,23 @@ def test_a_graceful_stop_waits_for_a_task_then_cancels_it(server_factory, tmp_pa
     sock.close()
 
 
+def test_a_timer_alone_does_not_keep_a_stopping_worker(server_factory):
+    """A periodic call_later that belongs to no task or connection: a
+    graceful stop with no connection left ends the worker (the timer is
+    dropped, as asyncio.run drops its handles), long before the master's
+    KILL at --graceful-timeout."""
+    server = server_factory(
+        "-w", "1", "-k", "event", "--graceful-timeout", "30", "--handler", HANDLER,
+        env=handler_env(TESTS_DIR),
+    )  # fmt: skip
+    assert ask(server, "forever") == ["ok"]
+    started = time.monotonic()
+    server.signal(15)
+    assert server.wait(25) == 0
+    assert time.monotonic() - started < 25
+    assert "killing" not in server.log
+
+
 def test_return_soon_ends_a_run_without_waiting(impl):
     """EventLoop.return_soon(), both implementations: called by a protocol
     inside run(), run() returns once it has served the events in hand; called

@@ -96,5 +96,13 @@ class Commands(asyncio.Protocol):
         self.loop.call_soon(lambda: 1 / 0)
         self.loop.call_soon(lambda: self.reply("after"))
 
+    # a timer that re-arms itself for ever, tied to no connection or task
+    def do_forever(self, arg):
+        def tick():
+            self.loop.call_later(0.05, tick)
+
+        tick()
+        self.reply("ok")
+
     def do_pid(self, arg):
         self.reply(str(os.getpid()))

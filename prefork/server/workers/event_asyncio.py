@@ -122,10 +122,10 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         return longest
 
     def busy(self) -> bool:
-        """Callbacks, timers or unfinished tasks remain."""
-        return bool(self._ready or self._timers) or any(
-            not task.done() for task in asyncio.all_tasks(self)
-        )
+        """Callbacks or unfinished tasks remain: what keeps a worker that has
+        no connection left. A bare timer does not (a periodic call_later
+        would keep it until the KILL); a task sleeping on one does."""
+        return bool(self._ready) or any(not task.done() for task in asyncio.all_tasks(self))
 
     def run_once(self) -> None:
         """Run the timers that are due, then the callbacks ready now (not

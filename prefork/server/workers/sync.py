@@ -283,9 +283,12 @@ class SyncWorker(Worker):
                 counts = kernel_byte_counts(conn)
                 if counts is not None:  # the PROXY header is not the handler's
                     nin, nout = max(0, counts[0] - header_length), counts[1]
-            os.close(conn)
+            # The line goes out before the close: a client that saw its end
+            # and connected again finds the lines in the order it saw them
+            # (threads of a ThreadWorker would otherwise race to write).
             if self.access_log is not None:
                 self.log_access(client or peer, started, nin, nout, end)
+            os.close(conn)
             if self.beats_per_connection:
                 self.notify()
             with self.stats_lock:  # threads of a ThreadWorker share the counters
