@@ -262,22 +262,20 @@ class Connection:
             return None
 
     def pause_writing(self) -> None:
-        self.backed_up = True
-        self.apply_reading()
-        method = getattr(self.inner, "pause_writing", None)
-        if method is not None:
-            try:
-                method()
-            except Exception as exc:
-                self.fail(exc)
+        self.set_backed_up(True, "pause_writing")
 
     def resume_writing(self) -> None:
-        self.backed_up = False
+        self.set_backed_up(False, "resume_writing")
+
+    def set_backed_up(self, backed_up: bool, method: str) -> None:
+        """Follow the transport's flow control, then pass it on to the inner
+        protocol if it has ``method``."""
+        self.backed_up = backed_up
         self.apply_reading()
-        method = getattr(self.inner, "resume_writing", None)
-        if method is not None:
+        callback = getattr(self.inner, method, None)
+        if callback is not None:
             try:
-                method()
+                callback()
             except Exception as exc:
                 self.fail(exc)
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from types import FrameType
 
-from prefork._fastio_common import UDP_REFUSALS, access_line, format_client
+from prefork._fastio_common import LOOP_COUNTERS, UDP_REFUSALS, access_line, format_client
 from prefork.proxy import TrustedPeers
 from prefork.server.access_log import AccessLog
 from prefork.server.handlers import LoadedHandler
@@ -182,22 +182,8 @@ class Worker:
 
     def publish(self) -> None:
         """Write this worker's counters where the master can read them."""
-        self.scoreboard.write(
-            self.slot,
-            os.getpid(),
-            self.accepted,
-            self.active,
-            self.bytes_in,
-            self.bytes_out,
-            self.idle_closed,
-            self.max_buffer_closed,
-            self.handler_errors,
-            self.proxy_rejected,
-            self.udp_refused_loop,
-            self.udp_refused_source,
-            self.udp_refused_rate,
-            self.udp_rate_evictions,
-        )
+        counters = (getattr(self, name) for name in LOOP_COUNTERS)  # the slot's order
+        self.scoreboard.write(self.slot, os.getpid(), *counters)
 
     def init_signals(self) -> None:
         for sig in _IGNORED:

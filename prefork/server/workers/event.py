@@ -15,6 +15,7 @@ import select
 import time
 
 from prefork import fastio
+from prefork._fastio_common import LOOP_COUNTERS
 from prefork.server.handlers import CHARGEN_PATTERN
 from prefork.server.workers.base import Worker
 from prefork.server.workers.event_asyncio import EventWorkerLoop
@@ -111,18 +112,8 @@ class EventWorker(Worker):
     def collect_stats(self) -> None:
         """Copy the loop's counters out and publish them (once a tick)."""
         assert self.loop is not None
-        self.accepted = self.loop.accepted
-        self.active = self.loop.active
-        self.bytes_in = self.loop.bytes_in
-        self.bytes_out = self.loop.bytes_out
-        self.idle_closed = self.loop.idle_closed
-        self.max_buffer_closed = self.loop.max_buffer_closed
-        self.handler_errors = self.loop.handler_errors
-        self.proxy_rejected = self.loop.proxy_rejected
-        self.udp_refused_loop = self.loop.udp_refused_loop
-        self.udp_refused_source = self.loop.udp_refused_source
-        self.udp_refused_rate = self.loop.udp_refused_rate
-        self.udp_rate_evictions = self.loop.udp_rate_evictions
+        for name in LOOP_COUNTERS:  # the loops keep the slot's counters under its names
+            setattr(self, name, getattr(self.loop, name))
         self.publish()
 
     def recycle_listeners(self) -> None:
