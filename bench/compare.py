@@ -195,9 +195,20 @@ def build(name: str) -> Path:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: every probe stays bound until all are
+    picked (one released before the next is probed can come back again)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def tree(pid: int) -> list[int]:
@@ -322,7 +333,7 @@ class Running:
     """A server process group on a fresh port, pinned to the server core; killed on exit."""
 
     def __init__(self, server: Server, workers: int, pinning: Pinning) -> None:
-        self.port, self.metrics = free_port(), free_port()
+        self.port, self.metrics = free_ports(2)
         # Its stderr goes to a file: a pipe read only at the end would fill up
         # and stall a server that logs under load.
         self.stderr = tempfile.TemporaryFile()
