@@ -42,7 +42,8 @@ from prefork import proxy
 from prefork._fastio_common import (
     ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
     EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, WRITE_HIGH_WATER, WRITE_LOW_WATER,
-    byte_view, check_loop_args, check_rate_args, datagram_loop_ports, fileno_of, format_client,
+    byte_view, check_client_args, check_loop_args, check_rate_args, client_address, client_key,
+    datagram_loop_ports, fileno_of, format_client,
     peer_name, peer_of_fd, proxy_fds, stats_view, write_buffer_limits,
 )
 
@@ -231,12 +232,14 @@ cdef enum:
     DATAGRAM_BATCH = 16
     DATAGRAM_SIZE = 65536
     CHARGEN_DATAGRAM_MAX = 512
-    SLOT_SIZE = 112
+    SLOT_SIZE = 136
     HEARTBEAT_OFFSET = 0  # a double
     COUNTERS_OFFSET = 16  # N_COUNTERS int64s, in the order of LOOP_COUNTERS
-    N_COUNTERS = 12
+    N_COUNTERS = 15
     LOW_PORT_LIMIT = 1024
     RATE_WAYS = 4
+    CLIENT_WAYS = 4
+    CLIENT_HEADER_SIZE = 64
     ACCESS_LOG_BUFFER = 65536
     ACCESS_PIPE_WRITE = 4096
     CLIENT_MAX = 64  # "[" IPv6 "]:" port, and a NUL
@@ -244,8 +247,8 @@ cdef enum:
 # How a connection ended, for the access log: in the order of
 # prefork._fastio_common.END_REASONS (_end_name gives each its name).
 cdef enum End:
-    END_EOF, END_RESET, END_IDLE, END_MAX_BUFFER, END_PROXY, END_HANDLER, END_SHUTDOWN,
-    END_CLOSED, N_ENDS
+    END_EOF, END_RESET, END_IDLE, END_MAX_BUFFER, END_PROXY, END_LIMIT, END_HANDLER,
+    END_SHUTDOWN, END_CLOSED, N_ENDS
 
 
 cdef const char *_end_name(int end) noexcept nogil:
@@ -259,6 +262,8 @@ cdef const char *_end_name(int end) noexcept nogil:
         return "max-buffer"
     if end == END_PROXY:
         return "proxy-rejected"
+    if end == END_LIMIT:
+        return "limit-refused"
     if end == END_HANDLER:
         return "handler-error"
     if end == END_SHUTDOWN:
@@ -269,6 +274,11 @@ cdef const char *_end_name(int end) noexcept nogil:
 # prefork._fastio_common.UDP_REFUSALS (ANSWER: it did not).
 cdef enum Refusal:
     REFUSED_LOOP, REFUSED_SOURCE, REFUSED_RATE, N_REFUSALS, ANSWER
+
+# Why the per-client limits refused a connection: in the order of
+# prefork._fastio_common.LIMIT_REFUSALS (ADMITTED: they did not).
+cdef enum LimitRefusal:
+    LIMIT_CONNS, LIMIT_RATE, N_LIMITS, ADMITTED
 
 # In the order of prefork._fastio_common.SERVICES.
 cdef enum Service:
@@ -292,7 +302,11 @@ COMPILED_FACTS = {
         "accepted", "active", "bytes_in", "bytes_out",
         "idle_closed", "max_buffer_closed", "handler_errors", "proxy_rejected",
         "udp_refused_loop", "udp_refused_source", "udp_refused_rate", "udp_rate_evictions",
+        "limit_refused_conns", "limit_refused_rate", "limit_evictions",
     ),
+    "LIMIT_REFUSALS": common.enum_order({"conns": LIMIT_CONNS, "rate": LIMIT_RATE}),
+    "CLIENT_WAYS": CLIENT_WAYS,
+    "CLIENT_HEADER_SIZE": CLIENT_HEADER_SIZE,
     "UDP_REFUSALS": common.enum_order({
         "loop": REFUSED_LOOP, "source": REFUSED_SOURCE, "rate": REFUSED_RATE,
     }),
@@ -335,6 +349,86 @@ cdef inline uint64_t _be(const unsigned char *p, int n) noexcept nogil:
     return value
 
 
+cdef struct RateLimit:
+    # A GCRA rate limit over a table of RateEntry (the spec's rate_admit).
+    RateEntry *table  # NULL: no limit
+    uint64_t sets  # a power of two, of RATE_WAYS entries each
+    int64_t interval, tolerance  # 1/rate and (burst - 1)/rate, ns
+
+
+cdef bint _rate_take(RateLimit *limit, uint64_t family, uint64_t prefix,
+                     bint *evicted) noexcept nogil:
+    """Whether ``prefix`` may have one more now (the spec's rate_admit);
+    ``evicted`` says whether making room pushed out a bucket still limited."""
+    cdef posix.timespec ts
+    cdef int64_t now, tat, held, victim_tat = 0
+    cdef uint64_t mixed
+    cdef RateEntry *entry
+    cdef RateEntry *found = NULL
+    cdef RateEntry *victim = NULL
+    cdef int way
+    posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
+    now = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+    mixed = ((family * RATE_HASH) ^ prefix) * RATE_HASH
+    entry = limit.table + ((mixed >> 32) & (limit.sets - 1)) * RATE_WAYS
+    evicted[0] = False
+    for way in range(RATE_WAYS):
+        if entry[way].family == family and entry[way].prefix == prefix:
+            found = &entry[way]
+            break
+        held = entry[way].tat if entry[way].family != 0 else 0  # empty: older than any
+        if victim == NULL or held < victim_tat:
+            victim, victim_tat = &entry[way], held
+    if found == NULL:
+        evicted[0] = victim.family != 0 and victim.tat > now  # a limit lost: counted
+        victim.family = 0
+        victim.prefix = prefix
+        victim.tat = now
+        victim.family = family  # the family last: the entry is whole
+        found = victim
+    tat = found.tat
+    if tat > now + limit.tolerance:
+        return False
+    found.tat = (tat if tat > now else now) + limit.interval
+    return True
+
+
+cdef struct ClientEntry:
+    # prefork._fastio_common.CLIENT_ENTRY: a client's open connections in
+    # one worker's table.
+    uint64_t high, low  # the address as IPv6 (IPv4-mapped), big-endian words
+    int64_t count  # 0: free
+
+COMPILED_FACTS["CLIENT_ENTRY_SIZE"] = sizeof(ClientEntry)
+
+
+cdef inline ClientEntry *_client_set(unsigned char *tables, int slot, int64_t entries,
+                                     uint64_t high, uint64_t low) noexcept nogil:
+    """The first entry of the set ``(high, low)`` lives in, in table ``slot``
+    (the spec's client_set)."""
+    cdef uint64_t mixed = ((high * RATE_HASH) ^ low) * RATE_HASH
+    cdef uint64_t sets = <uint64_t>(entries // CLIENT_WAYS)
+    return ((<ClientEntry *>(tables + CLIENT_HEADER_SIZE)) + slot * entries
+            + ((mixed >> 32) & (sets - 1)) * CLIENT_WAYS)
+
+
+cdef inline bint _sockaddr_key(const posix.sockaddr_storage *addr, uint64_t *high,
+                               uint64_t *low) noexcept nogil:
+    """The spec's client_key of an accepted peer; False if not IPv4 or IPv6."""
+    cdef const unsigned char *a
+    if addr.ss_family == posix.AF_INET:
+        a = <const unsigned char *>&(<const posix.sockaddr_in *>addr).sin_addr
+        high[0] = 0
+        low[0] = (<uint64_t>0xFFFF << 32) | _be(a, 4)
+        return True
+    if addr.ss_family == posix.AF_INET6:
+        a = <const unsigned char *>&(<const posix.sockaddr_in6 *>addr).sin6_addr
+        high[0] = _be(a, 8)
+        low[0] = _be(a + 8, 8)
+        return True
+    return False
+
+
 cdef struct Access:
     # What the access log says of a connection (allocated only with a log).
     double started
@@ -374,6 +468,8 @@ cdef struct Conn:
     bint write_paused  # the protocol was told pause_writing()
     bint shut_when_flushed  # Transport.write_eof() while owing
     bint buffered  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
+    bint held  # counted for --max-conns-per-ip under (key_high, key_low): release it
+    uint64_t key_high, key_low
     size_t low_water  # owed bytes at which a paused protocol resumes writing
     Access *access  # NULL without an access log
     Conn *prev
@@ -519,14 +615,22 @@ cdef class EventLoop:
     cdef readonly unsigned long long udp_refused_loop, udp_refused_source
     cdef readonly unsigned long long udp_refused_rate, udp_rate_evictions
     cdef object rate_view  # keeps the rate table alive
-    cdef RateEntry *rate_table  # NULL: no rate limit
-    cdef uint64_t rate_sets
-    cdef int64_t rate_interval, rate_tolerance
+    cdef RateLimit udp_rate  # table NULL: no UDP rate limit
     cdef uint64_t rate_mask4, rate_mask6
     cdef unsigned short *loop_ports  # the UDP guard's ports (host order)
     cdef int n_loop_ports
     cdef bint allow_low_ports
     cdef posix.sockaddr_storage refused_from[N_REFUSALS]  # the last sender refused, by reason
+    # The per-client limits (see the spec's ClientLimits).
+    cdef readonly unsigned long long limit_refused_conns, limit_refused_rate, limit_evictions
+    cdef object client_view, conn_rate_view  # keep the tables alive
+    cdef unsigned char *clients  # the client region; NULL: no --max-conns-per-ip
+    cdef int64_t conn_limit, client_entries
+    cdef int conn_slot
+    cdef RateLimit conn_rate  # table NULL: no --conn-rate-per-ip
+    cdef bint limits_on
+    cdef uint64_t limit_from[N_LIMITS][2]  # the last client refused, by reason
+    cdef bint limit_from_set[N_LIMITS]
     cdef int alog_fd  # the access log, -1 without
     cdef bint alog_socket  # written with send(MSG_DONTWAIT)
     cdef bint alog_pipe  # written ACCESS_PIPE_WRITE bytes of whole lines at most
@@ -567,7 +671,9 @@ cdef class EventLoop:
                  datagram_sockets=(), max_accepts=0, stats=None, proxy_listeners=(),
                  proxy_trusted=None, access_log=-1, udp_allow_low_ports=False,
                  udp_loop_ports=(), udp_rate=0.0, udp_burst=1,
-                 udp_rate_prefix=common.DEFAULT_RATE_PREFIX, udp_rate_table=None):
+                 udp_rate_prefix=common.DEFAULT_RATE_PREFIX, udp_rate_table=None,
+                 conn_limit=0, conn_tables=None, conn_slot=0, conn_rate=0.0, conn_burst=1,
+                 conn_rate_table=None):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef unsigned char[::1] table_bytes
@@ -578,17 +684,34 @@ cdef class EventLoop:
             raise ValueError("datagram sockets serve the built-in services only")
         rate_view, interval, tolerance, prefix4, prefix6 = check_rate_args(
             udp_rate, udp_burst, udp_rate_prefix, udp_rate_table)
+        client_view, conn_rate_view, conn_interval, conn_tolerance = check_client_args(
+            conn_limit, conn_tables, conn_slot, conn_rate, conn_burst, conn_rate_table)
         fds = [fileno_of(listener) for listener in listeners]
         dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
         if rate_view is not None:
             table_bytes = rate_view
             self.rate_view = rate_view
-            self.rate_table = <RateEntry *>&table_bytes[0]
-            self.rate_sets = <uint64_t>(len(rate_view) // (sizeof(RateEntry) * RATE_WAYS))
-            self.rate_interval = interval
-            self.rate_tolerance = tolerance
+            self.udp_rate.table = <RateEntry *>&table_bytes[0]
+            self.udp_rate.sets = <uint64_t>(len(rate_view) // (sizeof(RateEntry) * RATE_WAYS))
+            self.udp_rate.interval = interval
+            self.udp_rate.tolerance = tolerance
             self.rate_mask4 = ((1 << prefix4) - 1) << (32 - prefix4)
             self.rate_mask6 = ((1 << prefix6) - 1) << (64 - prefix6)
+        if client_view is not None:
+            table_bytes = client_view
+            self.client_view = client_view
+            self.clients = &table_bytes[0]
+            self.conn_limit = conn_limit
+            self.conn_slot = conn_slot
+            self.client_entries = common.CLIENT_HEADER.unpack_from(client_view, 0)[1]
+        if conn_rate_view is not None:
+            table_bytes = conn_rate_view
+            self.conn_rate_view = conn_rate_view
+            self.conn_rate.table = <RateEntry *>&table_bytes[0]
+            self.conn_rate.sets = <uint64_t>(len(conn_rate_view) // (sizeof(RateEntry) * RATE_WAYS))
+            self.conn_rate.interval = conn_interval
+            self.conn_rate.tolerance = conn_tolerance
+        self.limits_on = self.clients != NULL or self.conn_rate.table != NULL
         index = SERVICES.index(service)
         self.svc = <Service>index
         self.service = service
@@ -688,6 +811,17 @@ cdef class EventLoop:
                 _format_client(&self.refused_from[reason], text)
                 found[common.UDP_REFUSALS[reason]] = (<bytes>text).decode("ascii")
         return found
+
+    @property
+    def limit_refused_from(self):
+        """The last client the per-client limits refused, by reason (see the spec)."""
+        cdef int reason
+        return {
+            common.LIMIT_REFUSALS[reason]: client_address(
+                (self.limit_from[reason][0], self.limit_from[reason][1])
+            ) if self.limit_from_set[reason] else ""
+            for reason in range(<int>N_LIMITS)
+        }
 
     def drain(self):
         """Accept what is queued, then stop accepting (see the spec)."""
@@ -867,6 +1001,9 @@ cdef class EventLoop:
         counters[9] = <long long>self.udp_refused_source
         counters[10] = <long long>self.udp_refused_rate
         counters[11] = <long long>self.udp_rate_evictions
+        counters[12] = <long long>self.limit_refused_conns
+        counters[13] = <long long>self.limit_refused_rate
+        counters[14] = <long long>self.limit_evictions
         memcpy(self.stats + HEARTBEAT_OFFSET, &now, sizeof(now))
         memcpy(self.stats + COUNTERS_OFFSET, counters, sizeof(counters))
 
@@ -977,7 +1114,7 @@ cdef class EventLoop:
             self.bytes_in += length
             if self._refuse(&d.senders[i], d.received[i].msg_hdr.msg_namelen):
                 continue  # no reply: it could feed a loop or reflect
-            if (self.rate_table != NULL and self.svc != DISCARD
+            if (self.udp_rate.table != NULL and self.svc != DISCARD
                     and not self._admit(&d.senders[i])):
                 continue  # over the rate limit: no reply
             if d.received[i].msg_hdr.msg_flags & posix.MSG_TRUNC:
@@ -1038,14 +1175,9 @@ cdef class EventLoop:
     cdef bint _admit(self, posix.sockaddr_storage *sender) noexcept nogil:
         """The rate limit (the spec's rate_admit): whether a reply may go to
         ``sender``'s prefix now; counts refusals and evictions."""
-        cdef uint64_t family, prefix, mixed
-        cdef int64_t now, tat, held, victim_tat = 0
+        cdef uint64_t family, prefix
         cdef const unsigned char *a
-        cdef RateEntry *entry
-        cdef RateEntry *found = NULL
-        cdef RateEntry *victim = NULL
-        cdef posix.timespec ts
-        cdef int way
+        cdef bint evicted
         if sender.ss_family == posix.AF_INET:
             a = <const unsigned char *>&(<const posix.sockaddr_in *>sender).sin_addr
             family = 4
@@ -1060,40 +1192,96 @@ cdef class EventLoop:
                 prefix = _be(a, 8) & self.rate_mask6
         else:
             return True
-        posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
-        now = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-        mixed = ((family * RATE_HASH) ^ prefix) * RATE_HASH
-        entry = self.rate_table + ((mixed >> 32) & (self.rate_sets - 1)) * RATE_WAYS
-        for way in range(RATE_WAYS):
-            if entry[way].family == family and entry[way].prefix == prefix:
-                found = &entry[way]
+        if _rate_take(&self.udp_rate, family, prefix, &evicted):
+            self.udp_rate_evictions += evicted
+            return True
+        self.udp_rate_evictions += evicted
+        self.udp_refused_rate += 1
+        memcpy(&self.refused_from[<int>REFUSED_RATE], sender, sizeof(posix.sockaddr_storage))
+        return False
+
+    # -- the per-client limits ------------------------------------------------------
+
+    cdef LimitRefusal _admit_client(self, Conn *conn, uint64_t high,
+                                    uint64_t low) noexcept nogil:
+        """The spec's ClientLimits.admit for a new connection of client
+        ``(high, low)``: ADMITTED (``conn`` is counted if the concurrency
+        limit is on), or why not (counted)."""
+        cdef int64_t in_use, total = 0, fewest = 0
+        cdef int slot, way
+        cdef ClientEntry *entry
+        cdef ClientEntry *victim = NULL
+        cdef bint evicted = False, allowed
+        cdef LimitRefusal refusal = ADMITTED
+        if self.clients != NULL:
+            in_use = (<int64_t *>self.clients)[0]
+            for slot in range(<int>in_use):
+                entry = _client_set(self.clients, slot, self.client_entries, high, low)
+                for way in range(CLIENT_WAYS):
+                    if entry[way].count > 0 and entry[way].high == high and entry[way].low == low:
+                        total += entry[way].count
+                        break
+            if total >= self.conn_limit:
+                refusal = LIMIT_CONNS
+        if refusal == ADMITTED and self.conn_rate.table != NULL:
+            if high == 0 and (low >> 32) == 0xFFFF:  # the spec's client_rate_key
+                allowed = _rate_take(&self.conn_rate, 4, low & <uint64_t>0xFFFFFFFF, &evicted)
+            else:
+                allowed = _rate_take(&self.conn_rate, 6, high, &evicted)
+            self.limit_evictions += evicted
+            if not allowed:
+                refusal = LIMIT_RATE
+        if refusal != ADMITTED:
+            if refusal == LIMIT_CONNS:
+                self.limit_refused_conns += 1
+            else:
+                self.limit_refused_rate += 1
+            self.limit_from[<int>refusal][0] = high
+            self.limit_from[<int>refusal][1] = low
+            self.limit_from_set[<int>refusal] = True
+            return refusal
+        if self.clients == NULL:
+            return ADMITTED
+        entry = _client_set(self.clients, self.conn_slot, self.client_entries, high, low)
+        for way in range(CLIENT_WAYS):
+            if entry[way].count > 0 and entry[way].high == high and entry[way].low == low:
+                entry[way].count += 1
                 break
-            held = entry[way].tat if entry[way].family != 0 else 0  # empty: older than any
-            if victim == NULL or held < victim_tat:
-                victim, victim_tat = &entry[way], held
-        if found == NULL:
-            if victim.family != 0 and victim.tat > now:
-                self.udp_rate_evictions += 1  # a limit lost: counted, logged
-            victim.family = 0
-            victim.prefix = prefix
-            victim.tat = now
-            victim.family = family  # the family last: the entry is whole
-            found = victim
-        tat = found.tat
-        if tat > now + self.rate_tolerance:
-            self.udp_refused_rate += 1
-            memcpy(&self.refused_from[<int>REFUSED_RATE], sender, sizeof(posix.sockaddr_storage))
-            return False
-        found.tat = (tat if tat > now else now) + self.rate_interval
-        return True
+            if victim == NULL or entry[way].count < fewest:
+                victim, fewest = &entry[way], entry[way].count
+        else:
+            if fewest > 0:
+                self.limit_evictions += 1  # those connections are forgotten: counted
+            victim.count = 0  # the count last, after the address
+            victim.high = high
+            victim.low = low
+            victim.count = 1
+        conn.held = True
+        conn.key_high = high
+        conn.key_low = low
+        return ADMITTED
+
+    cdef void _release_client(self, Conn *conn) noexcept nogil:
+        """``conn`` ended: one connection fewer for its client (the spec's
+        client_release)."""
+        cdef ClientEntry *entry
+        cdef int way
+        conn.held = False
+        entry = _client_set(self.clients, self.conn_slot, self.client_entries,
+                            conn.key_high, conn.key_low)
+        for way in range(CLIENT_WAYS):
+            if (entry[way].count > 0 and entry[way].high == conn.key_high
+                    and entry[way].low == conn.key_low):
+                entry[way].count -= 1
+                return
 
     # -- connections ------------------------------------------------------------------
 
     cdef int _accept_one(self, int lfd, posix.sockaddr_storage *addr) noexcept nogil:
         """accept4 on ``lfd``; the peer's address into ``addr`` only with an
-        access log (it is the log's client)."""
+        access log (it is the log's client) or a per-client limit."""
         cdef posix.socklen_t length = sizeof(posix.sockaddr_storage)
-        if self.alog_fd < 0:
+        if self.alog_fd < 0 and not self.limits_on:
             return posix.accept4(lfd, NULL, NULL, posix.SOCK_NONBLOCK | posix.SOCK_CLOEXEC)
         addr.ss_family = 0  # stays so if the kernel gives no address
         return posix.accept4(lfd, <posix.sockaddr *>addr, &length,
@@ -1162,6 +1350,7 @@ cdef class EventLoop:
                    const posix.sockaddr_storage *addr) except -1 nogil:
         cdef Access *access = NULL
         cdef Conn *conn
+        cdef uint64_t high, low
         if self.alog_fd >= 0:
             access = <Access *>calloc(1, sizeof(Access))
             if access == NULL:
@@ -1184,6 +1373,10 @@ cdef class EventLoop:
         self.head = conn
         self.n_active += 1
         self.accepted += 1
+        if self.limits_on and not proxied and _sockaddr_key(addr, &high, &low):
+            if self._admit_client(conn, high, low) != ADMITTED:
+                self._close_quietly(conn, END_LIMIT)  # before any byte is served
+                return 0
         if proxied:
             with gil:
                 self._expect_header(conn)  # the service starts once it is read
@@ -1331,6 +1524,8 @@ cdef class EventLoop:
             self._log_access(conn, end)
             free(conn.access)
             conn.access = NULL
+        if conn.held:
+            self._release_client(conn)
         if conn.registered:
             self._ctl(posix.EPOLL_CTL_DEL, conn.fd, 0, 0)
             conn.registered = False
@@ -1533,6 +1728,11 @@ cdef class EventLoop:
                 client = format_client(source).encode("ascii", "replace")[:CLIENT_MAX - 1]
                 memcpy(conn.access.client, <const char *>client, len(client))
                 conn.access.client[len(client)] = 0
+        if self.limits_on:  # by the client the balancer names (LOCAL: the balancer)
+            key = client_key(parsed.source if parsed.source is not None else peer_of_fd(conn.fd))
+            if key is not None and self._admit_client(conn, key[0], key[1]) != ADMITTED:
+                self._close_quietly(conn, END_LIMIT)
+                return -1
         self._start(conn)
         return rest
 

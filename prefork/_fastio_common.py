@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -79,7 +80,9 @@ def daytime_line(now: float | None = None) -> bytes:
 # then why it closed or turned away connections (idle timeout, --max-buffer,
 # a user handler that raised, a PROXY header refused), then the datagrams the
 # UDP guard and the UDP rate limit left unanswered, by reason (UDP_REFUSALS),
-# and the rate table's evictions of a prefix still limited.
+# and the rate table's evictions of a prefix still limited; then the
+# connections the per-client limits refused, by reason (LIMIT_REFUSALS), and
+# the client tables' evictions of a client still counted or limited.
 SLOT_FIELDS = (
     "heartbeat",
     "pid",
@@ -95,8 +98,11 @@ SLOT_FIELDS = (
     "udp_refused_source",
     "udp_refused_rate",
     "udp_rate_evictions",
+    "limit_refused_conns",
+    "limit_refused_rate",
+    "limit_evictions",
 )
-SLOT = struct.Struct("<dqqqqqqqqqqqqq")
+SLOT = struct.Struct("<dqqqqqqqqqqqqqqqq")
 SLOT_SIZE = SLOT.size
 SLOT_OFFSETS = {
     name: struct.calcsize(SLOT.format[: index + 1]) for index, name in enumerate(SLOT_FIELDS)
@@ -303,6 +309,238 @@ def check_rate_args(
     return view, interval, (burst - 1) * interval, prefix4, prefix6
 
 
+# -- the per-client connection limits (TCP) ----------------------------------------
+#
+# --max-conns-per-ip caps the connections one client address holds open at
+# once, --conn-rate-per-ip how fast it opens them, both across every worker.
+# The client is the PROXY header's source when a trusted balancer sends one,
+# else the peer; a connection over a limit is closed before any byte is
+# served and counted (limit_refused_conns, limit_refused_rate).
+#
+# Open connections are counted in CLIENT tables, in memory the master maps
+# before it forks: one table per scoreboard slot, written by that slot's
+# worker only (no lock, no atomic: the compiled loop and the pure twin do
+# the same plain stores), read by all. A connection is admitted while the
+# sum of its client's counts over the slots in use is below the limit. A
+# worker that dies takes its counts with it: the master clears its table
+# when it reaps it. Two workers accepting the same client at the same
+# instant can both see N - 1 and both admit: the limit can be passed by the
+# number of workers minus one, for as long as those connections last.
+#
+# The region: CLIENT_HEADER (the slots in use, then the entries per table,
+# two int64s, written by the master) and the tables. A table holds sets of
+# CLIENT_WAYS entries; a client lives in the set its hash names. An entry
+# is CLIENT_ENTRY: the address as 16 bytes (IPv4 as IPv4-mapped IPv6) in two
+# big-endian words, and its connections in this worker (0: the entry is
+# free). A new client takes a free entry of its set or, when all hold
+# clients, the one with the fewest connections: those connections are
+# forgotten (that client may pass its limit by as many), which is counted
+# (limit_evictions) and logged, never silent; a bigger table is the cure.
+#
+# The rate is a GCRA bucket per client (rate_admit), in a table of
+# RATE_ENTRYs shared by all workers, keyed by the whole IPv4 address or the
+# IPv6 /64 (one host's usual allocation); a bucket still limited that a full
+# table pushes out counts in limit_evictions too.
+LIMIT_REFUSALS = ("conns", "rate")  # the slot's limit_refused_* fields, in order
+CLIENT_HEADER = struct.Struct("<qq")  # slots in use, entries per table
+CLIENT_HEADER_SIZE = 64  # a cache line: the tables start aligned
+CLIENT_ENTRY = struct.Struct("<QQq")
+CLIENT_ENTRY_SIZE = CLIENT_ENTRY.size
+CLIENT_WAYS = 4
+CLIENT_RATE_PREFIX = (32, 64)  # what --conn-rate-per-ip counts by
+
+
+def client_key(peer: Any) -> tuple[int, int] | None:
+    """The 16-byte address a connection from ``peer`` is counted by, as two
+    big-endian words, or None for a peer that is not IPv4 or IPv6 (a UNIX
+    socket's). An IPv4 address is counted as its IPv4-mapped IPv6 form."""
+    if not isinstance(peer, tuple) or len(peer) < 2 or not isinstance(peer[0], str):
+        return None
+    host = peer[0].split("%", 1)[0]
+    try:
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+        else:
+            packed = b"\0" * 10 + b"\xff\xff" + socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return None
+    return int.from_bytes(packed[:8], "big"), int.from_bytes(packed[8:], "big")
+
+
+def client_address(key: tuple[int, int]) -> str:
+    """A client's address as logs name it: ``127.0.0.2``, ``::1``."""
+    high, low = key
+    if high == 0 and low >> 32 == 0xFFFF:
+        return socket.inet_ntop(socket.AF_INET, (low & 0xFFFFFFFF).to_bytes(4, "big"))
+    return socket.inet_ntop(socket.AF_INET6, high.to_bytes(8, "big") + low.to_bytes(8, "big"))
+
+
+def client_rate_key(key: tuple[int, int]) -> tuple[int, int]:
+    """The (family, prefix) --conn-rate-per-ip limits ``key`` by (see
+    rate_admit): the IPv4 address, or the IPv6 address's /64."""
+    high, low = key
+    if high == 0 and low >> 32 == 0xFFFF:
+        return 4, low & 0xFFFFFFFF
+    return 6, high
+
+
+def client_set(key: tuple[int, int], sets: int) -> int:
+    """The set a client lives in, of ``sets`` (a power of two)."""
+    high, low = key
+    mixed = (((high * RATE_HASH) & _U64) ^ low) * RATE_HASH & _U64
+    return (mixed >> 32) & (sets - 1)
+
+
+def client_tables_region(slots: int, entries: int) -> int:
+    """The bytes of a region of ``slots`` tables of ``entries`` each."""
+    return CLIENT_HEADER_SIZE + slots * entries * CLIENT_ENTRY_SIZE
+
+
+def _client_table(view: memoryview, slot: int) -> tuple[int, int]:
+    """Where table ``slot`` starts in the region, and its number of sets."""
+    entries = CLIENT_HEADER.unpack_from(view, 0)[1]
+    return CLIENT_HEADER_SIZE + slot * entries * CLIENT_ENTRY_SIZE, entries // CLIENT_WAYS
+
+
+def client_count(view: memoryview, key: tuple[int, int]) -> int:
+    """The connections ``key`` holds open, summed over the slots in use."""
+    in_use = CLIENT_HEADER.unpack_from(view, 0)[0]
+    total = 0
+    for slot in range(in_use):
+        start, sets = _client_table(view, slot)
+        base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
+        for way in range(CLIENT_WAYS):
+            high, low, count = CLIENT_ENTRY.unpack_from(view, base + way * CLIENT_ENTRY_SIZE)
+            if count > 0 and high == key[0] and low == key[1]:
+                total += count
+                break
+    return total
+
+
+def client_acquire(view: memoryview, slot: int, key: tuple[int, int]) -> bool:
+    """Count one connection of ``key`` in table ``slot`` (this worker's);
+    whether making room evicted a client still counted."""
+    start, sets = _client_table(view, slot)
+    base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
+    victim, victim_count = -1, 0
+    for way in range(CLIENT_WAYS):
+        offset = base + way * CLIENT_ENTRY_SIZE
+        high, low, count = CLIENT_ENTRY.unpack_from(view, offset)
+        if count > 0 and high == key[0] and low == key[1]:
+            struct.pack_into("<q", view, offset + 16, count + 1)
+            return False
+        if victim < 0 or count < victim_count:
+            victim, victim_count = offset, count
+    # The count last, after the address: a reader never sees a count under
+    # another client's address.
+    struct.pack_into("<q", view, victim + 16, 0)
+    struct.pack_into("<QQ", view, victim, *key)
+    struct.pack_into("<q", view, victim + 16, 1)
+    return victim_count > 0
+
+
+def client_release(view: memoryview, slot: int, key: tuple[int, int]) -> None:
+    """One connection of ``key`` ended (not found: it was evicted)."""
+    start, sets = _client_table(view, slot)
+    base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
+    for way in range(CLIENT_WAYS):
+        offset = base + way * CLIENT_ENTRY_SIZE
+        high, low, count = CLIENT_ENTRY.unpack_from(view, offset)
+        if count > 0 and high == key[0] and low == key[1]:
+            struct.pack_into("<q", view, offset + 16, count - 1)
+            return
+
+
+def check_client_args(
+    limit: int, tables: Any, slot: int, rate: float, burst: int, rate_table: Any
+) -> tuple[memoryview | None, memoryview | None, int, int]:
+    """Validate the per-client limits' arguments: the client tables' view
+    (None without --max-conns-per-ip), the rate table's (None without a
+    rate), and the rate's interval and tolerance in ns. Without ``tables``
+    (or ``rate_table``) a limited loop makes its own (this process only)."""
+    if limit < 0 or slot < 0:
+        raise ValueError("conn_limit and conn_slot must be >= 0")
+    view = None
+    if limit:
+        if tables is None:
+            tables = bytearray(client_tables_region(1, 1024))
+            CLIENT_HEADER.pack_into(tables, 0, 1, 1024)
+        view = memoryview(tables).cast("B")
+        in_use, entries = CLIENT_HEADER.unpack_from(view, 0) if len(view) >= 16 else (0, 0)
+        sets = entries // CLIENT_WAYS
+        if (
+            view.readonly
+            or sets < 1
+            or sets & (sets - 1)
+            or entries % CLIENT_WAYS
+            or not 0 <= slot < in_use
+            or len(view) < client_tables_region(slot + 1, entries)
+        ):
+            raise ValueError(
+                "conn_tables must be a writable client region whose header names 2**k sets "
+                "of CLIENT_WAYS entries and conn_slot among its slots in use"
+            )
+    rate_view, interval, tolerance, _, _ = check_rate_args(
+        rate, burst, CLIENT_RATE_PREFIX, rate_table
+    )
+    return view, rate_view, interval, tolerance
+
+
+class ClientLimits:
+    """The per-client limits as one loop or worker applies them (the spec of
+    the compiled loop's): ``admit`` a new connection, ``release`` it when it
+    ends. Safe to share between threads."""
+
+    def __init__(
+        self,
+        limit: int = 0,
+        tables: Any = None,
+        slot: int = 0,
+        rate: float = 0.0,
+        burst: int = 1,
+        rate_table: Any = None,
+    ) -> None:
+        self.limit = limit
+        self.slot = slot
+        self._tables, self._rates, self._interval, self._tolerance = check_client_args(
+            limit, tables, slot, rate, burst, rate_table
+        )
+        self.enabled = self._tables is not None or self._rates is not None
+        self._lock = threading.Lock()  # the thread worker's threads share our table
+
+    def admit(self, peer: Any) -> tuple[str | None, tuple[int, int] | None, bool]:
+        """Whether a connection from ``peer`` may be served: the reason it
+        may not (one of LIMIT_REFUSALS) or None; the key to ``release`` when
+        it ends (None: nothing to release); whether a client still counted
+        or limited was evicted to make room."""
+        key = client_key(peer) if self.enabled else None
+        if key is None:
+            return None, None, False
+        evicted = False
+        with self._lock:
+            if self._tables is not None and client_count(self._tables, key) >= self.limit:
+                return "conns", None, False
+            if self._rates is not None:
+                admitted, evicted = rate_admit(
+                    self._rates,
+                    client_rate_key(key),
+                    time.monotonic_ns(),
+                    self._interval,
+                    self._tolerance,
+                )
+                if not admitted:
+                    return "rate", None, evicted
+            if self._tables is None:
+                return None, None, evicted
+            evicted = client_acquire(self._tables, self.slot, key) or evicted
+        return None, key, evicted
+
+    def release(self, key: tuple[int, int] | None) -> None:
+        if key is not None and self._tables is not None:
+            with self._lock:
+                client_release(self._tables, self.slot, key)
+
+
 # -- the access log --------------------------------------------------------------------
 #
 # One line per connection when it ends (--access-log), the same bytes from
@@ -322,6 +560,7 @@ END_REASONS = (
     "idle-timeout",  # nothing either way for --idle-timeout
     "max-buffer",  # owed a peer that does not read more than --max-buffer
     "proxy-rejected",  # an untrusted peer or a malformed PROXY header
+    "limit-refused",  # over --max-conns-per-ip or --conn-rate-per-ip: no byte served
     "handler-error",  # a user handler raised
     "shutdown",  # the worker closed it on its way out
     "closed",  # the server ended it: daytime's line sent, a protocol's close()

@@ -98,10 +98,13 @@ from prefork._fastio_common import (
     SWEEP_INTERVAL,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
+    ClientLimits,
     access_line,
     byte_view,
     check_loop_args,
     check_rate_args,
+    client_address,
+    client_key,
     datagram_loop_ports,
     datagram_refusal,
     daytime_line,
@@ -280,6 +283,7 @@ class _Conn:
         "write_paused",
         "shut_when_flushed",
         "buffered",
+        "held",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -296,6 +300,7 @@ class _Conn:
         self.transport: Transport | None = None
         self.header: bytearray | None = None  # a PROXY header being read
         self.peer: Any = None  # the client's address, from a PROXY header
+        self.held: Any = None  # its client's key in the per-client count, to release
         self.peer_eof = False  # the peer's end of file came (how it ended, for the log)
         # For the access log: since when, what this connection moved, who.
         self.started = now
@@ -487,6 +492,20 @@ class EventLoop:
     pushes out counts in ``udp_rate_evictions``. Discard sends nothing and
     is not limited.
 
+    The per-client limits (``_fastio_common.ClientLimits``; the client is a
+    PROXY header's source on a PROXY listener, else the peer):
+    ``conn_limit`` (0 = none) connections open at once per client address,
+    counted in table ``conn_slot`` of ``conn_tables`` (the master's client
+    region, shared by every worker; None: one of this loop's own) and
+    summed over the slots in use; ``conn_rate`` (per second, 0 = none) new
+    connections per client, a token bucket of ``conn_burst`` kept in
+    ``conn_rate_table`` (like ``udp_rate_table``). A connection over either
+    is closed before the service starts (access log end ``limit-refused``)
+    and counted in ``limit_refused_conns`` or ``limit_refused_rate``;
+    ``limit_refused_from`` names the last client refused for each; a client
+    still counted or limited that a full table pushes out counts in
+    ``limit_evictions``.
+
     Counters (read at any time): ``accepted``, ``active``, ``bytes_in``,
     ``bytes_out``, ``datagrams`` (received), ``resource_errors`` (EMFILE
     and kin on accept; the loop pauses accepting for ``EMFILE_PAUSE``
@@ -521,6 +540,12 @@ class EventLoop:
         udp_burst: int = 1,
         udp_rate_prefix: tuple[int, int] = DEFAULT_RATE_PREFIX,
         udp_rate_table: Any = None,
+        conn_limit: int = 0,
+        conn_tables: Any = None,
+        conn_slot: int = 0,
+        conn_rate: float = 0.0,
+        conn_burst: int = 1,
+        conn_rate_table: Any = None,
     ) -> None:
         self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -529,6 +554,9 @@ class EventLoop:
             udp_rate, udp_burst, udp_rate_prefix, udp_rate_table
         )
         self._rate_prefixes = tuple(prefixes)
+        self._limits = ClientLimits(
+            conn_limit, conn_tables, conn_slot, conn_rate, conn_burst, conn_rate_table
+        )
         if datagram_sockets and service == "protocol":
             raise ValueError("datagram sockets serve the built-in services only")
         fds = [fileno_of(listener) for listener in listeners]
@@ -546,6 +574,8 @@ class EventLoop:
         self.udp_refused_loop = self.udp_refused_source = self.udp_refused_rate = 0
         self.udp_rate_evictions = 0
         self._refused_from = {"loop": "", "source": "", "rate": ""}
+        self.limit_refused_conns = self.limit_refused_rate = self.limit_evictions = 0
+        self._limit_refused_from = {"conns": "", "rate": ""}
         off = isinstance(access_log, int) and access_log < 0
         self._access_fd = -1 if off else fileno_of(access_log)
         self._access_sock: socket.socket | None = None  # set when the log is a socket
@@ -594,6 +624,12 @@ class EventLoop:
         """The last sender the UDP guard refused, by reason ("" for none),
         as the access log writes addresses."""
         return dict(self._refused_from)
+
+    @property
+    def limit_refused_from(self) -> dict[str, str]:
+        """The last client the per-client limits refused, by reason ("" for
+        none), as the access log writes addresses."""
+        return dict(self._limit_refused_from)
 
     @property
     def recycled(self) -> bool:
@@ -729,6 +765,9 @@ class EventLoop:
             self.udp_refused_source,
             self.udp_refused_rate,
             self.udp_rate_evictions,
+            self.limit_refused_conns,
+            self.limit_refused_rate,
+            self.limit_evictions,
         )
 
     def _arm_if_ready(self, now: float) -> None:
@@ -905,7 +944,26 @@ class EventLoop:
             conn.header = bytearray()  # the service starts once it is read
             self._update(conn)
             return
+        if self._limits.enabled and not self._admit_client(conn, addr):
+            return
         self._start(conn)
+
+    def _admit_client(self, conn: _Conn, client: Any) -> bool:
+        """The per-client limits (``_fastio_common.ClientLimits``) for a new
+        connection from ``client``: False, with ``conn`` closed and counted,
+        if it is over one."""
+        refusal, conn.held, evicted = self._limits.admit(client)
+        self.limit_evictions += evicted
+        if refusal is None:
+            return True
+        if refusal == "conns":
+            self.limit_refused_conns += 1
+        else:
+            self.limit_refused_rate += 1
+        key = client_key(client)  # not None: an address without a key is never refused
+        self._limit_refused_from[refusal] = client_address(key) if key is not None else "-"
+        self._close(conn, end="limit-refused")
+        return False
 
     def _start(self, conn: _Conn) -> None:
         """The service's first move on a new connection."""
@@ -946,6 +1004,9 @@ class EventLoop:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]
         conn.sock.close()
+        if conn.held is not None:
+            self._limits.release(conn.held)
+            conn.held = None
         if self._access_fd >= 0:
             if end is None:
                 closed = "eof" if conn.peer_eof else "closed"
@@ -1034,6 +1095,10 @@ class EventLoop:
         conn.peer = header.source
         if self._access_fd >= 0 and header.source is not None:
             conn.client = format_client(header.source)
+        if self._limits.enabled:  # by the client the balancer names (LOCAL: itself)
+            client = header.source if header.source is not None else peer_name(conn.sock)
+            if not self._admit_client(conn, client):
+                return
         self._start(conn)
         if rest and conn.fd in self._conns and conn.reading:
             self._received(conn, rest)

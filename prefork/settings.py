@@ -316,14 +316,14 @@ MAX_RATE_TABLE = 1 << 24  # entries: 384 MiB of shared memory
 
 
 def parse_rate(text: str, option: str = "--udp-rate") -> float:
-    """``N`` or ``N/s``: replies per second, 0 = no limit."""
+    """``N`` or ``N/s``: per second, 0 = no limit."""
     number = text[:-2] if text.endswith("/s") else text
     try:
         rate = float(number)
     except ValueError:
         rate = -1.0
     if not 0 <= rate <= 1e9:
-        raise ConfigError(f"{option}: expected replies per second such as 10/s, got {text!r}")
+        raise ConfigError(f"{option}: expected a rate per second such as 10/s, got {text!r}")
     return rate
 
 
@@ -707,6 +707,48 @@ OPTIONS: tuple[Option, ...] = (
         "any; other peers are closed and logged",
     ),
     Option(
+        key="max_conns_per_ip",
+        flags=("--max-conns-per-ip",),
+        metavar="N",
+        parse=partial(parse_int, minimum=0, maximum=C_INT_MAX),
+        default=0,
+        help="connections one client address may hold open at once, across all workers, "
+        "0 = no limit; the client is the PROXY header's source behind a trusted balancer; "
+        "a connection over it is closed before any byte is served, counted and logged "
+        "(turning it on needs a restart: its table is made at start)",
+    ),
+    Option(
+        key="conn_rate_per_ip",
+        flags=("--conn-rate-per-ip",),
+        metavar="N[/s]",
+        parse=parse_rate,
+        default=0.0,
+        help="new connections per second one client address may open (an IPv6 client: its "
+        "/64), 0 = no limit; a token bucket of --conn-burst-per-ip shared by all workers; "
+        "a connection over it is closed before any byte is served, counted and logged "
+        "(turning it on needs a restart)",
+    ),
+    Option(
+        key="conn_burst_per_ip",
+        flags=("--conn-burst-per-ip",),
+        metavar="N",
+        parse=partial(parse_int, minimum=1, maximum=C_INT_MAX),
+        default=10,
+        help="new connections one client address may open at once, above --conn-rate-per-ip",
+    ),
+    Option(
+        key="per_ip_table",
+        flags=("--per-ip-table",),
+        metavar="N",
+        parse=parse_table_size,
+        default=4096,
+        restart_only=True,
+        help="client addresses each worker's --max-conns-per-ip table, and the "
+        "--conn-rate-per-ip table, hold (a power of two, 24 bytes each, in memory shared "
+        "by the workers); when one is full a client still counted or limited is pushed "
+        "out, counted and logged: raise it then",
+    ),
+    Option(
         key="udp_allow_low_ports",
         flags=("--udp-allow-low-ports",),
         default=False,
@@ -877,6 +919,10 @@ class Config:
     unix_mode: int = _default("unix_mode")
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
+    max_conns_per_ip: int = _default("max_conns_per_ip")
+    conn_rate_per_ip: float = _default("conn_rate_per_ip")
+    conn_burst_per_ip: int = _default("conn_burst_per_ip")
+    per_ip_table: int = _default("per_ip_table")
     udp_allow_low_ports: bool = _default("udp_allow_low_ports")
     udp_rate: float | None = _default("udp_rate")
     udp_burst: int = _default("udp_burst")

@@ -8,6 +8,7 @@ module imports another test module.
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib
 import os
 import re
@@ -18,7 +19,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -512,3 +515,30 @@ class ConnectEchoLoad:
                 self.failures.append(f"client {n}: {exc!r}")
             self.done[n] += 1
             i += 1
+
+
+@contextlib.contextmanager
+def running_haproxy(config: Path, front: int) -> Iterator[subprocess.Popen]:
+    """HAProxy with ``config`` in its own session, until its frontend port
+    ``front`` takes connections; killed (its whole group) on the way out."""
+    haproxy = subprocess.Popen(
+        ["haproxy", "-db", "-f", str(config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+
+        def up() -> bool:
+            try:
+                socket.create_connection(("127.0.0.1", front), timeout=1).close()
+                return True
+            except OSError:
+                return haproxy.poll() is not None  # died: stop waiting, report below
+
+        assert wait_until(up, 10) and haproxy.poll() is None, haproxy.stderr
+        yield haproxy
+    finally:
+        os.killpg(haproxy.pid, signal.SIGKILL)
+        haproxy.wait(10)

@@ -171,12 +171,13 @@ def test_the_scoreboard_slot_bytes_are_pinned():
     board = scoreboard.Scoreboard(2)
     try:
         board.beat(1, 12.5)
-        board.write(1, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12)
-        values = (12.5, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12)
-        assert bytes(board.slot_view(1)) == struct.pack("<dqqqqqqqqqqqqq", *values)
+        board.write(1, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+        values = (12.5, 4321, 3, 2, 100, 200, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+        layout = "<d" + "q" * 16
+        assert bytes(board.slot_view(1)) == struct.pack(layout, *values)
         assert board.read(1) == scoreboard.WorkerStats(*values)
         assert tuple(f.name for f in fields(scoreboard.WorkerStats)) == _fastio_common.SLOT_FIELDS
-        assert _fastio_common.SLOT.format == "<dqqqqqqqqqqqqq" and _fastio_common.SLOT_SIZE == 112
+        assert _fastio_common.SLOT.format == layout and _fastio_common.SLOT_SIZE == 136
         assert _fastio_common.LOOP_COUNTERS[4:] == (
             "idle_closed",
             "max_buffer_closed",
@@ -186,6 +187,9 @@ def test_the_scoreboard_slot_bytes_are_pinned():
             "udp_refused_source",
             "udp_refused_rate",
             "udp_rate_evictions",
+            "limit_refused_conns",
+            "limit_refused_rate",
+            "limit_evictions",
         )
         board.write(1, 4321, 3, 2, 100, 200)  # the close counters left out are zeros
         assert board.read(1) == scoreboard.WorkerStats(12.5, 4321, 3, 2, 100, 200)

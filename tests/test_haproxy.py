@@ -12,13 +12,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
-from support import handler_env, wait_until
+from support import handler_env, running_haproxy
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -84,27 +83,8 @@ def balanced(server_factory, tmp_path):
     config = tmp_path / "haproxy.cfg"
     ports = [instance.tcp()[1] for instance in instances]
     config.write_text(HAPROXY_CONFIG.format(front=front, a=ports[0], b=ports[1]))
-    haproxy = subprocess.Popen(
-        ["haproxy", "-db", "-f", str(config)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-
-        def up() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", front), timeout=1).close()
-                return True
-            except OSError:
-                return haproxy.poll() is not None  # died: stop waiting, report below
-
-        assert wait_until(up, 10) and haproxy.poll() is None, haproxy.stderr
+    with running_haproxy(config, front):
         yield front, instances[0], instances[1]
-    finally:
-        os.killpg(haproxy.pid, signal.SIGKILL)
-        haproxy.wait(10)
 
 
 def echo_through(front: int, client_ip: str, payload: bytes) -> tuple[str, bytes]:

@@ -116,7 +116,11 @@ class Arbiter:
         self.listeners: list[Listener] = []  # shared by every worker
         self.positions: Positions | None = None  # --reuse-port: each position's own
         self.workers: dict[int, WorkerRecord] = {}  # by pid
-        self.scoreboard = Scoreboard(rate_entries=config.udp_rate_table)
+        self.scoreboard = Scoreboard(
+            rate_entries=config.udp_rate_table,
+            client_entries=config.per_ip_table if config.max_conns_per_ip else 0,
+            conn_rate_entries=config.per_ip_table if config.conn_rate_per_ip else 0,
+        )
         self.worker_age = 0
         self.generation = 0
         self.metrics: MetricsServer | None = None
@@ -506,6 +510,13 @@ class Arbiter:
                 if getattr(config, name) != getattr(self.config, name):
                     self.log.warning("HUP: changing %s needs a restart; keeping it", name)
                     config = replace(config, **{name: getattr(self.config, name)})
+            for name, table in (
+                ("max_conns_per_ip", self.scoreboard.client_tables()),
+                ("conn_rate_per_ip", self.scoreboard.conn_rate_table()),
+            ):
+                if getattr(config, name) and table is None:  # its table is made at start
+                    self.log.warning("HUP: turning on %s needs a restart; keeping it off", name)
+                    config = replace(config, **{name: getattr(self.config, name)})  # off
         if config.handler == self.handler.spec:
             handler = reload_handler(self.handler)
         else:
@@ -724,6 +735,7 @@ class Arbiter:
             record = self.workers.pop(pid, None)
             if record is None:
                 continue
+            self.scoreboard.clear_clients(record.slot)  # its connections died with it
             age = record.age
             stats = self.scoreboard.read(record.slot)
             add_totals(self.exited_totals, stats)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prefork._fastio_common import UDP_REFUSALS
+from prefork._fastio_common import LIMIT_REFUSALS, UDP_REFUSALS
 from prefork.server.listeners import Listener, create_listener
 from prefork.server.snapshot import (
     SLOT_COUNTERS,
@@ -59,9 +59,16 @@ _SLOT_HELP = {
     " address), rate (over --udp-rate for the source prefix)",
     "udp_rate_evictions": "Source prefixes still limited pushed out of the full --udp-rate"
     " table (raise --udp-rate-table)",
+    "limit_refused": "Connections closed unserved by a per-client limit, by reason: conns"
+    " (over --max-conns-per-ip), rate (over --conn-rate-per-ip)",
+    "limit_evictions": "Clients still counted or limited pushed out of a full per-client"
+    " table (raise --per-ip-table)",
 }
 # Slot fields shown as one series with a label: field -> (series, label, value).
 _LABELED = {f"udp_refused_{reason}": ("udp_refused", "reason", reason) for reason in UDP_REFUSALS}
+_LABELED.update(
+    {f"limit_refused_{reason}": ("limit_refused", "reason", reason) for reason in LIMIT_REFUSALS}
+)
 
 
 def series_name(slot_field: str) -> str:

@@ -25,6 +25,9 @@ import struct
 from dataclasses import dataclass
 
 from prefork._fastio_common import (
+    CLIENT_ENTRY_SIZE,
+    CLIENT_HEADER,
+    CLIENT_HEADER_SIZE,
     HEARTBEAT,
     HEARTBEAT_OFFSET,
     RATE_ENTRY_SIZE,
@@ -59,6 +62,10 @@ class WorkerStats:
     udp_refused_source: int = 0  # from an address no reply may go to
     udp_refused_rate: int = 0  # over --udp-rate for its source prefix
     udp_rate_evictions: int = 0  # a prefix still limited pushed out of the rate table
+    # Connections the per-client limits closed unserved (LIMIT_REFUSALS).
+    limit_refused_conns: int = 0  # over --max-conns-per-ip
+    limit_refused_rate: int = 0  # over --conn-rate-per-ip
+    limit_evictions: int = 0  # a client still counted or limited pushed out of a full table
 
 
 if tuple(field.name for field in dataclasses.fields(WorkerStats)) != SLOT_FIELDS:
@@ -68,12 +75,47 @@ if SLOT_FIELDS[:2] != ("heartbeat", "pid") or _PID_OFFSET + _AFTER_HEARTBEAT.siz
 
 
 class Scoreboard:
-    def __init__(self, slots: int = MAX_SLOTS, rate_entries: int = 0) -> None:
+    def __init__(
+        self,
+        slots: int = MAX_SLOTS,
+        rate_entries: int = 0,
+        client_entries: int = 0,
+        conn_rate_entries: int = 0,
+    ) -> None:
         """``rate_entries``: the size of the UDP rate limit's table, which
-        lives beside the slots (``_fastio_common.RATE_ENTRY``), 0 for none."""
+        lives beside the slots (``_fastio_common.RATE_ENTRY``), 0 for none;
+        ``client_entries``: the size of each slot's table of open connections
+        per client (--max-conns-per-ip, ``_fastio_common.CLIENT_ENTRY``), 0
+        for none; ``conn_rate_entries``: --conn-rate-per-ip's table, 0 for none.
+        Every region is mapped now and only touched pages cost memory."""
         self.slots = slots
         self._map = mmap.mmap(-1, slots * SLOT_SIZE)  # MAP_SHARED|MAP_ANONYMOUS
         self._rates = mmap.mmap(-1, rate_entries * RATE_ENTRY_SIZE) if rate_entries else None
+        self._client_entries = client_entries
+        self._clients = None
+        if client_entries:
+            size = CLIENT_HEADER_SIZE + slots * client_entries * CLIENT_ENTRY_SIZE
+            self._clients = mmap.mmap(-1, size)
+            CLIENT_HEADER.pack_into(self._clients, 0, 0, client_entries)  # none in use yet
+        self._conn_rates = (
+            mmap.mmap(-1, conn_rate_entries * RATE_ENTRY_SIZE) if conn_rate_entries else None
+        )
+
+    def client_tables(self) -> memoryview | None:
+        """The per-client connection counts, a table per slot (None: none)."""
+        return memoryview(self._clients) if self._clients is not None else None
+
+    def conn_rate_table(self) -> memoryview | None:
+        """--conn-rate-per-ip's table, shared by every worker (None: none)."""
+        return memoryview(self._conn_rates) if self._conn_rates is not None else None
+
+    def clear_clients(self, slot: int) -> None:
+        """Forget slot ``slot``'s connection counts: its worker is gone, and
+        its connections with it."""
+        if self._clients is not None:
+            start = CLIENT_HEADER_SIZE + slot * self._client_entries * CLIENT_ENTRY_SIZE
+            size = self._client_entries * CLIENT_ENTRY_SIZE
+            self._clients[start : start + size] = bytes(size)
 
     def rate_table(self) -> memoryview | None:
         """The UDP rate limit's table, shared by every worker (None: none)."""
@@ -111,9 +153,18 @@ class Scoreboard:
         return WorkerStats(*SLOT.unpack_from(self._map, slot * SLOT_SIZE))
 
     def clear(self, slot: int) -> None:
+        """Ready ``slot`` for a new worker: zero counters, no connection counted;
+        the loops sum the client counts of every slot below the highest
+        ever cleared (the header's "in use")."""
         self._map[slot * SLOT_SIZE : (slot + 1) * SLOT_SIZE] = bytes(SLOT_SIZE)
+        self.clear_clients(slot)
+        if self._clients is not None:
+            in_use = CLIENT_HEADER.unpack_from(self._clients, 0)[0]
+            if slot >= in_use:
+                CLIENT_HEADER.pack_into(self._clients, 0, slot + 1, self._client_entries)
 
     def close(self) -> None:
         self._map.close()
-        if self._rates is not None:
-            self._rates.close()
+        for region in (self._rates, self._clients, self._conn_rates):
+            if region is not None:
+                region.close()

@@ -197,6 +197,7 @@ class Connection:
         "user_paused",
         "backed_up",
         "error",
+        "held",
     )
 
     def __init__(self, worker: AsyncioWorker, inner: Any, client: Any, first: bytes) -> None:
@@ -210,6 +211,7 @@ class Connection:
         self.user_paused = False  # the protocol paused reading
         self.backed_up = False  # the client does not read: so we do not either
         self.error: BaseException | None = None
+        self.held: Any = None  # its client's key in the per-client count, to release
 
     def peer(self) -> Any:
         if self.client is not None:
@@ -746,6 +748,7 @@ class AsyncioWorker(Worker):
         self.notify()
         self.publish_counts()
         self.report_udp_refusals(self.udp_refused_from)
+        self.report_limit_refusals(self.limit_refused_from)
         if self.config.idle_timeout > 0 and now >= self.next_sweep:
             self.next_sweep = now + self.sweep_interval
             limit = now - self.config.idle_timeout
@@ -901,7 +904,14 @@ class AsyncioWorker(Worker):
         self.publish_counts()
 
     def connect(self, sock: socket.socket, client: Any, first: bytes) -> None:
-        """Make the protocol and hand the socket to the loop."""
+        """Apply the per-client limits, make the protocol and hand the socket
+        to the loop."""
+        held = None
+        if self.client_limits.enabled:  # by the PROXY header's source, if any
+            admitted, held = self.admit_client(client if client is not None else _peer(sock))
+            if not admitted:
+                sock.close()  # before any byte is served
+                return
         try:
             inner = self.factory()
         except Exception as exc:
@@ -910,9 +920,11 @@ class AsyncioWorker(Worker):
                 "handler failed; connection from %s closed", client or _peer(sock), exc_info=exc
             )
             sock.close()
+            self.client_limits.release(held)
             return
         buffered = isinstance(inner, asyncio.BufferedProtocol)
         conn = (BufferedConnection if buffered else StreamConnection)(self, inner, client, first)
+        conn.held = held
         self.conns.add(conn)
         assert self.loop is not None
         self.loop.create_task(self.attach(conn, sock))
@@ -980,6 +992,8 @@ class AsyncioWorker(Worker):
         another, perhaps the drain's next."""
         if conn is not None:
             self.conns.discard(conn)
+            self.client_limits.release(conn.held)
+            conn.held = None
         self.publish_counts()
         if self.draining:
             self.drain()

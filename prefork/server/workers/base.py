@@ -33,8 +33,18 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any
 
-from prefork._fastio_common import LOOP_COUNTERS, UDP_REFUSALS, access_line, format_client
+from prefork._fastio_common import (
+    LIMIT_REFUSALS,
+    LOOP_COUNTERS,
+    UDP_REFUSALS,
+    ClientLimits,
+    access_line,
+    client_address,
+    client_key,
+    format_client,
+)
 from prefork.proxy import TrustedPeers
 from prefork.server.access_log import AccessLog
 from prefork.server.handlers import LoadedHandler
@@ -130,6 +140,17 @@ class Worker:
         self.udp_rate_evictions = 0
         self.evictions_logged = (0, 0.0)
         self.udp_refusals_logged = dict.fromkeys(UDP_REFUSALS, (0, 0.0))
+        # Connections the per-client limits refused, by reason; the tables'
+        # evictions; when each was last logged, and the last client refused.
+        self.limit_refused_conns = 0
+        self.limit_refused_rate = 0
+        self.limit_evictions = 0
+        self.limit_refusals_logged = dict.fromkeys(LIMIT_REFUSALS, (0, 0.0))
+        self.limit_evictions_logged = (0, 0.0)
+        self.limit_refused_from = dict.fromkeys(LIMIT_REFUSALS, "")
+        # The per-client limits as the blocking workers apply them (the
+        # event worker's loop applies its own, with the same tables).
+        self.client_limits = ClientLimits(**self.client_limit_args())
         # --access-log, opened in the child; lines dropped so far, last reported.
         self.access_log: AccessLog | None = None
         self.reported_drops = 0
@@ -241,33 +262,107 @@ class Worker:
     def report_udp_refusals(self, last_from: dict[str, str]) -> None:
         """Log the datagrams the UDP guard dropped, at most once a second per
         reason; ``last_from`` names the last sender refused for each."""
-        now = time.monotonic()
-        for reason in UDP_REFUSALS:
-            count = getattr(self, f"udp_refused_{reason}")
-            logged, at = self.udp_refusals_logged[reason]
-            if count == logged or now - at < 1.0:
-                continue
-            why = {
+        self.report_refusals(
+            "udp",
+            "datagram",
+            {
                 "loop": "from a port below 1024 or one this server serves UDP on: a reply "
                 "could start a packet loop",
                 "source": "from an address no reply may go to (broadcast, multicast, unspecified)",
                 "rate": "over --udp-rate for their source prefix",
-            }[reason]
-            self.log.warning(
-                "udp: %s refused %s (last from %s)",
-                plural(count - logged, "datagram"),
-                why,
-                last_from.get(reason) or "-",
-            )
-            self.udp_refusals_logged[reason] = (count, now)
+            },
+            "udp_refused_",
+            self.udp_refusals_logged,
+            last_from,
+        )
         logged, at = self.evictions_logged
-        if self.udp_rate_evictions != logged and now - at >= 1.0:
+        if self.udp_rate_evictions != logged and time.monotonic() - at >= 1.0:
             self.log.warning(
                 "udp: the --udp-rate table is full: %s still limited pushed out, which "
                 "start afresh; raise --udp-rate-table",
                 f"{self.udp_rate_evictions - logged} prefix(es)",
             )
-            self.evictions_logged = (self.udp_rate_evictions, now)
+            self.evictions_logged = (self.udp_rate_evictions, time.monotonic())
+
+    def report_refusals(
+        self,
+        topic: str,
+        noun: str,
+        why: dict[str, str],
+        prefix: str,
+        logged: dict[str, tuple[int, float]],
+        last_from: dict[str, str],
+    ) -> None:
+        """One line per reason of ``why`` whose counter (``prefix + reason``)
+        moved, at most once a second each: how many ``noun``s were refused
+        since the last line, why, and the last one's source; ``logged`` keeps
+        (count, time) of each reason's last line."""
+        now = time.monotonic()
+        for reason, text in why.items():
+            count = getattr(self, prefix + reason)
+            before, at = logged[reason]
+            if count == before or now - at < 1.0:
+                continue
+            self.log.warning(
+                "%s: %s refused %s (last from %s)",
+                topic,
+                plural(count - before, noun),
+                text,
+                last_from.get(reason) or "-",
+            )
+            logged[reason] = (count, now)
+
+    def client_limit_args(self) -> dict[str, Any]:
+        """--max-conns-per-ip and --conn-rate-per-ip, as ``ClientLimits``
+        (and the event loop, with a ``conn_`` prefix) take them."""
+        config = self.config
+        limit = config.max_conns_per_ip
+        return {
+            "limit": limit,
+            "tables": self.scoreboard.client_tables() if limit else None,
+            "slot": self.slot,
+            "rate": config.conn_rate_per_ip,
+            "burst": config.conn_burst_per_ip,
+            "rate_table": self.scoreboard.conn_rate_table() if config.conn_rate_per_ip else None,
+        }
+
+    def admit_client(self, peer: object) -> tuple[bool, tuple[int, int] | None]:
+        """The per-client limits for a new connection from ``peer`` (the
+        PROXY header's source if there was one): whether to serve it, and
+        what to hand ``client_limits.release`` when it ends. A refusal is
+        counted, and logged by ``report_limit_refusals``."""
+        refusal, held, evicted = self.client_limits.admit(peer)
+        with self.stats_lock:  # threads of a ThreadWorker share the counters
+            self.limit_evictions += evicted
+            if refusal is not None:
+                name = f"limit_refused_{refusal}"
+                setattr(self, name, getattr(self, name) + 1)
+                key = client_key(peer)
+                self.limit_refused_from[refusal] = client_address(key) if key else "-"
+        return refusal is None, held
+
+    def report_limit_refusals(self, last_from: dict[str, str]) -> None:
+        """Log the connections the per-client limits refused, at most once a
+        second per reason; ``last_from`` names the last client refused."""
+        self.report_refusals(
+            "limits",
+            "connection",
+            {
+                "conns": f"over --max-conns-per-ip {self.config.max_conns_per_ip}",
+                "rate": f"over --conn-rate-per-ip {self.config.conn_rate_per_ip:g}/s",
+            },
+            "limit_refused_",
+            self.limit_refusals_logged,
+            last_from,
+        )
+        logged, at = self.limit_evictions_logged
+        if self.limit_evictions != logged and time.monotonic() - at >= 1.0:
+            self.log.warning(
+                "limits: the per-client table is full: %s still counted or limited pushed "
+                "out (their limits start afresh); raise --per-ip-table",
+                plural(self.limit_evictions - logged, "client"),
+            )
+            self.limit_evictions_logged = (self.limit_evictions, time.monotonic())
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         """Only record: the loop, woken by the wake-up pipe, sees ``stopping``

@@ -57,6 +57,7 @@ class EventWorker(Worker):
             udp_burst=config.udp_burst,
             udp_rate_prefix=config.udp_rate_prefix,
             udp_rate_table=self.scoreboard.rate_table() if datagrams else None,
+            **{f"conn_{name}": value for name, value in self.client_limit_args().items()},
         )
         self.booted = True
         if self.stopping:  # TERM arrived while booting
@@ -104,6 +105,7 @@ class EventWorker(Worker):
                     reported_errors = self.loop.resource_errors
                 self.report_access_log_drops(self.loop.access_log_dropped)
                 self.report_udp_refusals(self.loop.udp_refused_from)
+                self.report_limit_refusals(self.loop.limit_refused_from)
         finally:
             aio.detach()
             self.loop.close()

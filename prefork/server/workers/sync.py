@@ -171,6 +171,9 @@ class SyncWorker(Worker):
             if self.beats_per_connection:
                 self.notify()
             events = poller.poll(self.tick * 1000)
+            if self.client_limits.enabled:
+                with self.stats_lock:
+                    self.report_limit_refusals(self.limit_refused_from)
             for fd, _ in events:
                 if fd == wake_fd:
                     if drain:
@@ -244,6 +247,7 @@ class SyncWorker(Worker):
                 self.notify()
         client: Any = None
         header_length = 0
+        held = None  # its client's key in the per-client count
         handled = False  # the handler ran: what the kernel counted is its
         # For the access log: a QUIT (SystemExit) leaves "shutdown" in place.
         started, end = time.monotonic(), "shutdown"
@@ -252,7 +256,12 @@ class SyncWorker(Worker):
             header = self.read_proxy_header(conn) if proxied else None
             if header is not None:
                 client, header_length = header.source, header.length
-            if header is not None or not proxied:
+            admitted = True
+            if (header is not None or not proxied) and self.client_limits.enabled:
+                admitted, held = self.admit_client(client or peer or peer_of_fd(conn))
+            if not admitted:
+                end = "limit-refused"  # closed before any byte is served
+            elif header is not None or not proxied:
                 handled = True
                 nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
@@ -289,6 +298,7 @@ class SyncWorker(Worker):
             if self.access_log is not None:
                 self.log_access(client or peer, started, nin, nout, end)
             os.close(conn)
+            self.client_limits.release(held)
             if self.beats_per_connection:
                 self.notify()
             with self.stats_lock:  # threads of a ThreadWorker share the counters
