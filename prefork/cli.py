@@ -165,7 +165,7 @@ def check(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_access_log(config.access_log)
     check_can_switch(config.user, config.group)
-    handler = load_handler(config.handler)
+    handler = load_handler(config.handler, config.handler_type)
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
@@ -194,7 +194,7 @@ def serve(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, binds=activated)
         os.environ[ACTIVATED_ENV] = str(len(activated))  # for a USR2's new master
     udp = [str(a) for a in config.binds if a.kind == "udp"]
-    handler = load_handler(config.handler)
+    handler = load_handler(config.handler, config.handler_type)
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))

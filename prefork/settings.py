@@ -369,6 +369,18 @@ def parse_workers(text: str, option: str) -> int:
     return parse_int(text, option, minimum=1, maximum=MAX_SLOTS)
 
 
+# --handler-type: "auto", or one of prefork.server.handlers.KINDS but "built-in".
+HANDLER_TYPES = (
+    "auto",
+    "protocol",
+    "protocol-factory",
+    "stream",
+    "request-handler",
+    "handle",
+    "datagram",
+)
+
+
 def parse_worker_class(text: str, option: str) -> str:
     """A name in the registry of worker classes."""
     from prefork.server.workers import WORKER_CLASSES
@@ -676,7 +688,21 @@ OPTIONS: tuple[Option, ...] = (
         parse=parse_handler_name,
         default="echo",
         help="echo (RFC 862), discard (863), chargen (864), daytime (867), or module:attr for "
-        "your own: a protocol class or a handle(sock, address) function",
+        "your own: an asyncio protocol class or factory, an async def handle(reader, writer), "
+        "a socketserver request handler class or a blocking handle(sock, address); which one "
+        "is detected (see --handler-type)",
+    ),
+    Option(
+        key="handler_type",
+        flags=("--handler-type",),
+        metavar="TYPE",
+        parse=partial(parse_choice, choices=HANDLER_TYPES),
+        default="auto",
+        help="what --handler module:attr is, when detection guesses wrong: protocol (a "
+        "protocol class), protocol-factory (called with no argument per connection, returns "
+        "a protocol), stream (async def handle(reader, writer)), request-handler (a "
+        "socketserver.BaseRequestHandler subclass), handle (a blocking handle(sock, "
+        "address)), datagram (an asyncio.DatagramProtocol class), or auto",
     ),
     Option(
         key="unix_mode",
@@ -916,6 +942,7 @@ class Config:
     idle_timeout: float = _default("idle_timeout")
     timeout: float = _default("timeout")
     handler: str = _default("handler")
+    handler_type: str = _default("handler_type")
     unix_mode: int = _default("unix_mode")
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")

@@ -348,7 +348,8 @@ def test_fast_stop(serve):
     [
         (["-k", "asyncio", "--handler", f"{KINDS}:blocking_handle"], ["blocking", "-k sync"]),
         (["-k", "asyncio", "--handler", f"{KINDS}:RequestHandler"], ["socketserver", "-k sync"]),
-        (["-k", "event", "--handler", f"{KINDS}:upper_stream"], ["stream handler", "-k asyncio"]),
+        (["-k", "sync", "--handler", f"{KINDS}:upper_stream"], ["stream handler", "-k event"]),
+        (["-k", "thread", "--handler", f"{KINDS}:upper_stream"], ["stream handler", "-k event"]),
         (["-k", "sync", "--handler", f"{KINDS}:UdpUpper"], ["DatagramProtocol", "-k asyncio"]),
         (["-k", "asyncio", "--handler", f"{KINDS}:UdpUpper"], ["DatagramProtocol", "udp://"]),
         (

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support import TESTS_DIR, handler_env, wait_until
+from support import TESTS_DIR, exchange, handler_env, metrics_address, scrape, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -126,6 +126,76 @@ def test_a_timer_alone_does_not_keep_a_stopping_worker(server_factory):
     assert server.wait(25) == 0
     assert time.monotonic() - started < 25
     assert "killing" not in server.log
+
+
+# -- async def handle(reader, writer): asyncio's streams, on either worker class -----
+
+KINDS = "handlers.asyncio_kinds"
+
+
+@pytest.fixture(params=list(CLASSES))
+def stream_server(request, server_factory):
+    def start(handler: str, *args: str):
+        return server_factory(
+            "-w", "1", *CLASSES[request.param], "--handler", f"{KINDS}:{handler}", *args,
+            env=handler_env(TESTS_DIR),
+        )  # fmt: skip
+
+    return start
+
+
+def test_a_stream_handler_is_byte_exact_with_flow_control(stream_server):
+    """800 KB of lines upper-cased: the handler's drain() waits while the
+    client is slow to read, and nothing is lost."""
+    server = stream_server("upper_stream")
+    with server.connect() as sock:
+        assert exchange(sock, b"one\ntwo\n" * 100_000) == b"ONE\nTWO\n" * 100_000
+
+
+def test_the_docs_streams_echo_runs_unchanged(stream_server):
+    server = stream_server("docs_handle_echo")
+    with server.connect() as sock:
+        sock.sendall(b"Hello World!")
+        sock.settimeout(10)
+        data = b""
+        while chunk := sock.recv(100):
+            data += chunk
+    assert data == b"Hello World!"
+    assert wait_until(lambda: "Close the connection" in server.log, 5), server.log
+    assert "Received 'Hello World!' from ('127.0.0.1'," in server.log
+
+
+def test_a_raising_stream_handler_costs_its_connection_only(stream_server):
+    server = stream_server("failing_stream", "--metrics", "127.0.0.1:0")
+    with server.connect() as sock:
+        sock.sendall(b"a\n")
+        sock.settimeout(10)
+        assert sock.recv(100) == b"first a\n"
+        sock.sendall(b"b\n")
+        assert sock.recv(100) == b""  # aborted
+    assert wait_until(lambda: "ValueError: failing_stream fails" in server.log, 5), server.log
+    assert "handler failed; connection from ('127.0.0.1'," in server.log
+    address = metrics_address(server)
+    assert wait_until(lambda: scrape(address).get("prefork_handler_errors_total") == 1, 5)
+    with server.connect() as sock:  # the worker serves on
+        sock.sendall(b"c\n")
+        sock.settimeout(10)
+        assert sock.recv(100) == b"first c\n"
+
+
+def test_term_lets_a_stream_handler_finish(stream_server):
+    server = stream_server("slow_stream", "--graceful-timeout", "20")
+    server.wait_workers(1)
+    with server.connect() as sock:
+        sock.sendall(b"job\n")
+        time.sleep(0.2)  # the handler is now awaiting its second of work
+        server.signal(15)
+        sock.settimeout(20)
+        data = b""
+        while chunk := sock.recv(100):
+            data += chunk
+    assert data == b"done job\n"
+    assert server.wait(20) == 0
 
 
 def test_return_soon_ends_a_run_without_waiting(impl):

@@ -175,3 +175,49 @@ def test_a_request_handler_is_refused_by_the_event_worker():
         env=_tests_on_path(),
     )  # fmt: skip
     assert_one_line_error(done, 2, "socketserver request handler", "-k sync")
+
+
+# -- --handler-type: when detection guesses wrong -------------------------------------
+
+
+def test_handler_type_handle_runs_a_handle_whose_parameters_have_defaults(server_factory):
+    spec = "handlers.asyncio_kinds:handle_with_defaults"
+    server = server_factory(
+        "-w", "1", "-k", "sync", "--handler", spec, "--handler-type", "handle",
+        env=_tests_on_path(),
+    )  # fmt: skip
+    with server.connect() as sock:
+        assert exchange(sock, b"abc" * 1000) == b"ABC" * 1000
+    # Detected, it passes for a protocol factory: the event worker would take it.
+    detected = run("check", "-k", "event", "--handler", spec, env=_tests_on_path())
+    assert detected.returncode == 0, detected.stderr  # taken for a protocol factory
+
+
+@pytest.mark.parametrize("k", ["event", "asyncio"])
+def test_handler_type_stream_runs_a_wrapper_returning_a_coroutine(server_factory, k):
+    spec = "handlers.asyncio_kinds:stream_by_wrapper"
+    refused = run("serve", "-k", k, "--handler", spec, env=_tests_on_path())
+    assert_one_line_error(refused, 2, spec)  # detected: a blocking handle(sock, address)
+    server = server_factory(
+        "-w", "1", "-k", k, "--handler", spec, "--handler-type", "stream", env=_tests_on_path()
+    )
+    with server.connect() as sock:
+        assert exchange(sock, b"one\ntwo\n" * 1000) == b"ONE\nTWO\n" * 1000
+
+
+@pytest.mark.parametrize(
+    ("handler", "handler_type", "needles"),
+    [
+        ("examples.upper:handle", "request-handler", ["not a socketserver.BaseRequestHandler"]),
+        ("echo", "protocol", ["--handler-type protocol", "built-in"]),
+        ("handlers.faulty:not_callable", "stream", ["cannot be called"]),
+        ("examples.upper:Upper", "coroutine", ["--handler-type", "'coroutine'"]),
+    ],
+)
+def test_a_handler_type_that_cannot_be_is_one_line_and_exit_2(handler, handler_type, needles):
+    for command in ("serve", "check"):
+        result = run(
+            command, "-b", "127.0.0.1:0", "-k", "sync", "--handler", handler,
+            "--handler-type", handler_type, env=_tests_on_path(),
+        )  # fmt: skip
+        assert_one_line_error(result, 2, *needles)

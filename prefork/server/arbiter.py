@@ -517,10 +517,10 @@ class Arbiter:
                 if getattr(config, name) and table is None:  # its table is made at start
                     self.log.warning("HUP: turning on %s needs a restart; keeping it off", name)
                     config = replace(config, **{name: getattr(self.config, name)})  # off
-        if config.handler == self.handler.spec:
+        if (config.handler, config.handler_type) == (self.handler.spec, self.handler.handler_type):
             handler = reload_handler(self.handler)
         else:
-            handler = load_handler(config.handler)
+            handler = load_handler(config.handler, config.handler_type)
         datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
         stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
         check_fit(handler, config.worker_class, datagram, stream)

@@ -21,9 +21,11 @@
   ``handle``, ``finish``), then the sending side is shut down and the socket
   closed. ``server`` is a stand-in (``RequestServer``): the master owns the
   listening socket.
-- for the asyncio worker (``-k asyncio``) only: an ``async def
-  handle(reader, writer)`` **stream handler** (asyncio's streams, a task per
-  connection) and an ``asyncio.DatagramProtocol`` class for ``udp://``.
+- an ``async def handle(reader, writer)`` **stream handler** (asyncio's
+  streams, a task per connection: ``StreamHandlerProtocol``), for the event
+  and asyncio workers.
+- for the asyncio worker (``-k asyncio``) only: an ``asyncio.DatagramProtocol``
+  class for ``udp://``.
 
 ``LoadedHandler.kind`` names which it is (``KINDS``, by ``detect_kind``);
 ``check_fit`` refuses, with one line and exit code 2, a kind that the chosen
@@ -121,8 +123,10 @@ KINDS = (
     "request-handler",  # a socketserver.BaseRequestHandler subclass
     "handle",  # a blocking handle(sock, address)
 )
-# The kinds only the asyncio worker runs, and those it cannot run.
-ASYNCIO_ONLY_KINDS = ("stream", "datagram")
+# The kinds only the asyncio worker runs, those the event and asyncio
+# workers run, and those only the blocking workers run.
+ASYNCIO_ONLY_KINDS = ("datagram",)
+LOOP_KINDS = ("stream",)
 BLOCKING_KINDS = ("request-handler", "handle")
 
 
@@ -172,10 +176,13 @@ class LoadedHandler:
     handle: Callable[[socket.socket, Any], Any] | None = None
     stream: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any] | None = None
     datagram_factory: Callable[[], Any] | None = None
+    handler_type: str = "auto"  # --handler-type: a kind of KINDS that overrides detection
 
     @property
     def kind(self) -> str:
         """One of ``KINDS``."""
+        if self.handler_type != "auto":
+            return self.handler_type
         if self.builtin is not None:
             return "built-in"
         if self.stream is not None:
@@ -206,13 +213,19 @@ class LoadedHandler:
         return lambda fd, buffer, peer: serve_handle(fd, handle, peer)
 
 
-def load_handler(spec: str) -> LoadedHandler:
-    """Resolve ``--handler`` (already syntax-checked by the config).
+def load_handler(spec: str, handler_type: str = "auto") -> LoadedHandler:
+    """Resolve ``--handler`` (already syntax-checked by the config), as the
+    kind ``handler_type`` names (``--handler-type``), or as detected.
 
     Raises ``HandlerLoadError`` (exit code 3) with a one-line reason when
-    the module does not import or lacks the attribute.
+    the module does not import or lacks the attribute, and ``ConfigError``
+    (exit code 2) when it cannot be of the kind ``handler_type`` names.
     """
     if spec in BUILTIN:
+        if handler_type != "auto":
+            raise ConfigError(
+                f"--handler-type {handler_type}: --handler {spec} is a built-in service"
+            )
         return LoadedHandler(spec, builtin=spec)
     module_name, _, attr_path = spec.partition(":")
     if os.getcwd() not in sys.path:  # like gunicorn: user modules live where you run it
@@ -230,19 +243,38 @@ def load_handler(spec: str) -> LoadedHandler:
             raise HandlerLoadError(
                 f"--handler {spec}: {module_name} has no attribute {attr_path!r}"
             ) from None
-    kind = detect_kind(target)
+    kind = detect_kind(target) if handler_type == "auto" else handler_type
+    if handler_type != "auto":
+        check_handler_type(spec, target, handler_type)
     if kind in ("protocol", "protocol-factory"):
-        return LoadedHandler(spec, protocol_factory=target)
+        return LoadedHandler(spec, protocol_factory=target, handler_type=handler_type)
     if kind == "stream":
-        return LoadedHandler(spec, stream=target)
+        return LoadedHandler(spec, stream=target, handler_type=handler_type)
     if kind == "datagram":
-        return LoadedHandler(spec, datagram_factory=target)
+        return LoadedHandler(spec, datagram_factory=target, handler_type=handler_type)
     if kind is not None:
-        return LoadedHandler(spec, handle=target)
+        return LoadedHandler(spec, handle=target, handler_type=handler_type)
     raise HandlerLoadError(
         f"--handler {spec}: expected a protocol class or a handle(sock, address) "
         f"function, got {type(target).__name__}"
     )
+
+
+def check_handler_type(spec: str, target: Any, handler_type: str) -> None:
+    """Raise ConfigError unless ``target`` can be run as ``handler_type``:
+    every kind is called, and a request handler is a class socketserver runs."""
+    if not callable(target):
+        raise ConfigError(
+            f"--handler-type {handler_type}: --handler {spec} is a "
+            f"{type(target).__name__}, which cannot be called"
+        )
+    if handler_type == "request-handler" and not (
+        isinstance(target, type) and issubclass(target, socketserver.BaseRequestHandler)
+    ):
+        raise ConfigError(
+            f"--handler-type request-handler: --handler {spec} is not a "
+            "socketserver.BaseRequestHandler subclass"
+        )
 
 
 def check_fit(
@@ -253,8 +285,13 @@ def check_fit(
     (their names, None if there is none)."""
     kind = handler.kind
     if kind in ASYNCIO_ONLY_KINDS and worker_class != "asyncio":
-        what = "an async stream handler" if kind == "stream" else "a DatagramProtocol class"
-        raise ConfigError(f"--handler {handler.spec} is {what}: it needs -k asyncio")
+        raise ConfigError(
+            f"--handler {handler.spec} is a DatagramProtocol class: it needs -k asyncio"
+        )
+    if kind in LOOP_KINDS and worker_class not in ("event", "asyncio"):
+        raise ConfigError(
+            f"--handler {handler.spec} is an async stream handler: it needs -k event or -k asyncio"
+        )
     if worker_class == "asyncio" and kind in BLOCKING_KINDS:
         what = (
             "a socketserver request handler"
@@ -317,7 +354,7 @@ def reload_handler(loaded: LoadedHandler) -> LoadedHandler:
             raise HandlerLoadError(
                 f"--handler {loaded.spec}: cannot import {module_name}: {type(exc).__name__}: {exc}"
             ) from None
-    return load_handler(loaded.spec)
+    return load_handler(loaded.spec, loaded.handler_type)
 
 
 class BlockingTransport:
@@ -379,6 +416,40 @@ def serve_protocol(
         return nin, transport.bytes_out
     finally:
         sock.detach()
+
+
+STREAM_LIMIT = 64 * 1024  # a stream handler's StreamReader buffer limit (asyncio's default)
+
+
+class StreamHandlerProtocol(asyncio.StreamReaderProtocol):
+    """Runs ``async def handle(reader, writer)`` as a task per connection,
+    with asyncio's streams, on the running loop (the event worker's or
+    -k asyncio's), and closes the connection when it returns. A handler
+    that raises is reported to ``failed(exc, peer)`` (which logs and counts
+    it) and its connection aborted; nothing else is touched."""
+
+    def __init__(
+        self, handle: Callable[..., Any], failed: Callable[[Exception, Any], None]
+    ) -> None:
+        self._reader = asyncio.StreamReader(limit=STREAM_LIMIT)
+        super().__init__(self._reader)
+        self._handle = handle
+        self._failed = failed
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        loop = asyncio.get_running_loop()
+        writer = asyncio.StreamWriter(transport, self, self._reader, loop)
+        loop.create_task(self._run(writer))
+
+    async def _run(self, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._handle(self._reader, writer)
+        except Exception as exc:
+            self._failed(exc, writer.get_extra_info("peername"))
+            writer.transport.abort()
+        finally:
+            writer.close()
 
 
 class RequestServer:

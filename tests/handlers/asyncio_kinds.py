@@ -1,5 +1,5 @@
-"""Handlers of every kind the asyncio worker runs (and some it refuses), for
-tests/test_asyncio_worker.py."""
+"""Handlers of every kind the event and asyncio workers run (and some they
+refuse), for tests/test_asyncio_worker.py and tests/test_event_asyncio.py."""
 
 from __future__ import annotations
 
@@ -33,6 +33,32 @@ async def upper_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         await writer.drain()
     writer.close()
     await writer.wait_closed()
+
+
+async def docs_handle_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The CPython docs' TCP echo server using streams, its handle_echo as
+    written there (print to standard error: our log)."""
+    data = await reader.read(100)
+    message = data.decode()
+    addr = writer.get_extra_info("peername")
+
+    print(f"Received {message!r} from {addr!r}", file=sys.stderr)
+
+    print(f"Send: {message!r}", file=sys.stderr)
+    writer.write(data)
+    await writer.drain()
+
+    print("Close the connection", file=sys.stderr)
+    writer.close()
+    await writer.wait_closed()
+
+
+async def failing_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers one line, then raises on the next."""
+    writer.write(b"first " + await reader.readline())
+    await writer.drain()
+    await reader.readline()
+    raise ValueError("failing_stream fails on its second line")
 
 
 async def slow_stream(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -131,3 +157,19 @@ class BufferedEcho(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.transport.write(bytes(self.buffer[:nbytes]))
+
+
+# -- what detection takes for another kind: --handler-type says which ---------------
+
+
+def handle_with_defaults(sock: Any = None, address: Any = None) -> None:
+    """A blocking handle(sock, address) whose parameters have defaults:
+    detected as a protocol factory (it can be called with no argument)."""
+    while data := sock.recv(65536):
+        sock.sendall(data.upper())
+
+
+def stream_by_wrapper(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Any:
+    """A stream handler that is a plain function returning the coroutine (a
+    decorator's wrapper, say): detected as a blocking handle(sock, address)."""
+    return upper_stream(reader, writer)

@@ -59,7 +59,7 @@ from prefork._fastio_common import (
     rate_admit,
     rate_key,
 )
-from prefork.server.handlers import CHARGEN_PATTERN
+from prefork.server.handlers import CHARGEN_PATTERN, StreamHandlerProtocol
 from prefork.server.listeners import Listener
 from prefork.server.log import plural
 from prefork.server.workers.base import Worker
@@ -67,7 +67,6 @@ from prefork.settings import udp_rate_of
 
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CANCEL_LEAD = 1.0  # at most this long before the master's KILL, cancel what is left
-STREAM_LIMIT = 64 * 1024  # a stream handler's StreamReader buffer limit (asyncio's default)
 HEADER_READ = 65536  # bytes read at a time while a PROXY header is incomplete
 
 
@@ -429,37 +428,6 @@ class ConnectionTransport(asyncio.Transport):
         self._conn.inner = protocol
 
 
-class StreamHandlerProtocol(asyncio.StreamReaderProtocol):
-    """Runs ``async def handle(reader, writer)`` as a task per connection,
-    with asyncio's streams, and closes the connection when it returns."""
-
-    def __init__(self, handle: Callable[..., Any], worker: AsyncioWorker) -> None:
-        self._reader = asyncio.StreamReader(limit=STREAM_LIMIT)
-        super().__init__(self._reader)
-        self._handle = handle
-        self._worker = worker
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        loop = asyncio.get_running_loop()
-        writer = asyncio.StreamWriter(transport, self, self._reader, loop)
-        loop.create_task(self._run(writer))
-
-    async def _run(self, writer: asyncio.StreamWriter) -> None:
-        try:
-            await self._handle(self._reader, writer)
-        except Exception as exc:
-            self._worker.handler_errors += 1
-            self._worker.log.error(
-                "handler failed; connection from %s closed",
-                writer.get_extra_info("peername"),
-                exc_info=exc,
-            )
-            writer.transport.abort()
-        finally:
-            writer.close()
-
-
 class DatagramEndpoint(asyncio.DatagramProtocol):
     """The protocol the loop sees for one datagram socket: counts, and
     contains a handler's exception to the datagram that raised it."""
@@ -563,7 +531,7 @@ class AsyncioWorker(Worker):
             return STREAM_SERVICES[handler.builtin]
         if handler.stream is not None:
             stream = handler.stream
-            return lambda: StreamHandlerProtocol(stream, self)
+            return lambda: StreamHandlerProtocol(stream, self.stream_failed)
         if handler.protocol_factory is not None:
             return handler.protocol_factory
         return Discard  # a DatagramProtocol: check_fit allows no stream listener with it

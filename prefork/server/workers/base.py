@@ -132,6 +132,7 @@ class Worker:
         self.idle_closed = 0
         self.max_buffer_closed = 0
         self.handler_errors = 0
+        self.stream_errors = 0  # of those, stream handlers' (tasks the loop does not see)
         self.proxy_rejected = 0
         # Datagrams the UDP guard dropped, by reason; when each was last logged.
         self.udp_refused_loop = 0
@@ -311,6 +312,13 @@ class Worker:
                 last_from.get(reason) or "-",
             )
             logged[reason] = (count, now)
+
+    def stream_failed(self, exc: Exception, peer: object) -> None:
+        """An ``async def handle(reader, writer)`` raised: log it with the
+        peer and count it (its connection is aborted)."""
+        self.stream_errors += 1
+        self.handler_errors += 1
+        self.log.error("handler failed; connection from %s closed", peer, exc_info=exc)
 
     def client_limit_args(self) -> dict[str, Any]:
         """--max-conns-per-ip and --conn-rate-per-ip, as ``ClientLimits``

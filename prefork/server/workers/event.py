@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import select
 import time
+from typing import Any
 
 from prefork import fastio
 from prefork._fastio_common import LOOP_COUNTERS
-from prefork.server.handlers import CHARGEN_PATTERN
+from prefork.server.handlers import CHARGEN_PATTERN, StreamHandlerProtocol
 from prefork.server.workers.base import Worker
 from prefork.server.workers.event_asyncio import EventWorkerLoop
 from prefork.settings import udp_rate_of
@@ -39,7 +40,7 @@ class EventWorker(Worker):
             streams,
             self.handler.builtin or "protocol",
             datagram_sockets=datagrams,
-            protocol_factory=self.handler.protocol_factory,
+            protocol_factory=self.protocol_factory(),
             wakeup_fd=self.wakeup_r,
             max_connections=config.max_connections,
             max_buffer=config.max_buffer,
@@ -111,11 +112,20 @@ class EventWorker(Worker):
             self.loop.close()
             self.collect_stats()
 
+    def protocol_factory(self) -> Any:
+        """What makes each connection's protocol: the handler's own, or, for
+        an ``async def handle(reader, writer)``, asyncio's streams around it."""
+        stream = self.handler.stream
+        if stream is not None:
+            return lambda: StreamHandlerProtocol(stream, self.stream_failed)
+        return self.handler.protocol_factory
+
     def collect_stats(self) -> None:
         """Copy the loop's counters out and publish them (once a tick)."""
         assert self.loop is not None
         for name in LOOP_COUNTERS:  # the loops keep the slot's counters under its names
             setattr(self, name, getattr(self.loop, name))
+        self.handler_errors += self.stream_errors  # raised in tasks, out of the loop's sight
         self.publish()
 
     def recycle_listeners(self) -> None:
