@@ -646,6 +646,7 @@ cdef class EventLoop:
     cdef int n_active
     cdef bint _accepting, _recycled, armed, draining
     cdef bint _return_soon  # return_soon(): leave run() before waiting again
+    cdef uint64_t watch_tag  # watch()'s descriptor's epoll tag; 0: none
     cdef unsigned long long drained
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
@@ -840,6 +841,16 @@ cdef class EventLoop:
         """Take the listeners out of the loop for good (graceful stop)."""
         self._stop_accepting()
 
+    def watch(self, fd):
+        """Make ``run`` return when ``fd`` is readable (see the spec)."""
+        fd = fileno_of(fd)
+        if self.watch_tag != 0:
+            raise ValueError("the loop watches one descriptor already")
+        # A tag past every listener's and datagram socket's: never taken for one.
+        tag = ((<uint64_t>(self.n_listeners + 1 + self.n_dgrams)) << 1) | 1
+        self._ctl(posix.EPOLL_CTL_ADD, fd, posix.EPOLLIN, tag)
+        self.watch_tag = tag
+
     def close(self):
         """Close every connection and the epoll set; listeners stay open."""
         while self.head != NULL:
@@ -972,6 +983,8 @@ cdef class EventLoop:
                     conn = <Conn *>self.events[i].data.ptr
                     if not conn.closed:
                         self._serve(conn, self.events[i].events, now)
+                elif tag == self.watch_tag:
+                    woken = True  # its owner reads it, between two runs
                 elif <int>(tag >> 1) == self.n_listeners:
                     woken = True
                     self._drain_wakeup()

@@ -600,6 +600,7 @@ class EventLoop:
         self._return_soon = False  # return_soon(): leave run() before waiting again
         self._paused_until = 0.0
         self._wakeup_fd = wakeup_fd
+        self._watched_fd = -1  # watch()
         if wakeup_fd >= 0:
             self._epoll.register(wakeup_fd, _EPOLLIN)
         self._datagram_sockets = {fd: socket.socket(fileno=fd) for fd in dgram_fds}
@@ -660,6 +661,20 @@ class EventLoop:
         Called by user code inside ``run``, or before it (``run`` then looks
         at what is ready once, without waiting, and returns)."""
         self._return_soon = True
+
+    def watch(self, fd: Any) -> None:
+        """Make ``run`` return when ``fd`` (borrowed) is readable, without
+        reading it: its owner does, between two runs. The event worker's
+        asyncio loop watches its selector (the descriptors user code waits
+        on: ``add_reader``, outgoing connections) so. One descriptor, for
+        good; it stays watched after ``stop_accepting``. While there is no
+        connection and the loop does not accept, ``run`` returns at once as
+        ever: the owner waits on the descriptor itself then."""
+        fd = fileno_of(fd)
+        if self._watched_fd >= 0:
+            raise ValueError("the loop watches one descriptor already")
+        self._epoll.register(fd, _EPOLLIN)
+        self._watched_fd = fd
 
     def stop_accepting(self) -> None:
         """Take the listeners out of the loop for good (graceful stop).
@@ -738,6 +753,8 @@ class EventLoop:
                 elif fd == self._wakeup_fd:
                     woken = True
                     _drain(fd)
+                elif fd == self._watched_fd:
+                    woken = True  # its owner reads it, between two runs
                 elif fd in self._listeners and self._armed:
                     self._accept(fd, now)
                 elif fd in self._datagram_sockets:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import socketserver
+import threading
 import time
 
 import pytest
@@ -81,12 +83,75 @@ def test_a_raising_callback_is_logged_and_the_connection_goes_on(server):
     assert wait_until(lambda: "ZeroDivisionError" in server.log, 10), server.log
 
 
+# -- outgoing connections: a handler calls a backend on the same loop ---------------
+
+
+class UpperLines(socketserver.StreamRequestHandler):
+    def handle(self):
+        for line in self.rfile:
+            self.wfile.write(line.upper())
+
+
+class EchoAll(socketserver.BaseRequestHandler):
+    def handle(self):
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+@pytest.fixture
+def backend():
+    """A line server (upper-cases) and an echo server in this process:
+    ("127.0.0.1:PORT" of each)."""
+    servers = [
+        socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+        for handler in (UpperLines, EchoAll)
+    ]
+    for server in servers:
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield ["{}:{}".format(*server.server_address) for server in servers]
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_handler_opens_a_connection_to_a_backend(server, backend):
+    lines, _ = backend
+    port = lines.rpartition(":")[2]
+    assert ask(server, f"open {lines} hello") == [f"got HELLO from {port}"]
+
+
+def test_create_connection_with_a_protocol_class(server, backend):
+    lines, _ = backend
+    assert ask(server, f"proto {lines}") == ["proto PROTO"]
+
+
+def test_the_sock_coroutines(server, backend):
+    lines, _ = backend
+    assert ask(server, f"sock {lines}") == ["sock SOCK API"]
+
+
+def test_an_outgoing_connection_moves_bulk_with_flow_control(server, backend):
+    """4 MiB each way through an echo backend that reads as it writes: the
+    writer is paused past the high-water mark and resumed; every byte comes
+    back in order."""
+    _, echo = backend
+    assert ask(server, f"bulk {echo} {4 << 20}", timeout=60) == [f"bulk {4 << 20} True"]
+
+
+def test_a_refused_outgoing_connection_raises_in_the_handler(server):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert ask(server, f"open 127.0.0.1:{port} x") == ["error ConnectionRefusedError"]
+
+
 def test_what_the_event_worker_lacks_says_so_by_name(server_factory):
     server = server_factory(
         "-w", "1", "-k", "event", "--handler", HANDLER, env=handler_env(TESTS_DIR)
     )
     (reply,) = ask(server, "unsupported")
-    assert reply.startswith("NotImplementedError loop.add_reader() is not available"), reply
+    assert reply.startswith("NotImplementedError loop.connect_read_pipe() is not available"), reply
     assert "-k asyncio" in reply
 
 
@@ -239,3 +304,33 @@ def test_return_soon_ends_a_run_without_waiting(impl):
         client.close()
         loop.close()
         listener.close()
+
+
+def test_watch_makes_a_run_return_when_its_descriptor_is_readable(impl):
+    """EventLoop.watch(fd), both implementations: run() returns when fd is
+    readable, without reading it (so again at once while it stays readable);
+    it waits its whole timeout while fd is not; one descriptor only."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    read_end, write_end = os.pipe()
+    loop = impl.EventLoop([listener], "echo")
+    try:
+        loop.watch(read_end)
+        with pytest.raises(ValueError):
+            loop.watch(write_end)
+        started = time.monotonic()
+        loop.run(0.3)
+        assert time.monotonic() - started >= 0.3  # nothing to read: the whole timeout
+        os.write(write_end, b"x")
+        for _ in range(2):  # not read by the loop: readable still, the second time too
+            started = time.monotonic()
+            loop.run(30)
+            assert time.monotonic() - started < 10
+        assert os.read(read_end, 10) == b"x"
+    finally:
+        loop.close()
+        listener.close()
+        os.close(read_end)
+        os.close(write_end)

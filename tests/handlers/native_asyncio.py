@@ -87,7 +87,7 @@ class Commands(asyncio.Protocol):
     # a method the loop lacks: its NotImplementedError comes back
     def do_unsupported(self, arg):
         try:
-            self.loop.add_reader(0, print)
+            self.loop.connect_read_pipe(asyncio.Protocol, None)
         except NotImplementedError as exc:
             self.reply(f"NotImplementedError {exc}")
 
@@ -103,6 +103,95 @@ class Commands(asyncio.Protocol):
 
         tick()
         self.reply("ok")
+
+    # outgoing connections on the same loop: "open HOST:PORT TEXT" sends TEXT
+    # and a newline to a line server with asyncio.open_connection
+    def do_open(self, arg):
+        address, _, text = arg.partition(" ")
+        self.pending.append(self.loop.create_task(self.open_and_ask(address, text)))
+
+    async def open_and_ask(self, address, text):
+        host, _, port = address.rpartition(":")
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+        except OSError as exc:
+            self.reply(f"error {type(exc).__name__}")
+            return
+        writer.write(text.encode() + b"\n")
+        await writer.drain()
+        line = await reader.readline()
+        writer.close()
+        await writer.wait_closed()
+        self.reply(f"got {line.decode().strip()} from {writer.get_extra_info('peername')[1]}")
+
+    # "bulk HOST:PORT N": N bytes through an echo server and back, with drain()
+    # (flow control: the transport pauses the writer past its high-water mark)
+    def do_bulk(self, arg):
+        address, _, size = arg.partition(" ")
+        self.pending.append(self.loop.create_task(self.bulk(address, int(size))))
+
+    async def bulk(self, address, size):
+        host, _, port = address.rpartition(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        payload = os.urandom(size)
+
+        async def send():
+            for start in range(0, size, 65536):
+                writer.write(payload[start : start + 65536])
+                await writer.drain()
+            writer.write_eof()
+
+        sender = self.loop.create_task(send())
+        echoed = await reader.read()  # until the echo server's end of file
+        await sender
+        writer.close()
+        self.reply(f"bulk {len(echoed)} {echoed == payload}")
+
+    # "proto HOST:PORT": loop.create_connection with a Protocol class
+    def do_proto(self, arg):
+        host, _, port = arg.rpartition(":")
+        done = self.loop.create_future()
+        commands = self
+
+        class Client(asyncio.Protocol):
+            def connection_made(self, transport):
+                self.data = b""
+                transport.write(b"proto\n")
+
+            def data_received(self, data):
+                self.data += data
+
+            def eof_received(self):
+                return False  # close
+
+            def connection_lost(self, exc):
+                done.set_result(self.data)
+
+        async def run():
+            transport, _ = await commands.loop.create_connection(Client, host, int(port))
+            transport.write_eof()  # the line server answers, then sees our end
+            data = await done
+            commands.reply(f"proto {data.decode().strip()}")
+
+        self.pending.append(self.loop.create_task(run()))
+
+    # "sock HOST:PORT": the loop's sock_* coroutines on a socket of our own
+    def do_sock(self, arg):
+        host, _, port = arg.rpartition(":")
+
+        async def run():
+            import socket
+
+            with socket.socket() as sock:
+                sock.setblocking(False)
+                await self.loop.sock_connect(sock, (host, int(port)))
+                await self.loop.sock_sendall(sock, b"sock api\n")
+                data = b""
+                while not data.endswith(b"\n"):
+                    data += await self.loop.sock_recv(sock, 100)
+            self.reply(f"sock {data.decode().strip()}")
+
+        self.pending.append(self.loop.create_task(run()))
 
     def do_pid(self, arg):
         self.reply(str(os.getpid()))

@@ -74,7 +74,8 @@ class EventWorker(Worker):
                 if self.loop.accepting or self.loop.active:
                     self.loop.run(aio.timeout(self.tick))
                 else:  # only tasks and timers are left (a graceful stop): wait for them
-                    if select.select([self.wakeup_r], [], [], aio.timeout(self.tick))[0]:
+                    waits = [self.wakeup_r, aio.watched_fd()]  # and the sockets they wait on
+                    if self.wakeup_r in select.select(waits, [], [], aio.timeout(self.tick))[0]:
                         self.drain_wakeup()
                 aio.run_once()
                 now = time.monotonic()

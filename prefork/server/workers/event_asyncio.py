@@ -17,6 +17,13 @@ return at the end of its current batch (``EventLoop.return_soon``) rather
 than wait for the tick; from another thread, ``call_soon_threadsafe`` also
 writes to the worker's wake-up pipe.
 
+Descriptors user code waits on (``add_reader``, ``add_writer``, the
+``sock_*`` coroutines, and the connections it opens with
+``create_connection`` or ``asyncio.open_connection``: workers/event_transport.py)
+live in a selector of this loop's own, whose epoll descriptor the I/O loop
+watches (``EventLoop.watch``): the I/O loop returns when one is ready, and
+``run_once`` runs their callbacks with the others.
+
 What user code cannot use here raises NotImplementedError naming the method
 (``-k asyncio`` runs a complete asyncio loop instead).
 """
@@ -26,9 +33,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import errno
+import functools
 import heapq
 import logging
 import os
+import selectors
+import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +48,8 @@ from collections.abc import Callable
 from typing import Any
 
 from prefork import fastio
+from prefork._fastio_common import fileno_of
+from prefork.server.workers.event_transport import SocketTransport
 
 # Methods the asyncio API has and this loop does not implement: each raises
 # NotImplementedError naming itself (asyncio's abstract ones name nothing).
@@ -45,7 +59,6 @@ UNSUPPORTED = (
     "stop",
     "shutdown_asyncgens",
     "shutdown_default_executor",
-    "create_connection",
     "create_server",
     "sendfile",
     "start_tls",
@@ -57,18 +70,9 @@ UNSUPPORTED = (
     "connect_write_pipe",
     "subprocess_shell",
     "subprocess_exec",
-    "add_reader",
-    "remove_reader",
-    "add_writer",
-    "remove_writer",
-    "sock_recv",
-    "sock_recv_into",
     "sock_recvfrom",
     "sock_recvfrom_into",
-    "sock_sendall",
     "sock_sendto",
-    "sock_connect",
-    "sock_accept",
     "sock_sendfile",
     "add_signal_handler",
     "remove_signal_handler",
@@ -103,14 +107,22 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         self._executor: concurrent.futures.Executor | None = None
         self._debug = False
         self.log = logging.getLogger("prefork")
+        # What add_reader/add_writer watch: fd -> (reader, writer) handles.
+        self._selector = selectors.EpollSelector()
 
     # -- driving it (the worker) ----------------------------------------------------
 
     def attach(self, io: fastio.EventLoop) -> None:
         """Serve with ``io`` and be the running loop of this thread from now on."""
         self.io = io
+        io.watch(self._selector.fileno())
         self._running = True
         asyncio.events._set_running_loop(self)
+
+    def watched_fd(self) -> int:
+        """The descriptor that is readable while a watched one is ready (for
+        a worker that waits without the I/O loop)."""
+        return self._selector.fileno()
 
     def timeout(self, longest: float) -> float:
         """How long the I/O loop may wait: 0 while callbacks are ready,
@@ -134,6 +146,13 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
             self._timers = [t for t in self._timers if not t.cancelled()]
             heapq.heapify(self._timers)
             self._cancelled_timers = 0
+        if self._selector.get_map():
+            for key, mask in self._selector.select(0):
+                reader, writer = key.data
+                if mask & selectors.EVENT_READ and reader is not None:
+                    self._ready.append(reader)
+                if mask & selectors.EVENT_WRITE and writer is not None:
+                    self._ready.append(writer)
         now = self.time()
         while self._timers and self._timers[0].when() <= now:
             timer = heapq.heappop(self._timers)
@@ -157,6 +176,7 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def detach(self) -> None:
         self._running = False
         asyncio.events._set_running_loop(None)
+        self._selector.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -252,6 +272,196 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def set_default_executor(self, executor: Any) -> None:
         self._executor = executor
 
+    # -- descriptors and sockets of the user's own ----------------------------------
+
+    def _watch(self, fd: Any, event: int, handle: asyncio.Handle | None) -> bool:
+        """Set (or, with None, clear) the reader or writer of ``fd``; whether
+        one was set before."""
+        self._check_closed()
+        fd = fileno_of(fd)
+        try:
+            key = self._selector.get_key(fd)
+        except KeyError:
+            key = None
+        reader, writer = key.data if key is not None else (None, None)
+        before = reader if event == selectors.EVENT_READ else writer
+        if before is not None:
+            before.cancel()
+        if event == selectors.EVENT_READ:
+            reader = handle
+        else:
+            writer = handle
+        events = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
+        if key is None:
+            if events:
+                self._selector.register(fd, events, (reader, writer))
+        elif events:
+            self._selector.modify(fd, events, (reader, writer))
+        else:
+            self._selector.unregister(fd)
+        return before is not None
+
+    def add_reader(  # type: ignore[override]  # typeshed's generic signature
+        self, fd: Any, callback: Callable[..., Any], *args: Any
+    ) -> None:
+        self._watch(fd, selectors.EVENT_READ, asyncio.Handle(callback, args, self))
+
+    def remove_reader(self, fd: Any) -> bool:
+        return self._watch(fd, selectors.EVENT_READ, None)
+
+    def add_writer(  # type: ignore[override]  # typeshed's generic signature
+        self, fd: Any, callback: Callable[..., Any], *args: Any
+    ) -> None:
+        self._watch(fd, selectors.EVENT_WRITE, asyncio.Handle(callback, args, self))
+
+    def remove_writer(self, fd: Any) -> bool:
+        return self._watch(fd, selectors.EVENT_WRITE, None)
+
+    async def _when_ready(self, sock: socket.socket, writing: bool, attempt: Any) -> Any:
+        """``attempt()`` now and each time ``sock`` is ready, until it does
+        not raise BlockingIOError: its result (or exception)."""
+        try:
+            return attempt()
+        except (BlockingIOError, InterruptedError):
+            pass
+        future = self.create_future()
+        fd = sock.fileno()
+
+        def ready() -> None:
+            if future.done():
+                return
+            try:
+                result = attempt()
+            except (BlockingIOError, InterruptedError):
+                return
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+        (self.add_writer if writing else self.add_reader)(fd, ready)
+        try:
+            return await future
+        finally:
+            (self.remove_writer if writing else self.remove_reader)(fd)
+
+    async def sock_recv(self, sock: socket.socket, nbytes: int) -> bytes:
+        return await self._when_ready(sock, False, lambda: sock.recv(nbytes))  # type: ignore[no-any-return]
+
+    async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
+        return await self._when_ready(sock, False, lambda: sock.recv_into(buf))  # type: ignore[no-any-return]
+
+    async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            sent = await self._when_ready(sock, True, functools.partial(sock.send, view))
+            view = view[sent:]
+
+    async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
+        conn, address = await self._when_ready(sock, False, sock.accept)
+        conn.setblocking(False)
+        return conn, address
+
+    async def sock_connect(self, sock: socket.socket, address: Any) -> None:
+        """Connect a non-blocking socket: wait until it is writable, then
+        read SO_ERROR, as asyncio does."""
+        code = sock.connect_ex(address)
+        if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
+
+            def result() -> None:
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if error != 0:
+                    raise OSError(error, f"Connect call failed {address}")
+
+            await self._when_ready(sock, True, _after_first(result))
+        elif code not in (0, errno.EISCONN):
+            raise OSError(code, f"Connect call failed {address}")
+
+    async def create_connection(
+        self,
+        protocol_factory: Callable[[], Any],
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        ssl: Any = None,
+        family: int = 0,
+        proto: int = 0,
+        flags: int = 0,
+        sock: socket.socket | None = None,
+        local_addr: Any = None,
+        server_hostname: str | None = None,
+        ssl_handshake_timeout: float | None = None,
+        ssl_shutdown_timeout: float | None = None,
+        happy_eyeballs_delay: float | None = None,
+        interleave: int | None = None,
+        all_errors: bool = False,
+    ) -> tuple[asyncio.Transport, Any]:
+        """A TCP (or UNIX, with ``sock``) connection from this worker, as
+        asyncio's: every address of ``host`` tried in turn; TLS is not
+        available on this loop (-k asyncio has it)."""
+        if ssl or server_hostname is not None:
+            raise NotImplementedError(
+                "loop.create_connection(ssl=...) is not available in prefork's event worker; "
+                "-k asyncio runs a complete asyncio loop"
+            )
+        if sock is None:
+            if host is None and port is None:
+                raise ValueError("host and port was not specified and no sock specified")
+            sock = await self._connect_any(host, port, family, proto, flags, local_addr, all_errors)
+        elif host is not None or port is not None:
+            raise ValueError("host/port and sock can not be specified at the same time")
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio
+        protocol = protocol_factory()
+        transport = SocketTransport(self, sock, protocol)
+        waiter = self.create_future()
+        transport.start(waiter)
+        try:
+            await waiter
+        except BaseException:
+            transport.close()
+            raise
+        return transport, protocol
+
+    async def _connect_any(
+        self,
+        host: str | None,
+        port: int | None,
+        family: int,
+        proto: int,
+        flags: int,
+        local_addr: Any,
+        all_errors: bool,
+    ) -> socket.socket:
+        infos = await self.getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM, proto=proto, flags=flags
+        )
+        if not infos:
+            raise OSError("getaddrinfo() returned empty list")
+        errors: list[OSError] = []
+        for af, kind, number, _, address in infos:
+            sock = socket.socket(af, kind, number)
+            try:
+                sock.setblocking(False)
+                if local_addr is not None:
+                    sock.bind(local_addr)
+                await self.sock_connect(sock, address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                errors.append(exc)
+            except BaseException:
+                sock.close()
+                raise
+        if all_errors and sys.version_info >= (3, 11):
+            raise ExceptionGroup("create_connection failed", errors)  # noqa: F821  # 3.11+
+        if len(errors) == 1:
+            raise errors[0]
+        if len({str(exc) for exc in errors}) == 1:
+            raise errors[0]
+        raise OSError("Multiple exceptions: {}".format(", ".join(str(exc) for exc in errors)))
+
     async def getaddrinfo(self, *args: Any, **kwargs: Any) -> Any:
         import socket
 
@@ -321,6 +531,21 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def _check_closed(self) -> None:
         if self._closed:
             raise RuntimeError("Event loop is closed")
+
+
+def _after_first(check: Callable[[], None]) -> Callable[[], None]:
+    """``check`` as ``_when_ready``'s attempt for a connect: the first call
+    (before any wait) is the in-progress connect's, so it says "not yet"."""
+    calls = 0
+
+    def attempt() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise BlockingIOError
+        check()
+
+    return attempt
 
 
 for _name in UNSUPPORTED:
