@@ -11,7 +11,7 @@ core, ``prefork bench`` on the other (as ``bench/compare.py`` runs them):
   datagram reaches. (The UDP loop guard is always on, in both: it has no switch.)
 
 The figure is the server's CPU per message (its process tree's, over the
-measured window); rounds are interleaved, the first of the pair alternating,
+measured window; ``failed``: requests without an echo, all runs together); rounds are interleaved, the first of the pair alternating,
 and the on/off ratio is taken within each round, then its median quoted.
 
     python bench/guards.py [--rounds 7] [--seconds 3] [--output FILE]
@@ -84,7 +84,7 @@ def run_bench(
 
     def argv(*args: Any, **kwargs: Any) -> list[str]:
         base = original(*args, **kwargs)
-        cut = base.index("-c")  # its -c/-s/-d are compare's: ours instead
+        cut = base.index("--marks") + 1  # its -c/-s/-d follow: ours instead
         return [*base[:cut], *LOADS[load], *base[cut + 6 :]]
 
     compare.bench_argv = argv
@@ -101,7 +101,7 @@ def render(data: dict[str, Any]) -> str:
         "the median of the rounds' own on/off ratios",
         "",
         f"{'workload':<52} {'off us/msg':>10} {'on us/msg':>10} {'on/off cpu':>10} "
-        f"{'off msg/s':>10} {'on msg/s':>10}",
+        f"{'off msg/s':>10} {'on msg/s':>10} {'failed':>7}",
     ]
     for load, rounds in data["runs"].items():
         off = [r["off"] for r in rounds]
@@ -111,7 +111,8 @@ def render(data: dict[str, Any]) -> str:
             f"{TITLES[load]:<52} {statistics.median(r['cpu_us'] for r in off):>10.2f} "
             f"{statistics.median(r['cpu_us'] for r in on):>10.2f} {ratio:>9.3f}x "
             f"{statistics.median(r['rate'] for r in off):>10,.0f} "
-            f"{statistics.median(r['rate'] for r in on):>10,.0f}"
+            f"{statistics.median(r['rate'] for r in on):>10,.0f} "
+            f"{sum(r['failed'] for r in off + on):>7}"
         )
     return "\n".join(lines)
 
