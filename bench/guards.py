@@ -11,8 +11,9 @@ core, ``prefork bench`` on the other (as ``bench/compare.py`` runs them):
   datagram reaches. (The UDP loop guard is always on, in both: it has no switch.)
 
 The figure is the server's CPU per message (its process tree's, over the
-measured window; ``failed``: requests without an echo, all runs together); rounds are interleaved, the first of the pair alternating,
-and the on/off ratio is taken within each round, then its median quoted.
+measured window; ``failed``: requests without an echo, all runs together).
+Rounds are interleaved, the first of the pair alternating, and the on/off
+ratio is taken within each round, then its median quoted.
 
     python bench/guards.py [--rounds 7] [--seconds 3] [--output FILE]
     python bench/guards.py --render FILE     (the table of a stored run, measuring nothing)
