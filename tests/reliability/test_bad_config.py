@@ -94,6 +94,11 @@ CLI_CASES = [
     (["--udp-rate-table", "0"], ["--udp-rate-table", "'0'"]),
     (["--udp-allow-low-ports=yes"], ["--udp-allow-low-ports", "'yes'"]),
     (["--udp-public=yes"], ["--udp-public", "'yes'"]),
+    (["--handler-type", "coroutine"], ["--handler-type", "'coroutine'"]),
+    (["--max-conns-per-ip", "-1"], ["--max-conns-per-ip", "'-1'"]),
+    (["--conn-rate-per-ip", "fast"], ["--conn-rate-per-ip", "'fast'"]),
+    (["--conn-burst-per-ip", "0"], ["--conn-burst-per-ip", "'0'"]),
+    (["--per-ip-table", "1000"], ["--per-ip-table", "'1000'"]),
 ]
 
 
@@ -180,6 +185,11 @@ FILE_CASES = {
     "udp-rate-table": ("udp_rate_table = 1", "udp-rate-table"),
     "udp-allow-low-ports": ('udp_allow_low_ports = "yes"', "udp-allow-low-ports"),
     "udp-public": ("udp_public = 1", "udp-public"),
+    "handler-type": ('handler_type = "coroutine"', "handler-type"),
+    "max-conns-per-ip": ("max_conns_per_ip = -1", "max-conns-per-ip"),
+    "conn-rate-per-ip": ('conn_rate_per_ip = "fast"', "conn-rate-per-ip"),
+    "conn-burst-per-ip": ("conn_burst_per_ip = 0", "conn-burst-per-ip"),
+    "per-ip-table": ("per_ip_table = 1000", "per-ip-table"),
 }
 
 
