@@ -101,7 +101,7 @@ def render(data: dict[str, Any]) -> str:
         f"{data['rounds']} interleaved rounds of {data['seconds']:g} s; medians; the ratio is "
         "the median of the rounds' own on/off ratios",
         "",
-        f"{'workload':<52} {'off us/msg':>10} {'on us/msg':>10} {'on/off cpu':>10} "
+        f"{'workload':<52} {'off us/msg':>10} {'on us/msg':>10} {'on/off cpu':>10} {'cost':>6} "
         f"{'off msg/s':>10} {'on msg/s':>10} {'failed':>7}",
     ]
     for load, rounds in data["runs"].items():
@@ -110,7 +110,8 @@ def render(data: dict[str, Any]) -> str:
         ratio = statistics.median(r["on"]["cpu_us"] / r["off"]["cpu_us"] for r in rounds)
         lines.append(
             f"{TITLES[load]:<52} {statistics.median(r['cpu_us'] for r in off):>10.2f} "
-            f"{statistics.median(r['cpu_us'] for r in on):>10.2f} {ratio:>9.3f}x "
+            f"{statistics.median(r['cpu_us'] for r in on):>10.2f} {ratio:>9.2f}x "
+            f"{(ratio - 1) * 100:>+5.1f}% "
             f"{statistics.median(r['rate'] for r in off):>10,.0f} "
             f"{statistics.median(r['rate'] for r in on):>10,.0f} "
             f"{sum(r['failed'] for r in off + on):>7}"

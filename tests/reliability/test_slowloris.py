@@ -96,9 +96,16 @@ def test_slow_clients_do_not_slow_the_others_and_idle_ones_are_closed(server_fac
     assert measured_in < IDLE_TIMEOUT, f"the loaded measurement took {measured_in:.2f}s"
     # Within 2x of the unloaded p99, plus how far that figure moves on its own
     # on this machine: the spread of the unloaded batches, before the slow
-    # clients came and after they left (scheduler noise, not the server).
+    # clients came and after they left (scheduler noise, not the server);
+    # plus what the scheduler added while the slow clients' process competed
+    # for the cores: a connect + echo waits for two wake-ups (the worker's on
+    # the data, the client's on the echo), each as late as the probe saw one
+    # in the same window at worst. (The worst, not TAIL times it: the figure
+    # is a p99, not the slowest sample.) On an idle machine that is a fraction
+    # of a millisecond; under two CPU hogs the loaded p99 read 3.6 ms against
+    # an unloaded 0.3 ms, with wake-ups 4 ms late: the hogs', not the server's.
     noise = max(unloaded) - min(unloaded)
-    bound = 2 * statistics.median(unloaded) + noise
+    bound = 2 * statistics.median(unloaded) + noise + 2 * probe.worst
     figure = statistics.median(loaded)
 
     silent = COUNT // 2
