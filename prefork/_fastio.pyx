@@ -356,6 +356,16 @@ cdef struct RateLimit:
     int64_t interval, tolerance  # 1/rate and (burst - 1)/rate, ns
 
 
+cdef int _set_rate(RateLimit *limit, const unsigned char[::1] view, int64_t interval,
+                   int64_t tolerance) except -1:
+    """Point ``limit`` at the table ``view`` (check_rate_args validated it)."""
+    limit.table = <RateEntry *>&view[0]
+    limit.sets = <uint64_t>(view.shape[0] // (sizeof(RateEntry) * RATE_WAYS))
+    limit.interval = interval
+    limit.tolerance = tolerance
+    return 0
+
+
 cdef bint _rate_take(RateLimit *limit, uint64_t family, uint64_t prefix,
                      bint *evicted) noexcept nogil:
     """Whether ``prefix`` may have one more now (the spec's rate_admit);
@@ -410,6 +420,16 @@ cdef inline ClientEntry *_client_set(unsigned char *tables, int slot, int64_t en
     cdef uint64_t sets = <uint64_t>(entries // CLIENT_WAYS)
     return ((<ClientEntry *>(tables + CLIENT_HEADER_SIZE)) + slot * entries
             + ((mixed >> 32) & (sets - 1)) * CLIENT_WAYS)
+
+
+cdef inline ClientEntry *_client_find(ClientEntry *entry, uint64_t high,
+                                      uint64_t low) noexcept nogil:
+    """The entry of the set at ``entry`` that counts ``(high, low)``, or NULL."""
+    cdef int way
+    for way in range(CLIENT_WAYS):
+        if entry[way].count > 0 and entry[way].high == high and entry[way].low == low:
+            return &entry[way]
+    return NULL
 
 
 cdef inline bint _sockaddr_key(const posix.sockaddr_storage *addr, uint64_t *high,
@@ -690,12 +710,8 @@ cdef class EventLoop:
         fds = [fileno_of(listener) for listener in listeners]
         dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
         if rate_view is not None:
-            table_bytes = rate_view
             self.rate_view = rate_view
-            self.udp_rate.table = <RateEntry *>&table_bytes[0]
-            self.udp_rate.sets = <uint64_t>(len(rate_view) // (sizeof(RateEntry) * RATE_WAYS))
-            self.udp_rate.interval = interval
-            self.udp_rate.tolerance = tolerance
+            _set_rate(&self.udp_rate, rate_view, interval, tolerance)
             self.rate_mask4 = ((1 << prefix4) - 1) << (32 - prefix4)
             self.rate_mask6 = ((1 << prefix6) - 1) << (64 - prefix6)
         if client_view is not None:
@@ -706,12 +722,8 @@ cdef class EventLoop:
             self.conn_slot = conn_slot
             self.client_entries = common.CLIENT_HEADER.unpack_from(client_view, 0)[1]
         if conn_rate_view is not None:
-            table_bytes = conn_rate_view
             self.conn_rate_view = conn_rate_view
-            self.conn_rate.table = <RateEntry *>&table_bytes[0]
-            self.conn_rate.sets = <uint64_t>(len(conn_rate_view) // (sizeof(RateEntry) * RATE_WAYS))
-            self.conn_rate.interval = conn_interval
-            self.conn_rate.tolerance = conn_tolerance
+            _set_rate(&self.conn_rate, conn_rate_view, conn_interval, conn_tolerance)
         self.limits_on = self.clients != NULL or self.conn_rate.table != NULL
         index = SERVICES.index(service)
         self.svc = <Service>index
@@ -1220,20 +1232,20 @@ cdef class EventLoop:
         """The spec's ClientLimits.admit for a new connection of client
         ``(high, low)``: ADMITTED (``conn`` is counted if the concurrency
         limit is on), or why not (counted)."""
-        cdef int64_t in_use, total = 0, fewest = 0
+        cdef int64_t in_use, total = 0
         cdef int slot, way
         cdef ClientEntry *entry
-        cdef ClientEntry *victim = NULL
+        cdef ClientEntry *found
+        cdef ClientEntry *victim
         cdef bint evicted = False, allowed
         cdef LimitRefusal refusal = ADMITTED
         if self.clients != NULL:
             in_use = (<int64_t *>self.clients)[0]
             for slot in range(<int>in_use):
-                entry = _client_set(self.clients, slot, self.client_entries, high, low)
-                for way in range(CLIENT_WAYS):
-                    if entry[way].count > 0 and entry[way].high == high and entry[way].low == low:
-                        total += entry[way].count
-                        break
+                found = _client_find(
+                    _client_set(self.clients, slot, self.client_entries, high, low), high, low)
+                if found != NULL:
+                    total += found.count
             if total >= self.conn_limit:
                 refusal = LIMIT_CONNS
         if refusal == ADMITTED and self.conn_rate.table != NULL:
@@ -1256,14 +1268,15 @@ cdef class EventLoop:
         if self.clients == NULL:
             return ADMITTED
         entry = _client_set(self.clients, self.conn_slot, self.client_entries, high, low)
-        for way in range(CLIENT_WAYS):
-            if entry[way].count > 0 and entry[way].high == high and entry[way].low == low:
-                entry[way].count += 1
-                break
-            if victim == NULL or entry[way].count < fewest:
-                victim, fewest = &entry[way], entry[way].count
-        else:
-            if fewest > 0:
+        found = _client_find(entry, high, low)
+        if found != NULL:
+            found.count += 1
+        else:  # the free entry, or the one with the fewest connections
+            victim = entry
+            for way in range(1, CLIENT_WAYS):
+                if entry[way].count < victim.count:
+                    victim = &entry[way]
+            if victim.count > 0:
                 self.limit_evictions += 1  # those connections are forgotten: counted
             victim.count = 0  # the count last, after the address
             victim.high = high
@@ -1277,16 +1290,14 @@ cdef class EventLoop:
     cdef void _release_client(self, Conn *conn) noexcept nogil:
         """``conn`` ended: one connection fewer for its client (the spec's
         client_release)."""
-        cdef ClientEntry *entry
-        cdef int way
+        cdef ClientEntry *found
         conn.held = False
-        entry = _client_set(self.clients, self.conn_slot, self.client_entries,
-                            conn.key_high, conn.key_low)
-        for way in range(CLIENT_WAYS):
-            if (entry[way].count > 0 and entry[way].high == conn.key_high
-                    and entry[way].low == conn.key_low):
-                entry[way].count -= 1
-                return
+        found = _client_find(
+            _client_set(self.clients, self.conn_slot, self.client_entries,
+                        conn.key_high, conn.key_low),
+            conn.key_high, conn.key_low)
+        if found != NULL:  # NULL: evicted meanwhile
+            found.count -= 1
 
     # -- connections ------------------------------------------------------------------
 

@@ -393,44 +393,54 @@ def client_set(key: tuple[int, int], sets: int) -> int:
 
 def client_tables_region(slots: int, entries: int) -> int:
     """The bytes of a region of ``slots`` tables of ``entries`` each."""
-    return CLIENT_HEADER_SIZE + slots * entries * CLIENT_ENTRY_SIZE
+    return client_table_start(slots, entries)
 
 
-def _client_table(view: memoryview, slot: int) -> tuple[int, int]:
-    """Where table ``slot`` starts in the region, and its number of sets."""
+def client_table_start(slot: int, entries: int) -> int:
+    """Where table ``slot`` starts in a region of tables of ``entries`` each."""
+    return CLIENT_HEADER_SIZE + slot * entries * CLIENT_ENTRY_SIZE
+
+
+def _client_find(view: memoryview, slot: int, key: tuple[int, int]) -> tuple[int, int, int]:
+    """In table ``slot``: the offset of the entry counting ``key`` (-1 if
+    none), and the offset and count of the entry a newcomer would take (the
+    first free one, or the first with the fewest connections)."""
     entries = CLIENT_HEADER.unpack_from(view, 0)[1]
-    return CLIENT_HEADER_SIZE + slot * entries * CLIENT_ENTRY_SIZE, entries // CLIENT_WAYS
+    base = (
+        client_table_start(slot, entries)
+        + client_set(key, entries // CLIENT_WAYS) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
+    )
+    victim, victim_count = -1, 0
+    for offset in range(base, base + CLIENT_WAYS * CLIENT_ENTRY_SIZE, CLIENT_ENTRY_SIZE):
+        high, low, count = CLIENT_ENTRY.unpack_from(view, offset)
+        if count > 0 and (high, low) == key:
+            return offset, victim, victim_count
+        if victim < 0 or count < victim_count:
+            victim, victim_count = offset, count
+    return -1, victim, victim_count
+
+
+def _count_at(view: memoryview, offset: int) -> int:
+    return int(struct.unpack_from("<q", view, offset + 16)[0])
 
 
 def client_count(view: memoryview, key: tuple[int, int]) -> int:
     """The connections ``key`` holds open, summed over the slots in use."""
-    in_use = CLIENT_HEADER.unpack_from(view, 0)[0]
     total = 0
-    for slot in range(in_use):
-        start, sets = _client_table(view, slot)
-        base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
-        for way in range(CLIENT_WAYS):
-            high, low, count = CLIENT_ENTRY.unpack_from(view, base + way * CLIENT_ENTRY_SIZE)
-            if count > 0 and high == key[0] and low == key[1]:
-                total += count
-                break
+    for slot in range(CLIENT_HEADER.unpack_from(view, 0)[0]):
+        found = _client_find(view, slot, key)[0]
+        if found >= 0:
+            total += _count_at(view, found)
     return total
 
 
 def client_acquire(view: memoryview, slot: int, key: tuple[int, int]) -> bool:
     """Count one connection of ``key`` in table ``slot`` (this worker's);
     whether making room evicted a client still counted."""
-    start, sets = _client_table(view, slot)
-    base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
-    victim, victim_count = -1, 0
-    for way in range(CLIENT_WAYS):
-        offset = base + way * CLIENT_ENTRY_SIZE
-        high, low, count = CLIENT_ENTRY.unpack_from(view, offset)
-        if count > 0 and high == key[0] and low == key[1]:
-            struct.pack_into("<q", view, offset + 16, count + 1)
-            return False
-        if victim < 0 or count < victim_count:
-            victim, victim_count = offset, count
+    found, victim, victim_count = _client_find(view, slot, key)
+    if found >= 0:
+        struct.pack_into("<q", view, found + 16, _count_at(view, found) + 1)
+        return False
     # The count last, after the address: a reader never sees a count under
     # another client's address.
     struct.pack_into("<q", view, victim + 16, 0)
@@ -441,14 +451,9 @@ def client_acquire(view: memoryview, slot: int, key: tuple[int, int]) -> bool:
 
 def client_release(view: memoryview, slot: int, key: tuple[int, int]) -> None:
     """One connection of ``key`` ended (not found: it was evicted)."""
-    start, sets = _client_table(view, slot)
-    base = start + client_set(key, sets) * CLIENT_WAYS * CLIENT_ENTRY_SIZE
-    for way in range(CLIENT_WAYS):
-        offset = base + way * CLIENT_ENTRY_SIZE
-        high, low, count = CLIENT_ENTRY.unpack_from(view, offset)
-        if count > 0 and high == key[0] and low == key[1]:
-            struct.pack_into("<q", view, offset + 16, count - 1)
-            return
+    found = _client_find(view, slot, key)[0]
+    if found >= 0:
+        struct.pack_into("<q", view, found + 16, _count_at(view, found) - 1)
 
 
 def check_client_args(
@@ -510,16 +515,17 @@ class ClientLimits:
 
     def admit(self, peer: Any) -> tuple[str | None, tuple[int, int] | None, bool]:
         """Whether a connection from ``peer`` may be served: the reason it
-        may not (one of LIMIT_REFUSALS) or None; the key to ``release`` when
-        it ends (None: nothing to release); whether a client still counted
-        or limited was evicted to make room."""
+        may not (one of LIMIT_REFUSALS) or None; the client's key (None: a
+        peer that is not limited), which an admitted connection hands to
+        ``release`` when it ends; whether a client still counted or limited
+        was evicted to make room."""
         key = client_key(peer) if self.enabled else None
         if key is None:
             return None, None, False
         evicted = False
         with self._lock:
             if self._tables is not None and client_count(self._tables, key) >= self.limit:
-                return "conns", None, False
+                return "conns", key, False
             if self._rates is not None:
                 admitted, evicted = rate_admit(
                     self._rates,
@@ -529,10 +535,9 @@ class ClientLimits:
                     self._tolerance,
                 )
                 if not admitted:
-                    return "rate", None, evicted
-            if self._tables is None:
-                return None, None, evicted
-            evicted = client_acquire(self._tables, self.slot, key) or evicted
+                    return "rate", key, evicted
+            if self._tables is not None:
+                evicted = client_acquire(self._tables, self.slot, key) or evicted
         return None, key, evicted
 
     def release(self, key: tuple[int, int] | None) -> None:

@@ -104,7 +104,6 @@ from prefork._fastio_common import (
     check_loop_args,
     check_rate_args,
     client_address,
-    client_key,
     datagram_loop_ports,
     datagram_refusal,
     daytime_line,
@@ -969,16 +968,17 @@ class EventLoop:
         """The per-client limits (``_fastio_common.ClientLimits``) for a new
         connection from ``client``: False, with ``conn`` closed and counted,
         if it is over one."""
-        refusal, conn.held, evicted = self._limits.admit(client)
+        refusal, key, evicted = self._limits.admit(client)
         self.limit_evictions += evicted
         if refusal is None:
+            conn.held = key
             return True
         if refusal == "conns":
             self.limit_refused_conns += 1
         else:
             self.limit_refused_rate += 1
-        key = client_key(client)  # not None: an address without a key is never refused
-        self._limit_refused_from[refusal] = client_address(key) if key is not None else "-"
+        assert key is not None  # a peer without a key is never refused
+        self._limit_refused_from[refusal] = client_address(key)
         self._close(conn, end="limit-refused")
         return False
 

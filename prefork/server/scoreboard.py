@@ -25,9 +25,7 @@ import struct
 from dataclasses import dataclass
 
 from prefork._fastio_common import (
-    CLIENT_ENTRY_SIZE,
     CLIENT_HEADER,
-    CLIENT_HEADER_SIZE,
     HEARTBEAT,
     HEARTBEAT_OFFSET,
     RATE_ENTRY_SIZE,
@@ -35,6 +33,8 @@ from prefork._fastio_common import (
     SLOT_FIELDS,
     SLOT_OFFSETS,
     SLOT_SIZE,
+    client_table_start,
+    client_tables_region,
 )
 
 # What a worker writes: every field after the heartbeat.
@@ -94,8 +94,7 @@ class Scoreboard:
         self._client_entries = client_entries
         self._clients = None
         if client_entries:
-            size = CLIENT_HEADER_SIZE + slots * client_entries * CLIENT_ENTRY_SIZE
-            self._clients = mmap.mmap(-1, size)
+            self._clients = mmap.mmap(-1, client_tables_region(slots, client_entries))
             CLIENT_HEADER.pack_into(self._clients, 0, 0, client_entries)  # none in use yet
         self._conn_rates = (
             mmap.mmap(-1, conn_rate_entries * RATE_ENTRY_SIZE) if conn_rate_entries else None
@@ -113,9 +112,9 @@ class Scoreboard:
         """Forget slot ``slot``'s connection counts: its worker is gone, and
         its connections with it."""
         if self._clients is not None:
-            start = CLIENT_HEADER_SIZE + slot * self._client_entries * CLIENT_ENTRY_SIZE
-            size = self._client_entries * CLIENT_ENTRY_SIZE
-            self._clients[start : start + size] = bytes(size)
+            start = client_table_start(slot, self._client_entries)
+            end = client_table_start(slot + 1, self._client_entries)
+            self._clients[start:end] = bytes(end - start)
 
     def rate_table(self) -> memoryview | None:
         """The UDP rate limit's table, shared by every worker (None: none)."""

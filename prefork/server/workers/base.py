@@ -31,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -42,7 +43,6 @@ from prefork._fastio_common import (
     ClientLimits,
     access_line,
     client_address,
-    client_key,
     format_client,
 )
 from prefork.proxy import TrustedPeers
@@ -139,15 +139,15 @@ class Worker:
         self.udp_refused_source = 0
         self.udp_refused_rate = 0
         self.udp_rate_evictions = 0
-        self.evictions_logged = (0, 0.0)
         self.udp_refusals_logged = dict.fromkeys(UDP_REFUSALS, (0, 0.0))
+        # A table's evictions last logged, by counter name: (count, when).
+        self.evictions_logged: dict[str, tuple[int, float]] = {}
         # Connections the per-client limits refused, by reason; the tables'
         # evictions; when each was last logged, and the last client refused.
         self.limit_refused_conns = 0
         self.limit_refused_rate = 0
         self.limit_evictions = 0
         self.limit_refusals_logged = dict.fromkeys(LIMIT_REFUSALS, (0, 0.0))
-        self.limit_evictions_logged = (0, 0.0)
         self.limit_refused_from = dict.fromkeys(LIMIT_REFUSALS, "")
         # The per-client limits as the blocking workers apply them (the
         # event worker's loop applies its own, with the same tables).
@@ -276,14 +276,12 @@ class Worker:
             self.udp_refusals_logged,
             last_from,
         )
-        logged, at = self.evictions_logged
-        if self.udp_rate_evictions != logged and time.monotonic() - at >= 1.0:
-            self.log.warning(
-                "udp: the --udp-rate table is full: %s still limited pushed out, which "
-                "start afresh; raise --udp-rate-table",
-                f"{self.udp_rate_evictions - logged} prefix(es)",
-            )
-            self.evictions_logged = (self.udp_rate_evictions, time.monotonic())
+        self.report_evictions(
+            "udp_rate_evictions",
+            "udp: the --udp-rate table is full: %s still limited pushed out, which "
+            "start afresh; raise --udp-rate-table",
+            lambda n: f"{n} prefix(es)",
+        )
 
     def report_refusals(
         self,
@@ -313,6 +311,16 @@ class Worker:
             )
             logged[reason] = (count, now)
 
+    def report_evictions(self, name: str, message: str, what: Callable[[int], str]) -> None:
+        """Log that the evictions counter ``name`` moved, at most once a
+        second: ``message`` with ``what(evictions since the last line)``."""
+        count = getattr(self, name)
+        logged, at = self.evictions_logged.get(name, (0, 0.0))
+        now = time.monotonic()
+        if count != logged and now - at >= 1.0:
+            self.log.warning(message, what(count - logged))
+            self.evictions_logged[name] = (count, now)
+
     def stream_failed(self, exc: Exception, peer: object) -> None:
         """An ``async def handle(reader, writer)`` raised: log it with the
         peer and count it (its connection is aborted)."""
@@ -339,15 +347,16 @@ class Worker:
         PROXY header's source if there was one): whether to serve it, and
         what to hand ``client_limits.release`` when it ends. A refusal is
         counted, and logged by ``report_limit_refusals``."""
-        refusal, held, evicted = self.client_limits.admit(peer)
+        refusal, key, evicted = self.client_limits.admit(peer)
         with self.stats_lock:  # threads of a ThreadWorker share the counters
             self.limit_evictions += evicted
-            if refusal is not None:
-                name = f"limit_refused_{refusal}"
-                setattr(self, name, getattr(self, name) + 1)
-                key = client_key(peer)
-                self.limit_refused_from[refusal] = client_address(key) if key else "-"
-        return refusal is None, held
+            if refusal is None:
+                return True, key
+            name = f"limit_refused_{refusal}"
+            setattr(self, name, getattr(self, name) + 1)
+            assert key is not None  # a peer without a key is never refused
+            self.limit_refused_from[refusal] = client_address(key)
+        return False, None
 
     def report_limit_refusals(self, last_from: dict[str, str]) -> None:
         """Log the connections the per-client limits refused, at most once a
@@ -363,14 +372,12 @@ class Worker:
             self.limit_refusals_logged,
             last_from,
         )
-        logged, at = self.limit_evictions_logged
-        if self.limit_evictions != logged and time.monotonic() - at >= 1.0:
-            self.log.warning(
-                "limits: the per-client table is full: %s still counted or limited pushed "
-                "out (their limits start afresh); raise --per-ip-table",
-                plural(self.limit_evictions - logged, "client"),
-            )
-            self.limit_evictions_logged = (self.limit_evictions, time.monotonic())
+        self.report_evictions(
+            "limit_evictions",
+            "limits: the per-client table is full: %s still counted or limited pushed "
+            "out (their limits start afresh); raise --per-ip-table",
+            lambda n: plural(n, "client"),
+        )
 
     def handle_term(self, signum: int, frame: FrameType | None) -> None:
         """Only record: the loop, woken by the wake-up pipe, sees ``stopping``

@@ -49,7 +49,7 @@ from typing import Any
 
 from prefork import fastio
 from prefork._fastio_common import fileno_of
-from prefork.server.workers.event_transport import SocketTransport
+from prefork.server.workers.event_transport import SocketTransport, set_done
 
 # Methods the asyncio API has and this loop does not implement: each raises
 # NotImplementedError naming itself (asyncio's abstract ones name nothing).
@@ -317,48 +317,44 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def remove_writer(self, fd: Any) -> bool:
         return self._watch(fd, selectors.EVENT_WRITE, None)
 
-    async def _when_ready(self, sock: socket.socket, writing: bool, attempt: Any) -> Any:
-        """``attempt()`` now and each time ``sock`` is ready, until it does
-        not raise BlockingIOError: its result (or exception)."""
-        try:
-            return attempt()
-        except (BlockingIOError, InterruptedError):
-            pass
+    async def _wait_ready(self, fd: int, writing: bool) -> None:
+        """Wait until ``fd`` is readable (or writable)."""
         future = self.create_future()
-        fd = sock.fileno()
-
-        def ready() -> None:
-            if future.done():
-                return
-            try:
-                result = attempt()
-            except (BlockingIOError, InterruptedError):
-                return
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-        (self.add_writer if writing else self.add_reader)(fd, ready)
+        if writing:
+            self.add_writer(fd, set_done, future)
+        else:
+            self.add_reader(fd, set_done, future)
         try:
-            return await future
+            await future
         finally:
-            (self.remove_writer if writing else self.remove_reader)(fd)
+            if writing:
+                self.remove_writer(fd)
+            else:
+                self.remove_reader(fd)
+
+    async def _retry(self, sock: socket.socket, writing: bool, attempt: Callable[[], Any]) -> Any:
+        """``attempt()``, again each time ``sock`` is ready, until it does not
+        raise BlockingIOError: its result."""
+        while True:
+            try:
+                return attempt()
+            except (BlockingIOError, InterruptedError):
+                await self._wait_ready(sock.fileno(), writing)
 
     async def sock_recv(self, sock: socket.socket, nbytes: int) -> bytes:
-        return await self._when_ready(sock, False, lambda: sock.recv(nbytes))  # type: ignore[no-any-return]
+        return await self._retry(sock, False, lambda: sock.recv(nbytes))  # type: ignore[no-any-return]
 
     async def sock_recv_into(self, sock: socket.socket, buf: Any) -> int:
-        return await self._when_ready(sock, False, lambda: sock.recv_into(buf))  # type: ignore[no-any-return]
+        return await self._retry(sock, False, lambda: sock.recv_into(buf))  # type: ignore[no-any-return]
 
     async def sock_sendall(self, sock: socket.socket, data: Any) -> None:
         view = memoryview(data).cast("B")
         while view:
-            sent = await self._when_ready(sock, True, functools.partial(sock.send, view))
+            sent = await self._retry(sock, True, functools.partial(sock.send, view))
             view = view[sent:]
 
     async def sock_accept(self, sock: socket.socket) -> tuple[socket.socket, Any]:
-        conn, address = await self._when_ready(sock, False, sock.accept)
+        conn, address = await self._retry(sock, False, sock.accept)
         conn.setblocking(False)
         return conn, address
 
@@ -367,14 +363,9 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         read SO_ERROR, as asyncio does."""
         code = sock.connect_ex(address)
         if code in (errno.EINPROGRESS, errno.EAGAIN, errno.EALREADY):
-
-            def result() -> None:
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error != 0:
-                    raise OSError(error, f"Connect call failed {address}")
-
-            await self._when_ready(sock, True, _after_first(result))
-        elif code not in (0, errno.EISCONN):
+            await self._wait_ready(sock.fileno(), True)
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code not in (0, errno.EISCONN):
             raise OSError(code, f"Connect call failed {address}")
 
     async def create_connection(
@@ -531,21 +522,6 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def _check_closed(self) -> None:
         if self._closed:
             raise RuntimeError("Event loop is closed")
-
-
-def _after_first(check: Callable[[], None]) -> Callable[[], None]:
-    """``check`` as ``_when_ready``'s attempt for a connect: the first call
-    (before any wait) is the in-progress connect's, so it says "not yet"."""
-    calls = 0
-
-    def attempt() -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise BlockingIOError
-        check()
-
-    return attempt
 
 
 for _name in UNSUPPORTED:

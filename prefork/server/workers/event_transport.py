@@ -51,7 +51,7 @@ class SocketTransport(asyncio.Transport):
         then ``waiter`` (what create_connection awaits) done."""
         self._loop.call_soon(self._protocol.connection_made, self)
         self._loop.call_soon(self._start_reading)
-        self._loop.call_soon(_set_done, waiter)
+        self._loop.call_soon(set_done, waiter)
 
     def _start_reading(self) -> None:
         if self._reading and not self._closing:
@@ -267,6 +267,7 @@ def _name(getter: Any) -> Any:
         return None
 
 
-def _set_done(waiter: asyncio.Future[None]) -> None:
+def set_done(waiter: asyncio.Future[None]) -> None:
+    """Mark ``waiter`` done, unless it is already (cancelled, say)."""
     if not waiter.done():
         waiter.set_result(None)

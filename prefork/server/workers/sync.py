@@ -256,12 +256,13 @@ class SyncWorker(Worker):
             header = self.read_proxy_header(conn) if proxied else None
             if header is not None:
                 client, header_length = header.source, header.length
+            ready = header is not None or not proxied  # else it left before its header
             admitted = True
-            if (header is not None or not proxied) and self.client_limits.enabled:
+            if ready and self.client_limits.enabled:
                 admitted, held = self.admit_client(client or peer or peer_of_fd(conn))
             if not admitted:
                 end = "limit-refused"  # closed before any byte is served
-            elif header is not None or not proxied:
+            elif ready:
                 handled = True
                 nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
