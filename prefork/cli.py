@@ -34,7 +34,9 @@ from prefork.settings import (
     check_can_switch,
     check_udp_exposure,
     parse_seconds,
+    with_tls_binds,
 )
+from prefork.tls import check_tls_options, context_of
 from prefork.tools import bench, client, status
 
 PROG = "prefork"
@@ -151,7 +153,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             values[option.key] = option.read(given, option.label)
         elif option.name in file:
             values[option.key] = option.read(file[option.name], f"{path}: {option.name}")
-    return Config(**values)
+    return with_tls_binds(Config(**values))
 
 
 def udp_hosts(config: Config) -> list[tuple[str, str]]:
@@ -170,6 +172,8 @@ def check(args: argparse.Namespace) -> int:
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
+    check_tls_options(config)
+    context_of(config)  # the certificate and key files load and fit
     binds = " ".join(str(a) for a in config.binds)
     print(
         f"configuration OK: {config.workers} {config.worker_class} worker(s), "
@@ -191,20 +195,24 @@ def serve(args: argparse.Namespace) -> int:
     # after a USR2 upgrade, those the socket-activated master handed over).
     activated = tuple(Address("fd", fd=fd) for fd in inherited_fds()) or activated_binds()
     if activated:
-        config = dataclasses.replace(config, binds=activated)
+        config = with_tls_binds(dataclasses.replace(config, binds=activated))
         os.environ[ACTIVATED_ENV] = str(len(activated))  # for a USR2's new master
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     handler = load_handler(config.handler, config.handler_type)
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
+    check_tls_options(config)
+    tls = context_of(config)  # before binding: a bad file changes nothing
 
     def reload_config() -> Config:
         """HUP: the command line and the -c file, read again."""
         fresh = config_from_args(args)
-        return dataclasses.replace(fresh, binds=activated) if activated else fresh
+        if not activated:
+            return fresh
+        return with_tls_binds(dataclasses.replace(fresh, binds=activated))
 
-    return Arbiter(config, handler, reload_config).run()
+    return Arbiter(config, handler, reload_config, tls).run()
 
 
 def main(argv: list[str] | None = None) -> int:

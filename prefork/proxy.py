@@ -156,18 +156,28 @@ def read_header(sock: socket.socket, timeout: float = HEADER_TIMEOUT) -> ProxyHe
     previous = sock.gettimeout()
     sock.settimeout(timeout)
     try:
-        data = _read_exactly(sock, len(V1_PREFIX))
+        data = b""
         while True:
+            data += _read_exactly(sock, exact_read_size(data))
             header = parse(data)
             if header is not None:
                 return header
-            if data.startswith(V2_SIGNATURE[:6]):  # v2: the preamble, then its length
-                want = V2_PREAMBLE if len(data) < V2_PREAMBLE else parse_length(data)
-                data += _read_exactly(sock, want - len(data))
-            else:  # v1: a byte at a time, so as not to read past CRLF
-                data += _read_exactly(sock, 1)
     finally:
         sock.settimeout(previous)
+
+
+def exact_read_size(data: bytes) -> int:
+    """How many bytes to read next so as not to read past the header that
+    ``data`` begins (``parse(data)`` said it is not whole yet): the v1
+    prefix first; then v2's preamble and its length; v1 a byte at a time,
+    as it ends at its CRLF. For a listener whose next byte is not the
+    handler's to see in a buffer of ours (TLS: OpenSSL reads the socket)."""
+    if len(data) < len(V1_PREFIX):
+        return len(V1_PREFIX) - len(data)
+    if data.startswith(V2_SIGNATURE[:6]):
+        want = V2_PREAMBLE if len(data) < V2_PREAMBLE else parse_length(data)
+        return want - len(data)
+    return 1
 
 
 def parse_length(data: bytes) -> int:

@@ -42,6 +42,15 @@ from prefork._fastio_common import (
     RATE_WAYS,
 )
 from prefork.errors import ConfigError, PreforkError
+from prefork.tls import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    SniCertificate,
+    parse_alpn,
+    parse_ciphers,
+    parse_sni,
+    parse_tls_version,
+    parse_verify,
+)
 
 DEFAULT_PORT = 7007
 MAX_THREADS = 4096  # per thread worker: each is a thread with its own stack
@@ -69,10 +78,13 @@ class Address:
     path: str = ""
     fd: int = -1
     proxy: bool = False  # connections start with a PROXY protocol header
+    tls: bool = False  # TLS on this listener (after the PROXY header, if any)
 
     def __str__(self) -> str:
         if self.proxy:
             return f"proxy:{replace(self, proxy=False)}"
+        if self.tls:
+            return f"tls:{replace(self, tls=False)}"
         if self.kind == "unix":
             return f"unix:{self.path}"
         if self.kind == "fd":
@@ -88,7 +100,7 @@ DEFAULT_BIND = Address("tcp", "127.0.0.1", DEFAULT_PORT)
 
 ADDRESS_FORMS = (
     "HOST:PORT (:PORT alone is 127.0.0.1), [V6ADDR]:PORT, unix:PATH, udp://HOST:PORT, "
-    "fd://N, or proxy: before a stream address"
+    "fd://N, or proxy: and tls: before a stream address"
 )
 
 
@@ -102,6 +114,11 @@ def parse_address(text: str, option: str = "-b/--bind") -> Address:
         if inner.kind == "udp":
             raise ConfigError(f"{bad}: the PROXY protocol is for stream listeners")
         return replace(inner, proxy=True)
+    if text.startswith("tls:"):
+        inner = parse_address(text[len("tls:") :], option)
+        if inner.kind == "udp":
+            raise ConfigError(f"{bad}: TLS is for stream listeners (no DTLS)")
+        return replace(inner, tls=True)
     if text.startswith("fd://"):
         number = text[len("fd://") :]
         if not number.isdigit() or int(number) < 3:
@@ -733,6 +750,85 @@ OPTIONS: tuple[Option, ...] = (
         "any; other peers are closed and logged",
     ),
     Option(
+        key="certfile",
+        flags=("--certfile",),
+        metavar="FILE",
+        parse=parse_path,
+        help="TLS: the server's certificate chain (PEM), and its key unless --keyfile names "
+        "it; TLS on every TCP and UNIX listener, or only on those given as -b tls:ADDR (after "
+        "the PROXY header on a proxy:tls: listener); a HUP reads the files again",
+    ),
+    Option(
+        key="keyfile",
+        flags=("--keyfile",),
+        metavar="FILE",
+        parse=parse_path,
+        default_text="in --certfile",
+        help="TLS: the certificate's private key (PEM)",
+    ),
+    Option(
+        key="ca_certs",
+        flags=("--ca-certs",),
+        metavar="FILE",
+        parse=parse_path,
+        help="TLS: the CAs (PEM) that sign the client certificates --verify-client checks",
+    ),
+    Option(
+        key="verify_client",
+        flags=("--verify-client",),
+        metavar="MODE",
+        parse=parse_verify,
+        default="none",
+        help="TLS client certificates: none (not asked for), optional (checked if sent), "
+        "required (a client without a valid one is refused in the handshake)",
+    ),
+    Option(
+        key="tls_min_version",
+        flags=("--tls-min-version",),
+        metavar="V",
+        parse=parse_tls_version,
+        default="1.2",
+        help="the oldest TLS version a client may use: 1.2 or 1.3",
+    ),
+    Option(
+        key="ciphers",
+        flags=("--ciphers",),
+        metavar="LIST",
+        parse=parse_ciphers,
+        default_text="OpenSSL's",
+        help="TLS 1.2 cipher suites, an OpenSSL cipher list (TLS 1.3 keeps OpenSSL's suites)",
+    ),
+    Option(
+        key="alpn",
+        flags=("--alpn",),
+        metavar="PROTOS",
+        parse=parse_alpn,
+        default_text="none",
+        comma_list=True,
+        help="TLS ALPN protocol names the server accepts, most preferred first, "
+        "comma-separated (a handler reads the choice with "
+        "get_extra_info('selected_alpn_protocol'))",
+    ),
+    Option(
+        key="sni",
+        flags=("--sni",),
+        metavar="NAME=CERT[,KEY]",
+        parse=parse_sni,
+        default_text="none",
+        repeat=True,
+        help="TLS: the certificate (and key) for clients that ask for server name NAME "
+        "(*.DOMAIN: one label in front of DOMAIN); other names get --certfile's; repeatable",
+    ),
+    Option(
+        key="tls_handshake_timeout",
+        flags=("--tls-handshake-timeout",),
+        metavar="S",
+        parse=parse_seconds,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        help="seconds a client has to finish its TLS handshake (after its PROXY header); "
+        "then it is closed",
+    ),
+    Option(
         key="max_conns_per_ip",
         flags=("--max-conns-per-ip",),
         metavar="N",
@@ -946,6 +1042,15 @@ class Config:
     unix_mode: int = _default("unix_mode")
     proxy_protocol: bool = _default("proxy_protocol")
     forwarded_allow_ips: tuple[str, ...] = _default("forwarded_allow_ips")
+    certfile: str | None = _default("certfile")
+    keyfile: str | None = _default("keyfile")
+    ca_certs: str | None = _default("ca_certs")
+    verify_client: str = _default("verify_client")
+    tls_min_version: str = _default("tls_min_version")
+    ciphers: str | None = _default("ciphers")
+    alpn: tuple[str, ...] | None = _default("alpn")
+    sni: tuple[SniCertificate, ...] | None = _default("sni")
+    tls_handshake_timeout: float = _default("tls_handshake_timeout")
     max_conns_per_ip: int = _default("max_conns_per_ip")
     conn_rate_per_ip: float = _default("conn_rate_per_ip")
     conn_burst_per_ip: int = _default("conn_burst_per_ip")
@@ -964,6 +1069,15 @@ class Config:
     user: int | None = _default("user")
     group: int | None = _default("group")
     umask: int | None = _default("umask")
+
+
+def with_tls_binds(config: Config) -> Config:
+    """``--certfile`` with no ``tls:`` address puts TLS on every stream
+    listener (an fd:// socket that turns out to be UDP is left plain)."""
+    if config.certfile is None or any(address.tls for address in config.binds):
+        return config
+    binds = tuple(replace(a, tls=a.kind != "udp") for a in config.binds)
+    return replace(config, binds=binds)
 
 
 # -- the options table in README.md ----------------------------------------------

@@ -33,6 +33,7 @@ from prefork.settings import (
     Config,
     options_markdown,
 )
+from prefork.tls import SniCertificate
 
 from support import assert_one_line_error, run
 
@@ -82,6 +83,15 @@ CLI_SURFACE = {
     ("--unix-mode",): "MODE",
     ("--proxy-protocol",): None,
     ("--forwarded-allow-ips",): "LIST",
+    ("--certfile",): "FILE",
+    ("--keyfile",): "FILE",
+    ("--ca-certs",): "FILE",
+    ("--verify-client",): "MODE",
+    ("--tls-min-version",): "V",
+    ("--ciphers",): "LIST",
+    ("--alpn",): "PROTOS",
+    ("--sni",): "NAME=CERT[,KEY]",
+    ("--tls-handshake-timeout",): "S",
     ("--max-conns-per-ip",): "N",
     ("--conn-rate-per-ip",): "N[/s]",
     ("--conn-burst-per-ip",): "N",
@@ -236,6 +246,15 @@ GOOD_VALUES = {
     "handler_type": ("stream", "stream"),
     "unix_mode": ("600", 0o600),
     "forwarded_allow_ips": ("10.0.0.0/8, ::1", ("10.0.0.0/8", "::1")),
+    "certfile": ("server.pem", "server.pem"),
+    "keyfile": ("server.key", "server.key"),
+    "ca_certs": ("clients-ca.pem", "clients-ca.pem"),
+    "verify_client": ("required", "required"),
+    "tls_min_version": ("1.3", "1.3"),
+    "ciphers": ("ECDHE+AESGCM", "ECDHE+AESGCM"),
+    "alpn": ("h2, http/1.1", ("h2", "http/1.1")),
+    "sni": ("Example.com=ex.pem,ex.key", (SniCertificate("example.com", "ex.pem", "ex.key"),)),
+    "tls_handshake_timeout": ("2.5", 2.5),
     "max_conns_per_ip": ("10", 10),
     "conn_rate_per_ip": ("5/s", 5.0),
     "conn_burst_per_ip": ("20", 20),
@@ -257,7 +276,7 @@ GOOD_VALUES = {
 # At least one bad value for every option that takes one; the error must
 # quote it (lower case where the option folds case).
 BAD_VALUES = {
-    "binds": ["", "127.0.0.1", "[::1]:99999", "proxy:udp://127.0.0.1:0"],
+    "binds": ["", "127.0.0.1", "[::1]:99999", "proxy:udp://127.0.0.1:0", "tls:udp://127.0.0.1:0"],
     "workers": ["0", "1.5", "5000"],
     "worker_class": ["", "gevent"],
     "threads": ["0", "many", "99999"],
@@ -274,6 +293,15 @@ BAD_VALUES = {
     "handler_type": ["", "coroutine", "Protocol"],
     "unix_mode": ["rw", "777", "1777"],
     "forwarded_allow_ips": ["", "10.0.0.0/33"],
+    "certfile": [""],
+    "keyfile": [""],
+    "ca_certs": [""],
+    "verify_client": ["", "always"],
+    "tls_min_version": ["1.1", "tls1.3"],
+    "ciphers": ["no-such-cipher"],
+    "alpn": ["", "h2,,http/1.1"],
+    "sni": ["example.com", "=cert.pem", "example.com="],
+    "tls_handshake_timeout": ["-1", "never"],
     "max_conns_per_ip": ["-1", "ten", "4294967296"],
     "conn_rate_per_ip": ["-1", "fast", "10/m"],
     "conn_burst_per_ip": ["0", "x"],

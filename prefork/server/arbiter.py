@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -31,7 +32,14 @@ from dataclasses import replace
 from types import FrameType
 from typing import Literal
 
-from prefork.errors import EXIT_OK, WORKER_BOOT_ERROR, BindError, PreforkError, WorkerBootError
+from prefork.errors import (
+    EXIT_OK,
+    WORKER_BOOT_ERROR,
+    BindError,
+    ConfigError,
+    PreforkError,
+    WorkerBootError,
+)
 from prefork.server.backoff import Backoff
 from prefork.server.handlers import LoadedHandler, check_fit, load_handler, reload_handler
 from prefork.server.listeners import Listener, close_listeners, give_unix_sockets_to, open_listeners
@@ -58,6 +66,7 @@ from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, ne
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
 from prefork.settings import OPTIONS, RESTART_ONLY, Config, check_udp_exposure
+from prefork.tls import check_tls_options, context_of
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 # A QUIT that reaches a worker just before it blocks in recv() runs its handler
@@ -106,8 +115,11 @@ class Arbiter:
         config: Config,
         handler: LoadedHandler,
         reload_config: Callable[[], Config] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config
+        # The TLS listeners' context: made before the first fork, again by a HUP.
+        self.tls = tls
         self.reload_config = reload_config  # HUP reads the settings again with it
         self.log = get_logger()
         self.worker_class = WORKER_CLASSES[config.worker_class]
@@ -177,7 +189,12 @@ class Arbiter:
         if self.metrics is not None:
             self.log.info("metrics on http://%s/metrics", self.metrics.name)
         for listener in listeners:
-            note = " (PROXY protocol)" if listener.proxy else ""
+            notes = [
+                name
+                for name, on in (("PROXY protocol", listener.proxy), ("TLS", listener.tls))
+                if on
+            ]
+            note = f" ({', '.join(notes)})" if notes else ""
             self.log.info("listening on %s%s", listener.name, note)
         datagram = next((lst.name for lst in listeners if lst.datagram), None)
         stream = next((lst.name for lst in listeners if not lst.datagram), None)
@@ -500,9 +517,23 @@ class Arbiter:
     def handle_chld(self) -> None:
         """Nothing: CHLD only wakes the loop, which reaps every time round."""
 
-    def reload_settings(self) -> tuple[Config, LoadedHandler]:
-        """HUP: the settings read again and the handler imported afresh
-        (raises PreforkError; nothing is changed then)."""
+    def reload_tls(self, config: Config) -> ssl.SSLContext | None:
+        """HUP: the certificate, key and CA files read again (raises
+        PreforkError: the running workers keep the old ones). Listeners
+        were made TLS or not at start; a HUP cannot change that."""
+        secured = [lst.name for lst in self.all_listeners() if lst.tls]
+        if not secured:
+            if config.certfile is not None:
+                self.log.warning("HUP: TLS on a listener needs a restart; serving without it")
+            return None
+        if config.certfile is None:
+            raise ConfigError(f"the TLS listener {secured[0]} needs --certfile")
+        check_tls_options(config)
+        return context_of(config)
+
+    def reload_settings(self) -> tuple[Config, LoadedHandler, ssl.SSLContext | None]:
+        """HUP: the settings read again, the handler imported afresh and the
+        TLS files loaded again (raises PreforkError; nothing is changed then)."""
         config = self.config
         if self.reload_config is not None:
             config = self.reload_config()
@@ -525,9 +556,10 @@ class Arbiter:
         stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
         check_fit(handler, config.worker_class, datagram, stream)
         check_udp_exposure(config.handler, config.udp_public, datagram_hosts(self.all_listeners()))
+        tls = self.reload_tls(config)
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
             setup_logging(config.log_level, config.log_file)
-        return config, handler
+        return config, handler, tls
 
     def reload(self) -> None:
         """HUP: read the command line and the -c file again, re-import the
@@ -536,7 +568,7 @@ class Arbiter:
         never close, so nothing queued is lost. If the settings or the
         handler do not load, the running workers are kept."""
         try:
-            config, handler = self.reload_settings()
+            config, handler, tls = self.reload_settings()
         except PreforkError as exc:
             self.log.error("HUP: reload failed, keeping the running workers: %s", exc)
             return
@@ -548,6 +580,7 @@ class Arbiter:
         self.config = config
         self.worker_class = WORKER_CLASSES[config.worker_class]
         self.handler = handler
+        self.tls = tls
         self.give_log_file_to_workers()
         old = [pid for pid, w in self.workers.items() if w.generation == self.generation]
         self.generation += 1
@@ -663,6 +696,7 @@ class Arbiter:
             self.handler,
             self.scoreboard,
             slot,
+            tls=self.tls,
         )
         # Signals stay blocked across fork so that the child cannot run the
         # master's handlers before it has installed its own.

@@ -49,6 +49,7 @@ import inspect
 import os
 import socket
 import socketserver
+import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from prefork import fastio
 from prefork._fastio_common import daytime_line
 from prefork.errors import ConfigError, HandlerLoadError
 from prefork.fastio import peer_name
+from prefork.tls import describe_tls
 
 Handler = Callable[[int, Any], tuple[int, int]]
 # What the blocking workers call: (connection fd, buffer, the client's address
@@ -368,6 +370,8 @@ class BlockingTransport:
         self._extra = {"peername": peer, "sockname": sock.getsockname()}
         if client is not None:  # behind a PROXY protocol balancer
             self._extra.update(peername=client, proxy_peername=peer)
+        if isinstance(sock, ssl.SSLSocket):
+            self._extra.update(describe_tls(sock))
 
     def write(self, data: Any) -> None:
         if not self._closing:
@@ -387,35 +391,46 @@ class BlockingTransport:
 def serve_protocol(
     fd: int, buffer: Any, factory: Callable[[], Any], client: Any = None
 ) -> tuple[int, int]:
-    """Run a protocol over a blocking socket until either side closes.
+    """Run a protocol over the connection ``fd`` (see ``serve_protocol_on``)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        return serve_protocol_on(sock, buffer, factory, client)
+    finally:
+        sock.detach()
+
+
+def serve_protocol_on(
+    sock: socket.socket, buffer: Any, factory: Callable[[], Any], client: Any = None
+) -> tuple[int, int]:
+    """Run a protocol over a blocking socket (plain or TLS) until either side
+    closes.
 
     A blocking worker cannot wait for both the peer and the protocol, so a
     connection ends at the peer's end of file whatever ``eof_received`` says.
     """
-    sock = socket.socket(fileno=fd)
     nin = 0
+    transport = BlockingTransport(sock, client)
+    protocol = factory()
+    error: Exception | None = None
     try:
-        transport = BlockingTransport(sock, client)
-        protocol = factory()
-        error: Exception | None = None
-        try:
-            protocol.connection_made(transport)
-            view = memoryview(buffer)
-            while not transport.is_closing():
+        protocol.connection_made(transport)
+        view = memoryview(buffer)
+        while not transport.is_closing():
+            try:
                 n = sock.recv_into(view)
-                if n == 0:
-                    protocol.eof_received()
-                    break
-                nin += n
-                protocol.data_received(bytes(view[:n]))
-        except Exception as exc:  # the connection ends with it: tell the protocol why
-            error = exc
-            raise
-        finally:
-            protocol.connection_lost(error)
-        return nin, transport.bytes_out
+            except ssl.SSLEOFError:  # closed without close_notify, as most clients do
+                n = 0
+            if n == 0:
+                protocol.eof_received()
+                break
+            nin += n
+            protocol.data_received(bytes(view[:n]))
+    except Exception as exc:  # the connection ends with it: tell the protocol why
+        error = exc
+        raise
     finally:
-        sock.detach()
+        protocol.connection_lost(error)
+    return nin, transport.bytes_out
 
 
 STREAM_LIMIT = 64 * 1024  # a stream handler's StreamReader buffer limit (asyncio's default)

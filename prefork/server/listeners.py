@@ -51,6 +51,11 @@ class Listener:
         return self.sock.type == socket.SOCK_DGRAM
 
     @property
+    def tls(self) -> bool:
+        """Whether its connections speak TLS (after the PROXY header, if any)."""
+        return self.address.tls and not self.datagram
+
+    @property
     def per_slot(self) -> bool:
         """Whether --reuse-port can give each worker slot its own copy: only
         for TCP and UDP addresses we bind ourselves."""

@@ -99,6 +99,16 @@ CLI_CASES = [
     (["--conn-rate-per-ip", "fast"], ["--conn-rate-per-ip", "'fast'"]),
     (["--conn-burst-per-ip", "0"], ["--conn-burst-per-ip", "'0'"]),
     (["--per-ip-table", "1000"], ["--per-ip-table", "'1000'"]),
+    (["--certfile", ""], ["--certfile", "''"]),
+    (["--keyfile", ""], ["--keyfile", "''"]),
+    (["--ca-certs", ""], ["--ca-certs", "''"]),
+    (["--verify-client", "always"], ["--verify-client", "'always'"]),
+    (["--tls-min-version", "1.1"], ["--tls-min-version", "'1.1'"]),
+    (["--ciphers", "no-such-cipher"], ["--ciphers", "'no-such-cipher'"]),
+    (["--alpn", "h2,,x"], ["--alpn", "'h2,,x'"]),
+    (["--sni", "example.com"], ["--sni", "'example.com'"]),
+    (["--tls-handshake-timeout", "never"], ["--tls-handshake-timeout", "'never'"]),
+    (["-b", "tls:udp://127.0.0.1:0"], ["-b/--bind", "no DTLS"]),
 ]
 
 
@@ -190,6 +200,15 @@ FILE_CASES = {
     "conn-rate-per-ip": ('conn_rate_per_ip = "fast"', "conn-rate-per-ip"),
     "conn-burst-per-ip": ("conn_burst_per_ip = 0", "conn-burst-per-ip"),
     "per-ip-table": ("per_ip_table = 1000", "per-ip-table"),
+    "certfile": ("certfile = [1]", "certfile"),
+    "keyfile": ('keyfile = ""', "keyfile"),
+    "ca-certs": ("ca_certs = [1]", "ca-certs"),
+    "verify-client": ('verify_client = "always"', "verify-client"),
+    "tls-min-version": ('tls_min_version = "1.0"', "tls-min-version"),
+    "ciphers": ('ciphers = "no-such-cipher"', "ciphers"),
+    "alpn": ("alpn = [1]", "alpn"),
+    "sni": ('sni = ["example.com"]', "sni"),
+    "tls-handshake-timeout": ("tls_handshake_timeout = -1", "tls-handshake-timeout"),
 }
 
 

@@ -810,7 +810,7 @@ class AsyncioWorker(Worker):
                     raise
                 self.out_of_descriptors(exc)
                 return
-            self.open(sock, listener.proxy)
+            self.open(sock, listener)
             if self.max_requests and self.accepted >= self.max_requests:
                 self.accepting = False
                 self.disarm()
@@ -853,27 +853,28 @@ class AsyncioWorker(Worker):
                 except OSError:  # EMFILE and kin: again when a connection ends
                     return
                 self.drained += 1
-                self.open(sock, listener.proxy)
+                self.open(sock, listener)
         if self.drained >= DRAIN_MAX:
             self.draining.clear()
         if not self.draining:
             self.stop_accepting()
             self.wake()
 
-    def open(self, sock: socket.socket, proxied: bool) -> None:
+    def open(self, sock: socket.socket, listener: Listener) -> None:
         sock.setblocking(False)
         self.accepted += 1
         assert self.loop is not None
-        if proxied:
+        if listener.proxy:
             self.opening.add(sock)
-            self.loop.create_task(self.open_proxied(sock))
+            self.loop.create_task(self.open_proxied(sock, listener.tls))
         else:
-            self.connect(sock, None, b"")
+            self.connect(sock, None, b"", listener.tls)
         self.publish_counts()
 
-    def connect(self, sock: socket.socket, client: Any, first: bytes) -> None:
+    def connect(self, sock: socket.socket, client: Any, first: bytes, secure: bool) -> None:
         """Apply the per-client limits, make the protocol and hand the socket
-        to the loop."""
+        to the loop (which does the TLS handshake, if ``secure``, before the
+        protocol's ``connection_made``)."""
         held = None
         if self.client_limits.enabled:  # by the PROXY header's source, if any
             admitted, held = self.admit_client(client if client is not None else _peer(sock))
@@ -895,23 +896,27 @@ class AsyncioWorker(Worker):
         conn.held = held
         self.conns.add(conn)
         assert self.loop is not None
-        self.loop.create_task(self.attach(conn, sock))
+        self.loop.create_task(self.attach(conn, sock, secure))
 
     async def attach(
-        self, conn: StreamConnection | BufferedConnection, sock: socket.socket
+        self, conn: StreamConnection | BufferedConnection, sock: socket.socket, secure: bool
     ) -> None:
         assert self.loop is not None
+        tls: dict[str, Any] = {}
+        if secure:
+            tls = {"ssl": self.tls, "ssl_handshake_timeout": self.config.tls_handshake_timeout}
         try:
-            await self.loop.connect_accepted_socket(lambda: conn, sock)
-        except OSError as exc:  # gone before the loop took it
-            self.log.debug("connection lost before it started: %s", exc)
+            await self.loop.connect_accepted_socket(lambda: conn, sock, **tls)
+        except (OSError, asyncio.TimeoutError) as exc:  # gone, or no TLS handshake
+            self.log.debug("connection lost before it started: %s", exc or "timed out")
             sock.close()
             if conn.transport is None:
                 self.connection_ended(conn)
 
-    async def open_proxied(self, sock: socket.socket) -> None:
+    async def open_proxied(self, sock: socket.socket, secure: bool) -> None:
         """Read a whole PROXY header (nothing reaches the protocol before),
-        from a trusted peer only; then start the connection."""
+        from a trusted peer only; then start the connection. Before TLS, not
+        a byte past the header is read: the rest is OpenSSL's to read."""
         peer = _peer(sock)
         started = False
         try:
@@ -923,7 +928,7 @@ class AsyncioWorker(Worker):
                 return
             try:
                 header, first = await asyncio.wait_for(
-                    self.read_proxy_header(sock), proxy.HEADER_TIMEOUT
+                    self.read_proxy_header(sock, secure), proxy.HEADER_TIMEOUT
                 )
             except (proxy.ProxyHeaderError, asyncio.TimeoutError) as exc:
                 reason = exc if isinstance(exc, proxy.ProxyHeaderError) else "timed out"
@@ -935,19 +940,23 @@ class AsyncioWorker(Worker):
                 return
             self.opening.discard(sock)
             started = True
-            self.connect(sock, header.source, first)
+            self.connect(sock, header.source, first, secure)
         finally:
             if not started:
                 self.opening.discard(sock)
                 sock.close()
                 self.connection_ended(None)
 
-    async def read_proxy_header(self, sock: socket.socket) -> tuple[proxy.ProxyHeader, bytes]:
-        """The header, and what came after it in the same reads."""
+    async def read_proxy_header(
+        self, sock: socket.socket, exact: bool
+    ) -> tuple[proxy.ProxyHeader, bytes]:
+        """The header, and what came after it in the same reads (nothing, if
+        ``exact``)."""
         assert self.loop is not None
         data = b""
         while True:
-            chunk = await self.loop.sock_recv(sock, HEADER_READ)
+            want = proxy.exact_read_size(data) if exact else HEADER_READ
+            chunk = await self.loop.sock_recv(sock, want)
             if not chunk:
                 raise proxy.ProxyHeaderError("connection closed before the end of its PROXY header")
             data += chunk

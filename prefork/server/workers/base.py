@@ -28,6 +28,7 @@ import faulthandler
 import os
 import random
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -104,8 +105,10 @@ class Worker:
         handler: LoadedHandler,
         scoreboard: Scoreboard,
         slot: int,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.age = age  # spawn order, for logs
+        self.age = age
+        self.tls = tls  # the TLS listeners' context, made in the master  # spawn order, for logs
         self.scoreboard = scoreboard
         self.slot = slot  # this worker's counters in the scoreboard
         self.ppid = ppid

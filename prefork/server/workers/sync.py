@@ -14,6 +14,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import struct
 import time
 from collections import deque
@@ -23,6 +24,8 @@ from typing import Any
 from prefork import fastio, proxy
 from prefork.fastio import peer_of_fd
 from prefork.server.handlers import BlockingHandler
+from prefork.server.listeners import Listener
+from prefork.server.tls_blocking import HandshakeFailed, close_tls, handshake, tls_handler
 from prefork.server.workers.base import Worker
 
 BUFFER_SIZE = 64 * 1024  # one buffer per worker, reused by every connection
@@ -96,10 +99,11 @@ class SyncWorker(Worker):
     last_emfile_log = 0.0
 
     # Connections taken from the queues on the way out, served before exit:
-    # (fd, whether it starts with a PROXY header). Threads share it.
+    # (fd, the listener it came from). Threads share it.
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.held: deque[tuple[int, bool]] = deque()
+        self.tls_handler = tls_handler(self.handler)
+        self.held: deque[tuple[int, Listener]] = deque()
 
     def run(self) -> None:
         if self.alive:  # else TERM arrived while booting: the listeners are closed
@@ -132,7 +136,7 @@ class SyncWorker(Worker):
                     break
                 if fd is None:
                     break
-                self.held.append((fd, listener.proxy))
+                self.held.append((fd, listener))
         super().stop_accepting()
 
     def serve_held(self) -> None:
@@ -140,10 +144,10 @@ class SyncWorker(Worker):
         handler = self.handler.for_blocking_workers()
         while self.held:
             try:
-                fd, proxied = self.held.popleft()
+                fd, listener = self.held.popleft()
             except IndexError:  # another thread took the last one
                 return
-            self.serve(fd, buffer, handler, proxied)
+            self.serve(fd, buffer, handler, listener.proxy, listener.tls)
 
     def accept_loop(self, wake_fd: int, drain: bool) -> None:
         """Accept and serve one connection at a time until stopped.
@@ -195,7 +199,26 @@ class SyncWorker(Worker):
                         continue
                     raise
                 if conn is not None:
-                    self.serve(conn, buffer, handler, by_fd[fd].proxy)
+                    self.serve(conn, buffer, handler, by_fd[fd].proxy, by_fd[fd].tls)
+
+    def serve_tls(self, conn: int, buffer: bytearray, client: Any) -> tuple[bool, int, int]:
+        """The TLS handshake, then the handler on the TLS socket; whether the
+        handshake succeeded, and the plaintext bytes in and out."""
+        assert self.tls is not None
+        if self.beats_per_connection:
+            self.waiting_on_peer()  # the handshake waits on the client
+        try:
+            tls = handshake(self.tls, conn, self.config.tls_handshake_timeout)
+        except HandshakeFailed as exc:
+            self.log.debug("TLS handshake from %s failed: %s", peer_of(conn, client), exc)
+            return False, 0, 0
+        try:
+            if self.beats_per_connection and self.handler.builtin is None:
+                self.notify()  # user code is timed
+            nin, nout = self.tls_handler(tls, buffer, client)
+            return True, nin, nout
+        finally:
+            close_tls(tls)
 
     def count_close(self, counter: str) -> None:
         """One more connection ended for this reason (a scoreboard field)."""
@@ -231,10 +254,16 @@ class SyncWorker(Worker):
             sock.detach()
 
     def serve(
-        self, conn: int, buffer: bytearray, handler: BlockingHandler, proxied: bool = False
+        self,
+        conn: int,
+        buffer: bytearray,
+        handler: BlockingHandler,
+        proxied: bool = False,
+        secure: bool = False,
     ) -> None:
         """Run the handler on one connection, then close it, whatever happened.
-        On a PROXY listener the header is read first, and must be whole."""
+        On a PROXY listener the header is read first, and must be whole; on
+        a TLS listener the handshake comes next (``serve_tls``)."""
         nin = nout = 0
         with self.stats_lock:
             self.active += 1
@@ -262,6 +291,13 @@ class SyncWorker(Worker):
                 admitted, held = self.admit_client(client or peer or peer_of_fd(conn))
             if not admitted:
                 end = "limit-refused"  # closed before any byte is served
+            elif ready and secure:
+                handled, nin, nout = self.serve_tls(conn, buffer, client)
+                end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
+                if not handled:
+                    end = "tls-failed"
+                elif self.handler.protocol_factory is not None:
+                    end = "eof"
             elif ready:
                 handled = True
                 nin, nout = handler(conn, buffer, client)
@@ -274,7 +310,7 @@ class SyncWorker(Worker):
             end = "proxy-rejected"
         except OSError as exc:
             end = "reset"
-            if exc.errno in CONNECTION_ERRORS:
+            if exc.errno in CONNECTION_ERRORS or isinstance(exc, ssl.SSLError):
                 self.log.debug("connection from %s closed: %s", peer_of(conn, client), exc)
             elif self.handler.builtin is None:  # user code: where it failed matters
                 self.log.exception(

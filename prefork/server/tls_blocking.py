@@ -1,0 +1,163 @@
+"""TLS on the sync and thread workers: one connection, blocking, in Python.
+
+The handshake runs against one deadline (``--tls-handshake-timeout``), not
+a timeout per read: a client that sends its ClientHello a byte at a time
+cannot hold the worker longer than that. Then the handler runs on the
+``ssl.SSLSocket``: the built-in services as loops of ``recv_into`` and
+``sendall`` (OpenSSL does the crypto without the GIL, the loop is Python),
+a protocol over ``BlockingTransport``, and a user's ``handle(sock, address)``
+or socketserver request handler on the TLS socket itself.
+
+The close sends the server's close_notify without waiting for the peer's:
+a client that never answers cannot hold the worker either.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prefork._fastio_common import daytime_line
+from prefork.fastio import peer_name
+from prefork.server.handlers import (
+    CHARGEN_PATTERN,
+    LoadedHandler,
+    RequestServer,
+    serve_protocol_on,
+)
+
+# (TLS socket, buffer, PROXY client or None) -> (plaintext bytes in, out).
+TLSHandler = Callable[[ssl.SSLSocket, Any, Any], tuple[int, int]]
+
+
+class HandshakeFailed(Exception):
+    """The client did not complete a TLS handshake (why: the message)."""
+
+
+def handshake(context: ssl.SSLContext, fd: int, timeout: float) -> ssl.SSLSocket:
+    """Wrap the connected descriptor ``fd`` (a duplicate: the worker closes
+    the original) and complete the server's handshake within ``timeout``
+    seconds; raises HandshakeFailed."""
+    sock = socket.socket(fileno=os.dup(fd))
+    sock.setblocking(False)
+    try:
+        tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    except OSError as exc:
+        sock.close()
+        raise HandshakeFailed(str(exc)) from None
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                readable, writable = [tls], []
+            except ssl.SSLWantWriteError:
+                readable, writable = [], [tls]
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(readable, writable, [], left)):
+                raise HandshakeFailed("timed out")
+    except ssl.SSLError as exc:
+        tls.close()
+        raise HandshakeFailed(exc.reason or str(exc)) from None
+    except OSError as exc:  # reset, or the peer left: EOF during the handshake
+        tls.close()
+        raise HandshakeFailed(exc.strerror or str(exc)) from None
+    except HandshakeFailed:
+        tls.close()
+        raise
+    tls.setblocking(True)
+    return tls
+
+
+def close_tls(tls: ssl.SSLSocket) -> None:
+    """Send close_notify (not waiting for the peer's), then close."""
+    try:
+        tls.settimeout(0.0)
+        tls.unwrap()
+    except (OSError, ValueError):
+        pass  # the peer's close_notify is not awaited; a gone peer is fine too
+    finally:
+        tls.close()
+
+
+def echo(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
+    view = memoryview(buffer)
+    nin = nout = 0
+    while True:
+        n = _recv(tls, view)
+        if n == 0:
+            return nin, nout
+        nin += n
+        tls.sendall(view[:n])
+        nout += n
+
+
+def discard(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
+    view = memoryview(buffer)
+    nin = 0
+    while True:
+        n = _recv(tls, view)
+        if n == 0:
+            return nin, 0
+        nin += n
+
+
+def daytime(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
+    line = daytime_line()
+    tls.sendall(line)
+    return 0, len(line)
+
+
+def chargen(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
+    nout = 0
+    while True:  # until the client goes away (EPIPE, reset)
+        tls.sendall(CHARGEN_PATTERN)
+        nout += len(CHARGEN_PATTERN)
+
+
+BUILTIN_TLS = {"echo": echo, "discard": discard, "daytime": daytime, "chargen": chargen}
+
+
+def _recv(tls: ssl.SSLSocket, view: memoryview) -> int:
+    """Plaintext bytes read; 0 at the end, whether the client sent its
+    close_notify or only closed the connection (as most clients do)."""
+    try:
+        return tls.recv_into(view)
+    except ssl.SSLEOFError:
+        return 0
+
+
+def tls_handler(loaded: LoadedHandler) -> TLSHandler:
+    """What the sync and thread workers run on a TLS connection."""
+    if loaded.builtin is not None:
+        builtin = BUILTIN_TLS[loaded.builtin]
+        return lambda tls, buffer, client: builtin(tls, buffer)
+    factory, handle = loaded.protocol_factory, loaded.handle
+    if factory is not None:
+        return lambda tls, buffer, client: serve_protocol_on(tls, buffer, factory, client)
+    assert handle is not None
+    if loaded.kind == "request-handler":
+        return lambda tls, buffer, client: serve_request_handler_on(tls, handle, client)
+    return lambda tls, buffer, client: _serve_handle_on(tls, handle, client)
+
+
+def serve_request_handler_on(
+    tls: ssl.SSLSocket, handler_class: Any, client: Any
+) -> tuple[int, int]:
+    """A socketserver request handler on the TLS socket (as
+    ``handlers.serve_request_handler`` runs one on a plain socket)."""
+    server = RequestServer(tls.getsockname(), handler_class)
+    handler_class(tls, peer_name(tls) if client is None else client, server)
+    return 0, 0
+
+
+def _serve_handle_on(tls: ssl.SSLSocket, handle: Any, client: Any) -> tuple[int, int]:
+    handle(tls, peer_name(tls) if client is None else client)
+    return 0, 0
