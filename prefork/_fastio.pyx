@@ -248,7 +248,7 @@ cdef enum:
 # prefork._fastio_common.END_REASONS (_end_name gives each its name).
 cdef enum End:
     END_EOF, END_RESET, END_IDLE, END_MAX_BUFFER, END_PROXY, END_LIMIT, END_HANDLER,
-    END_SHUTDOWN, END_CLOSED, N_ENDS
+    END_SHUTDOWN, END_CLOSED, END_TLS, N_ENDS
 
 
 cdef const char *_end_name(int end) noexcept nogil:
@@ -268,6 +268,8 @@ cdef const char *_end_name(int end) noexcept nogil:
         return "handler-error"
     if end == END_SHUTDOWN:
         return "shutdown"
+    if end == END_TLS:
+        return "tls-failed"
     return "closed"
 
 # Why the UDP guard refused a datagram: in the order of
@@ -555,6 +557,12 @@ cdef class Transport:
     def abort(self):
         if self._loop is not None:
             self._loop._close(self._conn, CLOSED_OK)
+
+    def _force_close(self, exc):
+        """What asyncio's TLS protocol calls on a failed handshake or a
+        fatal TLS error (see the spec)."""
+        if self._loop is not None:
+            self._loop._close_exc(self._conn, exc, END_TLS)
 
     def is_closing(self):
         return self._loop is None or self._conn.eof

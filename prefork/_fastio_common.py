@@ -569,6 +569,7 @@ END_REASONS = (
     "handler-error",  # a user handler raised
     "shutdown",  # the worker closed it on its way out
     "closed",  # the server ended it: daytime's line sent, a protocol's close()
+    "tls-failed",  # no TLS handshake (none in time, or a bad one), or a fatal TLS error
 )
 ACCESS_LOG_BUFFER = 64 * 1024  # bytes of lines a loop holds before writing
 # A pipe takes a write of at most PIPE_BUF bytes whole or not at all, never

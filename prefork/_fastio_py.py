@@ -378,6 +378,15 @@ class Transport:
         if self._loop is not None and self._conn is not None:
             self._loop._close(self._conn)
 
+    def _force_close(self, exc: BaseException | None) -> None:
+        """Close now, and the protocol's connection_lost(exc): not part of
+        asyncio's public transport API, but what its TLS protocol
+        (``asyncio.sslproto``, which the event worker runs TLS with) calls
+        on a failed handshake, a handshake timeout or a fatal TLS error, as
+        asyncio's own transports provide it. The access log says tls-failed."""
+        if self._loop is not None and self._conn is not None:
+            self._loop._close(self._conn, exc, "tls-failed")
+
     def is_closing(self) -> bool:
         return self._conn is None or self._conn.eof
 

@@ -433,6 +433,71 @@ def serve_protocol_on(
     return nin, transport.bytes_out
 
 
+# -- the built-in services, as asyncio protocols (-k asyncio; TLS on -k event) -------
+
+
+class Echo(asyncio.Protocol):
+    """RFC 862: every byte back; closes after the client's end of file."""
+
+    transport: asyncio.WriteTransport
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class Discard(asyncio.Protocol):
+    """RFC 863: read and drop."""
+
+
+class Daytime(asyncio.Protocol):
+    """RFC 867: one line, then close."""
+
+    def connection_made(self, transport: Any) -> None:
+        transport.write(daytime_line())
+        transport.close()
+
+
+class Chargen(asyncio.Protocol):
+    """RFC 864: the character stream, written while the transport takes it
+    (``pause_writing`` stops it at the high-water mark); one pattern per
+    turn of the loop, so a fast reader cannot hold the loop."""
+
+    transport: asyncio.WriteTransport
+    paused = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.generate()
+
+    def generate(self) -> None:
+        if self.paused or self.transport.is_closing():
+            return
+        self.transport.write(CHARGEN_PATTERN)
+        if not self.paused:
+            asyncio.get_running_loop().call_soon(self.generate)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.generate()
+
+    def eof_received(self) -> bool:
+        return True  # half-closed: the client still reads the stream
+
+
+STREAM_SERVICES: dict[str, type[asyncio.Protocol]] = {
+    "echo": Echo,
+    "discard": Discard,
+    "daytime": Daytime,
+    "chargen": Chargen,
+}
+
+
 STREAM_LIMIT = 64 * 1024  # a stream handler's StreamReader buffer limit (asyncio's default)
 
 

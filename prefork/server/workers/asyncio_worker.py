@@ -59,7 +59,12 @@ from prefork._fastio_common import (
     rate_admit,
     rate_key,
 )
-from prefork.server.handlers import CHARGEN_PATTERN, StreamHandlerProtocol
+from prefork.server.handlers import (
+    CHARGEN_PATTERN,
+    STREAM_SERVICES,
+    Discard,
+    StreamHandlerProtocol,
+)
 from prefork.server.listeners import Listener
 from prefork.server.log import plural
 from prefork.server.workers.base import Worker
@@ -85,69 +90,7 @@ def new_event_loop(name: str) -> tuple[asyncio.AbstractEventLoop, str]:
     return asyncio.new_event_loop(), "asyncio"
 
 
-# -- the built-in services, as asyncio protocols ------------------------------------
-
-
-class Echo(asyncio.Protocol):
-    """RFC 862: every byte back; closes after the client's end of file."""
-
-    transport: asyncio.WriteTransport
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
-class Discard(asyncio.Protocol):
-    """RFC 863: read and drop."""
-
-
-class Daytime(asyncio.Protocol):
-    """RFC 867: one line, then close."""
-
-    def connection_made(self, transport: Any) -> None:
-        transport.write(daytime_line())
-        transport.close()
-
-
-class Chargen(asyncio.Protocol):
-    """RFC 864: the character stream, written while the transport takes it
-    (``pause_writing`` stops it at the high-water mark); one pattern per
-    turn of the loop, so a fast reader cannot hold the loop."""
-
-    transport: asyncio.WriteTransport
-    paused = False
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.generate()
-
-    def generate(self) -> None:
-        if self.paused or self.transport.is_closing():
-            return
-        self.transport.write(CHARGEN_PATTERN)
-        if not self.paused:
-            asyncio.get_running_loop().call_soon(self.generate)
-
-    def pause_writing(self) -> None:
-        self.paused = True
-
-    def resume_writing(self) -> None:
-        self.paused = False
-        self.generate()
-
-    def eof_received(self) -> bool:
-        return True  # half-closed: the client still reads the stream
-
-
-STREAM_SERVICES: dict[str, type[asyncio.Protocol]] = {
-    "echo": Echo,
-    "discard": Discard,
-    "daytime": Daytime,
-    "chargen": Chargen,
-}
+# -- the built-in services over UDP (over TCP: handlers.STREAM_SERVICES) -------------
 
 
 class DatagramService(asyncio.DatagramProtocol):
@@ -391,6 +334,9 @@ class ConnectionTransport(asyncio.Transport):
                 return client
             if name == "proxy_peername":
                 return self._transport.get_extra_info("peername", default)
+        if name == "selected_alpn_protocol":  # asyncio's and uvloop's TLS transports lack it
+            ssl_object = self._transport.get_extra_info("ssl_object")
+            return default if ssl_object is None else ssl_object.selected_alpn_protocol()
         return self._transport.get_extra_info(name, default)
 
     def pause_reading(self) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 from prefork import fastio
 from prefork._fastio_common import LOOP_COUNTERS
-from prefork.server.handlers import CHARGEN_PATTERN, StreamHandlerProtocol
+from prefork.server.handlers import CHARGEN_PATTERN, STREAM_SERVICES, StreamHandlerProtocol
+from prefork.server.tls_protocol import mixed_factory, tls_factory
 from prefork.server.workers.base import Worker
 from prefork.server.workers.event_asyncio import EventWorkerLoop
 from prefork.settings import udp_rate_of
@@ -36,11 +37,14 @@ class EventWorker(Worker):
         proxied = [lst.sock for lst in self.listeners if lst.proxy and not lst.datagram]
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.booted = False  # a loop that cannot be built is a boot failure (exit 3)
+        service, factory = self.handler.builtin or "protocol", self.protocol_factory()
+        if any(lst.tls for lst in self.listeners):  # TLS: Python protocols (tls_protocol.py)
+            service, factory = "protocol", self.tls_protocol_factory()
         self.loop = fastio.EventLoop(
             streams,
-            self.handler.builtin or "protocol",
+            service,
             datagram_sockets=datagrams,
-            protocol_factory=self.protocol_factory(),
+            protocol_factory=factory,
             wakeup_fd=self.wakeup_r,
             max_connections=config.max_connections,
             max_buffer=config.max_buffer,
@@ -120,6 +124,19 @@ class EventWorker(Worker):
         if stream is not None:
             return lambda: StreamHandlerProtocol(stream, self.stream_failed)
         return self.handler.protocol_factory
+
+    def tls_protocol_factory(self) -> Any:
+        """TLS around the handler's protocol (a built-in service as a Python
+        protocol), and on a worker that also has plain listeners, the plain
+        protocol for theirs."""
+        assert self.tls is not None
+        builtin = self.handler.builtin
+        app = STREAM_SERVICES[builtin] if builtin is not None else self.protocol_factory()
+        secure = tls_factory(app, self.tls, self.config.tls_handshake_timeout)
+        streams = [lst for lst in self.listeners if not lst.datagram]
+        if all(lst.tls for lst in streams):
+            return secure
+        return mixed_factory(streams, app, secure)
 
     def collect_stats(self) -> None:
         """Copy the loop's counters out and publish them (once a tick)."""
