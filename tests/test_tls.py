@@ -378,7 +378,7 @@ def test_clients_that_never_send_a_hello_are_closed_at_the_timeout_and_hurt_nobo
 ):
     args, env = kind_args(kind)
     timeout = 2.0
-    silent_count = 200 if kind != "sync" else 2
+    silent_count = 1000 if kind != "sync" else 2
     workers = "1" if kind != "sync" else "4"
     server = server_factory(
         *args, "-w", workers, *server_args(certs, "--tls-handshake-timeout", str(timeout)),
@@ -409,6 +409,64 @@ def test_clients_that_never_send_a_hello_are_closed_at_the_timeout_and_hurt_nobo
     finally:
         for sock in silent:
             sock.close()
+
+
+def client_hello(certs: Path) -> bytes:
+    """The first flight of a real client: its ClientHello record."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_context(certs).wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+def mutations(hello: bytes, count: int, seed: int = 1515):
+    """Mutated ClientHellos: flipped bytes, truncations, lengths set to
+    extremes, repeated and spliced pieces (a fixed seed: a failure repeats)."""
+    import random
+
+    rng = random.Random(seed)
+    for i in range(count):
+        data = bytearray(hello)
+        how = i % 5
+        if how == 0:
+            for _ in range(rng.randint(1, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif how == 1:
+            data = data[: rng.randrange(1, len(data))]
+        elif how == 2:  # a length field (record, handshake, or one inside) to an extreme
+            at = rng.choice([3, 6, 7, 43, 44] + [rng.randrange(5, len(data) - 1)])
+            data[at : at + 2] = rng.choice([b"\xff\xff", b"\x00\x00", b"\x40\x00"])
+        elif how == 3:
+            cut = rng.randrange(5, len(data))
+            data = data[:cut] + data[rng.randrange(5, len(data)) :]
+        else:
+            data = data + bytes(rng.randrange(256) for _ in range(rng.randint(1, 300)))
+        yield bytes(data)
+
+
+@pytest.mark.parametrize("kind", ["event", "event-twin", "sync", "asyncio"])
+def test_mutated_client_hellos_hurt_only_their_connection(server_factory, certs, kind):
+    args, env = kind_args(kind)
+    server = server_factory(
+        *args, "-w", "2", *server_args(certs, "--tls-handshake-timeout", "1"), env=env
+    )
+    hello = client_hello(certs)
+    for n, data in enumerate(mutations(hello, 150)):
+        with server.connect(0, timeout=30) as bad:
+            bad.settimeout(30)
+            try:
+                bad.sendall(data)
+                bad.shutdown(socket.SHUT_WR)
+                while bad.recv(65536):  # whatever comes (an alert, a ServerHello), then the close
+                    pass
+            except OSError:  # reset, or closed already
+                pass
+        if n % 25 == 24:
+            with tls_connect(server, client_context(certs)) as tls:
+                assert tls_exchange(tls, b"still serving") == b"still serving"
+    assert len(server.workers()) == 2  # none crashed
+    assert "Traceback" not in server.log
 
 
 # -- the openssl client --------------------------------------------------------------------
@@ -504,3 +562,101 @@ def test_bad_tls_settings_are_one_line(certs, tmp_path):
         for command in ("serve", "check"):
             result = run(command, "-b", "127.0.0.1:0", *args, timeout=30)
             assert_one_line_error(result, code, needle)
+
+
+# -- behind HAProxy, re-encrypted: ssl verify required + send-proxy-v2 -------------------------
+
+HAPROXY_TLS_CONFIG = """
+global
+    maxconn 2000
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 20s
+    timeout server 20s
+    retries 3
+    option redispatch
+
+frontend echo
+    bind 127.0.0.1:{front}
+    default_backend prefork
+
+backend prefork
+    balance roundrobin
+    server a 127.0.0.1:{a} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) send-proxy-v2 check inter 100ms fall 1 rise 1
+    server b 127.0.0.1:{b} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) send-proxy-v2 check inter 100ms fall 1 rise 1
+"""
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
+@pytest.mark.parametrize("kind", ["event", "sync"])
+def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_nothing(
+    server_factory, certs, tmp_path, kind
+):
+    from test_haproxy import WHO_HANDLER, echo_through, free_port, served
+
+    from support import running_haproxy
+
+    (tmp_path / "who_handler.py").write_text(WHO_HANDLER)
+    env = handler_env(tmp_path)
+    args, _ = kind_args(kind)
+    instances = [
+        server_factory(
+            *args,
+            "-b",
+            "proxy:tls:127.0.0.1:0",
+            "-w",
+            "2",
+            "--handler",
+            "who_handler:Who",
+            *server_args(certs),
+            env=env,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    a, b = instances
+    front = free_port()
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(
+        HAPROXY_TLS_CONFIG.format(front=front, a=a.tcp()[1], b=b.tcp()[1], ca=certs / "ca.pem")
+    )
+    with running_haproxy(config, front):
+        for i in range(2, 6):  # the handlers see the clients, through TLS
+            payload = os.urandom(1000 + i)
+            _, echo = echo_through(front, f"127.0.0.{i}", payload)
+            assert echo == payload
+        stop_at = time.monotonic() + 6.0
+        results = {"ok": 0, "failed": 0}
+        errors: list[str] = []
+        lock = threading.Lock()
+
+        def client(n: int) -> None:
+            count = 0
+            while time.monotonic() < stop_at and count < 2000:
+                count += 1
+                payload = b"%d:%d:" % (n, count) + os.urandom(64)
+                try:
+                    _, echo = echo_through(front, f"127.0.0.{2 + n}", payload)
+                    ok = echo == payload
+                except (OSError, AssertionError) as exc:
+                    ok = False
+                    with lock:
+                        errors.append(repr(exc))
+                with lock:
+                    results["ok" if ok else "failed"] += 1
+
+        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        time.sleep(2.0)
+        served_before = results["ok"]
+        a.signal(signal.SIGTERM)  # drain instance a mid-load
+        assert a.wait(30) == 0
+        for thread in threads:
+            thread.join(30)
+        assert served_before > 0 and results["ok"] > served_before
+        assert results["failed"] == 0, (results, errors[:5])
+        b.signal(signal.SIGTERM)
+        assert b.wait(30) == 0
+        assert served(a) > 0 and served(b) > 0
