@@ -584,9 +584,14 @@ frontend echo
 
 backend prefork
     balance roundrobin
-    server a 127.0.0.1:{a} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) send-proxy-v2 check inter 100ms fall 1 rise 1
-    server b 127.0.0.1:{b} ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) send-proxy-v2 check inter 100ms fall 1 rise 1
+    default-server {server_options}
+    server a 127.0.0.1:{a}
+    server b 127.0.0.1:{b}
 """
+HAPROXY_TLS_SERVER = (
+    "ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) "
+    "send-proxy-v2 check inter 100ms fall 1 rise 1"
+)
 
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
