@@ -624,7 +624,12 @@ def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_noth
     front = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(
-        HAPROXY_TLS_CONFIG.format(front=front, a=a.tcp()[1], b=b.tcp()[1], ca=certs / "ca.pem")
+        HAPROXY_TLS_CONFIG.format(
+            front=front,
+            a=a.tcp()[1],
+            b=b.tcp()[1],
+            server_options=HAPROXY_TLS_SERVER.format(ca=certs / "ca.pem"),
+        )
     )
     with running_haproxy(config, front):
         for i in range(2, 6):  # the handlers see the clients, through TLS
