@@ -16,6 +16,7 @@ import pytest
 from support import (
     TESTS_DIR,
     assert_one_line_error,
+    connections_per_worker,
     cpu_seconds,
     exchange,
     handler_env,
@@ -309,6 +310,10 @@ def test_a_worker_killed_after_graceful_timeout_counts_as_a_watchdog_kill(server
     (stuck,) = server.wait_workers(1)
     with server.connect() as sock:
         sock.sendall(b"x")  # hangs for longer than the test: only a KILL ends it
+        # The stuck worker holds it before a second worker exists to take
+        # it instead (on a busy machine the accept can come after the TTIN).
+        port = server.tcp()[1]
+        assert wait_until(lambda: connections_per_worker(port) == {stuck: 1}, 10)
         server.signal(signal.SIGTTIN)
         server.wait_workers(2)
         server.signal(signal.SIGTTOU)  # the oldest, the stuck one, is told to stop
