@@ -107,27 +107,37 @@ def tls_connect(server, context: ssl.SSLContext, index: int = 0, name: str = "lo
 
 
 def tls_exchange(tls: ssl.SSLSocket, payload: bytes, timeout: float = 60.0) -> bytes:
-    """Send ``payload`` from a thread while reading the echo; then close_notify."""
-    tls.settimeout(timeout)
+    """Send ``payload`` while reading the echo, until as many bytes came back
+    (or the server closed). One thread: an SSL object must not be read and
+    written from two threads at once."""
+    import select
+
+    tls.setblocking(False)
+    pending = memoryview(payload)
     received = bytearray()
-    errors: list[BaseException] = []
-
-    def send() -> None:
-        try:
-            tls.sendall(payload)
-        except BaseException as exc:
-            errors.append(exc)
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    while len(received) < len(payload):
-        chunk = tls.recv(1 << 20)
-        if not chunk:
-            break
-        received += chunk
-    sender.join(timeout)
-    if errors:
-        raise errors[0]
+    deadline = time.monotonic() + timeout
+    try:
+        while len(received) < len(payload):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(received)} of {len(payload)} bytes echoed")
+            if not tls.pending():  # OpenSSL may hold decrypted bytes epoll cannot see
+                select.select([tls], [tls] if pending else [], [], min(left, 1.0))
+            if pending:
+                try:
+                    pending = pending[tls.send(pending[: 1 << 16]) :]
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    pass
+            try:
+                chunk = tls.recv(1 << 20)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        tls.setblocking(True)
+        tls.settimeout(timeout)
     return bytes(received)
 
 
