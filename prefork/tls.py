@@ -175,6 +175,11 @@ def _base_context(settings: TLSSettings) -> ssl.SSLContext:
     # A client may not renegotiate: each renegotiation costs the server a
     # handshake, at the client's pace (CVE-2011-1473).
     context.options |= ssl.OP_NO_RENEGOTIATION
+    # A client that ends with a TCP end of file and no close_notify (most
+    # line clients, `prefork client` at the end of its input) ends its input
+    # there: without this OpenSSL 3 answers with a decode_error alert, which
+    # the client reads as a failure after a complete exchange.
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF
     if settings.ciphers:
         context.set_ciphers(settings.ciphers)
     if settings.alpn:

@@ -25,6 +25,7 @@ from support import (
     assert_one_line_error,
     exchange,
     handler_env,
+    prefork_command,
     run,
     wait_until,
 )
@@ -680,3 +681,46 @@ def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_noth
         b.signal(signal.SIGTERM)
         assert b.wait(30) == 0
         assert served(a) > 0 and served(b) > 0
+
+
+# -- prefork client --tls ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["event", "sync"])
+def test_prefork_client_speaks_tls_and_verifies_the_server(server_factory, certs, kind):
+    args, env = kind_args(kind)
+    server = server_factory(*args, *server_args(certs), env=env)
+    host, port = server.tcp()
+    target = f"{host}:{port}"
+    ca = str(certs / "ca.pem")
+    ok = run("client", "--tls", "--ca-certs", ca, "-e", "hello", "--expect", "hello", target)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "hello\n"
+    # Standard input, megabytes of it, byte-exact (the end of input half-closes TCP).
+    payload = os.urandom(2 * 1024 * 1024 + 3)
+    piped = subprocess.run(
+        [*prefork_command("client", "--tls", "--ca-certs", ca, "--sni", "localhost", target)],
+        input=payload, capture_output=True, timeout=60, start_new_session=True,
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == payload
+    # Not verified: the system's CAs do not know the test CA; the wrong name.
+    unknown = run("client", "--tls", "-e", "hello", target)
+    assert_one_line_error(unknown, 1, "TLS:", "certificate")
+    wrong = run("client", "--tls", "--ca-certs", ca, "--sni", "other.test", "-e", "x", target)
+    assert_one_line_error(wrong, 1, "TLS:", "other.test")
+    insecure = run("client", "--tls", "--insecure", "-e", "hello", target)
+    assert insecure.returncode == 0 and insecure.stdout == "hello\n", insecure.stderr
+
+
+def test_prefork_client_tls_usage_errors(certs):
+    ca = str(certs / "ca.pem")
+    cases = [
+        (["--ca-certs", ca, "127.0.0.1:9"], 2, "--ca-certs: only with --tls"),
+        (["--sni", "x", "127.0.0.1:9"], 2, "--sni: only with --tls"),
+        (["--tls", "--insecure", "--ca-certs", ca, "127.0.0.1:9"], 2, "--insecure"),
+        (["--tls", "udp://127.0.0.1:9"], 2, "no DTLS"),
+        (["--tls", "--ca-certs", str(certs / "no-such.pem"), "127.0.0.1:9"], 1, "--ca-certs"),
+    ]
+    for args, code, needle in cases:
+        assert_one_line_error(run("client", *args, timeout=30), code, needle)

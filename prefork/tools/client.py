@@ -26,8 +26,16 @@ reply other than the text expected (the client stops waiting as soon as the
 reply is settled either way). That makes ``prefork client -e ping --expect
 ping`` a health check.
 
-Errors (refused, reset, unresolvable, no reply, the wrong reply) raise
-``ClientError``: one line, exit 1.
+TLS (``--tls``): the handshake first, within ``timeout``, verifying the
+server's certificate against ``--ca-certs`` (or the system's CAs) and the
+name (``--sni``, else the host), unless ``--insecure``. The end of input
+half-closes the TCP connection under TLS rather than sending close_notify:
+Python's ``ssl`` cannot send one and go on reading, and the replies still
+have to come. Decrypted bytes OpenSSL holds are read before waiting again
+(``select`` cannot see them).
+
+Errors (refused, reset, unresolvable, no reply, the wrong reply, a failed
+handshake) raise ``ClientError``: one line, exit 1.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import errno
 import os
 import select
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -202,6 +211,33 @@ class Expect:
 
 # How a stream conversation ended (``talk_stream``).
 CLOSED_FIRST = "closed first"  # the server closed before the input ended
+
+
+def handshake(
+    sock: socket.socket,
+    address: Address,
+    tls: tuple[ssl.SSLContext, str | None],
+    timeout: float | None,
+) -> ssl.SSLSocket:
+    """The TLS handshake on a connected socket, within ``timeout``, or ClientError."""
+    context, name = tls
+    if name is None and address.kind == "tcp":
+        name = address.host
+    sock.settimeout(timeout)
+    try:
+        wrapped = context.wrap_socket(sock, server_hostname=name)
+    except ssl.SSLCertVerificationError as exc:
+        raise ClientError(f"{address}: TLS: {exc.verify_message or exc.reason}") from None
+    except ssl.SSLError as exc:
+        raise ClientError(f"{address}: TLS handshake failed: {exc.reason or exc}") from None
+    except OSError as exc:
+        if isinstance(exc, TimeoutError) and exc.errno is None:
+            raise ClientError(f"{address}: TLS handshake timed out after {timeout:g} s") from None
+        raise _error(address, exc) from None
+    wrapped.settimeout(None)
+    return wrapped
+
+
 CLOSED = "closed"  # the server closed after the end of input
 TIMED_OUT = "timed out"  # the server did not close within ``timeout`` of the end of input
 SETTLED = "settled"  # ``settled()`` said the reply needs no more waiting
@@ -229,7 +265,9 @@ def talk_stream(
 
     def finish() -> float | None:
         try:
-            sock.shutdown(socket.SHUT_WR)
+            # Under TLS too (socket.socket's, not SSLSocket's, which would
+            # drop the TLS layer and leave the replies unreadable).
+            socket.socket.shutdown(sock, socket.SHUT_WR)
         except OSError as exc:  # already reset: the next recv() says so
             if exc.errno != errno.ENOTCONN:
                 raise
@@ -243,11 +281,17 @@ def talk_stream(
             assert stdin is not None
             readers.append(stdin)
         writers = [sock] if pending else []
-        ready, writable, _ = select.select(readers, writers, [], _wait(deadline))
+        held = isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+        ready, writable, _ = select.select(readers, writers, [], 0 if held else _wait(deadline))
+        if held:
+            ready.append(sock)
         if not ready and not writable:
             return TIMED_OUT
         if sock in ready:
-            data = sock.recv(CHUNK)
+            try:
+                data = sock.recv(CHUNK)
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                continue  # a TLS record not yet whole
             if not data:
                 return CLOSED if finished else CLOSED_FIRST
             _write(out, data)
@@ -258,8 +302,8 @@ def talk_stream(
         if writable:
             try:
                 pending = pending[sock.send(pending) :]
-            except BlockingIOError:  # the room select() saw is gone; wait again
-                pass
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass  # the room select() saw is gone, or TLS wants a read first: wait again
         if stdin is not None and stdin in ready:
             data = os.read(stdin, CHUNK)
             if data:
@@ -381,6 +425,20 @@ def add_parser(commands: Any) -> None:
         help="with -e: exit 1 unless the reply is TEXT (a newline or CRLF after it is allowed)",
     )
     client.add_argument(
+        "--tls", action="store_true", help="TLS: verify the server's certificate and name"
+    )
+    client.add_argument(
+        "--ca-certs", metavar="FILE", help="with --tls: the CAs to trust (default: the system's)"
+    )
+    client.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --tls: do not verify the server's certificate (testing only)",
+    )
+    client.add_argument(
+        "--sni", metavar="NAME", help="with --tls: the server name to ask for and verify"
+    )
+    client.add_argument(
         "--timeout",
         metavar="S",
         default=str(DEFAULT_TIMEOUT),
@@ -392,7 +450,33 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """The ``prefork client`` command: its exit status, or raise ClientError or ConfigError."""
     timeout = parse_seconds(args.timeout, "--timeout") or None
-    return talk(args.address, args.udp, args.send, not args.no_newline, timeout, args.expect)
+    tls = client_tls(args.tls, args.ca_certs, args.insecure, args.sni)
+    return talk(args.address, args.udp, args.send, not args.no_newline, timeout, args.expect, tls)
+
+
+def client_tls(
+    on: bool, ca_certs: str | None, insecure: bool, sni: str | None
+) -> tuple[ssl.SSLContext, str | None] | None:
+    """The client's TLS context and server name, or None without --tls;
+    ConfigError (exit 2) for options that need --tls, ClientError (exit 1)
+    for a CA file that does not load."""
+    if not on:
+        for option, given in (("--ca-certs", ca_certs), ("--insecure", insecure), ("--sni", sni)):
+            if given:
+                raise ConfigError(f"{option}: only with --tls")
+        return None
+    if insecure and ca_certs is not None:
+        raise ConfigError("--insecure: not with --ca-certs (it would not be checked)")
+    try:
+        context = ssl.create_default_context(cafile=ca_certs)
+    except (OSError, ssl.SSLError) as exc:
+        why = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+        raise ClientError(f"--ca-certs {ca_certs}: {why or exc}") from None
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # a server that closes without close_notify
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context, sni
 
 
 def talk(
@@ -402,9 +486,12 @@ def talk(
     newline: bool = True,
     timeout: float | None = DEFAULT_TIMEOUT,
     expect_text: str | None = None,
+    tls: tuple[ssl.SSLContext, str | None] | None = None,
 ) -> int:
     """Connect to ``text`` and talk: exit 0, or raise ClientError or ConfigError."""
     address = target_address(text, udp)
+    if tls is not None and address.kind == "udp":
+        raise ConfigError("--tls: TLS is for streams (no DTLS)")
     if not newline and send is None:
         raise ConfigError("-n/--no-newline: only with -e TEXT")
     if expect_text is not None and send is None:
@@ -419,7 +506,8 @@ def talk(
         stdin = sys.stdin.fileno()
     out = sys.stdout.buffer
     waited = "no limit" if timeout is None else f"{timeout:g} s"
-    with connect(address, timeout) as sock:
+    with connect(address, timeout) as plain:
+        sock = plain if tls is None else handshake(plain, address, tls, timeout)
         if stdin is not None and os.isatty(stdin):
             _say(f"connected to {address} (Ctrl-D ends the input, Ctrl-C quits)")
         try:
