@@ -36,7 +36,7 @@ from prefork.settings import (
     parse_seconds,
     with_tls_binds,
 )
-from prefork.tls import check_tls_options, context_of
+from prefork.tls import check_tls_fit, check_tls_options, context_of
 from prefork.tools import bench, client, status
 
 PROG = "prefork"
@@ -173,6 +173,8 @@ def check(args: argparse.Namespace) -> int:
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
     check_tls_options(config)
+    secured = next((str(a) for a in config.binds if a.tls), None)
+    check_tls_fit(config.worker_class, secured, udp[0] if udp else None)
     context_of(config)  # the certificate and key files load and fit
     binds = " ".join(str(a) for a in config.binds)
     print(
@@ -203,6 +205,8 @@ def serve(args: argparse.Namespace) -> int:
     check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
     check_tls_options(config)
+    secured = next((str(a) for a in config.binds if a.tls), None)
+    check_tls_fit(config.worker_class, secured, udp[0] if udp else None)
     tls = context_of(config)  # before binding: a bad file changes nothing
 
     def reload_config() -> Config:

@@ -152,6 +152,17 @@ def check_tls_options(config: Any) -> None:
         )
 
 
+def check_tls_fit(worker_class: str, secured: str | None, datagram: str | None) -> None:
+    """The event worker runs TLS as Python protocols on its loop, which then
+    serves protocols only, and its built-in UDP services need the loop's
+    built-in mode: one server cannot have both yet (ConfigError, exit 2)."""
+    if worker_class == "event" and secured is not None and datagram is not None:
+        raise ConfigError(
+            f"-k event cannot serve a TLS listener ({secured}) and a UDP one ({datagram}) "
+            "in one server yet: run two servers, or use -k asyncio"
+        )
+
+
 def _load_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None, what: str) -> None:
     try:
         context.load_cert_chain(certfile, keyfile)

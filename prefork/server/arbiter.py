@@ -66,7 +66,7 @@ from prefork.server.watchdog import DUMP_GRACE, find_overstayed, find_silent, ne
 from prefork.server.workers import WORKER_CLASSES
 from prefork.server.workers.base import DUMP_SIGNAL, WorkerRecord
 from prefork.settings import OPTIONS, RESTART_ONLY, Config, check_udp_exposure
-from prefork.tls import check_tls_options, context_of
+from prefork.tls import check_tls_fit, check_tls_options, context_of
 
 FAST_STOP_TIMEOUT = 5.0  # seconds a fast stop waits before KILL
 # A QUIT that reaches a worker just before it blocks in recv() runs its handler
@@ -200,6 +200,8 @@ class Arbiter:
         stream = next((lst.name for lst in listeners if not lst.datagram), None)
         try:
             check_fit(self.handler, self.config.worker_class, datagram, stream)
+            secured = next((lst.name for lst in listeners if lst.tls), None)
+            check_tls_fit(self.config.worker_class, secured, datagram)
             check_udp_exposure(
                 self.config.handler, self.config.udp_public, datagram_hosts(listeners)
             )
@@ -555,6 +557,8 @@ class Arbiter:
         datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
         stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
         check_fit(handler, config.worker_class, datagram, stream)
+        secured = next((lst.name for lst in self.all_listeners() if lst.tls), None)
+        check_tls_fit(config.worker_class, secured, datagram)
         check_udp_exposure(config.handler, config.udp_public, datagram_hosts(self.all_listeners()))
         tls = self.reload_tls(config)
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
