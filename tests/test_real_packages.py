@@ -17,11 +17,17 @@ pytestmark = pytest.mark.timeout(90)
 
 pytest.importorskip("aiosmtpd", reason="aiosmtpd is in the test extra: pip install -e '.[test]'")
 
-CLASSES = {"event": ["-k", "event"], "asyncio": ["-k", "asyncio", "--loop", "asyncio"]}
+CLASSES = {
+    "event": ["-k", "event"],
+    "asyncio": ["-k", "asyncio", "--loop", "asyncio"],
+    "uvloop": ["-k", "asyncio", "--loop", "uvloop"],
+}
 
 
 @pytest.fixture(params=list(CLASSES))
 def smtp_server(request, server_factory):
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop", reason="--loop uvloop needs uvloop (the bench extra)")
     return server_factory(
         "-w", "2", *CLASSES[request.param], "--handler", "handlers.smtp_server:smtp",
         env=handler_env(TESTS_DIR),
@@ -62,3 +68,24 @@ def test_concurrent_smtp_sessions_over_two_workers(smtp_server):
     assert not failures, failures
     assert wait_until(lambda: smtp_server.log.count("mail from s") == 16, 10), smtp_server.log
     assert "Traceback" not in smtp_server.log
+
+
+@pytest.mark.parametrize("kind", ["event", "asyncio"])
+def test_aiosmtpd_over_tls_serves_smtplib_smtp_ssl(server_factory, certs, kind):
+    """Implicit TLS (SMTPS): aiosmtpd's protocol, unchanged, behind prefork's
+    TLS; the standard library's SMTP_SSL verifies the certificate."""
+    import ssl
+
+    server = server_factory(
+        "-w", "1", "-k", kind, "--handler", "handlers.smtp_server:smtp",
+        "--certfile", str(certs / "server.pem"), "--keyfile", str(certs / "server.key"),
+        env=handler_env(TESTS_DIR),
+    )  # fmt: skip
+    host, port = server.tcp()
+    context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+    with smtplib.SMTP_SSL("localhost", port, timeout=20, context=context) as client:
+        code, banner = client.ehlo()
+        assert code == 250 and banner.startswith(b"prefork.test"), banner
+        assert client.sendmail("tls@example.com", ["a@example.org"], "Subject: s\r\n\r\nhi") == {}
+    line = "mail from tls@example.com to a@example.org"
+    assert wait_until(lambda: line in server.log, 10), server.log
