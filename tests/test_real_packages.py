@@ -27,7 +27,7 @@ CLASSES = {
 @pytest.fixture(params=list(CLASSES))
 def smtp_server(request, server_factory):
     if request.param == "uvloop":
-        pytest.importorskip("uvloop", reason="--loop uvloop needs uvloop (the bench extra)")
+        pytest.importorskip("uvloop", reason="--loop uvloop needs uvloop (in the test extra)")
     return server_factory(
         "-w", "2", *CLASSES[request.param], "--handler", "handlers.smtp_server:smtp",
         env=handler_env(TESTS_DIR),
