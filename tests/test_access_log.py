@@ -361,7 +361,7 @@ def file_lines(path) -> list[str]:
     return text.split("\n")[:-1]
 
 
-@pytest.mark.parametrize("k", ["event", "sync", "thread"])
+@pytest.mark.parametrize("k", ["event", "sync", "thread", "asyncio"])
 def test_every_worker_class_logs_and_usr1_reopens(server_factory, implementation_env, k, tmp_path):
     path = tmp_path / "access.log"
     server = server_factory(

@@ -270,10 +270,12 @@ def test_proxy_header_then_tls_gives_the_handler_the_client(
     assert info["peername"] == ["192.0.2.9", 40123]
 
 
+@pytest.mark.parametrize("version", ["1.2", "1.3"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_session_resumes_on_another_worker(server_factory, certs, handler_dir, kind):
+def test_a_session_resumes_on_another_worker(server_factory, certs, handler_dir, kind, version):
     """The context is made before the fork: every worker has the same
-    session-ticket keys, so a ticket one worker issued works on another."""
+    session-ticket keys, so a ticket one worker issued works on another
+    (TLS 1.3: the ticket comes after the handshake, with the first data)."""
     args, _ = kind_args(kind)
     env = handler_env(handler_dir)
     if kind == "event-twin":
@@ -284,7 +286,8 @@ def test_a_session_resumes_on_another_worker(server_factory, certs, handler_dir,
         env=env,
     )  # fmt: skip
     server.wait_workers(2)
-    context = client_context(certs, maximum_version=ssl.TLSVersion.TLSv1_2)
+    tls_version = ssl.TLSVersion.TLSv1_2 if version == "1.2" else ssl.TLSVersion.TLSv1_3
+    context = client_context(certs, minimum_version=tls_version, maximum_version=tls_version)
     with tls_connect(server, context) as tls:
         first = read_info(tls)
         session = tls.session
@@ -677,3 +680,34 @@ def test_prefork_client_tls_usage_errors(certs):
     ]
     for args, code, needle in cases:
         assert_one_line_error(run("client", *args, timeout=30), code, needle)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_access_log_says_tls_failed_and_counts_a_served_connection(
+    server_factory, certs, tmp_path, kind
+):
+    args, env = kind_args(kind)
+    path = tmp_path / "access.log"
+    server = server_factory(
+        *args, "-w", "1", "--access-log", str(path), *server_args(certs), env=env
+    )
+    with server.connect(0, timeout=30) as bad:
+        bad.sendall(b"not a ClientHello at all\r\n" * 10)
+        bad.settimeout(30)
+        try:
+            while bad.recv(4096):
+                pass
+        except OSError:
+            pass
+    with tls_connect(server, client_context(certs)) as tls:
+        assert tls_exchange(tls, b"x" * 1000) == b"x" * 1000
+
+    def ends() -> list[str]:
+        return (
+            [line.split(" ")[6] for line in path.read_text().splitlines()] if path.exists() else []
+        )
+
+    # Written when each ends: the TLS one when the worker sees our close.
+    assert wait_until(lambda: len(ends()) == 2, 30), ends()
+    assert ends()[0] == "tls-failed"
+    assert ends()[1] in ("eof", "closed")

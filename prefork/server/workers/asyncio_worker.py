@@ -140,6 +140,11 @@ class Connection:
         "backed_up",
         "error",
         "held",
+        "started",
+        "nin",
+        "nout",
+        "end",
+        "peer_eof",
     )
 
     def __init__(self, worker: AsyncioWorker, inner: Any, client: Any, first: bytes) -> None:
@@ -154,6 +159,13 @@ class Connection:
         self.backed_up = False  # the client does not read: so we do not either
         self.error: BaseException | None = None
         self.held: Any = None  # its client's key in the per-client count, to release
+        # For the access log: when it was accepted, its bytes, and why it ended
+        # when the server decided (else connection_lost works it out).
+        self.started = time.monotonic()
+        self.nin = 0
+        self.nout = 0
+        self.end: str | None = None
+        self.peer_eof = False
 
     def peer(self) -> Any:
         if self.client is not None:
@@ -164,6 +176,7 @@ class Connection:
         """A handler raised: log it, count it, close this connection only."""
         if self.error is None:
             self.error = exc
+            self.end = "handler-error"
             self.worker.handler_errors += 1
             self.worker.log.error(
                 "handler failed; connection from %s closed", self.peer(), exc_info=exc
@@ -190,6 +203,7 @@ class Connection:
 
     def received(self, data: bytes) -> None:
         self.worker.bytes_in += len(data)
+        self.nin += len(data)
         self.last_active = time.monotonic()
         try:
             self.inner.data_received(data)
@@ -199,6 +213,7 @@ class Connection:
     data_received = received
 
     def eof_received(self) -> bool | None:
+        self.peer_eof = True
         try:
             return bool(self.inner.eof_received())
         except Exception as exc:
@@ -237,6 +252,12 @@ class Connection:
                 transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.worker.access_log is not None:
+            end = self.end
+            if end is None:
+                closed = "eof" if self.peer_eof else "closed"
+                end = "reset" if isinstance(exc, OSError) else closed
+            self.worker.log_access(self.peer(), self.started, self.nin, self.nout, end)
         self.worker.connection_ended(self)
         try:
             self.inner.connection_lost(exc if exc is not None else self.error)
@@ -268,6 +289,7 @@ class BufferedConnection(Connection, asyncio.BufferedProtocol):
         if self.error is not None:
             return
         self.worker.bytes_in += nbytes
+        self.nin += nbytes
         self.last_active = time.monotonic()
         try:
             self.inner.buffer_updated(nbytes)
@@ -304,6 +326,7 @@ class ConnectionTransport(asyncio.Transport):
         n = _nbytes(data)
         if n and not self._transport.is_closing():
             self._worker.bytes_out += n
+            self._conn.nout += n
             self._conn.last_active = time.monotonic()
         self._transport.write(data)
 
@@ -646,6 +669,7 @@ class AsyncioWorker(Worker):
             sock.close()
         self.opening.clear()
         for conn in conns:
+            conn.end = "shutdown"
             conn.abort()
         for task in tasks:
             task.cancel()
@@ -668,6 +692,7 @@ class AsyncioWorker(Worker):
             limit = now - self.config.idle_timeout
             for conn in [c for c in self.conns if c.last_active <= limit]:
                 self.idle_closed += 1
+                conn.end = "idle-timeout"
                 conn.abort()
         if not self.parent_alive():
             self.log.warning("master is gone; worker exiting")
@@ -825,6 +850,8 @@ class AsyncioWorker(Worker):
         if self.client_limits.enabled:  # by the PROXY header's source, if any
             admitted, held = self.admit_client(client if client is not None else _peer(sock))
             if not admitted:
+                if self.access_log is not None:
+                    self.log_access(client or _peer(sock), time.monotonic(), 0, 0, "limit-refused")
                 sock.close()  # before any byte is served
                 return
         try:
@@ -855,6 +882,9 @@ class AsyncioWorker(Worker):
             await self.loop.connect_accepted_socket(lambda: conn, sock, **tls)
         except (OSError, asyncio.TimeoutError) as exc:  # gone, or no TLS handshake
             self.log.debug("connection lost before it started: %s", exc or "timed out")
+            if self.access_log is not None and conn.transport is None:
+                end = "tls-failed" if secure else "reset"
+                self.log_access(conn.peer() or _peer(sock), conn.started, 0, 0, end)
             sock.close()
             if conn.transport is None:
                 self.connection_ended(conn)
@@ -865,9 +895,11 @@ class AsyncioWorker(Worker):
         a byte past the header is read: the rest is OpenSSL's to read."""
         peer = _peer(sock)
         started = False
+        accepted_at, end = time.monotonic(), "reset"  # for the access log
         try:
             if not self.proxy_trusted(peer):
                 self.proxy_rejected += 1
+                end = "proxy-rejected"
                 self.log.warning(
                     "PROXY protocol: %s is not in --forwarded-allow-ips; closing", peer
                 )
@@ -878,8 +910,12 @@ class AsyncioWorker(Worker):
                 )
             except (proxy.ProxyHeaderError, asyncio.TimeoutError) as exc:
                 reason = exc if isinstance(exc, proxy.ProxyHeaderError) else "timed out"
-                self.proxy_rejected += 1
                 self.log.warning("PROXY header from %s: %s; closing", peer, reason)
+                if isinstance(exc, proxy.ProxyHeaderClosed):  # it left: not refused
+                    end = "eof"  # (as the other worker classes count it)
+                    return
+                self.proxy_rejected += 1
+                end = "proxy-rejected"
                 return
             except OSError as exc:
                 self.log.debug("PROXY header from %s: %s; closing", peer, exc)
@@ -889,6 +925,8 @@ class AsyncioWorker(Worker):
             self.connect(sock, header.source, first, secure)
         finally:
             if not started:
+                if self.access_log is not None:
+                    self.log_access(peer, accepted_at, 0, 0, end)
                 self.opening.discard(sock)
                 sock.close()
                 self.connection_ended(None)
@@ -904,7 +942,9 @@ class AsyncioWorker(Worker):
             want = proxy.exact_read_size(data) if exact else HEADER_READ
             chunk = await self.loop.sock_recv(sock, want)
             if not chunk:
-                raise proxy.ProxyHeaderError("connection closed before the end of its PROXY header")
+                raise proxy.ProxyHeaderClosed(
+                    "connection closed before the end of its PROXY header"
+                )
             data += chunk
             header = proxy.parse(data)
             if header is not None:
