@@ -18,8 +18,18 @@ PYX = [f"prefork/{name}.pyx" for name in MODULES]
 C = [f"prefork/{name}.c" for name in MODULES]
 
 
+# The hot loop drives OpenSSL itself for TLS (prefork/_openssl.pxd): it links
+# the libssl Python's ssl module uses (headers: libssl-dev on Debian).
+LIBRARIES = {"_fastio": ["ssl", "crypto"]}
+
+
 def extension(name, source):
-    return Extension(f"prefork.{name}", [source], define_macros=[("_GNU_SOURCE", None)])
+    return Extension(
+        f"prefork.{name}",
+        [source],
+        define_macros=[("_GNU_SOURCE", None)],
+        libraries=LIBRARIES.get(name, []),
+    )
 
 
 def cythonized():

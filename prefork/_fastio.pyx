@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl as _ssl
 import stat
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -35,6 +36,7 @@ from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
+from prefork cimport _openssl as openssl
 from prefork cimport _posix as posix
 
 from prefork import _fastio_common as common
@@ -322,6 +324,16 @@ COMPILED_FACTS["ACCESS_PIPE_WRITE"] = ACCESS_PIPE_WRITE
 common.check_facts(__name__, COMPILED_FACTS, vars(common))
 
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
+cdef size_t C_INT_MAX = 2147483647  # OpenSSL's lengths are ints
+cdef int TLS_PENDING_TURNS = common.TLS_PENDING_TURNS
+
+
+# The head of CPython's PySSLContext (Modules/_ssl.c): the SSL_CTX it wraps
+# comes right after the object header, in every CPython since 3.0.
+cdef struct PySSLContextHead:
+    Py_ssize_t ob_refcnt
+    void *ob_type
+    openssl.SSL_CTX *ctx
 
 # What closed a connection, for connection_lost(exc) and the access log.
 cdef enum:
@@ -329,6 +341,7 @@ cdef enum:
     CLOSED_OVERFLOW = -1  # owed more than max_buffer: BufferError
     CLOSED_IDLE = -2  # the idle timeout: exc is None
     CLOSED_SHUTDOWN = -3  # the loop's close(): exc is None
+    CLOSED_TLS = -4  # no TLS handshake in time, or a fatal TLS error
 
 
 cdef struct RateEntry:
@@ -494,6 +507,12 @@ cdef struct Conn:
     uint64_t key_high, key_low
     size_t low_water  # owed bytes at which a paused protocol resumes writing
     Access *access  # NULL without an access log
+    # TLS (a tls_listeners connection): OpenSSL on the socket itself.
+    bint secure  # it speaks TLS once its PROXY header, if any, is read
+    openssl.SSL *ssl  # made when the handshake starts, freed at the close
+    bint tls_ready  # the handshake is done: the service runs
+    bint tls_want_out  # OpenSSL waits to write before it can go on (EPOLLOUT)
+    double tls_deadline  # the handshake must be done by then
     Conn *prev
     Conn *next
 
@@ -629,6 +648,10 @@ cdef class EventLoop:
     cdef int *listeners
     cdef int n_listeners
     cdef unsigned char *proxied  # per listener: its connections start with a PROXY header
+    cdef unsigned char *secured  # per listener: its connections speak TLS
+    cdef openssl.SSL_CTX *tls_ctx  # the master's context's (kept alive by tls_context)
+    cdef object tls_context
+    cdef double tls_timeout
     cdef object proxy_trusted
     cdef Service svc
     cdef readonly str service
@@ -702,7 +725,8 @@ cdef class EventLoop:
                  udp_loop_ports=(), udp_rate=0.0, udp_burst=1,
                  udp_rate_prefix=common.DEFAULT_RATE_PREFIX, udp_rate_table=None,
                  conn_limit=0, conn_tables=None, conn_slot=0, conn_rate=0.0, conn_burst=1,
-                 conn_rate_table=None):
+                 conn_rate_table=None, tls_context=None, tls_listeners=(),
+                 tls_handshake_timeout=common.DEFAULT_TLS_HANDSHAKE_TIMEOUT):
         cdef const unsigned char[::1] view
         cdef unsigned char[::1] stats_bytes
         cdef unsigned char[::1] table_bytes
@@ -758,14 +782,27 @@ cdef class EventLoop:
         self.buf = <unsigned char *>malloc(self.read_size)
         self.listeners = <int *>malloc(sizeof(int) * (len(fds) + 1))
         self.proxied = <unsigned char *>calloc(len(fds) + 1, 1)
-        if self.buf == NULL or self.listeners == NULL or self.proxied == NULL:
+        self.secured = <unsigned char *>calloc(len(fds) + 1, 1)
+        if (self.buf == NULL or self.listeners == NULL or self.proxied == NULL
+                or self.secured == NULL):
             raise MemoryError()
+        secured_fds = common.check_tls_args(service, tls_context, tls_listeners, fds,
+                                            tls_handshake_timeout)
+        if secured_fds:
+            if openssl.OpenSSL_version_num() != _ssl.OPENSSL_VERSION_NUMBER:
+                raise RuntimeError(
+                    "this build of prefork._fastio links another OpenSSL than Python's ssl "
+                    f"({openssl.OpenSSL_version_num():#x} vs {_ssl.OPENSSL_VERSION_NUMBER:#x})")
+            self.tls_context = tls_context
+            self.tls_ctx = (<PySSLContextHead *><PyObject *>tls_context).ctx
+            self.tls_timeout = tls_handshake_timeout
         proxied_fds = proxy_fds(proxy_listeners, fds)
         self.proxy_trusted = proxy_trusted
         self.n_listeners = len(fds)
         for i, fd in enumerate(fds):
             self.listeners[i] = fd
             self.proxied[i] = fd in proxied_fds
+            self.secured[i] = fd in secured_fds
         self.n_dgrams = len(dgram_fds)
         if self.n_dgrams:
             self.dgram_fds = <int *>malloc(sizeof(int) * self.n_dgrams)
@@ -897,6 +934,8 @@ cdef class EventLoop:
             conn = self.head
             self.head = conn.next
             posix.close(conn.fd)
+            if conn.ssl != NULL:
+                openssl.SSL_free(conn.ssl)
             free(conn.pending)
             Py_XDECREF(conn.protocol)
             Py_XDECREF(conn.transport)
@@ -917,6 +956,8 @@ cdef class EventLoop:
         self.listeners = NULL
         free(self.proxied)
         self.proxied = NULL
+        free(self.secured)
+        self.secured = NULL
         free(self.dgram_fds)
         self.dgram_fds = NULL
         free(self.dgram)
@@ -1071,11 +1112,13 @@ cdef class EventLoop:
         cdef Conn *next_conn
         cdef double limit = now - self.idle_timeout
         self.next_sweep = now + self.sweep_interval
-        if self.idle_timeout <= 0:
+        if self.idle_timeout <= 0 and self.tls_ctx == NULL:
             return 0
         while conn != NULL:
             next_conn = conn.next
-            if conn.last_active <= limit:
+            if conn.ssl != NULL and not conn.tls_ready and now >= conn.tls_deadline:
+                self._close(conn, CLOSED_TLS)  # no handshake in time
+            elif self.idle_timeout > 0 and conn.last_active <= limit:
                 self.idle_closed += 1
                 self._close(conn, CLOSED_IDLE)
             conn = next_conn
@@ -1339,7 +1382,7 @@ cdef class EventLoop:
                         empty += 1
                     break  # EMFILE and kin: try again at the next turn
                 self.drained += 1
-                self._open(fd, now, self.proxied[i], &addr)
+                self._open(fd, now, self.proxied[i], self.secured[i], &addr)
         if empty == self.n_listeners or self.drained >= DRAIN_MAX:
             self.draining = False
             self._stop_accepting()
@@ -1373,12 +1416,12 @@ cdef class EventLoop:
                     self._disarm()
                     return 0
                 _raise_oserror(err)
-            self._open(fd, now, self.proxied[index], &addr)
+            self._open(fd, now, self.proxied[index], self.secured[index], &addr)
         if self.armed:  # re-arm: to the back of the listener's wait queue
             self._readd(lfd, self._listener_tag(index))
         return 0
 
-    cdef int _open(self, int fd, double now, bint proxied,
+    cdef int _open(self, int fd, double now, bint proxied, bint secure,
                    const posix.sockaddr_storage *addr) except -1 nogil:
         cdef Access *access = NULL
         cdef Conn *conn
@@ -1397,6 +1440,7 @@ cdef class EventLoop:
             return 0  # like a connection the peer aborted: the worker lives on
         conn.access = access
         conn.fd = fd
+        conn.secure = secure
         conn.reading = True
         conn.last_active = now
         conn.next = self.head
@@ -1433,11 +1477,14 @@ cdef class EventLoop:
         return 0
 
     cdef int _start(self, Conn *conn) except -1 nogil:
-        """The service's first move on a new connection (no epoll update)."""
+        """The service's first move on a new connection (no epoll update); on
+        a TLS connection, the handshake's first, and the service's once it is done."""
         cdef char line[128]
         cdef posix.time_t t
         cdef posix.tm parts
         cdef size_t length
+        if conn.secure and not conn.tls_ready:
+            return self._begin_tls(conn)
         if self.svc == DAYTIME:
             t = posix.time(NULL)
             posix.gmtime_r(&t, &parts)
@@ -1450,6 +1497,106 @@ cdef class EventLoop:
             with gil:
                 self._open_protocol(conn)
         return 0
+
+    # -- TLS: OpenSSL on the socket (see the spec's _begin_tls and _handshake) ------------
+
+    cdef int _begin_tls(self, Conn *conn) except -1 nogil:
+        conn.ssl = openssl.SSL_new(self.tls_ctx)
+        if conn.ssl == NULL:
+            openssl.ERR_clear_error()
+            self._close(conn, posix.ENOMEM)
+            return 0
+        # Partial writes and a moving buffer: what OpenSSL did not take stays
+        # in the connection's pending bytes and is offered again from there.
+        # Released buffers: an idle TLS connection keeps no 34 KiB of them.
+        openssl.SSL_set_mode(conn.ssl, openssl.SSL_MODE_ENABLE_PARTIAL_WRITE
+                             | openssl.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+                             | openssl.SSL_MODE_RELEASE_BUFFERS)
+        if openssl.SSL_set_fd(conn.ssl, conn.fd) != 1:
+            openssl.ERR_clear_error()
+            self._close(conn, posix.ENOMEM)
+            return 0
+        openssl.SSL_set_accept_state(conn.ssl)
+        conn.tls_deadline = _monotonic() + self.tls_timeout
+        return self._handshake(conn)  # the ClientHello may be there already
+
+    cdef int _handshake(self, Conn *conn) except -1 nogil:
+        """One step of the server's handshake; once done, the service starts."""
+        cdef int r, e
+        openssl.ERR_clear_error()
+        r = openssl.SSL_do_handshake(conn.ssl)
+        if r == 1:
+            conn.tls_ready = True
+            conn.tls_want_out = False
+            conn.last_active = _monotonic()
+            return self._start(conn)
+        e = openssl.SSL_get_error(conn.ssl, r)
+        openssl.ERR_clear_error()
+        if e == openssl.SSL_ERROR_WANT_READ:
+            conn.tls_want_out = False
+        elif e == openssl.SSL_ERROR_WANT_WRITE:
+            conn.tls_want_out = True
+        else:  # a bad or truncated handshake, a reset, the peer gone
+            self._close(conn, CLOSED_TLS)
+        return 0
+
+    cdef ssize_t _tls_recv(self, Conn *conn) except -2 nogil:
+        """``_recv`` on a TLS connection: plaintext bytes read into the shared
+        buffer, 0 at the end (close_notify, or an end of file: the context
+        sets OP_IGNORE_UNEXPECTED_EOF), -EAGAIN, or -errno (-EPROTO: TLS failed)."""
+        cdef int r, e
+        openssl.ERR_clear_error()
+        r = openssl.SSL_read(conn.ssl, self.buf, <int>min(self.read_size, C_INT_MAX))
+        if r > 0:
+            conn.tls_want_out = False
+            return r
+        e = openssl.SSL_get_error(conn.ssl, r)
+        openssl.ERR_clear_error()
+        if e == openssl.SSL_ERROR_WANT_READ:
+            return -posix.EAGAIN
+        if e == openssl.SSL_ERROR_WANT_WRITE:
+            conn.tls_want_out = True
+            return -posix.EAGAIN
+        if e == openssl.SSL_ERROR_ZERO_RETURN:
+            return 0
+        if e == openssl.SSL_ERROR_SYSCALL and posix.errno != 0:
+            return -posix.errno
+        return -posix.EPROTO
+
+    cdef ssize_t _tls_send(self, Conn *conn, const unsigned char *data,
+                           size_t length) except -2 nogil:
+        """``_send`` on a TLS connection: plaintext bytes OpenSSL took (0 if
+        none: the rest is offered again, from the same bytes, when the socket
+        takes more), or -errno before any (-EPROTO: TLS failed)."""
+        cdef int r, e
+        cdef size_t sent = 0
+        while sent < length:
+            openssl.ERR_clear_error()
+            r = openssl.SSL_write(conn.ssl, data + sent, <int>min(length - sent, C_INT_MAX))
+            if r > 0:
+                sent += <size_t>r
+                continue
+            e = openssl.SSL_get_error(conn.ssl, r)
+            openssl.ERR_clear_error()
+            if e == openssl.SSL_ERROR_WANT_WRITE or e == openssl.SSL_ERROR_WANT_READ:
+                break
+            if sent > 0:
+                break  # the next write reports it
+            if e == openssl.SSL_ERROR_SYSCALL and posix.errno != 0:
+                return -posix.errno
+            return -posix.EPROTO
+        return <ssize_t>sent
+
+    cdef inline ssize_t _conn_send(self, Conn *conn, const unsigned char *data,
+                                   size_t length) except -2 nogil:
+        if conn.ssl != NULL:
+            return self._tls_send(conn, data, length)
+        return self._send(conn.fd, data, length)
+
+    cdef inline ssize_t _conn_recv(self, Conn *conn) except -2 nogil:
+        if conn.ssl != NULL:
+            return self._tls_recv(conn)
+        return self._recv(conn.fd, self.read_size)
 
     cdef int _open_protocol(self, Conn *conn) except -1:
         transport = Transport.__new__(Transport)
@@ -1500,10 +1647,12 @@ cdef class EventLoop:
         cdef bint owes = _owed(conn) > 0
         if conn.header != NULL:
             events = posix.EPOLLIN
+        elif conn.secure and not conn.tls_ready:  # the handshake waits on one side
+            events = posix.EPOLLOUT if conn.tls_want_out else posix.EPOLLIN
         else:
             if conn.reading and not owes and not conn.read_paused:
                 events |= posix.EPOLLIN
-            if owes or (self.svc == CHARGEN and not conn.eof):
+            if owes or (self.svc == CHARGEN and not conn.eof) or conn.tls_want_out:
                 events |= posix.EPOLLOUT
         if not conn.registered:
             self._ctl(posix.EPOLL_CTL_ADD, conn.fd, events, <uint64_t>conn)
@@ -1518,7 +1667,9 @@ cdef class EventLoop:
         CLOSED_ code."""
         cdef int end
         if err > 0:
-            end = END_RESET
+            end = END_TLS if err == posix.EPROTO and conn.ssl != NULL else END_RESET
+        elif err == CLOSED_TLS:
+            end = END_TLS
         elif err == CLOSED_OVERFLOW:
             end = END_MAX_BUFFER
         elif err == CLOSED_IDLE:
@@ -1561,6 +1712,13 @@ cdef class EventLoop:
         if conn.registered:
             self._ctl(posix.EPOLL_CTL_DEL, conn.fd, 0, 0)
             conn.registered = False
+        if conn.ssl != NULL:
+            if conn.tls_ready and end != END_TLS and end != END_RESET:
+                openssl.ERR_clear_error()
+                openssl.SSL_shutdown(conn.ssl)  # close_notify, not waiting for the peer's
+            openssl.ERR_clear_error()
+            openssl.SSL_free(conn.ssl)
+            conn.ssl = NULL
         posix.close(conn.fd)
         if conn.prev != NULL:
             conn.prev.next = conn.next
@@ -1624,7 +1782,7 @@ cdef class EventLoop:
         if self.svc == PROTOCOL:  # a protocol writing is activity (echo's read was)
             conn.last_active = _monotonic()
         if owed == 0:
-            sent = self._send(conn.fd, data, length)
+            sent = self._conn_send(conn, data, length)
             if sent < 0:
                 self._close(conn, <int>-sent)
                 return 0
@@ -1661,31 +1819,41 @@ cdef class EventLoop:
 
     cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -1 nogil:
         cdef int err = 0
+        cdef int turns = 0
         if conn.header != NULL:  # nothing else before the header is whole
             err = self._read_header(conn, now)
+        elif conn.secure and not conn.tls_ready:
+            self._handshake(conn)
         else:
             if _owed(conn) > 0:
                 err = self._flush(conn, now)
             elif self.svc == CHARGEN and mask & posix.EPOLLOUT:
                 err = self._generate(conn, now)
             if (err == 0 and not conn.closed and _owed(conn) == 0
-                    and mask & ~(<unsigned int>posix.EPOLLOUT)):
+                    and (mask & ~(<unsigned int>posix.EPOLLOUT) or conn.tls_want_out)):
                 if conn.reading:
                     err = self._read(conn, now)
                 else:  # error or hang-up on a connection no longer read
                     self._close(conn, CLOSED_OK)
+            # Plaintext OpenSSL decrypted and holds: epoll cannot see it, so
+            # read it now, while nothing is owed (a few records at most).
+            while (err == 0 and conn.ssl != NULL and not conn.closed and conn.reading
+                    and _owed(conn) == 0 and openssl.SSL_pending(conn.ssl) > 0
+                    and turns < TLS_PENDING_TURNS):
+                turns += 1
+                err = self._read(conn, now)
         if err > 0 and not conn.closed:
             self._close(conn, err)
         if not conn.closed:
             self._update(conn)
         return 0
 
-    cdef ssize_t _recv(self, int fd) except -2 nogil:
-        """Bytes read into the shared buffer (0 at end of file); -errno when
-        none (-EAGAIN: nothing there now)."""
+    cdef ssize_t _recv(self, int fd, size_t size) except -2 nogil:
+        """Bytes read into the shared buffer, at most ``size`` (0 at end of
+        file); -errno when none (-EAGAIN: nothing there now)."""
         cdef ssize_t r
         while True:
-            r = posix.recv(fd, self.buf, self.read_size, 0)
+            r = posix.recv(fd, self.buf, size, 0)
             if r >= 0:
                 return r
             if posix.errno != posix.EINTR:
@@ -1696,7 +1864,7 @@ cdef class EventLoop:
 
     cdef int _read(self, Conn *conn, double now) except -1 nogil:
         cdef ssize_t n
-        n = self._recv(conn.fd)
+        n = self._conn_recv(conn)
         if n == -posix.EAGAIN or n == -posix.EWOULDBLOCK:
             return 0
         if n < 0:
@@ -1712,7 +1880,11 @@ cdef class EventLoop:
         it what came after the header."""
         cdef ssize_t n
         cdef Py_ssize_t rest
-        n = self._recv(conn.fd)
+        cdef size_t size = self.read_size
+        if conn.secure:  # not a byte past the header: the rest is OpenSSL's to read
+            with gil:
+                size = proxy.exact_read_size(bytes(<object>conn.header))
+        n = self._recv(conn.fd, size)
         if n == -posix.EAGAIN or n == -posix.EWOULDBLOCK:
             return 0
         if n < 0:
@@ -1827,7 +1999,7 @@ cdef class EventLoop:
         return 0
 
     cdef int _flush(self, Conn *conn, double now) except -1 nogil:
-        cdef ssize_t sent = self._send(conn.fd, conn.pending + conn.sent, _owed(conn))
+        cdef ssize_t sent = self._conn_send(conn, conn.pending + conn.sent, _owed(conn))
         if sent < 0:
             return <int>-sent
         if sent == 0:
@@ -1854,7 +2026,7 @@ cdef class EventLoop:
         return 0
 
     cdef int _generate(self, Conn *conn, double now) except -1 nogil:
-        cdef ssize_t sent = self._send(conn.fd, self.pattern + conn.offset,
+        cdef ssize_t sent = self._conn_send(conn, self.pattern + conn.offset,
                                        self.pattern_len - conn.offset)
         if sent < 0:
             return <int>-sent

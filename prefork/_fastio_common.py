@@ -18,6 +18,7 @@ both reject the same bad arguments before touching a descriptor.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -709,3 +710,39 @@ def peer_of_fd(fd: int) -> Any:
         return peer_name(sock)
     finally:
         sock.detach()
+
+
+# -- TLS in the loops --------------------------------------------------------------------
+
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds (--tls-handshake-timeout)
+# Reads of plaintext OpenSSL already holds (epoll cannot see it), at most, per
+# wake-up of a connection: then the next turn.
+TLS_PENDING_TURNS = 16
+
+
+def check_tls_args(
+    service: str, context: Any, listeners: Any, fds: list[int], timeout: float
+) -> set[int]:
+    """The descriptors among ``fds`` whose connections speak TLS (both
+    loops), or ValueError/TypeError: TLS serves the built-in services (a
+    protocol gets it from the worker, around itself), with an
+    ``ssl.SSLContext`` for a server and a positive handshake timeout."""
+    secured = {fileno_of(listener) for listener in listeners}
+    if not secured:
+        return set()
+    if service == "protocol":
+        raise ValueError("TLS listeners serve the built-in services (protocols: see tls_protocol)")
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(f"tls_context must be an ssl.SSLContext, got {type(context).__name__}")
+    if context.protocol != ssl.PROTOCOL_TLS_SERVER:
+        raise ValueError("tls_context must be a server context (ssl.PROTOCOL_TLS_SERVER)")
+    if context.sni_callback is not None:
+        # Python's SNI callback finds its ssl socket through the SSL's app
+        # data, which a loop driving OpenSSL itself has not set.
+        raise ValueError("a tls_context with an sni_callback is served through Python's ssl")
+    if not timeout > 0:
+        raise ValueError(f"tls_handshake_timeout must be > 0, got {timeout!r}")
+    unknown = secured - set(fds)
+    if unknown:
+        raise ValueError(f"tls_listeners must be among the listeners: {sorted(unknown)}")
+    return secured

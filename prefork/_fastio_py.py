@@ -69,6 +69,7 @@ import os
 import random
 import select
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Iterator
@@ -88,6 +89,7 @@ from prefork._fastio_common import (
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RATE_PREFIX,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     DRAIN_MAX,
     EMFILE_PAUSE,
     HEARTBEAT,
@@ -96,6 +98,7 @@ from prefork._fastio_common import (
     MAX_EVENTS,
     READ_SIZE,
     SWEEP_INTERVAL,
+    TLS_PENDING_TURNS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientLimits,
@@ -103,6 +106,7 @@ from prefork._fastio_common import (
     byte_view,
     check_loop_args,
     check_rate_args,
+    check_tls_args,
     client_address,
     datagram_loop_ports,
     datagram_refusal,
@@ -283,6 +287,10 @@ class _Conn:
         "shut_when_flushed",
         "buffered",
         "held",
+        "secure",
+        "tls_ready",
+        "tls_want_out",
+        "tls_deadline",
     )
 
     def __init__(self, sock: socket.socket, now: float) -> None:
@@ -309,6 +317,13 @@ class _Conn:
         self.write_paused = False  # the protocol was told pause_writing()
         self.shut_when_flushed = False  # Transport.write_eof() while owing
         self.buffered = False  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
+        # TLS (a tls_listeners connection): ``sock`` becomes an ssl.SSLSocket,
+        # non-blocking, on the same descriptor (OpenSSL on the socket, as the
+        # compiled loop drives it).
+        self.secure = False  # it speaks TLS once its PROXY header, if any, is read
+        self.tls_ready = False  # the handshake is done: the service runs
+        self.tls_want_out = False  # OpenSSL waits to write before it can go on
+        self.tls_deadline = 0.0  # the handshake must be done by then
 
 
 class Transport:
@@ -554,6 +569,9 @@ class EventLoop:
         conn_rate: float = 0.0,
         conn_burst: int = 1,
         conn_rate_table: Any = None,
+        tls_context: Any = None,
+        tls_listeners: Any = (),
+        tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     ) -> None:
         self._pattern = check_loop_args(
             service, max_connections, max_buffer, idle_timeout, pattern, protocol_factory
@@ -599,6 +617,13 @@ class EventLoop:
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
         self._proxy_fds = proxy_fds(proxy_listeners, fds)
+        # TLS: the built-in services over OpenSSL on the socket; each
+        # connection's handshake within tls_handshake_timeout.
+        self._tls_fds = check_tls_args(
+            service, tls_context, tls_listeners, fds, tls_handshake_timeout
+        )
+        self._tls_context = tls_context
+        self._tls_timeout = tls_handshake_timeout
         self._proxy_trusted = proxy_trusted
         self._accepting = True
         self._recycled = False  # max_accepts stopped accepting; drain() may still
@@ -827,12 +852,16 @@ class EventLoop:
 
     def _sweep(self, now: float) -> None:
         self._next_sweep = now + self._sweep_interval
-        if self.idle_timeout <= 0:
+        if self.idle_timeout <= 0 and not self._tls_fds:
             return
         limit = now - self.idle_timeout
-        for conn in [c for c in self._conns.values() if c.last_active <= limit]:
-            self.idle_closed += 1
-            self._close(conn, end="idle-timeout")
+        for conn in list(self._conns.values()):
+            if isinstance(conn.sock, ssl.SSLSocket) and not conn.tls_ready:
+                if now >= conn.tls_deadline:
+                    self._close(conn, end="tls-failed")  # no handshake in time
+            elif self.idle_timeout > 0 and conn.last_active <= limit:
+                self.idle_closed += 1
+                self._close(conn, end="idle-timeout")
 
     # -- connections ------------------------------------------------------------------
 
@@ -860,7 +889,7 @@ class EventLoop:
                 self._paused_until = now + EMFILE_PAUSE
                 self._disarm()
                 return
-            self._open(sock, now, fd in self._proxy_fds, addr)
+            self._open(sock, now, fd in self._proxy_fds, addr, fd in self._tls_fds)
         if self._armed:  # re-arm: to the back of the listener's wait queue
             self._epoll.unregister(fd)
             self._epoll.register(fd, _LISTEN_EVENTS)
@@ -880,7 +909,7 @@ class EventLoop:
                 except OSError:  # EMFILE and kin: try again at the next turn
                     break
                 self._drained += 1
-                self._open(sock, now, fd in self._proxy_fds, addr)
+                self._open(sock, now, fd in self._proxy_fds, addr, fd in self._tls_fds)
         if empty == len(self._listeners) or self._drained >= DRAIN_MAX:
             self._draining = False
             self.stop_accepting()
@@ -952,9 +981,12 @@ class EventLoop:
             self._refused_from["rate"] = format_client(sender)
         return admitted
 
-    def _open(self, sock: socket.socket, now: float, proxied: bool, addr: Any) -> None:
+    def _open(
+        self, sock: socket.socket, now: float, proxied: bool, addr: Any, secure: bool = False
+    ) -> None:
         sock.setblocking(False)
         conn = _Conn(sock, now)
+        conn.secure = secure
         self._conns[conn.fd] = conn
         self.accepted += 1
         if self._access_fd >= 0:  # the log's client: the address accept gave
@@ -992,7 +1024,11 @@ class EventLoop:
         return False
 
     def _start(self, conn: _Conn) -> None:
-        """The service's first move on a new connection."""
+        """The service's first move on a new connection; on a TLS connection,
+        the handshake's first, and the service's once it is done."""
+        if conn.secure and not conn.tls_ready:
+            self._begin_tls(conn)
+            return
         if self.service == "daytime":
             conn.reading = False
             self._write(conn, memoryview(daytime_line()))
@@ -1011,10 +1047,13 @@ class EventLoop:
         events = 0
         if conn.header is not None:
             events = _EPOLLIN
-        elif conn.reading and not conn.pending and not conn.read_paused:
-            events |= _EPOLLIN
-        if conn.pending or (self.service == "chargen" and not conn.eof):
-            events |= _EPOLLOUT
+        elif conn.secure and not conn.tls_ready:  # the handshake waits on one side
+            events = _EPOLLOUT if conn.tls_want_out else _EPOLLIN
+        else:
+            if conn.reading and not conn.pending and not conn.read_paused:
+                events |= _EPOLLIN
+            if conn.pending or (self.service == "chargen" and not conn.eof) or conn.tls_want_out:
+                events |= _EPOLLOUT
         if not conn.registered:
             self._epoll.register(conn.fd, events)
             conn.registered = True
@@ -1029,6 +1068,9 @@ class EventLoop:
         if conn.registered:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]
+        if isinstance(conn.sock, ssl.SSLSocket) and conn.tls_ready:
+            if end not in ("tls-failed", "reset") and not isinstance(exc, OSError):
+                _send_close_notify(conn.sock)
         conn.sock.close()
         if conn.held is not None:
             self._limits.release(conn.held)
@@ -1072,11 +1114,13 @@ class EventLoop:
         try:
             if conn.header is not None:  # nothing else before the header is whole
                 self._read_header(conn, now)
+            elif conn.secure and not conn.tls_ready:
+                self._handshake(conn)
             else:
                 self._serve_started(conn, mask, now)
-        except OSError as exc:  # reset, broken pipe...: this connection only
+        except OSError as exc:  # reset, broken pipe, a TLS error...: this connection only
             if conn.fd in self._conns:
-                self._close(conn, exc)
+                self._close(conn, exc, "tls-failed" if isinstance(exc, ssl.SSLError) else None)
         if conn.fd in self._conns and self._conns[conn.fd] is conn:
             self._update(conn)
 
@@ -1085,18 +1129,65 @@ class EventLoop:
             self._flush(conn, now)
         elif self.service == "chargen" and mask & _EPOLLOUT:
             self._generate(conn, now)
-        if conn.fd in self._conns and not conn.pending and mask & ~_EPOLLOUT:
+        if conn.fd in self._conns and not conn.pending and (mask & ~_EPOLLOUT or conn.tls_want_out):
             if conn.reading:
                 self._read(conn, now)
             else:  # error or hang-up on a connection no longer read
                 self._close(conn)
+        # Plaintext OpenSSL decrypted and holds: epoll cannot see it, so read
+        # it now, while nothing is owed (a few records at most).
+        turns = 0
+        while (
+            isinstance(conn.sock, ssl.SSLSocket)
+            and conn.fd in self._conns
+            and conn.reading
+            and not conn.pending
+            and conn.sock.pending() > 0
+            and turns < TLS_PENDING_TURNS
+        ):
+            turns += 1
+            self._read(conn, now)
+
+    # -- TLS: OpenSSL on the socket ---------------------------------------------------
+
+    def _begin_tls(self, conn: _Conn) -> None:
+        """Wrap the connection's socket (the same descriptor) and take the
+        handshake's first step: the ClientHello may be there already."""
+        conn.sock = self._tls_context.wrap_socket(
+            conn.sock, server_side=True, do_handshake_on_connect=False
+        )
+        conn.tls_deadline = time.monotonic() + self._tls_timeout
+        self._handshake(conn)
+
+    def _handshake(self, conn: _Conn) -> None:
+        """One step of the server's handshake; once done, the service starts.
+        A bad or truncated handshake, a reset, the peer gone: tls-failed."""
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            conn.tls_want_out = False
+        except ssl.SSLWantWriteError:
+            conn.tls_want_out = True
+        except OSError:
+            self._close(conn, end="tls-failed")
+        else:
+            conn.tls_ready = True
+            conn.tls_want_out = False
+            conn.last_active = time.monotonic()
+            self._start(conn)
+            return
+        if conn.fd in self._conns:
+            self._update(conn)
 
     def _read_header(self, conn: _Conn, now: float) -> None:
         """Read towards a whole PROXY header; then start the service and hand
         it what came after the header."""
         assert conn.header is not None
+        # Before TLS, not a byte past the header: the rest is OpenSSL's to read.
+        size = proxy.exact_read_size(bytes(conn.header)) if conn.secure else len(self._buffer)
         try:
-            n = conn.sock.recv_into(self._buffer)
+            n = conn.sock.recv_into(self._buffer, size)
         except BlockingIOError:
             return
         if n == 0:
@@ -1132,8 +1223,12 @@ class EventLoop:
     def _read(self, conn: _Conn, now: float) -> None:
         try:
             n = conn.sock.recv_into(self._buffer)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             return
+        except ssl.SSLWantWriteError:
+            conn.tls_want_out = True
+            return
+        conn.tls_want_out = False
         if n == 0:
             self._end_of_file(conn)
             return
@@ -1295,10 +1390,12 @@ class EventLoop:
 def _send_now(sock: socket.socket, data: Any) -> int:
     """Bytes the kernel takes now (0 if none). After a short send it tries
     again at once: the peer may have read meanwhile, and what it takes now
-    need not wait a turn. An error after some bytes is left to the next send."""
+    need not wait a turn. An error after some bytes is left to the next send.
+    On a TLS socket: plaintext bytes OpenSSL took; what it did not is offered
+    again, from the same bytes (Python's ssl accepts a moving buffer)."""
     try:
         sent = sock.send(data)
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
         return 0
     if sent == 0 or sent == len(data):  # the usual case: one call
         return sent
@@ -1309,6 +1406,15 @@ def _send_now(sock: socket.socket, data: Any) -> int:
             except OSError:  # EAGAIN, or an error the next send reports
                 break
     return sent
+
+
+def _send_close_notify(sock: ssl.SSLSocket) -> None:
+    """The server's close_notify, without waiting for the peer's: ``unwrap``
+    on a non-blocking socket sends it, then finds the peer's not there."""
+    try:
+        sock.unwrap()
+    except (OSError, ValueError):
+        pass
 
 
 def _drain(fd: int) -> None:

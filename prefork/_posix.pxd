@@ -18,6 +18,7 @@ cdef extern from "<errno.h>" nogil:
     int ECONNABORTED
     int ECONNRESET
     int EPIPE
+    int EPROTO
     int EMFILE
     int ENFILE
     int ENOBUFS

@@ -174,7 +174,13 @@ def check(args: argparse.Namespace) -> int:
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
     check_tls_options(config)
     secured = next((str(a) for a in config.binds if a.tls), None)
-    check_tls_fit(config.worker_class, secured, udp[0] if udp else None)
+    check_tls_fit(
+        config.worker_class,
+        secured,
+        udp[0] if udp else None,
+        handler.builtin is not None,
+        bool(config.sni),
+    )
     context_of(config)  # the certificate and key files load and fit
     binds = " ".join(str(a) for a in config.binds)
     print(
@@ -206,7 +212,13 @@ def serve(args: argparse.Namespace) -> int:
     check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
     check_tls_options(config)
     secured = next((str(a) for a in config.binds if a.tls), None)
-    check_tls_fit(config.worker_class, secured, udp[0] if udp else None)
+    check_tls_fit(
+        config.worker_class,
+        secured,
+        udp[0] if udp else None,
+        handler.builtin is not None,
+        bool(config.sni),
+    )
     tls = context_of(config)  # before binding: a bad file changes nothing
 
     def reload_config() -> Config:

@@ -152,14 +152,23 @@ def check_tls_options(config: Any) -> None:
         )
 
 
-def check_tls_fit(worker_class: str, secured: str | None, datagram: str | None) -> None:
-    """The event worker runs TLS as Python protocols on its loop, which then
-    serves protocols only, and its built-in UDP services need the loop's
-    built-in mode: one server cannot have both yet (ConfigError, exit 2)."""
-    if worker_class == "event" and secured is not None and datagram is not None:
+def check_tls_fit(
+    worker_class: str,
+    secured: str | None,
+    datagram: str | None,
+    builtin: bool = True,
+    sni: bool = False,
+) -> None:
+    """The event worker serves the built-in services over TLS in its loop,
+    UDP beside them; but a protocol, or --sni, gets TLS from Python protocols
+    on the loop, which then serves protocols only, and the built-in UDP
+    services need its built-in mode: one server cannot have both yet
+    (ConfigError, exit 2)."""
+    python_path = not builtin or sni
+    if worker_class == "event" and secured and datagram and python_path:
         raise ConfigError(
-            f"-k event cannot serve a TLS listener ({secured}) and a UDP one ({datagram}) "
-            "in one server yet: run two servers, or use -k asyncio"
+            f"-k event cannot serve a TLS listener ({secured}) with --sni and a UDP one "
+            f"({datagram}) in one server yet: run two servers, or use -k asyncio"
         )
 
 

@@ -137,6 +137,7 @@ def test_sdist_carries_the_sources_and_the_generated_c(sdist: Path):
         "prefork/_fastio.c",
         "prefork/_fastio.pyx",
         "prefork/_posix.pxd",
+        "prefork/_openssl.pxd",
         "prefork/_fastio.pyi",
         "prefork/_loadgen.c",
         "prefork/_loadgen.pyx",

@@ -523,7 +523,12 @@ def test_bad_tls_settings_are_one_line(certs, tmp_path):
         (["-b", "tls:127.0.0.1:0"], 2, "needs --certfile"),
         (["--keyfile", key], 2, "needs --certfile"),
         (["--certfile", cert, "--keyfile", key, "--sni", f"x.test={missing}"], 1, "--sni x.test"),
-        (["--certfile", cert, "--keyfile", key, "-b", "udp://127.0.0.1:0"], 2, "UDP"),
+        (
+            ["--certfile", cert, "--keyfile", key, "--sni", f"x.test={cert},{key}"]
+            + ["-b", "udp://127.0.0.1:0"],
+            2,
+            "UDP",
+        ),
     ]
     for args, code, needle in cases:
         for command in ("serve", "check"):

@@ -201,7 +201,13 @@ class Arbiter:
         try:
             check_fit(self.handler, self.config.worker_class, datagram, stream)
             secured = next((lst.name for lst in listeners if lst.tls), None)
-            check_tls_fit(self.config.worker_class, secured, datagram)
+            check_tls_fit(
+                self.config.worker_class,
+                secured,
+                datagram,
+                self.handler.builtin is not None,
+                bool(self.config.sni),
+            )
             check_udp_exposure(
                 self.config.handler, self.config.udp_public, datagram_hosts(listeners)
             )
@@ -558,7 +564,9 @@ class Arbiter:
         stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
         check_fit(handler, config.worker_class, datagram, stream)
         secured = next((lst.name for lst in self.all_listeners() if lst.tls), None)
-        check_tls_fit(config.worker_class, secured, datagram)
+        check_tls_fit(
+            config.worker_class, secured, datagram, handler.builtin is not None, bool(config.sni)
+        )
         check_udp_exposure(config.handler, config.udp_public, datagram_hosts(self.all_listeners()))
         tls = self.reload_tls(config)
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:

@@ -10,10 +10,12 @@ transport with asyncio's whole TLS contract (``ssl_object``, ``peercert``,
 The built-in services run over it as Python protocols
 (``handlers.STREAM_SERVICES``).
 
-This is the path for every TLS connection of ``-k event`` until the compiled
-loop drives OpenSSL itself; a worker whose listeners are not all TLS picks
-the protocol at ``connection_made`` by the address the client reached
-(``ByListener``), so its plain listeners serve Python protocols too.
+The built-in services do not come here: the loop serves them over TLS
+itself (``native_tls``), OpenSSL on the socket, but with ``--sni`` (Python's
+SNI callback needs its own ssl socket on each connection). A worker whose
+listeners are not all TLS picks the protocol at ``connection_made`` by the
+address the client reached (``ByListener``), so its plain listeners serve
+Python protocols too.
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ from typing import Any
 from prefork.server.listeners import Listener
 
 ProtocolFactory = Callable[[], Any]
+
+
+def native_tls(builtin: str | None, context: ssl.SSLContext | None) -> bool:
+    """Whether the loop itself serves TLS (OpenSSL on the socket, the built-in
+    services in the loop): for the built-in services, unless the context has
+    an SNI callback (Python's needs its own ssl socket on each connection)."""
+    return builtin is not None and context is not None and context.sni_callback is None
+
+
 _WILDCARDS = ("0.0.0.0", "::")
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from prefork import fastio
 from prefork._fastio_common import LOOP_COUNTERS
 from prefork.server.handlers import CHARGEN_PATTERN, STREAM_SERVICES, StreamHandlerProtocol
-from prefork.server.tls_protocol import mixed_factory, tls_factory
+from prefork.server.tls_protocol import mixed_factory, native_tls, tls_factory
 from prefork.server.workers.base import Worker
 from prefork.server.workers.event_asyncio import EventWorkerLoop
 from prefork.settings import udp_rate_of
@@ -38,7 +38,16 @@ class EventWorker(Worker):
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.booted = False  # a loop that cannot be built is a boot failure (exit 3)
         service, factory = self.handler.builtin or "protocol", self.protocol_factory()
-        if any(lst.tls for lst in self.listeners):  # TLS: Python protocols (tls_protocol.py)
+        secured = [lst.sock for lst in self.listeners if lst.tls]
+        tls: dict[str, Any] = {}
+        if secured and native_tls(self.handler.builtin, self.tls):
+            # The built-in services over TLS in the loop: OpenSSL on the socket.
+            tls = {
+                "tls_context": self.tls,
+                "tls_listeners": secured,
+                "tls_handshake_timeout": config.tls_handshake_timeout,
+            }
+        elif secured:  # protocols (and --sni): Python protocols (tls_protocol.py)
             service, factory = "protocol", self.tls_protocol_factory()
         self.loop = fastio.EventLoop(
             streams,
@@ -63,6 +72,7 @@ class EventWorker(Worker):
             udp_rate_prefix=config.udp_rate_prefix,
             udp_rate_table=self.scoreboard.rate_table() if datagrams else None,
             **{f"conn_{name}": value for name, value in self.client_limit_args().items()},
+            **tls,
         )
         self.booted = True
         if self.stopping:  # TERM arrived while booting
