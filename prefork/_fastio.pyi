@@ -81,6 +81,9 @@ class EventLoop:
         conn_rate: float = 0.0,
         conn_burst: int = 1,
         conn_rate_table: Any = None,
+        tls_context: Any = None,
+        tls_listeners: Any = (),
+        tls_handshake_timeout: float = ...,
     ) -> None: ...
     @property
     def active(self) -> int: ...

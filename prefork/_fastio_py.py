@@ -587,6 +587,13 @@ class EventLoop:
             raise ValueError("datagram sockets serve the built-in services only")
         fds = [fileno_of(listener) for listener in listeners]
         dgram_fds = [fileno_of(sock) for sock in datagram_sockets]
+        # TLS: the built-in services over OpenSSL on the socket; each
+        # connection's handshake within tls_handshake_timeout.
+        self._tls_fds = check_tls_args(
+            service, tls_context, tls_listeners, fds, tls_handshake_timeout
+        )
+        self._tls_context = tls_context
+        self._tls_timeout = tls_handshake_timeout
         self.service = service
         self.max_connections = max_connections
         self.max_accepts = max_accepts
@@ -617,13 +624,6 @@ class EventLoop:
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
         self._proxy_fds = proxy_fds(proxy_listeners, fds)
-        # TLS: the built-in services over OpenSSL on the socket; each
-        # connection's handshake within tls_handshake_timeout.
-        self._tls_fds = check_tls_args(
-            service, tls_context, tls_listeners, fds, tls_handshake_timeout
-        )
-        self._tls_context = tls_context
-        self._tls_timeout = tls_handshake_timeout
         self._proxy_trusted = proxy_trusted
         self._accepting = True
         self._recycled = False  # max_accepts stopped accepting; drain() may still
