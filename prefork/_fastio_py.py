@@ -1153,6 +1153,10 @@ class EventLoop:
     def _begin_tls(self, conn: _Conn) -> None:
         """Wrap the connection's socket (the same descriptor) and take the
         handshake's first step: the ClientHello may be there already."""
+        # A TLS write is several records, written one by one: without
+        # TCP_NODELAY the last short segment waits for the peer's delayed ACK.
+        if conn.sock.family != socket.AF_UNIX:
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.sock = self._tls_context.wrap_socket(
             conn.sock, server_side=True, do_handshake_on_connect=False
         )

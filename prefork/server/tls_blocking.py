@@ -45,6 +45,10 @@ def handshake(context: ssl.SSLContext, fd: int, timeout: float) -> ssl.SSLSocket
     seconds; raises HandshakeFailed."""
     sock = socket.socket(fileno=os.dup(fd))
     sock.setblocking(False)
+    if sock.family != socket.AF_UNIX:
+        # A TLS write is several records, written one by one: without
+        # TCP_NODELAY the last short segment waits for the peer's delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         tls = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
     except OSError as exc:
