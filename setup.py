@@ -51,9 +51,32 @@ def generated_c_exists():
     return all(os.path.exists(c) for c in C)
 
 
+def openssl_headers() -> bool:
+    """Whether the C compiler finds OpenSSL's headers (the hot loop includes them)."""
+    import shutil
+    import subprocess
+    import sysconfig
+
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        return True  # let the build say what is missing
+    probe = subprocess.run(
+        [compiler, "-E", "-x", "c", "-"],
+        input=b"#include <openssl/ssl.h>\n",
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
 def extensions():
     if os.environ.get("PREFORK_NO_EXTENSIONS", "") not in ("", "0"):
         return []
+    if not openssl_headers():
+        raise SystemExit(
+            "prefork: the compiled hot loop drives OpenSSL itself and needs its headers: "
+            "install them (Debian/Ubuntu: apt-get install libssl-dev), or set "
+            "PREFORK_NO_EXTENSIONS=1 for pure Python"
+        )
     ext_modules = cythonized()
     if ext_modules is None and generated_c_exists():
         ext_modules = [extension(name, f"prefork/{name}.c") for name in MODULES]
