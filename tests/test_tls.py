@@ -716,3 +716,6 @@ def test_the_access_log_says_tls_failed_and_counts_a_served_connection(
     assert wait_until(lambda: len(ends()) == 2, 30), ends()
     assert ends()[0] == "tls-failed"
     assert ends()[1] in ("eof", "closed")
+    # The bytes are the service's plaintext, not the TLS records on the wire.
+    served = path.read_text().splitlines()[1].split(" ")
+    assert (int(served[4]), int(served[5])) == (1000, 1000), served
