@@ -326,6 +326,7 @@ common.check_facts(__name__, COMPILED_FACTS, vars(common))
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 cdef size_t C_INT_MAX = 2147483647  # OpenSSL's lengths are ints
 cdef int TLS_PENDING_TURNS = common.TLS_PENDING_TURNS
+cdef int TLS_HANDSHAKES_PER_TURN = common.TLS_HANDSHAKES_PER_TURN
 
 
 # The head of CPython's PySSLContext (Modules/_ssl.c): the SSL_CTX it wraps
@@ -652,6 +653,7 @@ cdef class EventLoop:
     cdef openssl.SSL_CTX *tls_ctx  # the master's context's (kept alive by tls_context)
     cdef object tls_context
     cdef double tls_timeout
+    cdef int handshakes  # handshake steps taken in this turn
     cdef object proxy_trusted
     cdef Service svc
     cdef readonly str service
@@ -1038,6 +1040,7 @@ cdef class EventLoop:
             if self.stats != NULL:
                 self._publish(now)
             woken = False
+            self.handshakes = 0
             for i in range(n):
                 tag = self.events[i].data.u64
                 if tag & 1 == 0:
@@ -1828,6 +1831,9 @@ cdef class EventLoop:
         if conn.header != NULL:  # nothing else before the header is whole
             err = self._read_header(conn, now)
         elif conn.secure and not conn.tls_ready:
+            if self.handshakes >= TLS_HANDSHAKES_PER_TURN:
+                return 0  # the next turn: epoll reports it again
+            self.handshakes += 1
             self._handshake(conn)
         else:
             if _owed(conn) > 0:

@@ -98,6 +98,7 @@ from prefork._fastio_common import (
     MAX_EVENTS,
     READ_SIZE,
     SWEEP_INTERVAL,
+    TLS_HANDSHAKES_PER_TURN,
     TLS_PENDING_TURNS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
@@ -594,6 +595,7 @@ class EventLoop:
         )
         self._tls_context = tls_context
         self._tls_timeout = tls_handshake_timeout
+        self._handshakes = 0
         self.service = service
         self.max_connections = max_connections
         self.max_accepts = max_accepts
@@ -779,6 +781,7 @@ class EventLoop:
             if self._stats is not None:
                 self._publish(now)
             woken = False
+            self._handshakes = 0  # handshake steps taken in this turn
             for fd, mask in events:
                 conn = self._conns.get(fd)
                 if conn is not None:
@@ -1115,6 +1118,9 @@ class EventLoop:
             if conn.header is not None:  # nothing else before the header is whole
                 self._read_header(conn, now)
             elif conn.secure and not conn.tls_ready:
+                if self._handshakes >= TLS_HANDSHAKES_PER_TURN:
+                    return  # the next turn: epoll reports it again
+                self._handshakes += 1
                 self._handshake(conn)
             else:
                 self._serve_started(conn, mask, now)

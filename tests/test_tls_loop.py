@@ -227,3 +227,43 @@ def wait_for(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+def test_handshakes_per_turn_are_bounded(impl, context, client):
+    """A flood of ClientHellos: one turn of the loop takes at most
+    TLS_HANDSHAKES_PER_TURN handshake steps (each costs a signature), the
+    others wait for the next turns; every one is answered in the end."""
+    from prefork._fastio_common import TLS_HANDSHAKES_PER_TURN
+
+    count = 3 * TLS_HANDSHAKES_PER_TURN
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(count)
+    listener.setblocking(False)
+    loop = impl.EventLoop([listener], "echo", tls_context=context, tls_listeners=[listener])
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.create_connection(listener.getsockname(), timeout=30))
+        assert wait_for(lambda: (loop.run(0.01), loop.active)[1] == count)
+        for sock in socks:  # a real ClientHello on each, all at once
+            bio_in, bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            hello = client.wrap_bio(bio_in, bio_out, server_hostname="localhost")
+            with pytest.raises(ssl.SSLWantReadError):
+                hello.do_handshake()
+            sock.sendall(bio_out.read())
+        time.sleep(0.2)  # every hello has arrived
+        loop.return_soon()  # exactly one turn: return after its events
+        loop.run(10)
+
+        def answered() -> int:
+            readable, _, _ = select.select(socks, [], [], 0.2)
+            return len(readable)
+
+        assert 1 <= answered() <= TLS_HANDSHAKES_PER_TURN
+        assert wait_for(lambda: (loop.run(0.01), answered())[1] == count)
+    finally:
+        for sock in socks:
+            sock.close()
+        loop.close()
+        listener.close()
