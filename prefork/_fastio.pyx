@@ -841,6 +841,8 @@ cdef class EventLoop:
             self._ctl(posix.EPOLL_CTL_ADD, self.dgram_fds[i], posix.EPOLLIN | posix.EPOLLEXCLUSIVE,
                       self._dgram_tag(i))
         self.sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
+        if self.tls_ctx != NULL:  # the sweep closes late handshakes too
+            self.sweep_interval = min(self.sweep_interval, self.tls_timeout / 2)
         self.next_sweep = _monotonic() + self.sweep_interval
 
     def __dealloc__(self):

@@ -645,6 +645,8 @@ class EventLoop:
         for fd in self._datagram_sockets:
             self._epoll.register(fd, _LISTEN_EVENTS)
         self._sweep_interval = min(SWEEP_INTERVAL, self.idle_timeout / 2 or SWEEP_INTERVAL)
+        if self._tls_fds:  # the sweep closes late handshakes too
+            self._sweep_interval = min(self._sweep_interval, self._tls_timeout / 2)
         self._next_sweep = time.monotonic() + self._sweep_interval
 
     @property

@@ -156,8 +156,8 @@ def test_a_silent_client_is_closed_at_the_handshake_timeout_and_others_are_serve
 ):
     timeout = 1.0
     with serving(impl, "echo", context, tls_handshake_timeout=timeout) as (loop, listener):
+        opened = time.monotonic()  # before the connect: the server's deadline is later
         silent = socket.create_connection(listener.getsockname(), timeout=30)
-        opened = time.monotonic()
         with connect(listener, client) as tls:
             assert echo_exchange(tls, b"served meanwhile") == b"served meanwhile"
         assert silent.recv(1) == b""
