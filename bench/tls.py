@@ -120,14 +120,20 @@ def render(data: dict[str, Any]) -> str:
     for load, rounds in data["runs"].items():
         lines += ["", WORKLOADS[load][1], f"{'server':<16} {'msg/s':>10} {'us/msg':>8} "
                   f"{'rate/ref':>9} {'cpu/ref':>8} {'errors':>6}"]  # fmt: skip
+        # A round whose reference failed (no echo) has no ratios; it is counted below.
+        paired = [r for r in rounds if r[REFERENCE]["rate"] > 0 and not r[REFERENCE]["errors"]]
         for name in rounds[0]:
             runs = [r[name] for r in rounds]
-            rate = statistics.median(r[name]["rate"] / r[REFERENCE]["rate"] for r in rounds)
-            cpu = statistics.median(r[name]["cpu_us"] / r[REFERENCE]["cpu_us"] for r in rounds)
+            rate = statistics.median(r[name]["rate"] / r[REFERENCE]["rate"] for r in paired)
+            cpu = statistics.median(r[name]["cpu_us"] / r[REFERENCE]["cpu_us"] for r in paired)
             lines.append(
                 f"{name:<16} {statistics.median(x['rate'] for x in runs):>10,.0f} "
                 f"{statistics.median(x['cpu_us'] for x in runs):>8.2f} {rate:>8.2f}x {cpu:>7.2f}x "
                 f"{sum(x['errors'] for x in runs):>6}"
+            )
+        if len(paired) < len(rounds):
+            lines.append(
+                f"({len(rounds) - len(paired)} round(s) without ratios: the reference failed)"
             )
     return "\n".join(lines)
 

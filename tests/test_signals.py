@@ -232,7 +232,7 @@ def test_second_term_during_graceful_stop_is_harmless(serve):
     with server.connect() as sock:
         assert echo_once(sock, b"a") == b"a"
         server.signal(signal.SIGTERM)
-        assert wait_until(lambda: refused(server), 5)
+        assert wait_until(lambda: refused(server), 5), server.log
         server.signal(signal.SIGTERM)
         assert echo_once(sock, b"b") == b"b"
     assert server.wait(15) == 0
