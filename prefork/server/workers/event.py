@@ -37,9 +37,10 @@ class EventWorker(Worker):
         proxied = [lst.sock for lst in self.listeners if lst.proxy and not lst.datagram]
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.booted = False  # a loop that cannot be built is a boot failure (exit 3)
-        service, factory = self.handler.builtin or "protocol", self.protocol_factory()
         if any(lst.tls for lst in self.listeners):  # TLS: Python protocols (tls_protocol.py)
             service, factory = "protocol", self.tls_protocol_factory()
+        else:
+            service, factory = self.handler.builtin or "protocol", self.protocol_factory()
         self.loop = fastio.EventLoop(
             streams,
             service,

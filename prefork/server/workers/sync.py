@@ -291,18 +291,16 @@ class SyncWorker(Worker):
                 admitted, held = self.admit_client(client or peer or peer_of_fd(conn))
             if not admitted:
                 end = "limit-refused"  # closed before any byte is served
-            elif ready and secure:
-                handled, nin, nout = self.serve_tls(conn, buffer, client)
+            elif ready:
+                if secure:
+                    handled, nin, nout = self.serve_tls(conn, buffer, client)
+                else:
+                    handled = True
+                    nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
                 if not handled:
                     end = "tls-failed"
                 elif self.handler.protocol_factory is not None:
-                    end = "eof"
-            elif ready:
-                handled = True
-                nin, nout = handler(conn, buffer, client)
-                end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
-                if self.handler.protocol_factory is not None:
                     end = "eof"
             else:
                 end = "eof"  # left before its PROXY header was whole
@@ -332,8 +330,7 @@ class SyncWorker(Worker):
             # The line goes out before the close: a client that saw its end
             # and connected again finds the lines in the order it saw them
             # (threads of a ThreadWorker would otherwise race to write).
-            if self.access_log is not None:
-                self.log_access(client or peer, started, nin, nout, end)
+            self.log_access(client or peer, started, nin, nout, end)
             os.close(conn)
             self.client_limits.release(held)
             if self.beats_per_connection:
