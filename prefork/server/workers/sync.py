@@ -74,6 +74,22 @@ def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     return received, sent - retransmitted + notsent
 
 
+def bound_blocking_waits(conn: int, seconds: float) -> None:
+    """Give the connection's blocking recv and send a timeout (SO_RCVTIMEO,
+    SO_SNDTIMEO): the compiled built-in loops then wake every ``seconds``
+    while the client is idle and run the signal handlers a signal left
+    pending between two of their calls (see ``prefork._fastio``), so TERM
+    closes the listeners within that bound, not when the client next acts."""
+    whole = int(seconds)
+    value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    sock = socket.socket(fileno=conn)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    finally:
+        sock.detach()
+
+
 class ProxyRefused(Exception):
     """The PROXY header was refused (logged and counted): close the connection."""
 
@@ -94,6 +110,9 @@ class SyncWorker(Worker):
     # One thread: the heartbeat follows the connection (see serve). The
     # thread worker's main thread beats for the whole process instead.
     beats_per_connection = True
+    # Its one thread serves connections and runs the signal handlers (a
+    # thread worker's connection threads do not).
+    serves_in_signal_thread = True
     # When EMFILE was last logged: one clock for the worker, not one per
     # thread, so a thread worker logs it once a second however many threads.
     last_emfile_log = 0.0
@@ -296,6 +315,8 @@ class SyncWorker(Worker):
                     handled, nin, nout = self.serve_tls(conn, buffer, client)
                 else:
                     handled = True
+                    if self.serves_in_signal_thread and self.handler.builtin is not None:
+                        bound_blocking_waits(conn, self.tick)
                     nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
                 if not handled:
