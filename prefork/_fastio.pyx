@@ -19,7 +19,12 @@ by what the kernel reported it copied (``0 <= r <= n``).
 
 Signals: a Python handler can only run with the GIL held, so on ``EINTR`` the
 loop takes the GIL, runs ``PyErr_CheckSignals`` (which raises if a handler
-raised) and otherwise retries, exactly as PEP 475 does for ``socket``.
+raised) and otherwise retries, exactly as PEP 475 does for ``socket``. A
+signal that lands while the loop is between two system calls interrupts
+nothing, and the next blocking recv would sit on it until the peer acts; so
+``EAGAIN`` on a *blocking* descriptor (its ``SO_RCVTIMEO``/``SO_SNDTIMEO``
+expired: the sync worker sets them) is handled like ``EINTR``, which bounds
+how late a handler runs by that timeout.
 """
 
 import asyncio
@@ -64,8 +69,22 @@ cdef int _raise_oserror(int err) except -1 with gil:
     raise OSError(err, os.strerror(err))
 
 
+cdef bint _interrupted(int fd, int err) noexcept nogil:
+    """Whether a failed call should run the signal handlers and retry: EINTR,
+    or EAGAIN from a blocking descriptor (its send/receive timeout expired);
+    EAGAIN on a non-blocking one is the caller's to see."""
+    cdef int flags
+    if err == posix.EINTR:
+        return True
+    if err != posix.EAGAIN and err != posix.EWOULDBLOCK:
+        return False
+    flags = posix.fcntl(fd, posix.F_GETFL)
+    return flags >= 0 and not (flags & posix.O_NONBLOCK)
+
+
 cdef ssize_t _recv_some(int fd, unsigned char *buf, size_t size) except -1 nogil:
-    """One successful recv (0 means end of file); EINTR retried."""
+    """One successful recv (0 means end of file); EINTR and an expired
+    receive timeout retried after the signal handlers ran."""
     cdef ssize_t r
     cdef int err
     while True:
@@ -73,13 +92,14 @@ cdef ssize_t _recv_some(int fd, unsigned char *buf, size_t size) except -1 nogil
         if r >= 0:
             return r
         err = posix.errno
-        if err != posix.EINTR:
+        if not _interrupted(fd, err):
             _raise_oserror(err)
         _check_signals()
 
 
 cdef ssize_t _send_some(int fd, const unsigned char *buf, size_t size) except -1 nogil:
-    """One successful send; EINTR retried; never raises SIGPIPE."""
+    """One successful send; EINTR and an expired send timeout retried after
+    the signal handlers ran; never raises SIGPIPE."""
     cdef ssize_t r
     cdef int err
     while True:
@@ -87,7 +107,7 @@ cdef ssize_t _send_some(int fd, const unsigned char *buf, size_t size) except -1
         if r >= 0:
             return r
         err = posix.errno
-        if err != posix.EINTR:
+        if not _interrupted(fd, err):
             _raise_oserror(err)
         _check_signals()
 
@@ -190,7 +210,7 @@ def chargen(conn, pattern):
                 offset = (offset + <size_t>r) % size
                 continue
             err = posix.errno
-            if err == posix.EINTR:
+            if _interrupted(fd, err):
                 _check_signals()
                 continue
             if err == posix.EPIPE or err == posix.ECONNRESET:

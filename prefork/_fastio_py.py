@@ -56,7 +56,11 @@ Conventions shared by every function:
   same subclasses the ``socket`` module raises (``ConnectionResetError``,
   ``BrokenPipeError``, ...). A signal that interrupts a call runs the Python
   signal handlers; if one raises, its exception propagates, otherwise the call
-  is retried (PEP 475).
+  is retried (PEP 475). So does a blocking socket's send or receive timeout
+  (``SO_SNDTIMEO``/``SO_RCVTIMEO``, ``EAGAIN``) expiring: the compiled loop,
+  which runs handlers only when a call fails, then runs the ones a signal
+  that landed between two calls left pending; the sync worker sets these
+  timeouts so that it sees TERM while a client is idle.
 - Arguments are checked before the descriptor is touched: an empty or
   read-only buffer is a ``ValueError``/``TypeError`` whatever the descriptor.
 """
@@ -125,6 +129,39 @@ from prefork._fastio_common import (
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
 
+def _timed_out(sock: socket.socket) -> bool:
+    """Whether a BlockingIOError came from a blocking socket's send or
+    receive timeout (retry: the signal handlers ran between the two calls)
+    rather than a non-blocking socket (the caller's to see)."""
+    return os.get_blocking(sock.fileno())
+
+
+def _recv_into(sock: socket.socket, view: memoryview) -> int:
+    while True:
+        try:
+            return sock.recv_into(view)
+        except BlockingIOError:
+            if not _timed_out(sock):
+                raise
+
+
+def _send(sock: socket.socket, view: memoryview) -> int:
+    while True:
+        try:
+            return sock.send(view)
+        except BlockingIOError:
+            if not _timed_out(sock):
+                raise
+
+
+def _send_all(sock: socket.socket, view: memoryview) -> None:
+    """``sock.sendall``, but a send timeout retries the rest (sendall's
+    would raise and lose the count of what it sent)."""
+    sent = _send(sock, view)
+    while sent < len(view):
+        sent += _send(sock, view[sent:])
+
+
 @contextmanager
 def _borrowed(fd: int) -> Iterator[socket.socket]:
     """A socket object around ``fd`` that leaves the descriptor open."""
@@ -165,11 +202,11 @@ def echo(conn: Any, buffer: Any) -> tuple[int, int]:
     nin = nout = 0
     with _borrowed(fd) as sock:
         while True:
-            n = sock.recv_into(view)
+            n = _recv_into(sock, view)
             if n == 0:
                 return nin, nout
             nin += n
-            sock.sendall(view[:n])
+            _send_all(sock, view[:n])
             nout += n
 
 
@@ -183,7 +220,7 @@ def discard(conn: Any, buffer: Any) -> tuple[int, int]:
     nin = 0
     with _borrowed(fd) as sock:
         while True:
-            n = sock.recv_into(view)
+            n = _recv_into(sock, view)
             if n == 0:
                 return nin, 0
             nin += n
@@ -204,7 +241,7 @@ def chargen(conn: Any, pattern: Any) -> tuple[int, int]:
     with _borrowed(fd) as sock:
         while True:
             try:
-                n = sock.send(view[offset:])
+                n = _send(sock, view[offset:])
             except (BrokenPipeError, ConnectionResetError):
                 return 0, nout
             nout += n
@@ -216,7 +253,7 @@ def sendall(conn: Any, data: Any) -> int:
     fd = fileno_of(conn)
     view = memoryview(data).cast("B")
     with _borrowed(fd) as sock:
-        sock.sendall(view)
+        _send_all(sock, view)
     return len(view)
 
 

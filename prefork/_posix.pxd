@@ -24,6 +24,11 @@ cdef extern from "<errno.h>" nogil:
     int ENOBUFS
     int ENOMEM
 
+cdef extern from "<fcntl.h>" nogil:
+    int F_GETFL
+    int O_NONBLOCK
+    int fcntl(int fd, int cmd, ...)
+
 cdef extern from "<sys/uio.h>" nogil:
     struct iovec:
         void *iov_base

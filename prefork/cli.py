@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 import sys
 from typing import Any, NoReturn
 
@@ -22,7 +23,7 @@ else:  # pragma: no cover
 from prefork import __version__, fastio
 from prefork.errors import EXIT_USAGE, ConfigError, PreforkError
 from prefork.server.access_log import check_access_log
-from prefork.server.handlers import check_fit, load_handler
+from prefork.server.handlers import LoadedHandler, check_fit, load_handler
 from prefork.server.log import setup_logging
 from prefork.settings import (
     CONFIG_FILE,
@@ -162,11 +163,11 @@ def udp_hosts(config: Config) -> list[tuple[str, str]]:
     return [(str(a), a.host) for a in config.binds if a.kind == "udp"]
 
 
-def check(args: argparse.Namespace) -> int:
-    """``prefork check``: what ``serve`` validates before binding, and no more."""
-    config = config_from_args(args)
-    check_access_log(config.access_log)
-    check_can_switch(config.user, config.group)
+def validate(config: Config) -> tuple[LoadedHandler, ssl.SSLContext | None]:
+    """What ``serve`` checks of its addresses before binding them (``check``
+    runs it alone): the handler loads and fits the worker class and the
+    listeners, UDP exposure, the TLS options, and the TLS files load and
+    fit. Returns the handler and the TLS context; raises PreforkError."""
     handler = load_handler(config.handler, config.handler_type)
     udp = [str(a) for a in config.binds if a.kind == "udp"]
     tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
@@ -181,7 +182,15 @@ def check(args: argparse.Namespace) -> int:
         handler.builtin is not None,
         bool(config.sni),
     )
-    context_of(config)  # the certificate and key files load and fit
+    return handler, context_of(config)
+
+
+def check(args: argparse.Namespace) -> int:
+    """``prefork check``: what ``serve`` validates before binding, and no more."""
+    config = config_from_args(args)
+    check_access_log(config.access_log)
+    check_can_switch(config.user, config.group)
+    validate(config)
     binds = " ".join(str(a) for a in config.binds)
     print(
         f"configuration OK: {config.workers} {config.worker_class} worker(s), "
@@ -205,21 +214,7 @@ def serve(args: argparse.Namespace) -> int:
     if activated:
         config = with_tls_binds(dataclasses.replace(config, binds=activated))
         os.environ[ACTIVATED_ENV] = str(len(activated))  # for a USR2's new master
-    udp = [str(a) for a in config.binds if a.kind == "udp"]
-    handler = load_handler(config.handler, config.handler_type)
-    tcp = [str(a) for a in config.binds if a.kind in ("tcp", "unix")]
-    check_fit(handler, config.worker_class, udp[0] if udp else None, tcp[0] if tcp else None)
-    check_udp_exposure(config.handler, config.udp_public, udp_hosts(config))
-    check_tls_options(config)
-    secured = next((str(a) for a in config.binds if a.tls), None)
-    check_tls_fit(
-        config.worker_class,
-        secured,
-        udp[0] if udp else None,
-        handler.builtin is not None,
-        bool(config.sni),
-    )
-    tls = context_of(config)  # before binding: a bad file changes nothing
+    handler, tls = validate(config)  # before binding: a bad file changes nothing
 
     def reload_config() -> Config:
         """HUP: the command line and the -c file, read again."""

@@ -27,8 +27,6 @@ VERIFY_MODES = {
 }
 # A client that has not finished its handshake by then is closed (--tls-handshake-timeout).
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-# How long a closing connection waits to send its close_notify (never for the peer's).
-SHUTDOWN_TIMEOUT = 1.0
 
 
 class TLSFileError(PreforkError):

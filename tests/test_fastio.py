@@ -357,3 +357,82 @@ def test_exception_from_a_signal_handler_leaves_the_loop(impl):
     sender.join(10)
     client.close()
     server.close()
+
+
+def _timeouts(sock: socket.socket, seconds: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO, as the sync worker sets them."""
+    value = struct.pack("@ll", 0, int(seconds * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _signal_elsewhere(signum: int, delay: float, client: socket.socket) -> threading.Thread:
+    """A thread that takes ``signum`` itself: CPython's C handler runs there
+    and marks the Python handler pending, but the main thread's blocking
+    call is not interrupted, as when the signal lands between two of the
+    loop's calls. If the loop still runs after 5 s, the thread closes the
+    client, which ends it without the handler (so the test fails)."""
+
+    def run() -> None:
+        time.sleep(delay)
+        signal.pthread_kill(threading.get_ident(), signum)
+        time.sleep(5)
+        client.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("service", ["echo", "discard", "chargen"])
+def test_a_pending_signal_runs_its_handler_when_the_wait_times_out(impl, service):
+    def handler(*_):
+        raise Stop
+
+    old = signal.signal(signal.SIGUSR2, handler)
+    client, server = socket.socketpair()
+    try:
+        _timeouts(server, 0.05)
+        thread = _signal_elsewhere(signal.SIGUSR2, 0.2, client)
+        with pytest.raises(Stop):
+            if service == "chargen":  # the client never reads: the send blocks
+                impl.chargen(server, chargen_pattern())
+            else:
+                getattr(impl, service)(server, bytearray(100))
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+        client.close()
+        server.close()
+    thread.join(10)
+
+
+def test_an_expired_timeout_without_a_signal_keeps_waiting_and_loses_nothing(impl):
+    client, server = socket.socketpair()
+    with client, server:
+        # A small send buffer and a client that reads late: sends time out
+        # with part of a chunk sent, receives time out while it sleeps.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        _timeouts(server, 0.02)
+        payload = os.urandom(300_000)
+        received = bytearray()
+
+        def talk() -> None:
+            time.sleep(0.2)
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)
+
+        def read() -> None:
+            time.sleep(0.3)
+            client.settimeout(10)
+            while chunk := client.recv(65536):
+                received.extend(chunk)
+
+        threads = [threading.Thread(target=f, daemon=True) for f in (talk, read)]
+        for thread in threads:
+            thread.start()
+        result = impl.echo(server, bytearray(65536))
+        server.shutdown(socket.SHUT_WR)
+        for thread in threads:
+            thread.join(10)
+    assert result == (len(payload), len(payload))
+    assert bytes(received) == payload

@@ -57,9 +57,12 @@ frontend echo
 
 backend prefork
     balance roundrobin
-    server a 127.0.0.1:{a} send-proxy-v2 check inter 100ms fall 1 rise 1
-    server b 127.0.0.1:{b} send-proxy-v2 check inter 100ms fall 1 rise 1
+    default-server {server_options}
+    server a 127.0.0.1:{a}
+    server b 127.0.0.1:{b}
 """
+# How HAProxy reaches each instance: a PROXY v2 header first, health-checked.
+PROXY_SERVER = "send-proxy-v2 check inter 100ms fall 1 rise 1"
 
 
 def free_port() -> int:
@@ -82,7 +85,9 @@ def balanced(server_factory, tmp_path):
     front = free_port()
     config = tmp_path / "haproxy.cfg"
     ports = [instance.tcp()[1] for instance in instances]
-    config.write_text(HAPROXY_CONFIG.format(front=front, a=ports[0], b=ports[1]))
+    config.write_text(
+        HAPROXY_CONFIG.format(front=front, a=ports[0], b=ports[1], server_options=PROXY_SERVER)
+    )
     with running_haproxy(config, front):
         yield front, instances[0], instances[1]
 
@@ -112,8 +117,11 @@ def test_handlers_see_the_real_client_addresses(balanced):
         assert echo == payload
 
 
-def test_draining_one_instance_under_load_loses_nothing(balanced):
-    front, a, b = balanced
+def drain_under_load(front: int, instance, clients: int) -> tuple[int, dict[str, int], list[str]]:
+    """``clients`` threads echo through HAProxy's ``front`` for 6 s (at most
+    2,000 each, each from its own 127.0.0.x); after 2 s ``instance`` gets
+    TERM and must exit 0. Returns the echoes served before the TERM, the
+    ok/failed counts, and the errors seen."""
     stop_at = time.monotonic() + 6.0
     results = {"ok": 0, "failed": 0}
     errors: list[str] = []
@@ -134,15 +142,21 @@ def test_draining_one_instance_under_load_loses_nothing(balanced):
             with lock:
                 results["ok" if ok else "failed"] += 1
 
-    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(6)]
+    threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
     for thread in threads:
         thread.start()
     time.sleep(2.0)
     served_before = results["ok"]
-    a.signal(signal.SIGTERM)  # drain instance a mid-load
-    assert a.wait(30) == 0
+    instance.signal(signal.SIGTERM)  # drain it mid-load
+    assert instance.wait(30) == 0
     for thread in threads:
         thread.join(30)
+    return served_before, results, errors
+
+
+def test_draining_one_instance_under_load_loses_nothing(balanced):
+    front, a, b = balanced
+    served_before, results, errors = drain_under_load(front, a, 6)
     assert served_before > 0 and results["ok"] > served_before
     assert results["failed"] == 0, (results, errors[:5])
     assert "TERM: graceful stop" in a.log

@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -538,40 +537,21 @@ def test_bad_tls_settings_are_one_line(certs, tmp_path):
 
 # -- behind HAProxy, re-encrypted: ssl verify required + send-proxy-v2 -------------------------
 
-HAPROXY_TLS_CONFIG = """
-global
-    maxconn 2000
-
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 20s
-    timeout server 20s
-    retries 3
-    option redispatch
-
-frontend echo
-    bind 127.0.0.1:{front}
-    default_backend prefork
-
-backend prefork
-    balance roundrobin
-    default-server {server_options}
-    server a 127.0.0.1:{a}
-    server b 127.0.0.1:{b}
-"""
-HAPROXY_TLS_SERVER = (
-    "ssl verify required ca-file {ca} verifyhost localhost sni str(localhost) "
-    "send-proxy-v2 check inter 100ms fall 1 rise 1"
-)
-
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed")
 @pytest.mark.parametrize("kind", ["event", "sync"])
 def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_nothing(
     server_factory, certs, tmp_path, kind
 ):
-    from test_haproxy import WHO_HANDLER, echo_through, free_port, served
+    from test_haproxy import (
+        HAPROXY_CONFIG,
+        PROXY_SERVER,
+        WHO_HANDLER,
+        drain_under_load,
+        echo_through,
+        free_port,
+        served,
+    )
 
     from support import running_haproxy
 
@@ -596,11 +576,13 @@ def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_noth
     front = free_port()
     config = tmp_path / "haproxy.cfg"
     config.write_text(
-        HAPROXY_TLS_CONFIG.format(
+        HAPROXY_CONFIG.format(
             front=front,
             a=a.tcp()[1],
             b=b.tcp()[1],
-            server_options=HAPROXY_TLS_SERVER.format(ca=certs / "ca.pem"),
+            # Re-encrypted: HAProxy verifies our certificate, then the PROXY header.
+            server_options=f"ssl verify required ca-file {certs / 'ca.pem'} "
+            f"verifyhost localhost sni str(localhost) {PROXY_SERVER}",
         )
     )
     with running_haproxy(config, front):
@@ -608,35 +590,7 @@ def test_haproxy_reencrypting_to_two_instances_drains_one_under_load_losing_noth
             payload = os.urandom(1000 + i)
             _, echo = echo_through(front, f"127.0.0.{i}", payload)
             assert echo == payload
-        stop_at = time.monotonic() + 6.0
-        results = {"ok": 0, "failed": 0}
-        errors: list[str] = []
-        lock = threading.Lock()
-
-        def client(n: int) -> None:
-            count = 0
-            while time.monotonic() < stop_at and count < 2000:
-                count += 1
-                payload = b"%d:%d:" % (n, count) + os.urandom(64)
-                try:
-                    _, echo = echo_through(front, f"127.0.0.{2 + n}", payload)
-                    ok = echo == payload
-                except (OSError, AssertionError) as exc:
-                    ok = False
-                    with lock:
-                        errors.append(repr(exc))
-                with lock:
-                    results["ok" if ok else "failed"] += 1
-
-        threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        time.sleep(2.0)
-        served_before = results["ok"]
-        a.signal(signal.SIGTERM)  # drain instance a mid-load
-        assert a.wait(30) == 0
-        for thread in threads:
-            thread.join(30)
+        served_before, results, errors = drain_under_load(front, a, 4)
         assert served_before > 0 and results["ok"] > served_before
         assert results["failed"] == 0, (results, errors[:5])
         b.signal(signal.SIGTERM)

@@ -567,7 +567,9 @@ def test_a_server_limits_the_amplifiers_by_default(server_factory, handler, work
     with client_at("127.0.0.2", 0) as flooder, client_at("127.0.1.2", 0) as other:
         replies, window = server_flood(server, flooder, 150)
         # the defaults: 10/s, a burst of 20, over both workers together
-        assert 20 <= replies <= 10 * window + 20, (replies, window)
+        # GCRA admits the burst, one per interval elapsed, and one more at the
+        # start of the window (the client limits test derives the same bound).
+        assert 20 <= replies <= 10 * window + 20 + 1, (replies, window)
         assert answered(other, udp_address(server))
         assert wait_until(lambda: refused(server).get("rate") == 150 - replies, 5), refused(server)
     assert wait_until(lambda: "over --udp-rate" in server.log, 5), server.log

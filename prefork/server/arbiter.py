@@ -101,6 +101,19 @@ def datagram_hosts(listeners: list[Listener]) -> list[tuple[str, str]]:
     ]
 
 
+def check_listeners(config: Config, handler: LoadedHandler, listeners: list[Listener]) -> None:
+    """The handler and the settings fit the listeners as bound (start and
+    HUP): the worker class, TLS beside UDP, UDP exposure (raises PreforkError)."""
+    datagram = next((lst.name for lst in listeners if lst.datagram), None)
+    stream = next((lst.name for lst in listeners if not lst.datagram), None)
+    secured = next((lst.name for lst in listeners if lst.tls), None)
+    check_fit(handler, config.worker_class, datagram, stream)
+    check_tls_fit(
+        config.worker_class, secured, datagram, handler.builtin is not None, bool(config.sni)
+    )
+    check_udp_exposure(config.handler, config.udp_public, datagram_hosts(listeners))
+
+
 class Stop(Exception):
     """Raised by a stop signal's handler: the main loop leaves for ``stop``."""
 
@@ -196,21 +209,8 @@ class Arbiter:
             ]
             note = f" ({', '.join(notes)})" if notes else ""
             self.log.info("listening on %s%s", listener.name, note)
-        datagram = next((lst.name for lst in listeners if lst.datagram), None)
-        stream = next((lst.name for lst in listeners if not lst.datagram), None)
         try:
-            check_fit(self.handler, self.config.worker_class, datagram, stream)
-            secured = next((lst.name for lst in listeners if lst.tls), None)
-            check_tls_fit(
-                self.config.worker_class,
-                secured,
-                datagram,
-                self.handler.builtin is not None,
-                bool(self.config.sni),
-            )
-            check_udp_exposure(
-                self.config.handler, self.config.udp_public, datagram_hosts(listeners)
-            )
+            check_listeners(self.config, self.handler, listeners)
         except PreforkError:
             close_listeners(listeners, unlink=True)
             raise
@@ -560,14 +560,7 @@ class Arbiter:
             handler = reload_handler(self.handler)
         else:
             handler = load_handler(config.handler, config.handler_type)
-        datagram = next((lst.name for lst in self.all_listeners() if lst.datagram), None)
-        stream = next((lst.name for lst in self.all_listeners() if not lst.datagram), None)
-        check_fit(handler, config.worker_class, datagram, stream)
-        secured = next((lst.name for lst in self.all_listeners() if lst.tls), None)
-        check_tls_fit(
-            config.worker_class, secured, datagram, handler.builtin is not None, bool(config.sni)
-        )
-        check_udp_exposure(config.handler, config.udp_public, datagram_hosts(self.all_listeners()))
+        check_listeners(config, handler, self.all_listeners())
         tls = self.reload_tls(config)
         if config.log_file != self.config.log_file or config.log_level != self.config.log_level:
             setup_logging(config.log_level, config.log_file)

@@ -416,10 +416,7 @@ def serve_protocol_on(
         protocol.connection_made(transport)
         view = memoryview(buffer)
         while not transport.is_closing():
-            try:
-                n = sock.recv_into(view)
-            except ssl.SSLEOFError:  # closed without close_notify, as most clients do
-                n = 0
+            n = sock.recv_into(view)
             if n == 0:
                 protocol.eof_received()
                 break
@@ -558,14 +555,22 @@ def serve_request_handler(fd: int, handler_class: Any, client: Any = None) -> tu
     the original). Returns (0, 0): the worker reads a TCP connection's byte
     counts from the kernel, as for ``serve_handle``."""
     with socket.socket(fileno=os.dup(fd)) as request:
-        server = RequestServer(request.getsockname(), handler_class)
         try:
-            handler_class(request, peer_name(request) if client is None else client, server)
+            return serve_request_handler_on(request, handler_class, client)
         finally:
             try:
                 request.shutdown(socket.SHUT_WR)
             except OSError:
                 pass  # the peer has gone: nothing to tell it
+
+
+def serve_request_handler_on(
+    request: socket.socket, handler_class: Any, client: Any = None
+) -> tuple[int, int]:
+    """``handler_class(request, client_address, server)`` on a socket (plain
+    or TLS) that the caller shuts down and closes."""
+    server = RequestServer(request.getsockname(), handler_class)
+    handler_class(request, peer_name(request) if client is None else client, server)
     return 0, 0
 
 
@@ -580,5 +585,12 @@ def serve_handle(
     (``workers.sync.kernel_byte_counts``); a UNIX one's are not counted.
     """
     with socket.socket(fileno=os.dup(fd)) as sock:
-        handle(sock, peer_name(sock) if client is None else client)
+        return serve_handle_on(sock, handle, client)
+
+
+def serve_handle_on(
+    sock: socket.socket, handle: Callable[[socket.socket, Any], Any], client: Any = None
+) -> tuple[int, int]:
+    """``handle(sock, address)`` on a socket (plain or TLS) the caller closes."""
+    handle(sock, peer_name(sock) if client is None else client)
     return 0, 0

@@ -23,12 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from prefork._fastio_common import daytime_line
-from prefork.fastio import peer_name
 from prefork.server.handlers import (
     CHARGEN_PATTERN,
     LoadedHandler,
-    RequestServer,
+    serve_handle_on,
     serve_protocol_on,
+    serve_request_handler_on,
 )
 
 # (TLS socket, buffer, PROXY client or None) -> (plaintext bytes in, out).
@@ -66,16 +66,11 @@ def handshake(context: ssl.SSLContext, fd: int, timeout: float) -> ssl.SSLSocket
                 readable, writable = [], [tls]
             left = deadline - time.monotonic()
             if left <= 0 or not any(select.select(readable, writable, [], left)):
-                raise HandshakeFailed("timed out")
-    except ssl.SSLError as exc:
+                raise TimeoutError("timed out")
+    except OSError as exc:  # a bad handshake, a reset, the peer gone, the deadline
         tls.close()
-        raise HandshakeFailed(exc.reason or str(exc)) from None
-    except OSError as exc:  # reset, or the peer left: EOF during the handshake
-        tls.close()
-        raise HandshakeFailed(exc.strerror or str(exc)) from None
-    except HandshakeFailed:
-        tls.close()
-        raise
+        why = exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+        raise HandshakeFailed(why or str(exc)) from None
     tls.setblocking(True)
     return tls
 
@@ -95,7 +90,7 @@ def echo(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
     view = memoryview(buffer)
     nin = nout = 0
     while True:
-        n = _recv(tls, view)
+        n = tls.recv_into(view)  # 0 at the end, with or without close_notify
         if n == 0:
             return nin, nout
         nin += n
@@ -107,7 +102,7 @@ def discard(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
     view = memoryview(buffer)
     nin = 0
     while True:
-        n = _recv(tls, view)
+        n = tls.recv_into(view)
         if n == 0:
             return nin, 0
         nin += n
@@ -129,17 +124,9 @@ def chargen(tls: ssl.SSLSocket, buffer: Any) -> tuple[int, int]:
 BUILTIN_TLS = {"echo": echo, "discard": discard, "daytime": daytime, "chargen": chargen}
 
 
-def _recv(tls: ssl.SSLSocket, view: memoryview) -> int:
-    """Plaintext bytes read; 0 at the end, whether the client sent its
-    close_notify or only closed the connection (as most clients do)."""
-    try:
-        return tls.recv_into(view)
-    except ssl.SSLEOFError:
-        return 0
-
-
 def tls_handler(loaded: LoadedHandler) -> TLSHandler:
-    """What the sync and thread workers run on a TLS connection."""
+    """What the sync and thread workers run on a TLS connection (as
+    ``LoadedHandler.for_blocking_workers`` on a plain one's descriptor)."""
     if loaded.builtin is not None:
         builtin = BUILTIN_TLS[loaded.builtin]
         return lambda tls, buffer, client: builtin(tls, buffer)
@@ -149,19 +136,4 @@ def tls_handler(loaded: LoadedHandler) -> TLSHandler:
     assert handle is not None
     if loaded.kind == "request-handler":
         return lambda tls, buffer, client: serve_request_handler_on(tls, handle, client)
-    return lambda tls, buffer, client: _serve_handle_on(tls, handle, client)
-
-
-def serve_request_handler_on(
-    tls: ssl.SSLSocket, handler_class: Any, client: Any
-) -> tuple[int, int]:
-    """A socketserver request handler on the TLS socket (as
-    ``handlers.serve_request_handler`` runs one on a plain socket)."""
-    server = RequestServer(tls.getsockname(), handler_class)
-    handler_class(tls, peer_name(tls) if client is None else client, server)
-    return 0, 0
-
-
-def _serve_handle_on(tls: ssl.SSLSocket, handle: Any, client: Any) -> tuple[int, int]:
-    handle(tls, peer_name(tls) if client is None else client)
-    return 0, 0
+    return lambda tls, buffer, client: serve_handle_on(tls, handle, client)

@@ -469,8 +469,8 @@ def client_tls(
         raise ConfigError("--insecure: not with --ca-certs (it would not be checked)")
     try:
         context = ssl.create_default_context(cafile=ca_certs)
-    except (OSError, ssl.SSLError) as exc:
-        why = exc.strerror if not isinstance(exc, ssl.SSLError) else "no PEM certificate in it"
+    except OSError as exc:  # ssl.SSLError too
+        why = "no PEM certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
         raise ClientError(f"--ca-certs {ca_certs}: {why or exc}") from None
     context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # a server that closes without close_notify
     if insecure:

@@ -850,8 +850,7 @@ class AsyncioWorker(Worker):
         if self.client_limits.enabled:  # by the PROXY header's source, if any
             admitted, held = self.admit_client(client if client is not None else _peer(sock))
             if not admitted:
-                if self.access_log is not None:
-                    self.log_access(client or _peer(sock), time.monotonic(), 0, 0, "limit-refused")
+                self.log_access(client or _peer(sock), time.monotonic(), 0, 0, "limit-refused")
                 sock.close()  # before any byte is served
                 return
         try:
@@ -882,7 +881,7 @@ class AsyncioWorker(Worker):
             await self.loop.connect_accepted_socket(lambda: conn, sock, **tls)
         except (OSError, asyncio.TimeoutError) as exc:  # gone, or no TLS handshake
             self.log.debug("connection lost before it started: %s", exc or "timed out")
-            if self.access_log is not None and conn.transport is None:
+            if conn.transport is None:
                 end = "tls-failed" if secure else "reset"
                 self.log_access(conn.peer() or _peer(sock), conn.started, 0, 0, end)
             sock.close()
@@ -925,8 +924,7 @@ class AsyncioWorker(Worker):
             self.connect(sock, header.source, first, secure)
         finally:
             if not started:
-                if self.access_log is not None:
-                    self.log_access(peer, accepted_at, 0, 0, end)
+                self.log_access(peer, accepted_at, 0, 0, end)
                 self.opening.discard(sock)
                 sock.close()
                 self.connection_ended(None)

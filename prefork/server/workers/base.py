@@ -107,8 +107,8 @@ class Worker:
         slot: int,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        self.age = age
-        self.tls = tls  # the TLS listeners' context, made in the master  # spawn order, for logs
+        self.age = age  # spawn order, for logs
+        self.tls = tls  # the TLS listeners' context, made in the master
         self.scoreboard = scoreboard
         self.slot = slot  # this worker's counters in the scoreboard
         self.ppid = ppid
@@ -236,9 +236,10 @@ class Worker:
             self.log.error("USR1: cannot reopen the log file; still writing to the old one")
 
     def log_access(self, client: object, started: float, nin: int, nout: int, end: str) -> None:
-        """One access log line for a connection that ended (blocking workers;
-        the event loop writes its own)."""
-        assert self.access_log is not None
+        """One access log line for a connection that ended, if there is an
+        access log (blocking and asyncio workers; the event loop writes its own)."""
+        if self.access_log is None:
+            return
         line = access_line(
             time.time_ns(),
             format_client(client),

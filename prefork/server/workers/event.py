@@ -37,18 +37,19 @@ class EventWorker(Worker):
         proxied = [lst.sock for lst in self.listeners if lst.proxy and not lst.datagram]
         datagrams = [lst.sock for lst in self.listeners if lst.datagram]
         self.booted = False  # a loop that cannot be built is a boot failure (exit 3)
-        service, factory = self.handler.builtin or "protocol", self.protocol_factory()
         secured = [lst.sock for lst in self.listeners if lst.tls]
+        native = bool(secured) and native_tls(self.handler.builtin, self.tls)
         tls: dict[str, Any] = {}
-        if secured and native_tls(self.handler.builtin, self.tls):
-            # The built-in services over TLS in the loop: OpenSSL on the socket.
+        if native:  # the built-in services over TLS in the loop: OpenSSL on the socket
             tls = {
                 "tls_context": self.tls,
                 "tls_listeners": secured,
                 "tls_handshake_timeout": config.tls_handshake_timeout,
             }
-        elif secured:  # protocols (and --sni): Python protocols (tls_protocol.py)
+        if secured and not native:  # protocols (and --sni): Python protocols (tls_protocol.py)
             service, factory = "protocol", self.tls_protocol_factory()
+        else:
+            service, factory = self.handler.builtin or "protocol", self.protocol_factory()
         self.loop = fastio.EventLoop(
             streams,
             service,

@@ -74,6 +74,22 @@ def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     return received, sent - retransmitted + notsent
 
 
+def bound_blocking_waits(conn: int, seconds: float) -> None:
+    """Give the connection's blocking recv and send a timeout (SO_RCVTIMEO,
+    SO_SNDTIMEO): the compiled built-in loops then wake every ``seconds``
+    while the client is idle and run the signal handlers a signal left
+    pending between two of their calls (see ``prefork._fastio``), so TERM
+    closes the listeners within that bound, not when the client next acts."""
+    whole = int(seconds)
+    value = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    sock = socket.socket(fileno=conn)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    finally:
+        sock.detach()
+
+
 class ProxyRefused(Exception):
     """The PROXY header was refused (logged and counted): close the connection."""
 
@@ -94,6 +110,9 @@ class SyncWorker(Worker):
     # One thread: the heartbeat follows the connection (see serve). The
     # thread worker's main thread beats for the whole process instead.
     beats_per_connection = True
+    # Its one thread serves connections and runs the signal handlers (a
+    # thread worker's connection threads do not).
+    serves_in_signal_thread = True
     # When EMFILE was last logged: one clock for the worker, not one per
     # thread, so a thread worker logs it once a second however many threads.
     last_emfile_log = 0.0
@@ -291,18 +310,18 @@ class SyncWorker(Worker):
                 admitted, held = self.admit_client(client or peer or peer_of_fd(conn))
             if not admitted:
                 end = "limit-refused"  # closed before any byte is served
-            elif ready and secure:
-                handled, nin, nout = self.serve_tls(conn, buffer, client)
+            elif ready:
+                if secure:
+                    handled, nin, nout = self.serve_tls(conn, buffer, client)
+                else:
+                    handled = True
+                    if self.serves_in_signal_thread and self.handler.builtin is not None:
+                        bound_blocking_waits(conn, self.tick)
+                    nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
                 if not handled:
                     end = "tls-failed"
                 elif self.handler.protocol_factory is not None:
-                    end = "eof"
-            elif ready:
-                handled = True
-                nin, nout = handler(conn, buffer, client)
-                end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
-                if self.handler.protocol_factory is not None:
                     end = "eof"
             else:
                 end = "eof"  # left before its PROXY header was whole
@@ -332,8 +351,7 @@ class SyncWorker(Worker):
             # The line goes out before the close: a client that saw its end
             # and connected again finds the lines in the order it saw them
             # (threads of a ThreadWorker would otherwise race to write).
-            if self.access_log is not None:
-                self.log_access(client or peer, started, nin, nout, end)
+            self.log_access(client or peer, started, nin, nout, end)
             os.close(conn)
             self.client_limits.release(held)
             if self.beats_per_connection:

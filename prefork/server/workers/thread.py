@@ -38,6 +38,7 @@ _THREAD_BLOCKED = {
 class ThreadWorker(SyncWorker):
     stop_w = -1
     beats_per_connection = False
+    serves_in_signal_thread = False
 
     def run(self) -> None:
         stop_r, self.stop_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
