@@ -18,6 +18,7 @@
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,6 +115,9 @@ static void serve(int fd) {
 
 int main(int argc, char **argv) {
     if (argc != 4) { fprintf(stderr, "usage: tls_epoll_echo PORT CERT KEY\n"); return 2; }
+    /* OpenSSL writes with write(2): a peer gone mid-write must be EPIPE,
+     * not a SIGPIPE that kills the process (Python ignores it: prefork). */
+    signal(SIGPIPE, SIG_IGN);
     SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF);

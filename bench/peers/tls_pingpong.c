@@ -17,6 +17,7 @@
 #include <netinet/tcp.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -117,6 +118,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     int conns = atoi(argv[3]);
+    signal(SIGPIPE, SIG_IGN);  /* EPIPE from write(2), not death */
     double seconds = atof(argv[5]);
     size = (size_t)atol(argv[4]);
     per_request = argc > 6 && strcmp(argv[6], "--connect-per-request") == 0;
