@@ -345,7 +345,6 @@ common.check_facts(__name__, COMPILED_FACTS, vars(common))
 
 cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 cdef size_t C_INT_MAX = 2147483647  # OpenSSL's lengths are ints
-cdef int TLS_PENDING_TURNS = common.TLS_PENDING_TURNS
 cdef int TLS_HANDSHAKES_PER_TURN = common.TLS_HANDSHAKES_PER_TURN
 
 
@@ -1849,7 +1848,6 @@ cdef class EventLoop:
 
     cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -1 nogil:
         cdef int err = 0
-        cdef int turns = 0
         if conn.header != NULL:  # nothing else before the header is whole
             err = self._read_header(conn, now)
         elif conn.secure and not conn.tls_ready:
@@ -1869,11 +1867,11 @@ cdef class EventLoop:
                 else:  # error or hang-up on a connection no longer read
                     self._close(conn, CLOSED_OK)
             # Plaintext OpenSSL decrypted and holds: epoll cannot see it, so
-            # read it now, while nothing is owed (a few records at most).
+            # read it now, while nothing is owed. Without read-ahead OpenSSL
+            # holds the rest of one record at most, so this ends; it must not
+            # stop earlier, or a small read size leaves plaintext nobody wakes for.
             while (err == 0 and conn.ssl != NULL and not conn.closed and conn.reading
-                    and _owed(conn) == 0 and openssl.SSL_pending(conn.ssl) > 0
-                    and turns < TLS_PENDING_TURNS):
-                turns += 1
+                    and _owed(conn) == 0 and openssl.SSL_pending(conn.ssl) > 0):
                 err = self._read(conn, now)
         if err > 0 and not conn.closed:
             self._close(conn, err)

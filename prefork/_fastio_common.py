@@ -715,9 +715,6 @@ def peer_of_fd(fd: int) -> Any:
 # -- TLS in the loops --------------------------------------------------------------------
 
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds (--tls-handshake-timeout)
-# Reads of plaintext OpenSSL already holds (epoll cannot see it), at most, per
-# wake-up of a connection: then the next turn.
-TLS_PENDING_TURNS = 16
 # Handshake steps a loop takes per turn (one epoll_wait's events), at most: a
 # step with a signature costs about a millisecond, so a flood of new clients
 # cannot hold the established ones for long; the rest wait for the next turn

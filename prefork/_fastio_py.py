@@ -103,7 +103,6 @@ from prefork._fastio_common import (
     READ_SIZE,
     SWEEP_INTERVAL,
     TLS_HANDSHAKES_PER_TURN,
-    TLS_PENDING_TURNS,
     WRITE_HIGH_WATER,
     WRITE_LOW_WATER,
     ClientLimits,
@@ -1180,17 +1179,16 @@ class EventLoop:
             else:  # error or hang-up on a connection no longer read
                 self._close(conn)
         # Plaintext OpenSSL decrypted and holds: epoll cannot see it, so read
-        # it now, while nothing is owed (a few records at most).
-        turns = 0
+        # it now, while nothing is owed. Without read-ahead OpenSSL holds the
+        # rest of one record at most, so this ends; it must not stop earlier,
+        # or a small read size leaves plaintext nobody wakes for.
         while (
             isinstance(conn.sock, ssl.SSLSocket)
             and conn.fd in self._conns
             and conn.reading
             and not conn.pending
             and conn.sock.pending() > 0
-            and turns < TLS_PENDING_TURNS
         ):
-            turns += 1
             self._read(conn, now)
 
     # -- TLS: OpenSSL on the socket ---------------------------------------------------

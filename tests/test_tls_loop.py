@@ -116,6 +116,19 @@ def test_echo_over_tls_is_byte_exact_and_counted(impl, context, client, size):
     assert (loop.accepted, loop.bytes_in, loop.bytes_out) == (1, size, size)  # plaintext
 
 
+def test_a_read_size_smaller_than_a_record_still_echoes_the_whole_record(impl, context, client):
+    """--max-buffer 512 reads 512 plaintext bytes at a time; a 16 KiB record
+    is decrypted whole, and the rest OpenSSL holds has no epoll event: the
+    loop must read all of it before it waits again."""
+    payload = os.urandom(16 * 1024)
+    with serving(impl, "echo", context, max_buffer=512) as (loop, listener):
+        with connect(listener, client) as tls:
+            for _ in range(3):  # ping-pong: the client waits for each echo
+                assert echo_exchange(tls, payload) == payload
+        assert wait_for(lambda: loop.active == 0)
+    assert (loop.bytes_in, loop.bytes_out) == (3 * len(payload), 3 * len(payload))
+
+
 def test_echo_to_a_stalled_small_buffered_reader_loses_nothing(impl, context, client):
     """Small buffers and a reader that waits: the server's TLS writes come up
     short (WANT_WRITE) and what OpenSSL did not take is offered again."""
