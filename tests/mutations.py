@@ -28,11 +28,11 @@ class Mutation:
 MUTATIONS = (
     Mutation(
         "echo-swallows-a-reset",
-        "            n = sock.recv_into(view)\n"
+        "            n = _recv_into(sock, view)\n"
         "            if n == 0:\n"
         "                return nin, nout\n",
         "            try:\n"
-        "                n = sock.recv_into(view)\n"
+        "                n = _recv_into(sock, view)\n"
         "            except ConnectionResetError:\n"
         "                n = 0\n"
         "            if n == 0:\n"
@@ -41,14 +41,14 @@ MUTATIONS = (
     ),
     Mutation(
         "echo-sends-once",
-        "sock.sendall(view[:n])",
-        "sock.send(view[:n])",
+        "_send_all(sock, view[:n])",
+        "_send(sock, view[:n])",
         SHORT + "test_blocking_echo_through_short_sends[python-unix]",
     ),
     Mutation(
         "sendall-sends-once",
-        "        sock.sendall(view)\n    return len(view)\n",
-        "        sock.send(view)\n    return len(view)\n",
+        "        _send_all(sock, view)\n    return len(view)\n",
+        "        _send(sock, view)\n    return len(view)\n",
         SHORT + "test_blocking_sendall_through_short_sends[python-tcp]",
     ),
     Mutation(
