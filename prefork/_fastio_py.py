@@ -76,7 +76,7 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -128,29 +128,26 @@ from prefork._fastio_common import (
 __all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
 
 
-def _timed_out(sock: socket.socket) -> bool:
-    """Whether a BlockingIOError came from a blocking socket's send or
-    receive timeout (retry: the signal handlers ran between the two calls)
-    rather than a non-blocking socket (the caller's to see)."""
-    return os.get_blocking(sock.fileno())
+def _retry_timeouts(
+    call: Callable[[memoryview], int], sock: socket.socket, view: memoryview
+) -> int:
+    """``call(view)``, again while it fails because a blocking socket's send
+    or receive timeout expired (the signal handlers ran between the two
+    calls); a non-blocking socket's BlockingIOError is the caller's to see."""
+    while True:
+        try:
+            return call(view)
+        except BlockingIOError:
+            if not os.get_blocking(sock.fileno()):
+                raise
 
 
 def _recv_into(sock: socket.socket, view: memoryview) -> int:
-    while True:
-        try:
-            return sock.recv_into(view)
-        except BlockingIOError:
-            if not _timed_out(sock):
-                raise
+    return _retry_timeouts(sock.recv_into, sock, view)
 
 
 def _send(sock: socket.socket, view: memoryview) -> int:
-    while True:
-        try:
-            return sock.send(view)
-        except BlockingIOError:
-            if not _timed_out(sock):
-                raise
+    return _retry_timeouts(sock.send, sock, view)
 
 
 def _send_all(sock: socket.socket, view: memoryview) -> None:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from prefork.server.handlers import chargen_pattern
+from prefork.server.workers.sync import bound_blocking_waits
 
 from support import tcp_pair
 
@@ -359,13 +360,6 @@ def test_exception_from_a_signal_handler_leaves_the_loop(impl):
     server.close()
 
 
-def _timeouts(sock: socket.socket, seconds: float) -> None:
-    """SO_RCVTIMEO and SO_SNDTIMEO, as the sync worker sets them."""
-    value = struct.pack("@ll", 0, int(seconds * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-
-
 def _signal_elsewhere(signum: int, delay: float, client: socket.socket) -> threading.Thread:
     """A thread that takes ``signum`` itself: CPython's C handler runs there
     and marks the Python handler pending, but the main thread's blocking
@@ -392,7 +386,7 @@ def test_a_pending_signal_runs_its_handler_when_the_wait_times_out(impl, service
     old = signal.signal(signal.SIGUSR2, handler)
     client, server = socket.socketpair()
     try:
-        _timeouts(server, 0.05)
+        bound_blocking_waits(server.fileno(), 0.05)
         thread = _signal_elsewhere(signal.SIGUSR2, 0.2, client)
         with pytest.raises(Stop):
             if service == "chargen":  # the client never reads: the send blocks
@@ -412,7 +406,7 @@ def test_an_expired_timeout_without_a_signal_keeps_waiting_and_loses_nothing(imp
         # A small send buffer and a client that reads late: sends time out
         # with part of a chunk sent, receives time out while it sleeps.
         server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        _timeouts(server, 0.02)
+        bound_blocking_waits(server.fileno(), 0.02)
         payload = os.urandom(300_000)
         received = bytearray()
 
