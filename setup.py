@@ -18,9 +18,10 @@ PYX = [f"prefork/{name}.pyx" for name in MODULES]
 C = [f"prefork/{name}.c" for name in MODULES]
 
 
-# The hot loop drives OpenSSL itself for TLS (prefork/_openssl.pxd): it links
-# the libssl Python's ssl module uses (headers: libssl-dev on Debian).
-LIBRARIES = {"_fastio": ["ssl", "crypto"]}
+# Both loops drive OpenSSL themselves for TLS (prefork/_openssl.pxd): the hot
+# loop as a server, the load generator as a client. They link the libssl
+# Python's ssl module uses (headers: libssl-dev on Debian).
+LIBRARIES = {"_fastio": ["ssl", "crypto"], "_loadgen": ["ssl", "crypto"]}
 
 
 def extension(name, source):

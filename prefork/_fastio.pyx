@@ -31,7 +31,6 @@ import asyncio
 import logging
 import os
 import socket
-import ssl as _ssl
 import stat
 
 from cpython.exc cimport PyErr_CheckSignals
@@ -347,13 +346,6 @@ cdef double C_EMFILE_PAUSE = EMFILE_PAUSE
 cdef size_t C_INT_MAX = 2147483647  # OpenSSL's lengths are ints
 cdef int TLS_HANDSHAKES_PER_TURN = common.TLS_HANDSHAKES_PER_TURN
 
-
-# The head of CPython's PySSLContext (Modules/_ssl.c): the SSL_CTX it wraps
-# comes right after the object header, in every CPython since 3.0.
-cdef struct PySSLContextHead:
-    Py_ssize_t ob_refcnt
-    void *ob_type
-    openssl.SSL_CTX *ctx
 
 # What closed a connection, for connection_lost(exc) and the access log.
 cdef enum:
@@ -810,12 +802,8 @@ cdef class EventLoop:
         secured_fds = common.check_tls_args(service, tls_context, tls_listeners, fds,
                                             tls_handshake_timeout)
         if secured_fds:
-            if openssl.OpenSSL_version_num() != _ssl.OPENSSL_VERSION_NUMBER:
-                raise RuntimeError(
-                    "this build of prefork._fastio links another OpenSSL than Python's ssl "
-                    f"({openssl.OpenSSL_version_num():#x} vs {_ssl.OPENSSL_VERSION_NUMBER:#x})")
+            self.tls_ctx = openssl.context_ctx(tls_context)
             self.tls_context = tls_context
-            self.tls_ctx = (<PySSLContextHead *><PyObject *>tls_context).ctx
             self.tls_timeout = tls_handshake_timeout
         proxied_fds = proxy_fds(proxy_listeners, fds)
         self.proxy_trusted = proxy_trusted

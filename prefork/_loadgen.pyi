@@ -1,4 +1,5 @@
 # Stub for the compiled module; mirrors prefork/_loadgen_py.py (the specification).
+import ssl
 from typing import Any
 
 # What the module compiled in, by prefork._loadgen_common's names (checked at import).
@@ -24,6 +25,8 @@ class LoadGen:
     latency_total: int
     in_flight: int
     live: int
+    tls: ssl.SSLContext | None
+    server_hostname: str | None
     def __init__(
         self,
         family: int,
@@ -34,6 +37,8 @@ class LoadGen:
         size: int = 1024,
         depth: int = 1,
         timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None: ...
     def reset(self) -> None: ...
     @property

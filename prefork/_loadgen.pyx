@@ -30,11 +30,20 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcmp, memcpy
 
+from prefork cimport _openssl as openssl
 from prefork cimport _posix as posix
 
 from prefork import _loadgen_common as common
 from prefork._fastio_common import check_facts, enum_order
-from prefork._loadgen_common import ERROR_KINDS, MODES, check_args, make_pattern, sockaddr_bytes
+from prefork._loadgen_common import (
+    ERROR_KINDS,
+    MODES,
+    check_args,
+    check_tls_args,
+    is_ip_address,
+    make_pattern,
+    sockaddr_bytes,
+)
 
 __all__ = ["LoadGen", "bucket_index"]
 
@@ -44,13 +53,13 @@ cdef extern from *:
 # The specification's numbers, by prefork._loadgen_common's names; checked
 # against that module at import (COMPILED_FACTS below).
 cdef enum:  # slot states
-    IDLE, CONNECTING, OPEN, DEAD
+    IDLE, CONNECTING, OPEN, DEAD, HANDSHAKING
 cdef enum:  # datagram window positions
     EMPTY, WAITING, ANSWERED, LOST
 cdef enum:  # in the order of MODES
     MODE_STREAM, MODE_CONNECT, MODE_DATAGRAM
 cdef enum:  # in the order of ERROR_KINDS
-    E_CONNECT, E_RESET, E_CLOSED, E_MISMATCH, E_EXCESS, E_TIMEOUT, E_LOST, N_ERRORS
+    E_CONNECT, E_RESET, E_CLOSED, E_MISMATCH, E_EXCESS, E_TIMEOUT, E_LOST, E_TLS, N_ERRORS
 cdef enum:
     PERIOD = 251
     CHUNK = 65536
@@ -66,13 +75,14 @@ cdef enum:
 
 COMPILED_FACTS = {
     "IDLE": IDLE, "CONNECTING": CONNECTING, "OPEN": OPEN, "DEAD": DEAD,
+    "HANDSHAKING": HANDSHAKING,
     "EMPTY": EMPTY, "WAITING": WAITING, "ANSWERED": ANSWERED, "LOST": LOST,
     "MODES": enum_order(
         {"stream": MODE_STREAM, "connect": MODE_CONNECT, "datagram": MODE_DATAGRAM}
     ),
     "ERROR_KINDS": enum_order({
         "connect": E_CONNECT, "reset": E_RESET, "closed": E_CLOSED, "mismatch": E_MISMATCH,
-        "excess": E_EXCESS, "timeout": E_TIMEOUT, "lost": E_LOST,
+        "excess": E_EXCESS, "timeout": E_TIMEOUT, "lost": E_LOST, "tls": E_TLS,
     }),
     "PERIOD": PERIOD,
     "CHUNK": CHUNK,
@@ -95,6 +105,28 @@ cdef int _check_signals() except -1 with gil:
 
 cdef int _raise_oserror(int err) except -1 with gil:
     raise OSError(err, os.strerror(err))
+
+
+cdef inline bint _unexpected_eof(int e) noexcept nogil:
+    """OpenSSL 3's way to say the peer left without close_notify."""
+    return (e == openssl.SSL_ERROR_SSL and openssl.ERR_GET_REASON(openssl.ERR_peek_error())
+            == openssl.PREFORK_SSL_R_UNEXPECTED_EOF)
+
+
+cdef inline bint _tls_ended(int e, int err) noexcept nogil:
+    """Whether a failed SSL_read is the end of the stream, as Python's ssl
+    reads it (a 0): close_notify, or an end without it (errno 0: EOF)."""
+    return (e == openssl.SSL_ERROR_ZERO_RETURN or _unexpected_eof(e)
+            or (e == openssl.SSL_ERROR_SYSCALL and err == 0))
+
+
+cdef inline int _tls_failure(int e) noexcept nogil:
+    """The error kind of a failed TLS read or write (the spec's
+    ``_tls_failure``): E_TLS for a bad record, E_RESET for a lost connection."""
+    if (e == openssl.SSL_ERROR_ZERO_RETURN or e == openssl.SSL_ERROR_SYSCALL
+            or _unexpected_eof(e)):
+        return E_RESET
+    return E_TLS
 
 
 cdef inline uint64_t _now() noexcept nogil:
@@ -130,6 +162,12 @@ cdef struct Slot:
     uint64_t since
     uint64_t out, queued, inp  # stream offsets
     uint64_t started, done  # messages
+    openssl.SSL *ssl  # TLS: NULL until the handshake begins
+    uint64_t retry  # TLS: the length of a write OpenSSL asked to repeat
+    bint read_wants_out  # TLS: a read waits for the socket to be writable
+
+cdef enum:
+    INT_MAX_CHUNK = CHUNK  # an SSL_read/SSL_write length: CHUNK fits an int
 
 
 cdef class LoadGen:
@@ -150,6 +188,12 @@ cdef class LoadGen:
     cdef readonly unsigned long long latency_min, latency_max, latency_total
     cdef readonly long long in_flight
     cdef readonly int live
+    cdef readonly object tls  # the client ssl.SSLContext, or None
+    cdef readonly object server_hostname
+    cdef openssl.SSL_CTX *_ctx  # tls's (kept alive by it); NULL: plain
+    cdef bytes _name  # server_hostname, encoded as Python's ssl does
+    cdef bint _name_is_ip
+    cdef bint _check_name
     cdef int _mode, _type, _epfd, _idle
     cdef bint _started
     cdef uint64_t _timeout_ns, _next_sweep
@@ -170,11 +214,22 @@ cdef class LoadGen:
         self._epfd = -1
 
     def __init__(self, int family, address, str mode="stream", *, int connections=50,
-                 size=1024, int depth=1, timeout=2.0):
+                 size=1024, int depth=1, timeout=2.0, tls=None, server_hostname=None):
         cdef bytes raw
         cdef bytes pattern
         cdef int i
         check_args(family, mode, connections, size, depth, timeout)
+        check_tls_args(mode, tls, server_hostname)
+        if tls is not None:
+            self._ctx = openssl.context_ctx(tls)
+            self._check_name = tls.check_hostname
+            if server_hostname is not None:
+                self._name_is_ip = is_ip_address(server_hostname)
+                # As Python's ssl: a name in IDNA's ASCII form, an address as written.
+                self._name = (server_hostname.encode("ascii") if self._name_is_ip
+                              else server_hostname.encode("idna"))
+        self.tls = tls
+        self.server_hostname = server_hostname
         if self._slots != NULL:
             raise RuntimeError("LoadGen.__init__ called twice")
         raw = sockaddr_bytes(family, address)
@@ -220,6 +275,8 @@ cdef class LoadGen:
         cdef int i
         if self._slots != NULL:
             for i in range(self.connections):
+                if self._slots[i].ssl != NULL:
+                    openssl.SSL_free(self._slots[i].ssl)
                 if self._slots[i].fd >= 0:
                     posix.close(self._slots[i].fd)
         if self._epfd >= 0:
@@ -286,7 +343,7 @@ cdef class LoadGen:
         cdef int i
         for i in range(self.connections):
             if self._slots[i].fd >= 0:
-                self._close(i)
+                self._close(i, True)
         if self._epfd >= 0:
             posix.close(self._epfd)
             self._epfd = -1
@@ -374,7 +431,74 @@ cdef class LoadGen:
         else:
             self._ctl(posix.EPOLL_CTL_ADD, fd, posix.EPOLLIN, i)
             slot.writing = False
-            self._connected(i, now, limit)
+            self._established(i, now, limit)
+        return 0
+
+    cdef int _established(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        """The connect succeeded: the TLS handshake begins, or the messages."""
+        cdef Slot *slot = &self._slots[i]
+        if self._ctx == NULL:
+            return self._connected(i, now, limit)
+        slot.state = HANDSHAKING
+        slot.retry = 0
+        slot.read_wants_out = False
+        openssl.ERR_clear_error()
+        slot.ssl = openssl.SSL_new(self._ctx)
+        if slot.ssl == NULL or not self._configure(slot.ssl, slot.fd):
+            openssl.ERR_clear_error()
+            self._fail(i, E_TLS)
+            return 0
+        return self._handshake(i, now, limit)
+
+    cdef bint _configure(self, openssl.SSL *ssl, int fd) noexcept nogil:
+        """What Python's ssl does to a client socket it wraps: SNI for a name
+        (never for an address), the name or address to verify when the
+        context checks host names; and writes that may be partial, from a
+        buffer that may move (a repeated write starts at the same byte)."""
+        cdef const char *name
+        openssl.SSL_set_mode(ssl, openssl.SSL_MODE_ENABLE_PARTIAL_WRITE
+                             | openssl.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+        if openssl.SSL_set_fd(ssl, fd) != 1:
+            return False
+        openssl.SSL_set_connect_state(ssl)
+        if self._name is None:
+            return True
+        with gil:
+            name = self._name
+        if not self._name_is_ip and openssl.SSL_set_tlsext_host_name(ssl, name) != 1:
+            return False
+        if self._check_name:
+            if self._name_is_ip:
+                return openssl.X509_VERIFY_PARAM_set1_ip_asc(openssl.SSL_get0_param(ssl), name) == 1
+            return openssl.SSL_set1_host(ssl, name) == 1
+        return True
+
+    cdef int _handshake(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        """One step of the TLS handshake; once done, the connection is open."""
+        cdef Slot *slot = &self._slots[i]
+        cdef int r, e
+        openssl.ERR_clear_error()
+        r = openssl.SSL_do_handshake(slot.ssl)
+        if r == 1:
+            self._want(i, False)
+            return self._connected(i, now, limit)
+        e = openssl.SSL_get_error(slot.ssl, r)
+        if e == openssl.SSL_ERROR_WANT_READ:
+            self._want(i, False)
+        elif e == openssl.SSL_ERROR_WANT_WRITE:
+            self._want(i, True)
+        else:  # refused, not verified, reset, closed
+            openssl.ERR_clear_error()
+            self._fail(i, E_TLS)
+        return 0
+
+    cdef int _want(self, int i, bint writing) except -1 nogil:
+        """EPOLLOUT in the slot's interest or not (EPOLLIN always)."""
+        cdef Slot *slot = &self._slots[i]
+        if writing != slot.writing:
+            self._ctl(posix.EPOLL_CTL_MOD, slot.fd,
+                      posix.EPOLLIN | posix.EPOLLOUT if writing else posix.EPOLLIN, i)
+            slot.writing = writing
         return 0
 
     cdef int _connected(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
@@ -410,9 +534,19 @@ cdef class LoadGen:
                 self._restart(i, now, limit)
         return 0
 
-    cdef void _close(self, int i) noexcept nogil:
-        posix.close(self._slots[i].fd)  # leaves the epoll set with it
-        self._slots[i].fd = -1
+    cdef void _close(self, int i, bint polite=False) noexcept nogil:
+        """Close the slot's socket; ``polite``: an open TLS connection sends
+        its close_notify first (without waiting for the server's)."""
+        cdef Slot *slot = &self._slots[i]
+        if slot.ssl != NULL:
+            if polite and slot.state == OPEN:
+                openssl.ERR_clear_error()
+                openssl.SSL_shutdown(slot.ssl)
+            openssl.ERR_clear_error()
+            openssl.SSL_free(slot.ssl)
+            slot.ssl = NULL
+        posix.close(slot.fd)  # leaves the epoll set with it
+        slot.fd = -1
         self.live -= 1
 
     cdef void _lose(self, int i) noexcept nogil:
@@ -446,8 +580,8 @@ cdef class LoadGen:
         cdef int i, position, k
         for i in range(self.connections):
             slot = &self._slots[i]
-            if slot.state == CONNECTING and slot.since < expired:
-                self._fail(i, E_CONNECT)
+            if (slot.state == CONNECTING or slot.state == HANDSHAKING) and slot.since < expired:
+                self._fail(i, E_CONNECT if slot.state == CONNECTING else E_TLS)
             elif slot.state != OPEN:
                 continue
             elif self._mode == MODE_DATAGRAM:
@@ -480,9 +614,13 @@ cdef class LoadGen:
                 return 0
             self._ctl(posix.EPOLL_CTL_MOD, slot.fd, posix.EPOLLIN, i)
             slot.writing = False
-            self._connected(i, now, limit)
+            self._established(i, now, limit)
+        elif slot.state == HANDSHAKING:
+            self._handshake(i, now, limit)
         elif self._mode == MODE_DATAGRAM:
             self._receive_datagrams(i, limit)
+        elif self._ctx != NULL:  # a read or a write may wait for either event
+            self._receive_tls(i, now, limit)
         elif mask & posix.EPOLLOUT and not mask & posix.EPOLLIN:
             self._flush(i)
         else:  # readable, or an error or hang-up that recv reports
@@ -501,6 +639,8 @@ cdef class LoadGen:
         cdef ssize_t sent
         cdef int err
         cdef bint writing
+        if self._ctx != NULL:
+            return self._flush_tls(i)
         while slot.out < slot.queued:
             offset = slot.out % PERIOD
             length = min(slot.queued - slot.out, <uint64_t>CHUNK)
@@ -515,12 +655,31 @@ cdef class LoadGen:
                 return 0
             slot.out += <uint64_t>sent
             self.bytes_sent += <uint64_t>sent
-        writing = slot.out < slot.queued
-        if writing != slot.writing:
-            self._ctl(posix.EPOLL_CTL_MOD, slot.fd,
-                      posix.EPOLLIN | posix.EPOLLOUT if writing else posix.EPOLLIN, i)
-            slot.writing = writing
-        return 0
+        return self._want(i, slot.out < slot.queued)
+
+    cdef int _flush_tls(self, int i) except -1 nogil:
+        """``_flush`` over TLS (see the spec)."""
+        cdef Slot *slot = &self._slots[i]
+        cdef uint64_t offset, length
+        cdef int r, e
+        cdef bint blocked = False
+        while slot.out < slot.queued:
+            offset = slot.out % PERIOD
+            length = slot.retry if slot.retry else min(slot.queued - slot.out, <uint64_t>CHUNK)
+            openssl.ERR_clear_error()
+            r = openssl.SSL_write(slot.ssl, self._pattern + offset, <int>length)
+            if r <= 0:
+                e = openssl.SSL_get_error(slot.ssl, r)
+                if e == openssl.SSL_ERROR_WANT_WRITE or e == openssl.SSL_ERROR_WANT_READ:
+                    slot.retry = length  # OpenSSL wants the same write again
+                    blocked = e == openssl.SSL_ERROR_WANT_WRITE
+                    break
+                self._fail(i, _tls_failure(e))
+                return 0
+            slot.retry = 0
+            slot.out += <uint64_t>r
+            self.bytes_sent += <uint64_t>r
+        return self._want(i, blocked or slot.read_wants_out)
 
     cdef int _receive(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
         cdef Slot *slot = &self._slots[i]
@@ -534,14 +693,48 @@ cdef class LoadGen:
                 return 0  # level-triggered: it comes back
             self._fail(i, E_RESET)
             return 0
-        if r == 0:
+        if self._consume(i, <uint64_t>r, now, limit):
+            self._flush(i)
+        return 0
+
+    cdef int _receive_tls(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
+        """``_receive`` over TLS (see the spec)."""
+        cdef Slot *slot = &self._slots[i]
+        cdef int r, e, err
+        slot.read_wants_out = False
+        while True:
+            openssl.ERR_clear_error()
+            r = openssl.SSL_read(slot.ssl, self._buf, INT_MAX_CHUNK)
+            if r <= 0:
+                err = posix.errno
+                e = openssl.SSL_get_error(slot.ssl, r)
+                if e == openssl.SSL_ERROR_WANT_READ:
+                    break
+                if e == openssl.SSL_ERROR_WANT_WRITE:
+                    slot.read_wants_out = True
+                    break
+                if not _tls_ended(e, err):
+                    self._fail(i, _tls_failure(e))
+                    return 0
+                r = 0  # close_notify, or an end without it: as Python's ssl reads it
+            if not self._consume(i, <uint64_t>r, now, limit):
+                return 0
+            if openssl.SSL_pending(slot.ssl) <= 0:
+                break
+        return self._flush(i)
+
+    cdef bint _consume(self, int i, uint64_t n, uint64_t now, uint64_t limit) except -1 nogil:
+        """Check ``n`` received bytes and answer the messages they complete;
+        False when the slot was closed (or, in connect mode, begun anew)."""
+        cdef Slot *slot = &self._slots[i]
+        cdef uint64_t position, take, offset
+        if n == 0:
             self._fail(i, E_CLOSED if slot.started > slot.done else QUIET)
-            return 0
-        n = <uint64_t>r
+            return False
         self.bytes_received += n
         if slot.inp + n > slot.out:
             self._fail(i, E_EXCESS)
-            return 0
+            return False
         position = 0
         while position < n:
             take = min(n - position, self.size - slot.inp % self.size)
@@ -555,9 +748,8 @@ cdef class LoadGen:
             if slot.inp % self.size == 0:
                 self._answered(i, now, limit)
                 if self._mode == MODE_CONNECT:  # closed, and maybe a new connection begun
-                    return 0
-        self._flush(i)
-        return 0
+                    return False
+        return True
 
     cdef int _answered(self, int i, uint64_t now, uint64_t limit) except -1 nogil:
         cdef Slot *slot = &self._slots[i]
@@ -571,7 +763,7 @@ cdef class LoadGen:
             self.messages += 1
             self._record(now, start)
         if self._mode == MODE_CONNECT:
-            self._close(i)
+            self._close(i, True)
             if self._may_start(limit):
                 self._restart(i, now, limit)
             else:

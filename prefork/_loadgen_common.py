@@ -14,13 +14,15 @@ the argument checks. ``prefork.loadgen`` re-exports the public ones.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import socket
+import ssl
 import struct
 from typing import Any
 
 MODES = ("stream", "connect", "datagram")
-ERROR_KINDS = ("connect", "reset", "closed", "mismatch", "excess", "timeout", "lost")
+ERROR_KINDS = ("connect", "reset", "closed", "mismatch", "excess", "timeout", "lost", "tls")
 N_ERRORS = len(ERROR_KINDS)
 PERIOD = 251  # the stream pattern's period: a prime, so no message size is a multiple
 CHUNK = 64 * 1024  # bytes per recv, and at most per send
@@ -39,6 +41,7 @@ IDLE = 0  # no socket; ``connect`` mode opens one at the next turn
 CONNECTING = 1
 OPEN = 2
 DEAD = 3  # failed for good (stream and datagram modes)
+HANDSHAKING = 4  # connected, the TLS handshake under way
 
 # A datagram window position: what its last datagram became.
 EMPTY = 0  # nothing sent yet, or sending failed
@@ -96,6 +99,34 @@ def check_args(
         raise ValueError(f"a datagram must hold {HEADER.size} to {MAX_DATAGRAM} bytes")
     if not 0 < timeout < float("inf"):
         raise ValueError("timeout must be a positive number of seconds")
+
+
+def check_tls_args(mode: str, tls: Any, server_hostname: str | None) -> None:
+    """Raise ValueError (TypeError) for a TLS setting no run can use."""
+    if tls is None:
+        if server_hostname is not None:
+            raise ValueError("server_hostname is only for TLS")
+        return
+    if not isinstance(tls, ssl.SSLContext):
+        raise TypeError(f"tls must be an ssl.SSLContext, not {type(tls).__name__}")
+    if mode == "datagram":
+        raise ValueError("TLS is for streams: datagram mode has no TLS")
+    if tls.protocol == ssl.PROTOCOL_TLS_SERVER:
+        raise ValueError("a server-side TLS context cannot connect")
+    if tls.check_hostname and not server_hostname:
+        raise ValueError("the TLS context checks host names: a server_hostname is needed")
+    if server_hostname is not None and (not server_hostname or "\0" in server_hostname):
+        raise ValueError(f"not a usable server name: {server_hostname!r}")
+
+
+def is_ip_address(name: str) -> bool:
+    """Whether a server name is an IP address: checked against the
+    certificate's IP entries, and never sent as SNI (RFC 6066)."""
+    try:
+        ipaddress.ip_address(name.partition("%")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def sockaddr_bytes(family: int, address: Any) -> bytes:

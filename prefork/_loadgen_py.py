@@ -35,6 +35,19 @@ them are non-blocking. Three modes:
   counted lost and its position sends a new one; a reply that comes later
   is ignored (it is already counted).
 
+TLS (``tls``, a client ``ssl.SSLContext``; stream and connect modes): once
+connected, a connection makes its TLS handshake (the context verifies the
+certificate and, when it checks host names, ``server_hostname``; a name
+that is not an IP address is also sent as SNI), and only then counts as
+opened and starts its messages: in ``connect`` mode every message costs a
+full handshake (no session is resumed), and its latency runs from the
+connect through the handshake to the last byte of the echo. Each
+``WANT_READ``/``WANT_WRITE`` of the handshake, a read or a write becomes
+epoll interest; decrypted bytes OpenSSL still holds (``pending()``) are
+read before waiting, as epoll cannot see them; a write that OpenSSL asked
+to repeat is repeated with the same length. A connection that ends after
+its echo sends ``close_notify`` before closing.
+
 A message is answered when its whole echo is back; it is a success
 (``messages``, its latency recorded) if every byte matched, else a failure
 (``failed``). Errors are counted by kind (``ERROR_KINDS``):
@@ -49,7 +62,10 @@ A message is answered when its whole echo is back; it is a success
 - ``excess``: more came back than was sent (for UDP: a second reply);
 - ``timeout``: a stream message not answered within ``timeout`` (the
   connection is closed);
-- ``lost``: a datagram not answered within ``timeout``.
+- ``lost``: a datagram not answered within ``timeout``;
+- ``tls``: the TLS handshake failed (refused, a certificate that does not
+  verify, the connection lost during it) or did not end within
+  ``timeout``, or a TLS record was bad.
 
 Messages still in flight when a connection fails count as failed. With a
 ``limit``, no message starts once answered + failed + in-flight messages
@@ -67,6 +83,7 @@ from __future__ import annotations
 import errno
 import select
 import socket
+import ssl
 import time
 from typing import Any
 
@@ -79,6 +96,7 @@ from prefork._loadgen_common import (
     DEAD,
     EMPTY,
     ERROR_KINDS,
+    HANDSHAKING,
     HEADER,
     IDLE,
     LOST,
@@ -90,6 +108,7 @@ from prefork._loadgen_common import (
     SWEEP_INTERVAL_NS,
     WAITING,
     check_args,
+    check_tls_args,
     make_pattern,
     sockaddr_bytes,
 )
@@ -137,6 +156,8 @@ class _Slot:
         "starts",
         "seqs",
         "waits",
+        "retry",
+        "read_wants_out",
     )
 
     def __init__(self, depth: int) -> None:
@@ -150,6 +171,8 @@ class _Slot:
         self.starts = [0] * depth
         self.seqs = [0] * depth
         self.waits = [EMPTY] * depth
+        self.retry = 0  # TLS: the length of a write OpenSSL asked to repeat
+        self.read_wants_out = False  # TLS: a read waits for the socket to be writable
 
 
 class LoadGen:
@@ -168,6 +191,10 @@ class LoadGen:
     ``histogram()`` and ``latency_min``/``latency_max``/``latency_total`` in
     ns (``latency_min`` is 0 before the first message). ``in_flight`` and
     ``live`` (sockets open or opening) are the current state.
+
+    ``tls`` (a client ``ssl.SSLContext``) runs every connection over TLS,
+    verified against ``server_hostname`` when the context checks host
+    names (see the module's docstring).
     """
 
     def __init__(
@@ -180,9 +207,14 @@ class LoadGen:
         size: int = 1024,
         depth: int = 1,
         timeout: float = 2.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         check_args(family, mode, connections, size, depth, timeout)
+        check_tls_args(mode, tls, server_hostname)
         sockaddr_bytes(family, address)  # the same ValueError as the compiled twin
+        self.tls = tls
+        self.server_hostname = server_hostname
         self.family = family
         self.address = address
         self.mode = mode
@@ -278,7 +310,7 @@ class LoadGen:
         """Close every socket and the epoll set."""
         for slot in self._slots:
             if slot.sock is not None:
-                self._close(slot)
+                self._close(slot, polite=True)
         self._epoll.close()
 
     def _finished(self, limit: int) -> bool:
@@ -317,7 +349,48 @@ class LoadGen:
         else:
             self._epoll.register(sock.fileno(), _IN)
             slot.writing = False
+            self._established(slot, now, limit)
+
+    def _established(self, slot: _Slot, now: int, limit: int) -> None:
+        """The connect succeeded: the TLS handshake begins, or the messages."""
+        if self.tls is None:
             self._connected(slot, now, limit)
+            return
+        assert slot.sock is not None
+        slot.state = HANDSHAKING
+        slot.retry = 0
+        slot.read_wants_out = False
+        # Python sends SNI for a name, never for an IP address (the compiled twin follows).
+        try:
+            slot.sock = self.tls.wrap_socket(
+                slot.sock, server_hostname=self.server_hostname, do_handshake_on_connect=False
+            )
+        except (OSError, ValueError):
+            self._fail(slot, "tls")
+            return
+        self._handshake(slot, now, limit)
+
+    def _handshake(self, slot: _Slot, now: int, limit: int) -> None:
+        """One step of the TLS handshake; once done, the connection is open."""
+        assert isinstance(slot.sock, ssl.SSLSocket)
+        try:
+            slot.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._want(slot, False)
+        except ssl.SSLWantWriteError:
+            self._want(slot, True)
+        except OSError:  # refused, not verified, reset, closed: ssl.SSLError is one
+            self._fail(slot, "tls")
+        else:
+            self._want(slot, False)
+            self._connected(slot, now, limit)
+
+    def _want(self, slot: _Slot, writing: bool) -> None:
+        """EPOLLOUT in the slot's interest or not (EPOLLIN always)."""
+        assert slot.sock is not None
+        if writing != slot.writing:
+            self._epoll.modify(slot.sock.fileno(), _IN | _OUT if writing else _IN)
+            slot.writing = writing
 
     def _connected(self, slot: _Slot, now: int, limit: int) -> None:
         slot.state = OPEN
@@ -348,9 +421,16 @@ class LoadGen:
                 self._idle -= 1
                 self._restart(slot, now, limit)
 
-    def _close(self, slot: _Slot) -> None:
+    def _close(self, slot: _Slot, polite: bool = False) -> None:
+        """Close the slot's socket; ``polite``: an open TLS connection
+        sends its close_notify first (without waiting for the server's)."""
         assert slot.sock is not None
         del self._by_fd[slot.sock.fileno()]
+        if polite and slot.state == OPEN and isinstance(slot.sock, ssl.SSLSocket):
+            try:
+                slot.sock.unwrap()  # sends close_notify, then finds no reply yet
+            except (OSError, ValueError):
+                pass
         slot.sock.close()  # leaves the epoll set with it
         slot.sock = None
         self.live -= 1
@@ -382,8 +462,8 @@ class LoadGen:
         positions left empty by a failed send get a new datagram."""
         expired = now - self._timeout_ns
         for slot in self._slots:
-            if slot.state == CONNECTING and slot.since < expired:
-                self._fail(slot, "connect")
+            if slot.state in (CONNECTING, HANDSHAKING) and slot.since < expired:
+                self._fail(slot, "connect" if slot.state == CONNECTING else "tls")
             elif slot.state != OPEN:
                 continue
             elif self.mode == "datagram":
@@ -411,9 +491,13 @@ class LoadGen:
                 return
             self._epoll.modify(slot.sock.fileno(), _IN)
             slot.writing = False
-            self._connected(slot, now, limit)
+            self._established(slot, now, limit)
+        elif slot.state == HANDSHAKING:
+            self._handshake(slot, now, limit)
         elif self.mode == "datagram":
             self._receive_datagrams(slot, limit)
+        elif self.tls is not None:  # a read or a write may wait for either event
+            self._receive_tls(slot, now, limit)
         elif mask & _OUT and not mask & _IN:
             self._flush(slot)
         else:  # readable, or an error or hang-up that recv reports
@@ -429,6 +513,9 @@ class LoadGen:
         """Send what is queued until the kernel takes no more; EPOLLOUT while
         something is left."""
         assert slot.sock is not None
+        if self.tls is not None:
+            self._flush_tls(slot)
+            return
         while slot.out < slot.queued:
             offset = slot.out % PERIOD
             length = min(slot.queued - slot.out, CHUNK)
@@ -441,10 +528,32 @@ class LoadGen:
                 return
             slot.out += sent
             self.bytes_sent += sent
-        writing = slot.out < slot.queued
-        if writing != slot.writing:
-            self._epoll.modify(slot.sock.fileno(), _IN | _OUT if writing else _IN)
-            slot.writing = writing
+        self._want(slot, slot.out < slot.queued)
+
+    def _flush_tls(self, slot: _Slot) -> None:
+        """``_flush`` over TLS: EPOLLOUT only while OpenSSL waits to write
+        (a write waiting to read is retried after the next read)."""
+        assert isinstance(slot.sock, ssl.SSLSocket)
+        blocked = False
+        while slot.out < slot.queued:
+            offset = slot.out % PERIOD
+            length = slot.retry or min(slot.queued - slot.out, CHUNK)
+            try:
+                sent = slot.sock.send(self._pattern[offset : offset + length])
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as exc:
+                slot.retry = length  # OpenSSL wants the same write again
+                blocked = isinstance(exc, ssl.SSLWantWriteError)
+                break
+            except ssl.SSLError as exc:
+                self._fail(slot, _tls_failure(exc))
+                return
+            except OSError:
+                self._fail(slot, "reset")
+                return
+            slot.retry = 0
+            slot.out += sent
+            self.bytes_sent += sent
+        self._want(slot, blocked or slot.read_wants_out)
 
     def _receive(self, slot: _Slot, now: int, limit: int) -> None:
         """One recv: check the bytes, answer the messages it completes, queue
@@ -457,13 +566,46 @@ class LoadGen:
         except OSError:
             self._fail(slot, "reset")
             return
+        if self._consume(slot, n, now, limit):
+            self._flush(slot)
+
+    def _receive_tls(self, slot: _Slot, now: int, limit: int) -> None:
+        """``_receive`` over TLS: read until OpenSSL holds no decrypted byte
+        (epoll cannot see those), then send."""
+        assert isinstance(slot.sock, ssl.SSLSocket)
+        slot.read_wants_out = False
+        while True:
+            try:
+                n = slot.sock.recv_into(self._buffer, CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLWantWriteError:
+                slot.read_wants_out = True
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                n = 0  # close_notify, or an end without it
+            except ssl.SSLError as exc:
+                self._fail(slot, _tls_failure(exc))
+                return
+            except OSError:
+                self._fail(slot, "reset")
+                return
+            if not self._consume(slot, n, now, limit):
+                return
+            if not slot.sock.pending():
+                break
+        self._flush(slot)
+
+    def _consume(self, slot: _Slot, n: int, now: int, limit: int) -> bool:
+        """Check ``n`` received bytes and answer the messages they complete;
+        False when the slot was closed (or, in ``connect`` mode, begun anew)."""
         if n == 0:
             self._fail(slot, "closed" if slot.started > slot.done else None)
-            return
+            return False
         self.bytes_received += n
         if slot.inp + n > slot.out:
             self._fail(slot, "excess")
-            return
+            return False
         position = 0
         while position < n:
             take = min(n - position, self.size - slot.inp % self.size)
@@ -480,8 +622,8 @@ class LoadGen:
             if slot.inp % self.size == 0:
                 self._answered(slot, now, limit)
                 if self.mode == "connect":  # closed, and maybe a new connection begun
-                    return
-        self._flush(slot)
+                    return False
+        return True
 
     def _answered(self, slot: _Slot, now: int, limit: int) -> None:
         """Message ``slot.done`` is fully echoed."""
@@ -495,7 +637,7 @@ class LoadGen:
             self.messages += 1
             self._record(now - start)
         if self.mode == "connect":
-            self._close(slot)
+            self._close(slot, polite=True)
             if self._may_start(limit):
                 self._restart(slot, now, limit)
             else:
@@ -569,3 +711,10 @@ class LoadGen:
                 self._error("mismatch")
             if self._may_start(limit):
                 self._send_datagram(slot, position, now)
+
+
+def _tls_failure(exc: ssl.SSLError) -> str:
+    """The error kind of a failed TLS read or write: ``tls`` for a bad
+    record (OpenSSL's SSL_ERROR_SSL), ``reset`` for a lost connection."""
+    lost = (ssl.SSLZeroReturnError, ssl.SSLEOFError, ssl.SSLSyscallError)
+    return "reset" if isinstance(exc, lost) else "tls"
