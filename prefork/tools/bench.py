@@ -24,6 +24,14 @@ the same span (a window alone receives the echoes of messages the warm-up
 sent). The JSON's ``warmup`` object holds the warm-up's own share. With no
 message echoed, the latencies and MB/s are ``n/a`` (``null`` in JSON).
 
+With ``--tls`` (or a ``tls:`` ADDRESS) every connection makes a TLS
+handshake first, verified as ``prefork client --tls`` verifies it
+(``--ca-certs``, ``--insecure``, ``--sni``); it counts as opened once the
+handshake is done, so with ``--connect-per-request`` the connections per
+second are full handshakes per second (no session is resumed). Bytes are
+the messages' (TLS's own records are not counted); a failed handshake is
+the ``tls`` error.
+
 With ``--metrics HOST:PORT`` (the server's metrics endpoint) it scrapes the
 per-worker counters before and after the run and reports how the
 connections and bytes spread over the server's workers.
@@ -35,6 +43,7 @@ import argparse
 import json
 import resource
 import socket
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -77,7 +86,9 @@ def add_parser(commands: Any) -> None:
         "connection failed; 2 for bad options.",
     )
     bench.add_argument(
-        "address", metavar="ADDRESS", help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT"
+        "address",
+        metavar="ADDRESS",
+        help="HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT (tls:ADDRESS: as --tls)",
     )
     bench.add_argument(
         "-c",
@@ -126,6 +137,9 @@ def add_parser(commands: Any) -> None:
         action="store_true",
         help="each message on a new connection: connect, send, read the echo, close",
     )
+    from prefork.tools.client import add_tls_arguments
+
+    add_tls_arguments(bench)
     bench.add_argument(
         "--timeout",
         metavar="SECONDS",
@@ -169,6 +183,8 @@ class Options:
     json: bool = False
     metrics: Endpoint | None = None
     marks: bool = False  # mark the measured window's edges on stderr
+    tls: ssl.SSLContext | None = None  # the client's context: every connection over TLS
+    server_hostname: str | None = None  # with tls: the name to send and verify
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -181,6 +197,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
             f"ADDRESS: expected HOST:PORT, [V6ADDR]:PORT, unix:PATH or udp://HOST:PORT, "
             f"got {args.address!r}"
         )
+    tls, server_hostname = tls_options(args, address)
     mode = "datagram" if address.kind == "udp" else "stream"
     if args.connect_per_request:
         if mode == "datagram":
@@ -231,7 +248,32 @@ def options_from_args(args: argparse.Namespace) -> Options:
         json=args.json,
         metrics=metrics,
         marks=args.marks,
+        tls=tls,
+        server_hostname=server_hostname,
     )
+
+
+def tls_options(
+    args: argparse.Namespace, address: Address
+) -> tuple[ssl.SSLContext | None, str | None]:
+    """The client's TLS context and the server name to verify (None, None
+    without TLS); ConfigError for TLS options that cannot apply."""
+    from prefork.tools.client import client_tls
+
+    on = args.tls or address.tls
+    if on and address.kind == "udp":
+        raise ConfigError("--tls: TLS is for streams (no DTLS)")
+    tls = client_tls(on, args.ca_certs, args.insecure, args.sni)
+    if tls is None:
+        return None, None
+    context, name = tls
+    if name is None and address.kind == "tcp":
+        name = address.host
+    if name is None and context.check_hostname:
+        raise ConfigError(
+            "--tls: a UNIX socket has no host name to verify: give --sni NAME or --insecure"
+        )
+    return context, name
 
 
 def resolve(address: Address) -> tuple[int, Any]:
@@ -514,8 +556,9 @@ def format_ns(ns: float) -> str:
 def describe(options: Options) -> str:
     kinds = {"stream": "", "connect": ", a new connection per message", "datagram": ""}
     sockets = "UDP sockets" if options.mode == "datagram" else "connections"
+    over = " over TLS" if options.tls is not None else ""
     return (
-        f"{options.connections} {sockets} x {options.depth} in flight, "
+        f"{options.connections} {sockets}{over} x {options.depth} in flight, "
         f"{options.size}-byte messages{kinds[options.mode]}"
     )
 
@@ -537,6 +580,7 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
     return {
         "address": str(options.address),
         "mode": options.mode,
+        "tls": options.tls is not None,
         "implementation": implementation,
         "connections": options.connections,
         "depth": options.depth,
@@ -588,7 +632,7 @@ def report(
     rows.append(("latency max", format_ns(result.latency_max) if result.messages else "n/a"))
     if options.mode == "connect":
         opened = f"{result.connections_opened:,} ({result.rate(result.connections_opened):,.0f}/s)"
-        rows.append(("connections", opened))
+        rows.append(("TLS handshakes" if options.tls is not None else "connections", opened))
     found = [f"{kind} {count:,}" for kind, count in result.errors.items() if count]
     rows.append(("errors", ", ".join(found) if found else "none"))
     if spread is not None:
@@ -629,6 +673,8 @@ def run(args: argparse.Namespace) -> int:
         size=options.size,
         depth=options.depth,
         timeout=options.timeout,
+        tls=options.tls,
+        server_hostname=options.server_hostname,
     )
     progress = Progress(sys.stderr)
     try:
@@ -651,12 +697,32 @@ def run(args: argparse.Namespace) -> int:
         found = ", ".join(f"{kind} {count:,}" for kind, count in result.errors.items() if count)
         plural = "s" if result.error_total != 1 else ""
         problems.append(f"{result.error_total:,} error{plural}: {found}")
+        if result.errors.get("tls"):
+            why = tls_probe(options)
+            if why is not None:
+                problems.append(f"a handshake made to see why: {why}")
     if not result.messages:
         problems.append(nothing_echoed(result, options))
     if problems:
         print(f"prefork: error: {'; '.join(problems)}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def tls_probe(options: Options) -> str | None:
+    """Why a TLS handshake with the server fails, in ``prefork client``'s
+    words (the load generator only counts failures); None if this one works."""
+    from prefork.tools.client import connect, handshake
+
+    assert options.tls is not None
+    try:
+        with connect(options.address, options.timeout) as plain:
+            handshake(
+                plain, options.address, (options.tls, options.server_hostname), options.timeout
+            )
+    except PreforkError as exc:
+        return str(exc).removeprefix(f"{options.address}: ")
+    return None
 
 
 def nothing_echoed(result: Result, options: Options) -> str:

@@ -424,26 +424,31 @@ def add_parser(commands: Any) -> None:
         metavar="TEXT",
         help="with -e: exit 1 unless the reply is TEXT (a newline or CRLF after it is allowed)",
     )
-    client.add_argument(
-        "--tls", action="store_true", help="TLS: verify the server's certificate and name"
-    )
-    client.add_argument(
-        "--ca-certs", metavar="FILE", help="with --tls: the CAs to trust (default: the system's)"
-    )
-    client.add_argument(
-        "--insecure",
-        action="store_true",
-        help="with --tls: do not verify the server's certificate (testing only)",
-    )
-    client.add_argument(
-        "--sni", metavar="NAME", help="with --tls: the server name to ask for and verify"
-    )
+    add_tls_arguments(client)
     client.add_argument(
         "--timeout",
         metavar="S",
         default=str(DEFAULT_TIMEOUT),
         help=f"seconds to connect, and to wait for the replies after the end of input "
         f"(default {DEFAULT_TIMEOUT:g}; 0 = no limit)",
+    )
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls, --ca-certs, --insecure and --sni (``prefork client`` and ``prefork bench``)."""
+    parser.add_argument(
+        "--tls", action="store_true", help="TLS: verify the server's certificate and name"
+    )
+    parser.add_argument(
+        "--ca-certs", metavar="FILE", help="with --tls: the CAs to trust (default: the system's)"
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="with --tls: do not verify the server's certificate (testing only)",
+    )
+    parser.add_argument(
+        "--sni", metavar="NAME", help="with --tls: the server name to ask for and verify"
     )
 
 
