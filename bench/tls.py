@@ -3,7 +3,8 @@ the C reference with OpenSSL (``peers/tls_epoll_echo.c``, the same state
 machine) and uvloop and asyncio with an ``ssl=`` context.
 
 Every server is pinned to one core, the load generator (``peers/tls_pingpong.c``,
-C and OpenSSL: prefork bench speaks plain TCP only) to the other, as
+C and OpenSSL, the same client for every server; ``prefork bench --tls`` is
+prefork's own) to the other, as
 ``bench/compare.py`` runs them. Workloads (TLS 1.3, OpenSSL's default suite,
 AES-GCM): 50 connections ping-ponging 1 KiB, 4 ping-ponging 64 KiB, and a new
 connection per 64 B message (a full handshake each, no resumption: handshakes

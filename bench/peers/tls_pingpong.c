@@ -1,5 +1,5 @@
-/* A TLS ping-pong load generator in C (prefork's compiled load generator
- * speaks plain TCP only): CONNS connections, each sending a SIZE-byte message
+/* A TLS ping-pong load generator in C (the one client bench/tls.py measures
+ * every server with; prefork bench --tls is prefork's own): CONNS connections, each sending a SIZE-byte message
  * and waiting for its echo, again and again for SECONDS; one thread, epoll.
  *
  *   tls_pingpong HOST PORT CONNS SIZE SECONDS [--connect-per-request]
