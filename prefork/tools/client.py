@@ -472,15 +472,20 @@ def client_tls(
         return None
     if insecure and ca_certs is not None:
         raise ConfigError("--insecure: not with --ca-certs (it would not be checked)")
-    try:
-        context = ssl.create_default_context(cafile=ca_certs)
-    except OSError as exc:  # ssl.SSLError too
-        why = "no PEM certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
-        raise ClientError(f"--ca-certs {ca_certs}: {why or exc}") from None
-    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # a server that closes without close_notify
     if insecure:
+        # No CA is loaded: OpenSSL checks the chain against the context's
+        # store even when it does not verify, and with the system's CAs
+        # loaded a handshake cost the client 1.4x the CPU (measured).
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
+    else:
+        try:
+            context = ssl.create_default_context(cafile=ca_certs)
+        except OSError as exc:  # ssl.SSLError too
+            why = "no PEM certificate in it" if isinstance(exc, ssl.SSLError) else exc.strerror
+            raise ClientError(f"--ca-certs {ca_certs}: {why or exc}") from None
+    context.options |= ssl.OP_IGNORE_UNEXPECTED_EOF  # a server that closes without close_notify
     return context, sni
 
 
