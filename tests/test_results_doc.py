@@ -4,7 +4,7 @@ Every table in it is the report of a stored run, made again here from the data
 file alone: the generated section from ``bench/results.json``, every other
 table from the file its ``<!-- data: FILE -->`` line names (a
 ``bench/compare.py`` results file, a ``bench/pingpong.py --json`` file, a
-``bench/guards.py`` or a ``bench/tls.py`` run).
+``bench/guards.py``, ``bench/tls.py`` or ``bench/tls_clients.py`` run).
 A figure quoted in the prose (a ratio such as ``1.05x``) must appear in one of
 those tables, so a sentence cannot keep a number its data no longer gives.
 """
@@ -33,7 +33,7 @@ def render(data: Path) -> str:
     """The report of a stored run, made by the script that made the run."""
     head = data.read_text()[:200]
     script = "pingpong.py" if '"mode"' in head else "compare.py"
-    for named in ("guards.py", "tls.py"):  # runs that name the script that made them
+    for named in ("guards.py", "tls.py", "tls_clients.py"):  # runs that name their script
         if f'"script": "{named}"' in head:
             script = named
     done = subprocess.run(
