@@ -33,6 +33,7 @@ import os
 import socket
 import stat
 
+from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
@@ -55,7 +56,18 @@ from prefork._fastio_common import (
 
 _log = logging.getLogger("prefork")
 
-__all__ = ["EventLoop", "Transport", "accept", "chargen", "discard", "echo", "sendall"]
+__all__ = [
+    "ConnectionCore",
+    "EventLoop",
+    "StreamCounts",
+    "Transport",
+    "accept",
+    "chargen",
+    "counted_write",
+    "discard",
+    "echo",
+    "sendall",
+]
 
 
 cdef int _check_signals() except -1 with gil:
@@ -2174,3 +2186,77 @@ cdef int _refusal(const posix.sockaddr_storage *addr, posix.socklen_t length,
         if loop_ports[i] == port:
             return REFUSED_LOOP
     return ANSWER
+
+
+# -- the -k asyncio worker's per-message path (see the spec's ConnectionCore) ------------
+#
+# The loop calls these for each read, the user's protocol for each write: as
+# C, the worker's count and mark cost no interpreter frame of their own.
+
+
+cdef class StreamCounts:
+    """The bytes a ``-k asyncio`` worker's connections read and write (see the spec)."""
+
+    cdef public unsigned long long bytes_in
+    cdef public unsigned long long bytes_out
+
+
+cdef class ConnectionCore:
+    """What a ``-k asyncio`` connection does per message (see the spec)."""
+
+    cdef public StreamCounts counts
+    cdef public object inner
+    cdef public object transport
+    cdef public unsigned long long nin
+    cdef public unsigned long long nout
+    cdef public double last_active
+    cdef public object error
+
+    def __init__(self, StreamCounts counts not None, inner):
+        self.counts = counts
+        self.inner = inner
+        self.transport = None
+        self.nin = 0
+        self.nout = 0
+        self.last_active = _monotonic()
+        self.error = None
+
+    def fail(self, exc):
+        raise NotImplementedError  # the subclass's: log, count, close
+
+    def stream_received(self, data):
+        cdef Py_ssize_t n = len(data)
+        self.counts.bytes_in += <unsigned long long>n
+        self.nin += <unsigned long long>n
+        self.last_active = _monotonic()
+        try:
+            self.inner.data_received(data)
+        except Exception as exc:
+            self.fail(exc)
+
+    def buffered_update(self, Py_ssize_t nbytes):
+        if self.error is not None:
+            return  # the buffer was a stand-in: the connection is closing
+        self.counts.bytes_in += <unsigned long long>nbytes
+        self.nin += <unsigned long long>nbytes
+        self.last_active = _monotonic()
+        try:
+            self.inner.buffer_updated(nbytes)
+        except Exception as exc:
+            self.fail(exc)
+
+
+def counted_write(self, data):
+    """``write`` of the transport a ``-k asyncio`` user's protocol gets (see the spec)."""
+    cdef ConnectionCore conn = self._conn
+    cdef Py_ssize_t n
+    transport = conn.transport
+    if type(data) is bytes:
+        n = PyBytes_GET_SIZE(data)
+    else:
+        n = memoryview(data).nbytes
+    if n and not transport.is_closing():
+        conn.counts.bytes_out += <unsigned long long>n
+        conn.nout += <unsigned long long>n
+        conn.last_active = _monotonic()
+    transport.write(data)

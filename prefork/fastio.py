@@ -19,12 +19,15 @@ from prefork._fastio_common import peer_name, peer_of_fd
 
 __all__ = [
     "IMPLEMENTATION",
+    "ConnectionCore",
     "EventLoop",
+    "StreamCounts",
     "accept",
     "chargen",
     "discard",
     "echo",
     "choose",
+    "counted_write",
     "extensions_disabled",
     "import_compiled",
     "load_compiled",
@@ -65,6 +68,10 @@ def load_compiled() -> ModuleType | None:
 _impl, IMPLEMENTATION = choose("_fastio", _fastio_py)
 
 EventLoop = _impl.EventLoop
+# The -k asyncio worker's per-message path; typed as the spec's (same interface).
+ConnectionCore: type[_fastio_py.ConnectionCore] = _impl.ConnectionCore
+StreamCounts: type[_fastio_py.StreamCounts] = _impl.StreamCounts
+counted_write: Callable[[Any, Any], None] = _impl.counted_write
 accept: Callable[[Any], int | None] = _impl.accept
 echo: Callable[[Any, Any], tuple[int, int]] = _impl.echo
 discard: Callable[[Any, Any], tuple[int, int]] = _impl.discard

@@ -42,9 +42,9 @@ import sys
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prefork import proxy
+from prefork import fastio, proxy
 from prefork._fastio_common import (
     ACCEPT_BATCH,
     CHARGEN_DATAGRAM_MAX,
@@ -69,6 +69,11 @@ from prefork.server.listeners import Listener
 from prefork.server.log import plural
 from prefork.server.workers.base import Worker
 from prefork.settings import udp_rate_of
+
+if TYPE_CHECKING:  # the spec's class: the compiled one has the same interface
+    from prefork._fastio_py import ConnectionCore as _ConnectionCore
+else:
+    _ConnectionCore = fastio.ConnectionCore
 
 _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 CANCEL_LEAD = 1.0  # at most this long before the master's KILL, cancel what is left
@@ -123,47 +128,40 @@ def _nbytes(data: Any) -> int:
     return len(data) if isinstance(data, bytes) else memoryview(data).nbytes
 
 
-class Connection:
+class Connection(_ConnectionCore):
     """What the loop sees for one connection (as ``StreamConnection`` or
     ``BufferedConnection``); the user's protocol (``inner``) sees
-    ``ConnectionTransport``. Counts, times and guards each callback."""
+    ``ConnectionTransport``. Counts, times and guards each callback: per
+    message in ``ConnectionCore`` (compiled; its fields ``inner``,
+    ``transport``, ``nin``, ``nout``, ``last_active`` and ``error`` are
+    this class's too), the rest here."""
 
     __slots__ = (
         "worker",
-        "inner",
         "client",
         "first",
-        "transport",
         "app_transport",
-        "last_active",
         "user_paused",
         "backed_up",
-        "error",
         "held",
         "started",
-        "nin",
-        "nout",
         "end",
         "peer_eof",
     )
 
     def __init__(self, worker: AsyncioWorker, inner: Any, client: Any, first: bytes) -> None:
+        super().__init__(worker.counts, inner)
         self.worker = worker
-        self.inner = inner
         self.client = client  # the PROXY header's source address, if any
         self.first = first  # bytes read with the PROXY header, for the protocol
-        self.transport: Any = None  # the loop's (uvloop's are not asyncio.Transport)
+        # self.transport: the loop's (uvloop's are not asyncio.Transport)
         self.app_transport: ConnectionTransport | None = None
-        self.last_active = time.monotonic()
         self.user_paused = False  # the protocol paused reading
         self.backed_up = False  # the client does not read: so we do not either
-        self.error: BaseException | None = None
         self.held: Any = None  # its client's key in the per-client count, to release
-        # For the access log: when it was accepted, its bytes, and why it ended
-        # when the server decided (else connection_lost works it out).
+        # For the access log: when it was accepted, its bytes (nin, nout), and
+        # why it ended when the server decided (else connection_lost works it out).
         self.started = time.monotonic()
-        self.nin = 0
-        self.nout = 0
         self.end: str | None = None
         self.peer_eof = False
 
@@ -201,16 +199,7 @@ class Connection:
             first, self.first = self.first, b""
             self.received(first)
 
-    def received(self, data: bytes) -> None:
-        self.worker.bytes_in += len(data)
-        self.nin += len(data)
-        self.last_active = time.monotonic()
-        try:
-            self.inner.data_received(data)
-        except Exception as exc:
-            self.fail(exc)
-
-    data_received = received
+    received = _ConnectionCore.stream_received
 
     def eof_received(self) -> bool | None:
         self.peer_eof = True
@@ -270,6 +259,8 @@ class StreamConnection(Connection, asyncio.Protocol):
 
     __slots__ = ()
 
+    data_received = _ConnectionCore.stream_received
+
 
 class BufferedConnection(Connection, asyncio.BufferedProtocol):
     """``Connection`` for an ``asyncio.BufferedProtocol``: the loop reads
@@ -285,16 +276,7 @@ class BufferedConnection(Connection, asyncio.BufferedProtocol):
             self.fail(exc)
             return bytearray(1)  # read into nothing: the connection is closing
 
-    def buffer_updated(self, nbytes: int) -> None:
-        if self.error is not None:
-            return
-        self.worker.bytes_in += nbytes
-        self.nin += nbytes
-        self.last_active = time.monotonic()
-        try:
-            self.inner.buffer_updated(nbytes)
-        except Exception as exc:
-            self.fail(exc)
+    buffer_updated = _ConnectionCore.buffered_update
 
     def received(self, data: bytes) -> None:
         """Bytes read with the PROXY header, copied into the protocol's buffer."""
@@ -322,13 +304,7 @@ class ConnectionTransport(asyncio.Transport):
         self._transport: Any = conn.transport
         self._worker = conn.worker
 
-    def write(self, data: Any) -> None:
-        n = _nbytes(data)
-        if n and not self._transport.is_closing():
-            self._worker.bytes_out += n
-            self._conn.nout += n
-            self._conn.last_active = time.monotonic()
-        self._transport.write(data)
+    write = fastio.counted_write  # type: ignore[assignment]  # counted, compiled: no frame
 
     def writelines(self, list_of_data: Any) -> None:
         chunks = list(list_of_data)
@@ -464,6 +440,8 @@ class AsyncioWorker(Worker):
     loop: asyncio.AbstractEventLoop | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Before the base's __init__, which zeroes bytes_in and bytes_out (kept here).
+        self.counts = fastio.StreamCounts()
         super().__init__(*args, **kwargs)
         self.conns: set[Connection] = set()
         self.opening: set[socket.socket] = set()  # accepted, PROXY header not read yet
@@ -492,6 +470,24 @@ class AsyncioWorker(Worker):
         self.interval = min(self.tick, self.sweep_interval)
         self.next_sweep = 0.0
         self.factory = self.protocol_factory()
+
+    # The scoreboard's byte counts are the ones every connection adds to in
+    # its compiled per-message path (``fastio.StreamCounts``).
+    @property
+    def bytes_in(self) -> int:
+        return int(self.counts.bytes_in)
+
+    @bytes_in.setter
+    def bytes_in(self, value: int) -> None:
+        self.counts.bytes_in = value
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self.counts.bytes_out)
+
+    @bytes_out.setter
+    def bytes_out(self, value: int) -> None:
+        self.counts.bytes_out = value
 
     def protocol_factory(self) -> Callable[[], Any]:
         """What each connection's protocol comes from, by the handler's kind."""
