@@ -2209,6 +2209,7 @@ cdef class ConnectionCore:
     cdef public object transport
     cdef public unsigned long long nin
     cdef public unsigned long long nout
+    cdef public bint active
     cdef public double last_active
     cdef public object error
 
@@ -2218,6 +2219,7 @@ cdef class ConnectionCore:
         self.transport = None
         self.nin = 0
         self.nout = 0
+        self.active = False
         self.last_active = _monotonic()
         self.error = None
 
@@ -2228,7 +2230,7 @@ cdef class ConnectionCore:
         cdef Py_ssize_t n = len(data)
         self.counts.bytes_in += <unsigned long long>n
         self.nin += <unsigned long long>n
-        self.last_active = _monotonic()
+        self.active = True
         try:
             self.inner.data_received(data)
         except Exception as exc:
@@ -2239,7 +2241,7 @@ cdef class ConnectionCore:
             return  # the buffer was a stand-in: the connection is closing
         self.counts.bytes_in += <unsigned long long>nbytes
         self.nin += <unsigned long long>nbytes
-        self.last_active = _monotonic()
+        self.active = True
         try:
             self.inner.buffer_updated(nbytes)
         except Exception as exc:
@@ -2258,5 +2260,5 @@ def counted_write(self, data):
     if n and not transport.is_closing():
         conn.counts.bytes_out += <unsigned long long>n
         conn.nout += <unsigned long long>n
-        conn.last_active = _monotonic()
+        conn.active = True
     transport.write(data)

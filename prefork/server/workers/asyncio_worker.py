@@ -133,7 +133,7 @@ class Connection(_ConnectionCore):
     ``BufferedConnection``); the user's protocol (``inner``) sees
     ``ConnectionTransport``. Counts, times and guards each callback: per
     message in ``ConnectionCore`` (compiled; its fields ``inner``,
-    ``transport``, ``nin``, ``nout``, ``last_active`` and ``error`` are
+    ``transport``, ``nin``, ``nout``, ``active``, ``last_active`` and ``error`` are
     this class's too), the rest here."""
 
     __slots__ = (
@@ -686,7 +686,14 @@ class AsyncioWorker(Worker):
         if self.config.idle_timeout > 0 and now >= self.next_sweep:
             self.next_sweep = now + self.sweep_interval
             limit = now - self.config.idle_timeout
-            for conn in [c for c in self.conns if c.last_active <= limit]:
+            idle = []
+            for conn in self.conns:
+                if conn.active:  # read or wrote since the last sweep: active as of now
+                    conn.active = False
+                    conn.last_active = now
+                elif conn.last_active <= limit:
+                    idle.append(conn)
+            for conn in idle:
                 self.idle_closed += 1
                 conn.end = "idle-timeout"
                 conn.abort()
