@@ -2211,6 +2211,7 @@ cdef class ConnectionCore:
     cdef public unsigned long long nout
     cdef public bint active
     cdef public double last_active
+    cdef public bint closing
     cdef public object error
 
     def __init__(self, StreamCounts counts not None, inner):
@@ -2221,6 +2222,7 @@ cdef class ConnectionCore:
         self.nout = 0
         self.active = False
         self.last_active = _monotonic()
+        self.closing = False
         self.error = None
 
     def fail(self, exc):
@@ -2257,7 +2259,7 @@ def counted_write(self, data):
         n = PyBytes_GET_SIZE(data)
     else:
         n = memoryview(data).nbytes
-    if n and not transport.is_closing():
+    if n and not conn.closing:
         conn.counts.bytes_out += <unsigned long long>n
         conn.nout += <unsigned long long>n
         conn.active = True

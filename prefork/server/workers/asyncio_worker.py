@@ -133,7 +133,7 @@ class Connection(_ConnectionCore):
     ``BufferedConnection``); the user's protocol (``inner``) sees
     ``ConnectionTransport``. Counts, times and guards each callback: per
     message in ``ConnectionCore`` (compiled; its fields ``inner``,
-    ``transport``, ``nin``, ``nout``, ``active``, ``last_active`` and ``error`` are
+    ``transport``, ``nin``, ``nout``, ``active``, ``last_active``, ``closing`` and ``error`` are
     this class's too), the rest here."""
 
     __slots__ = (
@@ -179,10 +179,10 @@ class Connection(_ConnectionCore):
             self.worker.log.error(
                 "handler failed; connection from %s closed", self.peer(), exc_info=exc
             )
-        if self.transport is not None:
-            self.transport.abort()
+        self.abort()
 
     def abort(self) -> None:
+        self.closing = True
         if self.transport is not None:
             self.transport.abort()
 
@@ -204,10 +204,15 @@ class Connection(_ConnectionCore):
     def eof_received(self) -> bool | None:
         self.peer_eof = True
         try:
-            return bool(self.inner.eof_received())
+            keep_open = bool(self.inner.eof_received())
         except Exception as exc:
             self.fail(exc)
             return None
+        # The loop closes the transport unless the protocol keeps it open;
+        # over TLS it closes it whatever the protocol says.
+        if not keep_open or self.transport.get_extra_info("ssl_object") is not None:
+            self.closing = True
+        return keep_open
 
     def pause_writing(self) -> None:
         self.set_backed_up(True, "pause_writing")
@@ -241,6 +246,7 @@ class Connection(_ConnectionCore):
                 transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
         if self.worker.access_log is not None:
             end = self.end
             if end is None:
@@ -318,9 +324,11 @@ class ConnectionTransport(asyncio.Transport):
         return bool(self._transport.can_write_eof())
 
     def close(self) -> None:
+        self._conn.closing = True
         self._transport.close()
 
     def abort(self) -> None:
+        self._conn.closing = True
         self._transport.abort()
 
     def is_closing(self) -> bool:
