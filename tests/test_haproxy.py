@@ -119,10 +119,14 @@ def test_handlers_see_the_real_client_addresses(balanced):
 
 def drain_under_load(front: int, instance, clients: int) -> tuple[int, dict[str, int], list[str]]:
     """``clients`` threads echo through HAProxy's ``front`` for 6 s (at most
-    2,000 each, each from its own 127.0.0.x); after 2 s ``instance`` gets
-    TERM and must exit 0. Returns the echoes served before the TERM, the
-    ok/failed counts, and the errors seen."""
-    stop_at = time.monotonic() + 6.0
+    2,000 each, each from its own 127.0.0.x); once a quarter of those echoes
+    are served (or after 4 s, on a slow machine) ``instance`` gets TERM and
+    must exit 0, with the rest of the load still to come: a fixed delay let
+    a fast machine finish the whole load before the TERM. Returns the echoes
+    served before the TERM, the ok/failed counts, and the errors seen."""
+    started = time.monotonic()
+    stop_at = started + 6.0
+    quarter = clients * 2000 // 4
     results = {"ok": 0, "failed": 0}
     errors: list[str] = []
     lock = threading.Lock()
@@ -145,7 +149,8 @@ def drain_under_load(front: int, instance, clients: int) -> tuple[int, dict[str,
     threads = [threading.Thread(target=client, args=(n,), daemon=True) for n in range(clients)]
     for thread in threads:
         thread.start()
-    time.sleep(2.0)
+    while results["ok"] < quarter and time.monotonic() < started + 4.0:
+        time.sleep(0.005)
     served_before = results["ok"]
     instance.signal(signal.SIGTERM)  # drain it mid-load
     assert instance.wait(30) == 0
