@@ -192,6 +192,7 @@ cdef class LoadGen:
     cdef readonly object server_hostname
     cdef openssl.SSL_CTX *_ctx  # tls's (kept alive by it); NULL: plain
     cdef bytes _name  # server_hostname, encoded as Python's ssl does
+    cdef const char *_name_c  # its bytes (kept alive by _name), NULL without a name
     cdef bint _name_is_ip
     cdef bint _check_name
     cdef int _mode, _type, _epfd, _idle
@@ -228,6 +229,7 @@ cdef class LoadGen:
                 # As Python's ssl: a name in IDNA's ASCII form, an address as written.
                 self._name = (server_hostname.encode("ascii") if self._name_is_ip
                               else server_hostname.encode("idna"))
+                self._name_c = self._name
         self.tls = tls
         self.server_hostname = server_hostname
         if self._slots != NULL:
@@ -455,16 +457,14 @@ cdef class LoadGen:
         (never for an address), the name or address to verify when the
         context checks host names; and writes that may be partial, from a
         buffer that may move (a repeated write starts at the same byte)."""
-        cdef const char *name
+        cdef const char *name = self._name_c
         openssl.SSL_set_mode(ssl, openssl.SSL_MODE_ENABLE_PARTIAL_WRITE
                              | openssl.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         if openssl.SSL_set_fd(ssl, fd) != 1:
             return False
         openssl.SSL_set_connect_state(ssl)
-        if self._name is None:
+        if name == NULL:
             return True
-        with gil:
-            name = self._name
         if not self._name_is_ip and openssl.SSL_set_tlsext_host_name(ssl, name) != 1:
             return False
         if self._check_name:
