@@ -66,6 +66,7 @@ __all__ = [
     "counted_write",
     "discard",
     "echo",
+    "rate_admit",
     "sendall",
 ]
 
@@ -405,41 +406,107 @@ cdef int _set_rate(RateLimit *limit, const unsigned char[::1] view, int64_t inte
     return 0
 
 
-cdef bint _rate_take(RateLimit *limit, uint64_t family, uint64_t prefix,
-                     bint *evicted) noexcept nogil:
-    """Whether ``prefix`` may have one more now (the spec's rate_admit);
-    ``evicted`` says whether making room pushed out a bucket still limited."""
+# Workers admit at once on one table: the TAT moves by compare-and-swap,
+# and a new entry is claimed by swapping its family to RATE_CLAIMING, so no
+# update is lost (the spec locks the set instead; see _fastio_common).
+cdef extern from *:
+    """
+    static inline int pf_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    static inline int pf_cas_i64(int64_t *p, int64_t expected, int64_t desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                           __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+    }
+    static inline uint64_t pf_load_u64(uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline int64_t pf_load_i64(int64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void pf_store_u64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline void pf_store_i64(int64_t *p, int64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    """
+    bint pf_cas_u64(uint64_t *p, uint64_t expected, uint64_t desired) noexcept nogil
+    bint pf_cas_i64(int64_t *p, int64_t expected, int64_t desired) noexcept nogil
+    uint64_t pf_load_u64(uint64_t *p) noexcept nogil
+    int64_t pf_load_i64(int64_t *p) noexcept nogil
+    void pf_store_u64(uint64_t *p, uint64_t v) noexcept nogil
+    void pf_store_i64(int64_t *p, int64_t v) noexcept nogil
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
+
+cdef uint64_t RATE_CLAIMING = 0xFFFFFFFFFFFFFFFF
+COMPILED_FACTS["RATE_CLAIMING"] = RATE_CLAIMING
+# How often a set with an entry being claimed is scanned again before the
+# claim counts as abandoned (its worker died between two stores: the entry
+# is taken over, never waited on forever).
+cdef int RATE_CLAIM_SPINS = 10000
+
+
+cdef inline int64_t _monotonic_ns() noexcept nogil:
     cdef posix.timespec ts
-    cdef int64_t now, tat, held, victim_tat = 0
-    cdef uint64_t mixed
+    posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef bint _rate_take(RateLimit *limit, uint64_t family, uint64_t prefix, int64_t now,
+                     bint *evicted) noexcept nogil:
+    """Whether ``prefix`` may have one more at ``now`` (the spec's
+    rate_admit); ``evicted`` says whether making room pushed out a bucket
+    still limited."""
+    cdef int64_t tat, held, victim_tat = 0
+    cdef uint64_t mixed, seen, victim_family = 0
     cdef RateEntry *entry
     cdef RateEntry *found = NULL
-    cdef RateEntry *victim = NULL
-    cdef int way
-    posix.clock_gettime(posix.CLOCK_MONOTONIC, &ts)
-    now = <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+    cdef RateEntry *victim
+    cdef int way, spins = 0
+    cdef bint claimed
     mixed = ((family * RATE_HASH) ^ prefix) * RATE_HASH
     entry = limit.table + ((mixed >> 32) & (limit.sets - 1)) * RATE_WAYS
     evicted[0] = False
-    for way in range(RATE_WAYS):
-        if entry[way].family == family and entry[way].prefix == prefix:
-            found = &entry[way]
+    while found == NULL:
+        victim = NULL
+        claimed = False
+        for way in range(RATE_WAYS):
+            seen = pf_load_u64(&entry[way].family)
+            if seen == RATE_CLAIMING and spins < RATE_CLAIM_SPINS:
+                claimed = True  # being written: perhaps our prefix
+                continue
+            if seen == family and entry[way].prefix == prefix:
+                found = &entry[way]
+                break
+            held = pf_load_i64(&entry[way].tat) if seen != 0 else 0  # empty: older than any
+            if victim == NULL or held < victim_tat:
+                victim, victim_tat, victim_family = &entry[way], held, seen
+        if found != NULL:
             break
-        held = entry[way].tat if entry[way].family != 0 else 0  # empty: older than any
-        if victim == NULL or held < victim_tat:
-            victim, victim_tat = &entry[way], held
-    if found == NULL:
-        evicted[0] = victim.family != 0 and victim.tat > now  # a limit lost: counted
-        victim.family = 0
-        victim.prefix = prefix
-        victim.tat = now
-        victim.family = family  # the family last: the entry is whole
-        found = victim
-    tat = found.tat
-    if tat > now + limit.tolerance:
-        return False
-    found.tat = (tat if tat > now else now) + limit.interval
-    return True
+        if claimed or victim == NULL:
+            spins += 1
+            sched_yield()
+            continue
+        if pf_cas_u64(&victim.family, victim_family, RATE_CLAIMING):
+            evicted[0] = victim_family != 0 and victim_family != RATE_CLAIMING and victim_tat > now
+            victim.prefix = prefix
+            pf_store_i64(&victim.tat, now)
+            pf_store_u64(&victim.family, family)  # released whole
+            found = victim
+    while True:
+        tat = pf_load_i64(&found.tat)
+        if tat > now + limit.tolerance:
+            return False
+        if pf_cas_i64(&found.tat, tat, (tat if tat > now else now) + limit.interval):
+            return True
+
+
+def rate_admit(table, key, int64_t now, int64_t interval, int64_t tolerance, int lock_fd=-1):
+    """The spec's rate_admit over the compiled rule (``lock_fd`` is not
+    needed: the compare-and-swap makes each update whole)."""
+    cdef RateLimit limit
+    cdef bint evicted
+    cdef uint64_t family = key[0], prefix = key[1]
+    view, _, _, _, _ = common.check_rate_args(1.0, 1, (32, 64), table)
+    _set_rate(&limit, view, interval, tolerance)
+    admitted = _rate_take(&limit, family, prefix, now, &evicted)
+    return admitted, evicted
 
 
 cdef struct ClientEntry:
@@ -1292,7 +1359,7 @@ cdef class EventLoop:
                 prefix = _be(a, 8) & self.rate_mask6
         else:
             return True
-        if _rate_take(&self.udp_rate, family, prefix, &evicted):
+        if _rate_take(&self.udp_rate, family, prefix, _monotonic_ns(), &evicted):
             self.udp_rate_evictions += evicted
             return True
         self.udp_rate_evictions += evicted
@@ -1325,9 +1392,10 @@ cdef class EventLoop:
                 refusal = LIMIT_CONNS
         if refusal == ADMITTED and self.conn_rate.table != NULL:
             if high == 0 and (low >> 32) == 0xFFFF:  # the spec's client_rate_key
-                allowed = _rate_take(&self.conn_rate, 4, low & <uint64_t>0xFFFFFFFF, &evicted)
+                allowed = _rate_take(&self.conn_rate, 4, low & <uint64_t>0xFFFFFFFF,
+                                     _monotonic_ns(), &evicted)
             else:
-                allowed = _rate_take(&self.conn_rate, 6, high, &evicted)
+                allowed = _rate_take(&self.conn_rate, 6, high, _monotonic_ns(), &evicted)
             self.limit_evictions += evicted
             if not allowed:
                 refusal = LIMIT_RATE

@@ -17,6 +17,9 @@ both reject the same bad arguments before touching a descriptor.
 
 from __future__ import annotations
 
+import fcntl
+import mmap
+import os
 import socket
 import ssl
 import struct
@@ -218,9 +221,16 @@ def datagram_loop_ports(fds: list[int], extra: Any) -> frozenset[int]:
 # its set with the smallest TAT; one whose TAT is past is as good as empty
 # (its bucket is full), but one still in the future holds a limit that is
 # lost: that eviction is counted (udp_rate_evictions) and logged, never
-# silent, and a bigger table is the cure. Workers read and write the
-# entries' 8-byte words without a lock: a race between two workers can lose
-# one update (one reply more, once), never a whole limit.
+# silent, and a bigger table is the cure.
+#
+# Workers admit concurrently, so an update must not be lost: two workers
+# reading one TAT and both writing TAT + interval would answer one datagram
+# more per overlap, without bound under a flood. The compiled loop updates
+# the TAT with a compare-and-swap and claims a new entry by swapping its
+# family to RATE_CLAIMING; Python code (the twin, the asyncio worker) holds
+# an fcntl lock on the set's bytes of a SharedTable's memfd while it reads
+# and writes (the kernel drops it if the process dies). One table is used
+# by one kind at a time: a server's workers are all compiled or all Python.
 RATE_ENTRY = struct.Struct("<QQq")
 RATE_ENTRY_SIZE = RATE_ENTRY.size
 RATE_WAYS = 4
@@ -252,19 +262,72 @@ def rate_set(family: int, prefix: int, sets: int) -> int:
     return (mixed >> 32) & (sets - 1)
 
 
+RATE_CLAIMING = _U64  # an entry's family while the compiled loop writes it
+
+
+class SharedTable(mmap.mmap):
+    """A table every worker maps (MAP_SHARED over a memfd the master makes
+    before forking), with the descriptor Python code locks it by."""
+
+    lock_fd: int
+
+    @classmethod
+    def create(cls, size: int, name: str) -> SharedTable:
+        fd = os.memfd_create(f"prefork-{name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            table = cls(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        table.lock_fd = fd  # mmap keeps its own duplicate; this one is ours to lock
+        return table
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            os.close(self.lock_fd)
+
+
+def table_lock_fd(table: Any) -> int:
+    """The descriptor rate_admit locks ``table``'s sets by (-1: a table only
+    this process uses)."""
+    return getattr(table, "lock_fd", -1)
+
+
 def rate_admit(
-    table: memoryview, key: tuple[int, int], now: int, interval: int, tolerance: int
+    table: memoryview,
+    key: tuple[int, int],
+    now: int,
+    interval: int,
+    tolerance: int,
+    lock_fd: int = -1,
 ) -> tuple[bool, bool]:
     """Whether a datagram of prefix ``key`` at ``now`` (ns) is answered, and
     whether making room for it evicted a prefix still limited. ``interval``
-    is 1/rate and ``tolerance`` (burst - 1) * interval, in ns."""
+    is 1/rate and ``tolerance`` (burst - 1) * interval, in ns; ``lock_fd``
+    (``table_lock_fd``) locks the prefix's set while it is read and written."""
     family, prefix = key
-    size = RATE_ENTRY.size
-    base = rate_set(family, prefix, len(table) // (size * RATE_WAYS)) * RATE_WAYS
+    size = RATE_ENTRY.size * RATE_WAYS
+    start = rate_set(family, prefix, len(table) // size) * size
+    if lock_fd < 0:
+        return _rate_admit_set(table, start, key, now, interval, tolerance)
+    fcntl.lockf(lock_fd, fcntl.LOCK_EX, size, start)
+    try:
+        return _rate_admit_set(table, start, key, now, interval, tolerance)
+    finally:
+        fcntl.lockf(lock_fd, fcntl.LOCK_UN, size, start)
+
+
+def _rate_admit_set(
+    table: memoryview, start: int, key: tuple[int, int], now: int, interval: int, tolerance: int
+) -> tuple[bool, bool]:
+    """rate_admit in the set at byte ``start``, the caller holding it."""
+    family, prefix = key
     found = victim = -1
     victim_tat = 0
     for way in range(RATE_WAYS):
-        offset = (base + way) * size
+        offset = start + way * RATE_ENTRY.size
         entry_family, entry_prefix, tat = RATE_ENTRY.unpack_from(table, offset)
         if entry_family == family and entry_prefix == prefix:
             found = offset
@@ -511,6 +574,7 @@ class ClientLimits:
         self._tables, self._rates, self._interval, self._tolerance = check_client_args(
             limit, tables, slot, rate, burst, rate_table
         )
+        self._rates_lock_fd = table_lock_fd(rate_table)
         self.enabled = self._tables is not None or self._rates is not None
         self._lock = threading.Lock()  # the thread worker's threads share our table
 
@@ -534,6 +598,7 @@ class ClientLimits:
                     time.monotonic_ns(),
                     self._interval,
                     self._tolerance,
+                    self._rates_lock_fd,
                 )
                 if not admitted:
                     return "rate", key, evicted

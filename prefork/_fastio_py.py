@@ -122,6 +122,7 @@ from prefork._fastio_common import (
     rate_admit,
     rate_key,
     stats_view,
+    table_lock_fd,
     write_buffer_limits,
 )
 
@@ -135,6 +136,7 @@ __all__ = [
     "counted_write",
     "discard",
     "echo",
+    "rate_admit",
     "sendall",
 ]
 
@@ -625,6 +627,7 @@ class EventLoop:
             udp_rate, udp_burst, udp_rate_prefix, udp_rate_table
         )
         self._rate_prefixes = tuple(prefixes)
+        self._rate_lock_fd = table_lock_fd(udp_rate_table)
         self._limits = ClientLimits(
             conn_limit, conn_tables, conn_slot, conn_rate, conn_burst, conn_rate_table
         )
@@ -1022,7 +1025,12 @@ class EventLoop:
         if key is None:
             return True
         admitted, evicted = rate_admit(
-            self._rate_table, key, time.monotonic_ns(), self._rate_interval, self._rate_tolerance
+            self._rate_table,
+            key,
+            time.monotonic_ns(),
+            self._rate_interval,
+            self._rate_tolerance,
+            self._rate_lock_fd,
         )
         self.udp_rate_evictions += evicted
         if not admitted:

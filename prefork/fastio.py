@@ -33,6 +33,7 @@ __all__ = [
     "load_compiled",
     "peer_name",
     "peer_of_fd",
+    "rate_admit",
     "sendall",
 ]
 
@@ -77,3 +78,5 @@ echo: Callable[[Any, Any], tuple[int, int]] = _impl.echo
 discard: Callable[[Any, Any], tuple[int, int]] = _impl.discard
 chargen: Callable[[Any, Any], tuple[int, int]] = _impl.chargen
 sendall: Callable[[Any, Any], int] = _impl.sendall
+# The UDP and connection rate limits' admission (``_fastio_common.rate_admit``).
+rate_admit: Callable[..., tuple[bool, bool]] = _impl.rate_admit

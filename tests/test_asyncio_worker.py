@@ -163,6 +163,19 @@ def test_datagram_protocol_and_built_in_udp(serve):
         server.kill_all()
 
 
+def test_an_empty_reply_datagram_is_sent(serve):
+    """UDP has empty datagrams, and a protocol may answer with one (chargen's
+    reply holds 0 to 512 characters); asyncio's and uvloop's transports
+    would drop it silently."""
+    server = serve("-w", "1", "-b", "udp://127.0.0.1:0", "--handler", f"{KINDS}:UdpUpper")
+    host, _, port = server.addresses[0].removeprefix("udp://").rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        for data in (b"", b"ping", b""):
+            sock.sendto(data, (host, int(port)))
+            assert sock.recv(100) == data.upper()
+
+
 def test_term_during_a_slow_request_completes_it(serve):
     server = serve("-w", "1", "--handler", f"{KINDS}:slow_stream", "--graceful-timeout", "20")
     server.wait_workers(1)

@@ -472,6 +472,79 @@ def test_loops_sharing_a_table_share_the_limit(impl, loops):
     assert got <= 10 * window + 5, (got, window)
 
 
+def admitted_by_racing_processes(
+    impl, table, key: tuple[int, int], now: int, calls: int, processes: int
+) -> int:
+    """``processes`` forked processes each ask ``impl.rate_admit`` ``calls``
+    times at the same instant ``now`` for one prefix of a shared ``table``,
+    started together; the admissions they got, summed."""
+    view = memoryview(table)
+    go_r, go_w = os.pipe()
+    counts_r, counts_w = os.pipe()
+    pids = []
+    try:
+        for _ in range(processes):
+            pid = os.fork()
+            if pid == 0:  # the child: wait for the start, race, report, leave
+                code = 1
+                try:
+                    os.close(go_w)
+                    os.read(go_r, 1)
+                    got = sum(
+                        impl.rate_admit(view, key, now, 1000, 999_000, table.lock_fd)[0]
+                        for _ in range(calls)
+                    )
+                    os.write(counts_w, struct.pack("<q", got))
+                    code = 0
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.close(go_w)  # every child wakes at once
+        go_w = -1
+        total = 0
+        for pid in pids:
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+        for _ in pids:
+            total += struct.unpack("<q", os.read(counts_r, 8))[0]
+        return total
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        for fd in (go_r, go_w, counts_r, counts_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_workers_racing_on_one_bucket_lose_no_update(impl):
+    """Workers admitting one prefix at the same time, as a flood makes them:
+    every admission is one update of the bucket, none lost. At one instant
+    a bucket of 1,000 admits exactly 1,000, however the processes interleave
+    (a lost update would let one more through per overlap)."""
+    table = _fastio_common.SharedTable.create(
+        _fastio_common.RATE_ENTRY_SIZE * _fastio_common.RATE_WAYS * 64, "test-rate"
+    )
+    try:
+        now = time.monotonic_ns()
+        admitted = admitted_by_racing_processes(impl, table, (4, 0x7F000200), now, 3000, 4)
+        assert admitted == 1000
+        # A prefix new to the table, claimed by all of them at once: one entry.
+        admitted = admitted_by_racing_processes(impl, table, (6, 0x20010DB8 << 32), now, 600, 4)
+        assert admitted == 1000
+        entries = [
+            _fastio_common.RATE_ENTRY.unpack_from(table, offset)[:2]
+            for offset in range(0, len(table), _fastio_common.RATE_ENTRY_SIZE)
+        ]
+        assert entries.count((6, 0x20010DB8 << 32)) == 1
+    finally:
+        table.close()
+
+
 def test_the_compiled_loop_and_its_twin_read_one_table_alike(loops):
     """The table's layout and rule are the common module's: a compiled loop
     and a twin on one table give a prefix one budget."""

@@ -33,6 +33,7 @@ from prefork._fastio_common import (
     SLOT_FIELDS,
     SLOT_OFFSETS,
     SLOT_SIZE,
+    SharedTable,
     client_table_start,
     client_tables_region,
 )
@@ -90,23 +91,28 @@ class Scoreboard:
         Every region is mapped now and only touched pages cost memory."""
         self.slots = slots
         self._map = mmap.mmap(-1, slots * SLOT_SIZE)  # MAP_SHARED|MAP_ANONYMOUS
-        self._rates = mmap.mmap(-1, rate_entries * RATE_ENTRY_SIZE) if rate_entries else None
+        # The rate tables are SharedTables: Python workers lock their sets.
+        self._rates = (
+            SharedTable.create(rate_entries * RATE_ENTRY_SIZE, "udp-rate") if rate_entries else None
+        )
         self._client_entries = client_entries
         self._clients = None
         if client_entries:
             self._clients = mmap.mmap(-1, client_tables_region(slots, client_entries))
             CLIENT_HEADER.pack_into(self._clients, 0, 0, client_entries)  # none in use yet
         self._conn_rates = (
-            mmap.mmap(-1, conn_rate_entries * RATE_ENTRY_SIZE) if conn_rate_entries else None
+            SharedTable.create(conn_rate_entries * RATE_ENTRY_SIZE, "conn-rate")
+            if conn_rate_entries
+            else None
         )
 
     def client_tables(self) -> memoryview | None:
         """The per-client connection counts, a table per slot (None: none)."""
         return memoryview(self._clients) if self._clients is not None else None
 
-    def conn_rate_table(self) -> memoryview | None:
+    def conn_rate_table(self) -> SharedTable | None:
         """--conn-rate-per-ip's table, shared by every worker (None: none)."""
-        return memoryview(self._conn_rates) if self._conn_rates is not None else None
+        return self._conn_rates
 
     def clear_clients(self, slot: int) -> None:
         """Forget slot ``slot``'s connection counts: its worker is gone, and
@@ -116,9 +122,9 @@ class Scoreboard:
             end = client_table_start(slot + 1, self._client_entries)
             self._clients[start:end] = bytes(end - start)
 
-    def rate_table(self) -> memoryview | None:
+    def rate_table(self) -> SharedTable | None:
         """The UDP rate limit's table, shared by every worker (None: none)."""
-        return memoryview(self._rates) if self._rates is not None else None
+        return self._rates
 
     def write(
         self,

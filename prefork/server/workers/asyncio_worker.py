@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import random
 import socket
 import sys
@@ -56,8 +57,8 @@ from prefork._fastio_common import (
     datagram_refusal,
     daytime_line,
     format_client,
-    rate_admit,
     rate_key,
+    table_lock_fd,
 )
 from prefork.server.handlers import (
     CHARGEN_PATTERN,
@@ -385,13 +386,14 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
     """The protocol the loop sees for one datagram socket: counts, and
     contains a handler's exception to the datagram that raised it."""
 
-    def __init__(self, worker: AsyncioWorker, inner: Any) -> None:
+    def __init__(self, worker: AsyncioWorker, inner: Any, sock: socket.socket) -> None:
         self.worker = worker
         self.inner = inner
+        self.sock = sock
 
     def connection_made(self, transport: Any) -> None:
         self.worker.datagram_transports.append(transport)
-        self.inner.connection_made(CountedDatagramTransport(transport, self.worker))
+        self.inner.connection_made(CountedDatagramTransport(transport, self.worker, self.sock))
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.worker.bytes_in += len(data)
@@ -415,18 +417,28 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
 
 class CountedDatagramTransport(asyncio.DatagramTransport):
-    """A datagram transport whose ``sendto`` is counted."""
+    """A datagram transport whose ``sendto`` is counted, and sends an empty
+    datagram: UDP has them (a chargen reply may hold 0 characters), but
+    the transports of asyncio (Python 3.11) and uvloop drop one silently."""
 
-    __slots__ = ("_transport", "_worker")
+    __slots__ = ("_transport", "_worker", "_sock")
 
-    def __init__(self, transport: Any, worker: AsyncioWorker) -> None:
+    def __init__(self, transport: Any, worker: AsyncioWorker, sock: socket.socket) -> None:
         super().__init__()
         self._transport = transport
         self._worker = worker
+        self._sock = sock
 
     def sendto(self, data: Any, addr: Any = None) -> None:
-        self._worker.bytes_out += _nbytes(data)
-        self._transport.sendto(data, addr)
+        size = _nbytes(data)
+        self._worker.bytes_out += size
+        if size or self._transport.is_closing():
+            self._transport.sendto(data, addr)
+            return
+        try:
+            self._sock.sendto(b"", addr)
+        except OSError:  # full (EAGAIN) or refused: UDP may drop a datagram
+            pass
 
     def close(self) -> None:
         self._transport.close()
@@ -469,6 +481,7 @@ class AsyncioWorker(Worker):
         )
         self.udp_refused_from = {"loop": "", "source": "", "rate": ""}
         self.rate_table: memoryview | None = None  # the UDP rate limit's, set in serve()
+        self.rate_lock_fd = -1
         self.rate_interval = self.rate_tolerance = 0
         graceful = self.config.graceful_timeout
         # Cancel this long before the master's KILL, so that cancellation runs.
@@ -509,6 +522,9 @@ class AsyncioWorker(Worker):
             return handler.protocol_factory
         return Discard  # a DatagramProtocol: check_fit allows no stream listener with it
 
+    def datagram_endpoint(self, make: Callable[[], Any], sock: socket.socket) -> DatagramEndpoint:
+        return DatagramEndpoint(self, make(), sock)
+
     def datagram_factory(self) -> Callable[[], Any]:
         handler = self.handler
         if handler.datagram_factory is not None:
@@ -525,12 +541,13 @@ class AsyncioWorker(Worker):
         if reason is None and self.rate_table is not None and self.handler.builtin != "discard":
             key = rate_key(addr, *self.config.udp_rate_prefix)
             if key is not None:
-                admitted, evicted = rate_admit(
+                admitted, evicted = fastio.rate_admit(
                     self.rate_table,
                     key,
                     time.monotonic_ns(),
                     self.rate_interval,
                     self.rate_tolerance,
+                    self.rate_lock_fd,
                 )
                 self.udp_rate_evictions += evicted
                 reason = None if admitted else "rate"
@@ -577,17 +594,20 @@ class AsyncioWorker(Worker):
             self.datagram_factory() if len(self.stream_listeners) < len(self.listeners) else None
         )
         if factory is not None:
+            shared = self.scoreboard.rate_table()
             self.rate_table, self.rate_interval, self.rate_tolerance, _, _ = check_rate_args(
                 udp_rate_of(self.config),
                 self.config.udp_burst,
                 self.config.udp_rate_prefix,
-                self.scoreboard.rate_table(),
+                shared,
             )
+            self.rate_lock_fd = table_lock_fd(shared)
             make = factory
             for listener in self.listeners:
                 if listener.datagram:
                     await loop.create_datagram_endpoint(
-                        lambda: DatagramEndpoint(self, make()), sock=listener.sock
+                        functools.partial(self.datagram_endpoint, make, listener.sock),
+                        sock=listener.sock,
                     )
         await self.warm_up()
         self.booted = True
