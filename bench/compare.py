@@ -58,6 +58,7 @@ PEERS = HERE / "peers"
 BUILD = HERE / ".build"  # the compiled C peers (--build-dir)
 PYTHON = sys.executable
 IDLE_CONNECTIONS = 2000
+BLOCKING_MAX = 1000  # the most connections a workload gives a server of a process each
 EXPLANATION = """\
 Each server alone on core 0, `prefork bench` on core 1. Medians of interleaved
 rounds; ratios are paired within a round against the C reference of the
@@ -83,6 +84,7 @@ class Workload:
     connections: int
     size: int
     depth: int = 1
+    default: bool = True  # in a run that names no --workloads
 
 
 WORKLOADS = [
@@ -91,6 +93,8 @@ WORKLOADS = [
     Workload("pipelined", "50 x 1 KiB, 8 in flight", 50, 1024, 8),
     Workload("small", "200 x 128 B ping-pong", 200, 128),
     Workload("bulk", "4 x 64 KiB, 4 in flight", 4, 65536, 4),
+    # Issue 13's timer workload: as many connections as a busy server holds.
+    Workload("crowd", "10,000 x 128 B ping-pong", 10000, 128, default=False),
 ]
 
 
@@ -103,6 +107,7 @@ class Server:
     needs: str | None = None  # a module that must be importable
     prefork: bool = False  # has --metrics: the generator reports worker balance
     cwd: str | None = None  # run from here (a baseline tree: python -m finds its package first)
+    default: bool = True  # in a run that names no --servers
 
     def command(self, port: int, workers: int, metrics: int) -> list[str]:
         values = {"build": BUILD, "port": port, "workers": workers, "metrics": metrics}
@@ -121,8 +126,10 @@ def peer(script: str, *args: str) -> tuple[str, ...]:
 
 
 NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
-EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "4096")
+EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "16384")
 USER_ECHO = ("--handler", "asyncio_echo:Echo")
+# A user's other protocols, the same classes on every loop (asyncio_echo.py).
+USER_PROTOCOLS = {"buffered": "BufferedEcho", "timer": "TimerEcho"}
 PEERS_ON_PATH = (("PYTHONPATH", str(PEERS)),)
 SERVERS = [
     # Event-driven: one process (one core) serves every connection.
@@ -163,6 +170,33 @@ SERVERS = [
     ),
     Server("asyncio", "event", peer("asyncio_echo.py", "asyncio", "{port}")),
     Server("uvloop", "event", peer("asyncio_echo.py", "uvloop", "{port}"), needs="uvloop"),
+    *(
+        server
+        for suffix, cls in USER_PROTOCOLS.items()
+        for server in (
+            Server(
+                f"prefork-event-{suffix}",
+                "event",
+                prefork_argv(*EVENT_ARGS, "--handler", f"asyncio_echo:{cls}"),
+                PEERS_ON_PATH,
+                prefork=True,
+                default=False,
+            ),
+            Server(
+                f"asyncio-{suffix}",
+                "event",
+                peer("asyncio_echo.py", "asyncio", "{port}", cls),
+                default=False,
+            ),
+            Server(
+                f"uvloop-{suffix}",
+                "event",
+                peer("asyncio_echo.py", "uvloop", "{port}", cls),
+                needs="uvloop",
+                default=False,
+            ),
+        )
+    ),
     Server("gevent", "event", peer("gevent_echo.py", "{port}"), needs="gevent"),
     # A process or a thread per connection (as many as the workload has connections).
     Server("c-prefork", "blocking", ("{build}/blocking_prefork", "{port}", "{workers}")),
@@ -553,17 +587,26 @@ def median(runs: list[Run | None], key: str) -> float | None:
     return statistics.median(figures) if figures else None
 
 
+def serves(server: Server, load: Workload) -> bool:
+    """Whether ``server`` runs ``load``: not a process or thread per
+    connection for thousands of connections."""
+    return server.family != "blocking" or load.connections <= BLOCKING_MAX
+
+
 def compare(
     servers: list[Server], workloads: list[Workload], rounds: int, seconds: float, pin: Pinning
 ) -> Results:
     results = Results()
     for load in workloads:
         for server in servers:
-            results.runs[(load.name, server.name)] = []
+            if serves(server, load):
+                results.runs[(load.name, server.name)] = []
     for r in range(rounds):
         for load in workloads:
             shift = r % len(servers)
             for server in servers[shift:] + servers[:shift]:
+                if not serves(server, load):
+                    continue
                 try:
                     run: Run | None = measure(server, load, seconds, pin)
                 except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
@@ -613,13 +656,14 @@ def baseline_servers(tree: Path, servers: list[Server]) -> list[Server]:
     """A copy of each prefork server that runs the code of another checkout
     (built in place), for an A/B of two trees in the same interleaved rounds."""
     root = str(tree.resolve())
+
+    def env(server: Server) -> tuple[tuple[str, str], ...]:
+        paths = [root, *(value for name, value in server.env if name == "PYTHONPATH")]
+        rest = tuple((name, value) for name, value in server.env if name != "PYTHONPATH")
+        return (*rest, ("PYTHONPATH", os.pathsep.join(paths)))
+
     return [
-        replace(
-            s,
-            name=s.name + BASELINE_SUFFIX,
-            env=(*s.env, ("PYTHONPATH", root)),
-            cwd=root,
-        )
+        replace(s, name=s.name + BASELINE_SUFFIX, env=env(s), cwd=root)
         for s in servers
         if s.prefork
     ]
@@ -649,12 +693,15 @@ def tables(results: Results, servers: list[Server], workloads: list[Workload]) -
     for load in workloads:
         lines.append(f"\n{load.title}")
         for family, reference in REFERENCE.items():
-            members = [s for s in servers if s.family == family]
+            members = [
+                s for s in servers if s.family == family and (load.name, s.name) in results.runs
+            ]
             if not members:
                 continue
             have_reference = reference in names
+            width = max(17, *(len(s.name) + 2 for s in members))
             lines.append(
-                f"  {'server':<17}{'msg/s':>10}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
+                f"  {'server':<{width}}{'msg/s':>10}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
                 f"{'cpu us/msg':>11}{'busy':>6}{'client us':>10}"
                 + (
                     f"{'msg/s vs ' + reference:>20}{'cpu vs ' + reference:>18}"
@@ -674,7 +721,7 @@ def tables(results: Results, servers: list[Server], workloads: list[Workload]) -
                     fmt(median(runs, "busy"), ".0%").rjust(6),
                     fmt(median(runs, "client_cpu"), ".2f").rjust(10),
                 ]
-                row = f"  {server.name:<17}" + "".join(cells)
+                row = f"  {server.name:<{width}}" + "".join(cells)
                 if have_reference:
                     rate = paired(results, load.name, server.name, reference, "rate")
                     cpu = paired(results, load.name, server.name, reference, "server_cpu")
@@ -718,6 +765,14 @@ def headline(results: Results) -> list[str]:
             f"a user's Protocol on the event worker: CPU/msg {small} of uvloop's at "
             f"50 x 1 KiB, {bulk} in bulk"
         )
+    for suffix, cls in USER_PROTOCOLS.items():
+        ours, theirs = f"prefork-event-{suffix}", f"uvloop-{suffix}"
+        measured = [w.name for w in WORKLOADS if (w.name, ours) in results.runs]
+        if measured:
+            shares = ", ".join(
+                f"{ratio(name, ours, theirs, 'server_cpu')} at {name}" for name in measured
+            )
+            out.append(f"a user's {cls} on the event worker: CPU/msg of uvloop's {shares}")
     for worker, alone in (("prefork-asyncio", "asyncio"), ("prefork-uvloop", "uvloop")):
         if ("pingpong", worker) in results.runs:
             out.append(
@@ -934,7 +989,7 @@ def plot(results: Results, servers: list[Server], workloads: list[Workload], out
 
 def choose(names: str | None, table: list[Any], what: str) -> list[Any]:
     if not names:
-        return table
+        return [item for item in table if item.default]
     known = {item.name: item for item in table}
     picked = []
     for name in names.split(","):
@@ -1037,9 +1092,10 @@ def main() -> None:
     started = time.monotonic()
     if args.memory_only:
         workloads = []
-    # Up to 2 x IDLE_CONNECTIONS sockets each side (the servers inherit the limit).
+    # Up to 2 x IDLE_CONNECTIONS sockets each side, or 2 x a workload's connections
+    # (the servers inherit the limit).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 2 * IDLE_CONNECTIONS + 512
+    wanted = 2 * max([IDLE_CONNECTIONS, *(w.connections for w in workloads)]) + 512
     if soft != resource.RLIM_INFINITY and soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     results = compare(available, workloads, args.rounds, args.seconds, pin)

@@ -98,6 +98,9 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         self._ready: deque[asyncio.Handle] = deque()
         self._timers: list[asyncio.TimerHandle] = []
         self._cancelled_timers = 0
+        # When the I/O loop returns at the latest (what timeout() gave it): a
+        # timer due later needs no wake-up.
+        self._deadline = float("inf")
         self._wake_fd = wake_fd
         self._thread_id = threading.get_ident()
         self._closed = False
@@ -127,11 +130,15 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def timeout(self, longest: float) -> float:
         """How long the I/O loop may wait: 0 while callbacks are ready,
         else until the next timer, at most ``longest``."""
+        now = self.time()
         if self._ready:
-            return 0.0
-        if self._timers:
-            return max(0.0, min(longest, self._timers[0].when() - self.time()))
-        return longest
+            wait = 0.0
+        elif self._timers:
+            wait = max(0.0, min(longest, self._timers[0].when() - now))
+        else:
+            wait = longest
+        self._deadline = now + wait
+        return wait
 
     def busy(self) -> bool:
         """Callbacks or unfinished tasks remain: what keeps a worker that has
@@ -229,7 +236,8 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         timer = asyncio.TimerHandle(when, callback, args, self, context=context)
         heapq.heappush(self._timers, timer)
         timer._scheduled = True  # type: ignore[attr-defined]  # as asyncio's loop does
-        self._wake()  # the I/O loop's wait must end by then
+        if when < self._deadline:
+            self._wake()  # the I/O loop's wait must end by then
         return timer
 
     def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
