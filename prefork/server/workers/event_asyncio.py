@@ -149,10 +149,6 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def run_once(self) -> None:
         """Run the timers that are due, then the callbacks ready now (not
         those they schedule: they wait for the next turn, as in asyncio)."""
-        if self._cancelled_timers > len(self._timers) // 2 and self._cancelled_timers > 50:
-            self._timers = [t for t in self._timers if not t.cancelled()]
-            heapq.heapify(self._timers)
-            self._cancelled_timers = 0
         if self._selector.get_map():
             for key, mask in self._selector.select(0):
                 reader, writer = key.data
@@ -233,6 +229,13 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         self._check_closed()
+        # Cancelled timers leave the heap once they are half of it: a protocol
+        # re-arming its timeout per message cancels one per message, and the
+        # I/O loop may serve thousands of messages between two run_once.
+        if self._cancelled_timers > 50 and self._cancelled_timers > len(self._timers) // 2:
+            self._timers = [t for t in self._timers if not t.cancelled()]
+            heapq.heapify(self._timers)
+            self._cancelled_timers = 0
         timer = asyncio.TimerHandle(when, callback, args, self, context=context)
         heapq.heappush(self._timers, timer)
         timer._scheduled = True  # type: ignore[attr-defined]  # as asyncio's loop does
