@@ -122,6 +122,23 @@ def test_handlers_see_the_client_address(server_factory, k, handler):
     assert "Traceback" not in server.log
 
 
+@pytest.mark.parametrize(
+    ("k", "handler"),
+    [
+        (["-k", "event"], "handlers.socket_options:NoDelay"),
+        (["-k", "asyncio"], "handlers.socket_options:NoDelay"),
+        (["-k", "sync"], "handlers.socket_options:no_delay_handle"),
+        (["-k", "thread", "--threads", "2"], "handlers.socket_options:no_delay_handle"),
+    ],
+)
+def test_connections_do_not_wait_for_nagle(server_factory, k, handler):
+    """TCP_NODELAY on every accepted connection, as asyncio and uvloop set
+    it: a reply's last short segment is not held for the peer's delayed ACK."""
+    server = server_factory("-w", "1", *k, "--handler", handler, env=_tests_on_path())
+    with server.connect() as sock:
+        assert exchange(sock, b"") == b"1"
+
+
 def _tests_on_path() -> dict[str, str]:
     return handler_env(TESTS_DIR)
 

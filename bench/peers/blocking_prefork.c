@@ -9,6 +9,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,6 +45,9 @@ int main(int argc, char **argv) {
     if (argc != 3) { fprintf(stderr, "usage: blocking_prefork PORT WORKERS\n"); return 2; }
     int lfd = socket(AF_INET, SOCK_STREAM, 0), one = 1, workers = atoi(argv[2]);
     setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    /* Accepted connections inherit it: no reply's tail waits for a delayed ACK
+     * (asyncio, uvloop and prefork set it too). */
+    setsockopt(lfd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[1])),
                              .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (bind(lfd, (struct sockaddr *)&sa, sizeof sa) || listen(lfd, 2048)) { perror("bind"); return 1; }
