@@ -48,10 +48,10 @@ from prefork import _fastio_common as common
 from prefork import proxy
 from prefork._fastio_common import (
     ACCESS_TIME_FORMAT, DAYTIME_FORMAT, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_BUFFER, DEFAULT_MAX_CONNECTIONS,
-    EMFILE_PAUSE, READ_SIZE, SERVICES, SWEEP_INTERVAL, WRITE_HIGH_WATER, WRITE_LOW_WATER,
+    EMFILE_PAUSE, SERVICES, SWEEP_INTERVAL, WRITE_HIGH_WATER, WRITE_LOW_WATER,
     byte_view, check_client_args, check_loop_args, check_rate_args, client_address, client_key,
     datagram_loop_ports, fileno_of, format_client,
-    peer_name, peer_of_fd, proxy_fds, stats_view, write_buffer_limits,
+    peer_name, peer_of_fd, proxy_fds, read_size_for, stats_view, write_buffer_limits,
 )
 
 _log = logging.getLogger("prefork")
@@ -870,7 +870,7 @@ cdef class EventLoop:
             if self.alog == NULL:
                 raise MemoryError()
         self.pid = os.getpid()
-        self.read_size = min(READ_SIZE, max_buffer)
+        self.read_size = read_size_for(max_buffer)
         self.buf = <unsigned char *>malloc(self.read_size)
         self.listeners = <int *>malloc(sizeof(int) * (len(fds) + 1))
         self.proxied = <unsigned char *>calloc(len(fds) + 1, 1)

@@ -100,7 +100,6 @@ from prefork._fastio_common import (
     HEARTBEAT_OFFSET,
     LOOP_COUNTERS_STRUCT,
     MAX_EVENTS,
-    READ_SIZE,
     SWEEP_INTERVAL,
     TLS_HANDSHAKES_PER_TURN,
     WRITE_HIGH_WATER,
@@ -121,6 +120,7 @@ from prefork._fastio_common import (
     proxy_fds,
     rate_admit,
     rate_key,
+    read_size_for,
     stats_view,
     table_lock_fd,
     write_buffer_limits,
@@ -668,7 +668,7 @@ class EventLoop:
         self._access_buffer = bytearray()
         self._pid = os.getpid()
         self._factory = protocol_factory
-        self._buffer = memoryview(bytearray(min(READ_SIZE, max_buffer)))
+        self._buffer = memoryview(bytearray(read_size_for(max_buffer)))
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}

@@ -3,7 +3,8 @@
  *
  *   epoll_echo PORT        listens on 127.0.0.1:PORT, prints "ready" when it does
  *
- * Level-triggered and non-blocking, one 64 KiB read buffer. What the kernel
+ * Level-triggered and non-blocking, one 256 KiB read buffer (prefork and
+ * uvloop read as much at once). What the kernel
  * does not take at once is kept for that connection, which then waits for
  * EPOLLOUT and is not read until it is flushed (bounded: at most one read's
  * worth per connection), the same back-pressure the event worker applies.
@@ -19,7 +20,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define BUF 65536
+#define BUF (256 * 1024)
 #define MAXFD 65536
 
 struct pending { char *data; size_t off, len; };
