@@ -699,7 +699,7 @@ def tables(results: Results, servers: list[Server], workloads: list[Workload]) -
             if not members:
                 continue
             have_reference = reference in names
-            width = max(17, *(len(s.name) + 2 for s in members))
+            width = max(17, *(len(s.name) + 1 for s in members))
             lines.append(
                 f"  {'server':<{width}}{'msg/s':>10}{'MB/s':>9}{'p50 us':>9}{'p99 us':>9}"
                 f"{'cpu us/msg':>11}{'busy':>6}{'client us':>10}"
