@@ -138,6 +138,17 @@ def rss_bytes(pid: int) -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def anon_bytes(pid: int) -> int:
+    """Resident anonymous bytes of ``pid`` (RssAnon): what buffers and heaps
+    cost, without the pages of its files (the interpreter's own code and
+    data, read in the first time a path of it runs)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no RssAnon in /proc/{pid}/status")
+
+
 def owed_memory_bound(clients: int, max_buffer: int) -> int:
     """The most resident memory ``clients`` peers that never read may cost a
     worker: each is owed at most ``max_buffer`` bytes (--max-buffer), kept in
