@@ -497,14 +497,19 @@ cdef bint _rate_take(RateLimit *limit, uint64_t family, uint64_t prefix, int64_t
             return True
 
 
-def rate_admit(table, key, int64_t now, int64_t interval, int64_t tolerance, int lock_fd=-1):
+def rate_admit(unsigned char[::1] table, key, int64_t now, int64_t interval,
+               int64_t tolerance, int lock_fd=-1):
     """The spec's rate_admit over the compiled rule (``lock_fd`` is not
-    needed: the compare-and-swap makes each update whole)."""
+    needed: the compare-and-swap makes each update whole). Called per
+    datagram: the table (writable, as the typed view insists) is only
+    checked to hold 2**k sets, not validated again as check_rate_args does."""
     cdef RateLimit limit
     cdef bint evicted
     cdef uint64_t family = key[0], prefix = key[1]
-    view, _, _, _, _ = common.check_rate_args(1.0, 1, (32, 64), table)
-    _set_rate(&limit, view, interval, tolerance)
+    cdef uint64_t sets = <uint64_t>table.shape[0] // (sizeof(RateEntry) * RATE_WAYS)
+    if sets == 0 or sets & (sets - 1):
+        raise ValueError("the rate table must hold 2**k sets of RATE_WAYS entries")
+    _set_rate(&limit, table, interval, tolerance)
     admitted = _rate_take(&limit, family, prefix, now, &evicted)
     return admitted, evicted
 
