@@ -27,6 +27,8 @@ class LoadGen:
     live: int
     tls: ssl.SSLContext | None
     server_hostname: str | None
+    request: bytes | None
+    reply: bytes | None
     def __init__(
         self,
         family: int,
@@ -39,6 +41,8 @@ class LoadGen:
         timeout: float = 2.0,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        request: bytes | None = None,
+        reply: bytes | None = None,
     ) -> None: ...
     def reset(self) -> None: ...
     @property

@@ -15,8 +15,9 @@ Bounds: checking is off. Every slot index comes from ``range(connections)``
 or from an epoll tag we stored; a window position is below ``depth`` (a
 datagram's claimed position is checked before use); every length passed to
 ``recv``/``send``/``memcmp`` is at most ``CHUNK``, the size of the receive
-buffer, and a pattern offset is below ``PERIOD``, so ``offset + length``
-stays inside the ``PERIOD + CHUNK`` bytes of the pattern.
+buffer, and an offset into what is sent (what must come back) is below its
+period (``PERIOD``, or the request's or the reply's length), so ``offset +
+length`` stays inside the ``period + CHUNK`` bytes of its buffer.
 
 Signals: on ``EINTR`` from ``epoll_wait`` the loop takes the GIL and runs
 ``PyErr_CheckSignals``: Ctrl-C raises ``KeyboardInterrupt`` out of ``run``
@@ -39,9 +40,11 @@ from prefork._loadgen_common import (
     ERROR_KINDS,
     MODES,
     check_args,
+    check_exchange,
     check_tls_args,
     is_ip_address,
     make_pattern,
+    repeated,
     sockaddr_bytes,
 )
 
@@ -190,6 +193,7 @@ cdef class LoadGen:
     cdef readonly int live
     cdef readonly object tls  # the client ssl.SSLContext, or None
     cdef readonly object server_hostname
+    cdef readonly object request, reply  # bytes of a request/reply run, or None (an echo)
     cdef openssl.SSL_CTX *_ctx  # tls's (kept alive by it); NULL: plain
     cdef bytes _name  # server_hostname, encoded as Python's ssl does
     cdef const char *_name_c  # its bytes (kept alive by _name), NULL without a name
@@ -206,7 +210,10 @@ cdef class LoadGen:
     cdef unsigned char *_waits
     cdef unsigned long long *_histogram
     cdef unsigned long long _errors[N_ERRORS]
-    cdef unsigned char *_pattern  # PERIOD + CHUNK bytes
+    cdef unsigned char *_pattern  # what is sent: _period + CHUNK bytes
+    cdef unsigned char *_expected  # what must come back: _reply_period + CHUNK bytes
+    cdef uint64_t _period, _reply_period, _reply_size
+    cdef bint _echo  # no request/reply: the reply is what was sent
     cdef unsigned char *_buf  # CHUNK bytes
     cdef unsigned char *_datagram  # size bytes in datagram mode
     cdef posix.epoll_event _events[MAX_EVENTS]
@@ -215,10 +222,14 @@ cdef class LoadGen:
         self._epfd = -1
 
     def __init__(self, int family, address, str mode="stream", *, int connections=50,
-                 size=1024, int depth=1, timeout=2.0, tls=None, server_hostname=None):
+                 size=1024, int depth=1, timeout=2.0, tls=None, server_hostname=None,
+                 request=None, reply=None):
         cdef bytes raw
-        cdef bytes pattern
+        cdef bytes pattern, expected
         cdef int i
+        exchange = check_exchange(mode, request, reply)
+        if exchange is not None:
+            size = len(exchange[0])
         check_args(family, mode, connections, size, depth, timeout)
         check_tls_args(mode, tls, server_hostname)
         if tls is not None:
@@ -254,15 +265,27 @@ cdef class LoadGen:
         self._seqs = <uint32_t *>calloc(<size_t>connections * depth, sizeof(uint32_t))
         self._waits = <unsigned char *>calloc(<size_t>connections * depth, 1)
         self._histogram = <unsigned long long *>calloc(BUCKETS, sizeof(unsigned long long))
-        self._pattern = <unsigned char *>malloc(PERIOD + CHUNK)
+        self._echo = exchange is None
+        if self._echo:
+            self._period = self._reply_period = PERIOD
+            self._reply_size = self.size
+            pattern = expected = make_pattern(PERIOD + CHUNK)
+        else:
+            self.request, self.reply = exchange
+            self._period = len(self.request)
+            self._reply_period = self._reply_size = len(self.reply)
+            pattern = repeated(self.request, self._period + CHUNK)
+            expected = repeated(self.reply, self._reply_period + CHUNK)
+        self._pattern = <unsigned char *>malloc(self._period + CHUNK)
+        self._expected = <unsigned char *>malloc(self._reply_period + CHUNK)
         self._buf = <unsigned char *>malloc(CHUNK)
         self._datagram = <unsigned char *>malloc(self.size if self._mode == MODE_DATAGRAM else 1)
         if (self._slots == NULL or self._starts == NULL or self._seqs == NULL
                 or self._waits == NULL or self._histogram == NULL or self._pattern == NULL
-                or self._buf == NULL or self._datagram == NULL):
+                or self._expected == NULL or self._buf == NULL or self._datagram == NULL):
             raise MemoryError()
-        pattern = make_pattern(PERIOD + CHUNK)
-        memcpy(self._pattern, <const char *>pattern, PERIOD + CHUNK)
+        memcpy(self._pattern, <const char *>pattern, self._period + CHUNK)
+        memcpy(self._expected, <const char *>expected, self._reply_period + CHUNK)
         if self._mode == MODE_DATAGRAM:
             memcpy(self._datagram, self._pattern, self.size)
         for i in range(connections):
@@ -289,6 +312,7 @@ cdef class LoadGen:
         free(self._waits)
         free(self._histogram)
         free(self._pattern)
+        free(self._expected)
         free(self._buf)
         free(self._datagram)
 
@@ -642,7 +666,7 @@ cdef class LoadGen:
         if self._ctx != NULL:
             return self._flush_tls(i)
         while slot.out < slot.queued:
-            offset = slot.out % PERIOD
+            offset = slot.out % self._period
             length = min(slot.queued - slot.out, <uint64_t>CHUNK)
             sent = posix.send(slot.fd, self._pattern + offset, <size_t>length, posix.MSG_NOSIGNAL)
             if sent < 0:
@@ -664,7 +688,7 @@ cdef class LoadGen:
         cdef int r, e
         cdef bint blocked = False
         while slot.out < slot.queued:
-            offset = slot.out % PERIOD
+            offset = slot.out % self._period
             length = slot.retry if slot.retry else min(slot.queued - slot.out, <uint64_t>CHUNK)
             openssl.ERR_clear_error()
             r = openssl.SSL_write(slot.ssl, self._pattern + offset, <int>length)
@@ -732,20 +756,22 @@ cdef class LoadGen:
             self._fail(i, E_CLOSED if slot.started > slot.done else QUIET)
             return False
         self.bytes_received += n
-        if slot.inp + n > slot.out:
+        # An echo owes what was sent; a server with replies, one per message begun.
+        cdef uint64_t owed = slot.out if self._echo else slot.started * self._reply_size
+        if slot.inp + n > owed:
             self._fail(i, E_EXCESS)
             return False
         position = 0
         while position < n:
-            take = min(n - position, self.size - slot.inp % self.size)
-            offset = slot.inp % PERIOD
-            if not slot.bad and memcmp(self._buf + position, self._pattern + offset,
+            take = min(n - position, self._reply_size - slot.inp % self._reply_size)
+            offset = slot.inp % self._reply_period
+            if not slot.bad and memcmp(self._buf + position, self._expected + offset,
                                        <size_t>take) != 0:
                 slot.bad = True
                 self._errors[E_MISMATCH] += 1
             position += take
             slot.inp += take
-            if slot.inp % self.size == 0:
+            if slot.inp % self._reply_size == 0:
                 self._answered(i, now, limit)
                 if self._mode == MODE_CONNECT:  # closed, and maybe a new connection begun
                     return False

@@ -26,6 +26,7 @@ ERROR_KINDS = ("connect", "reset", "closed", "mismatch", "excess", "timeout", "l
 N_ERRORS = len(ERROR_KINDS)
 PERIOD = 251  # the stream pattern's period: a prime, so no message size is a multiple
 CHUNK = 64 * 1024  # bytes per recv, and at most per send
+MAX_EXCHANGE = 1024 * 1024  # the largest request or reply of a request/reply run
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4
 DATAGRAM_BATCH = 16  # replies read per wake-up of one UDP socket
 HEADER = struct.Struct("=II")  # a datagram's window position and sequence number
@@ -99,6 +100,27 @@ def check_args(
         raise ValueError(f"a datagram must hold {HEADER.size} to {MAX_DATAGRAM} bytes")
     if not 0 < timeout < float("inf"):
         raise ValueError("timeout must be a positive number of seconds")
+
+
+def check_exchange(mode: str, request: Any, reply: Any) -> tuple[bytes, bytes] | None:
+    """A request/reply run's ``request`` and ``reply`` as bytes, None for an
+    echo run (both None); ValueError (TypeError) for a pair no run can use."""
+    if request is None and reply is None:
+        return None
+    if request is None or reply is None:
+        raise ValueError("a request and its reply go together: give both or neither")
+    pair = bytes(request), bytes(reply)  # TypeError for what is not bytes-like
+    if mode == "datagram":
+        raise ValueError("a request and its reply are for streams: datagrams are echoed")
+    for name, data in zip(("request", "reply"), pair, strict=True):
+        if not 0 < len(data) <= MAX_EXCHANGE:
+            raise ValueError(f"a {name} must hold 1 to {MAX_EXCHANGE:,} bytes, not {len(data):,}")
+    return pair
+
+
+def repeated(data: bytes, length: int) -> bytes:
+    """``length`` bytes of ``data`` repeated: byte ``i`` is ``data[i % len(data)]``."""
+    return (data * (length // len(data) + 1))[:length]
 
 
 def check_tls_args(mode: str, tls: Any, server_hostname: str | None) -> None:

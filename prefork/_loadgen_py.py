@@ -35,6 +35,15 @@ them are non-blocking. Three modes:
   counted lost and its position sends a new one; a reply that comes later
   is ignored (it is already counted).
 
+Request and reply (``request`` and ``reply``, bytes; stream and connect
+modes), for a server that answers rather than echoes: each message sends
+``request`` (``size`` is its length) and is answered once ``len(reply)``
+bytes came back, each equal to ``reply``'s. Sending and checking read the
+two repeated into fixed buffers (``len + CHUNK`` bytes), as the pattern is.
+A server may answer a message before all of it has arrived (a line
+protocol answers each line); more than one reply per message begun is
+``excess``.
+
 TLS (``tls``, a client ``ssl.SSLContext``; stream and connect modes): once
 connected, a connection makes its TLS handshake (the context verifies the
 certificate and, when it checks host names, ``server_hostname``; a name
@@ -108,8 +117,10 @@ from prefork._loadgen_common import (
     SWEEP_INTERVAL_NS,
     WAITING,
     check_args,
+    check_exchange,
     check_tls_args,
     make_pattern,
+    repeated,
     sockaddr_bytes,
 )
 
@@ -194,7 +205,9 @@ class LoadGen:
 
     ``tls`` (a client ``ssl.SSLContext``) runs every connection over TLS,
     verified against ``server_hostname`` when the context checks host
-    names (see the module's docstring).
+    names (see the module's docstring). ``request`` and ``reply`` (bytes,
+    both or neither) make every message that request, answered by that
+    reply instead of by its echo; ``size`` is then the request's length.
     """
 
     def __init__(
@@ -209,7 +222,12 @@ class LoadGen:
         timeout: float = 2.0,
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        request: bytes | None = None,
+        reply: bytes | None = None,
     ) -> None:
+        exchange = check_exchange(mode, request, reply)
+        if exchange is not None:
+            size = len(exchange[0])
         check_args(family, mode, connections, size, depth, timeout)
         check_tls_args(mode, tls, server_hostname)
         sockaddr_bytes(family, address)  # the same ValueError as the compiled twin
@@ -224,7 +242,17 @@ class LoadGen:
         self.timeout = float(timeout)
         self._timeout_ns = int(self.timeout * 1e9)
         self._type = socket.SOCK_DGRAM if mode == "datagram" else socket.SOCK_STREAM
-        self._pattern = memoryview(make_pattern(PERIOD + CHUNK))
+        self.request = self.reply = None
+        if exchange is None:  # an echo: the reply is what was sent
+            self._period = self._reply_period = PERIOD
+            self._reply_size = size
+            self._pattern = self._expected = memoryview(make_pattern(PERIOD + CHUNK))
+        else:
+            self.request, self.reply = exchange
+            self._period, self._reply_size = len(self.request), len(self.reply)
+            self._reply_period = self._reply_size
+            self._pattern = memoryview(repeated(self.request, self._period + CHUNK))
+            self._expected = memoryview(repeated(self.reply, self._reply_size + CHUNK))
         self._buffer = memoryview(bytearray(CHUNK))
         self._datagram = bytearray(self._pattern[: size if mode == "datagram" else 0])
         self._slots = [_Slot(depth) for _ in range(connections)]
@@ -517,7 +545,7 @@ class LoadGen:
             self._flush_tls(slot)
             return
         while slot.out < slot.queued:
-            offset = slot.out % PERIOD
+            offset = slot.out % self._period
             length = min(slot.queued - slot.out, CHUNK)
             try:
                 sent = slot.sock.send(self._pattern[offset : offset + length], socket.MSG_NOSIGNAL)
@@ -536,7 +564,7 @@ class LoadGen:
         assert isinstance(slot.sock, ssl.SSLSocket)
         blocked = False
         while slot.out < slot.queued:
-            offset = slot.out % PERIOD
+            offset = slot.out % self._period
             length = slot.retry or min(slot.queued - slot.out, CHUNK)
             try:
                 sent = slot.sock.send(self._pattern[offset : offset + length])
@@ -603,23 +631,26 @@ class LoadGen:
             self._fail(slot, "closed" if slot.started > slot.done else None)
             return False
         self.bytes_received += n
-        if slot.inp + n > slot.out:
+        # An echo owes what was sent; a server with replies, one per message begun.
+        owed = slot.out if self.request is None else slot.started * self._reply_size
+        if slot.inp + n > owed:
             self._fail(slot, "excess")
             return False
+        size = self._reply_size
         position = 0
         while position < n:
-            take = min(n - position, self.size - slot.inp % self.size)
-            offset = slot.inp % PERIOD
+            take = min(n - position, size - slot.inp % size)
+            offset = slot.inp % self._reply_period
             if (
                 not slot.bad
                 and self._buffer[position : position + take]
-                != self._pattern[offset : offset + take]
+                != self._expected[offset : offset + take]
             ):
                 slot.bad = True
                 self._error("mismatch")
             position += take
             slot.inp += take
-            if slot.inp % self.size == 0:
+            if slot.inp % size == 0:
                 self._answered(slot, now, limit)
                 if self.mode == "connect":  # closed, and maybe a new connection begun
                     return False

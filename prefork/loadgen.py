@@ -19,6 +19,7 @@ from prefork._loadgen_common import (
     ERROR_KINDS,
     HEADER,
     MAX_DATAGRAM,
+    MAX_EXCHANGE,
     bucket_high,
     percentile,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "HEADER",
     "IMPLEMENTATION",
     "MAX_DATAGRAM",
+    "MAX_EXCHANGE",
     "LoadGen",
     "bucket_high",
     "bucket_index",

@@ -765,7 +765,7 @@ def test_help():
     result = run("bench", "--help")
     assert result.returncode == 0 and result.stderr == ""
     options = "--connections --size --depth --duration --count --warmup --udp"
-    options += " --connect-per-request --timeout --json --metrics"
+    options += " --connect-per-request --timeout --json --metrics --request --reply"
     for option in options.split():
         assert option in result.stdout
     assert "bench" in run("--help").stdout

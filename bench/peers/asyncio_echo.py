@@ -1,11 +1,15 @@
-"""The echo servers an asyncio or uvloop user would write.
+"""The servers an asyncio or uvloop user would write: echoes, and two that answer.
 
-python asyncio_echo.py asyncio|uvloop PORT [Echo|BufferedEcho|TimerEcho]
+python asyncio_echo.py asyncio|uvloop PORT [Echo|BufferedEcho|TimerEcho|UpperLines|Resp]
 
 Echo is the Protocol API's echo; BufferedEcho the BufferedProtocol API's
 (reads land in the protocol's own buffer); TimerEcho an Echo that re-arms an
 idle timer (``call_later``) on every message, as a protocol with a timeout
-does. prefork serves the same classes (``--handler asyncio_echo:CLASS``).
+does. UpperLines answers every line with the line upper-cased; Resp is a
+small key-value store speaking Redis's RESP (SET, GET, DEL, PING), its
+parser in Python. prefork serves the same classes (``--handler
+asyncio_echo:CLASS``). ``exchange(CLASS, SIZE)`` is the request of about
+SIZE bytes a load generator sends the two that answer, and their reply.
 """
 
 import asyncio
@@ -50,6 +54,125 @@ class TimerEcho(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.timer.cancel()
+
+
+class UpperLines(asyncio.Protocol):
+    MAX_LINE = 65536  # a longer line closes the connection: the buffer is bounded
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.partial = b""
+
+    def data_received(self, data):
+        lines = (self.partial + data).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            self.line_received(line)
+        if len(self.partial) > self.MAX_LINE:
+            self.transport.close()
+
+    def line_received(self, line):
+        self.transport.write(line.upper() + b"\n")
+
+
+class RespError(Exception):
+    pass
+
+
+class Resp(asyncio.Protocol):
+    """SET key value, GET key, DEL key..., PING: a RESP array of bulk strings
+    per command, answered in RESP; pipelined commands are answered together."""
+
+    MAX_BUFFER = 1 << 20  # an unfinished command longer than this closes the connection
+    store = {}  # one per process, shared by its connections
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.buffer = bytearray()
+
+    def data_received(self, data):
+        buffer = self.buffer
+        buffer += data
+        replies = []
+        position = 0
+        try:
+            while True:
+                command, position = self.parse(buffer, position)
+                if command is None:
+                    break
+                replies.append(self.execute(command))
+        except RespError as exc:
+            replies.append(b"-ERR " + str(exc).encode() + b"\r\n")
+            self.transport.write(b"".join(replies))
+            self.transport.close()
+            return
+        del buffer[:position]
+        if replies:
+            self.transport.write(b"".join(replies))
+        if len(buffer) > self.MAX_BUFFER:
+            self.transport.close()
+
+    @staticmethod
+    def parse(buffer, position):
+        """The command that starts at ``position`` and where the next one
+        starts, or (None, position) while it is incomplete."""
+        end = buffer.find(b"\r\n", position)
+        if end < 0:
+            return None, position
+        if buffer[position : position + 1] != b"*":
+            raise RespError("expected an array of bulk strings")
+        count = int(buffer[position + 1 : end])
+        cursor = end + 2
+        command = []
+        for _ in range(count):
+            end = buffer.find(b"\r\n", cursor)
+            if end < 0:
+                return None, position
+            if buffer[cursor : cursor + 1] != b"$":
+                raise RespError("expected a bulk string")
+            length = int(buffer[cursor + 1 : end])
+            start = end + 2
+            if len(buffer) < start + length + 2:
+                return None, position
+            command.append(bytes(buffer[start : start + length]))
+            cursor = start + length + 2
+        return command, cursor
+
+    def execute(self, command):
+        name = command[0].upper() if command else b""
+        if name == b"GET" and len(command) == 2:
+            value = self.store.get(command[1])
+            if value is None:
+                return b"$-1\r\n"
+            return b"$%d\r\n%b\r\n" % (len(value), value)
+        if name == b"SET" and len(command) == 3:
+            self.store[command[1]] = command[2]
+            return b"+OK\r\n"
+        if name == b"DEL" and len(command) >= 2:
+            removed = sum(self.store.pop(key, None) is not None for key in command[1:])
+            return b":%d\r\n" % removed
+        if name == b"PING" and len(command) == 1:
+            return b"+PONG\r\n"
+        return b"-ERR unknown command or wrong number of arguments\r\n"
+
+
+def resp_command(*parts):
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%b\r\n" % (len(p), p) for p in parts)
+
+
+def exchange(name, size):
+    """(request, reply) for the server class ``name``: a request of about
+    ``size`` bytes (at least a few dozen) and what the server answers it with."""
+    text = b"the quick brown fox jumps over the lazy dog 0123456789 "
+    if name == "UpperLines":  # one line per message
+        line = (text * (size // len(text) + 1))[: max(size - 1, 1)] + b"\n"
+        return line, line.upper()
+    if name == "Resp":  # a SET and a GET of the same key, pipelined
+        overhead = len(resp_command(b"SET", b"key:1", b"")) + len(resp_command(b"GET", b"key:1"))
+        value = (text * (size // len(text) + 1))[: max(size - overhead - 4, 8)]
+        request = resp_command(b"SET", b"key:1", value) + resp_command(b"GET", b"key:1")
+        return request, b"+OK\r\n$%d\r\n%b\r\n" % (len(value), value)
+    raise ValueError(f"{name} echoes: it has no request and reply")
 
 
 async def main(port: int, protocol: type) -> None:

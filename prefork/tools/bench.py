@@ -32,6 +32,11 @@ second are full handshakes per second (no session is resumed). Bytes are
 the messages' (TLS's own records are not counted); a failed handshake is
 the ``tls`` error.
 
+With ``--request FILE --reply FILE`` the server is one that answers rather
+than echoes (a line protocol, a key-value store): every message is the
+request file's bytes, answered once the reply file's bytes came back, every
+byte checked against them; MB/s counts the replies' bytes.
+
 With ``--metrics HOST:PORT`` (the server's metrics endpoint) it scrapes the
 per-worker counters before and after the run and reports how the
 connections and bytes spread over the server's workers.
@@ -79,7 +84,8 @@ def add_parser(commands: Any) -> None:
     subparsers action)."""
     bench = commands.add_parser(
         "bench",
-        help="load an echo server and report its throughput and latency",
+        help="load an echo server (or one that answers --request with --reply) and report "
+        "its throughput and latency",
         description="Keep connections busy with messages against an echo server, check "
         "every byte that comes back, and report messages/s, MB/s and latency percentiles. "
         "Exit status 1 if no message was echoed, any echo was wrong, short or lost, or a "
@@ -101,8 +107,19 @@ def add_parser(commands: Any) -> None:
         "-s",
         "--size",
         metavar="SIZE",
-        default=DEFAULTS["size"],
+        default=None,
         help=f"bytes per message, e.g. 64 or 16K (default {DEFAULTS['size']})",
+    )
+    bench.add_argument(
+        "--request",
+        metavar="FILE",
+        help="send this file's bytes as every message, to a server that answers with "
+        "--reply's instead of an echo (TCP and unix: only)",
+    )
+    bench.add_argument(
+        "--reply",
+        metavar="FILE",
+        help="the bytes a server answers every --request with; each reply is checked",
     )
     bench.add_argument(
         "-d",
@@ -174,7 +191,7 @@ class Options:
     address: Address
     mode: str  # stream, connect or datagram (the LoadGen modes)
     connections: int
-    size: int
+    size: int  # bytes sent per message
     depth: int
     duration: float | None  # None: until -n messages
     count: int  # 0: until -t seconds
@@ -185,6 +202,12 @@ class Options:
     marks: bool = False  # mark the measured window's edges on stderr
     tls: ssl.SSLContext | None = None  # the client's context: every connection over TLS
     server_hostname: str | None = None  # with tls: the name to send and verify
+    request: bytes | None = None  # each message (--request); None: the echo pattern
+    reply: bytes | None = None  # what answers it (--reply); None: the echo
+
+    @property
+    def reply_size(self) -> int:
+        return self.size if self.reply is None else len(self.reply)
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -204,7 +227,13 @@ def options_from_args(args: argparse.Namespace) -> Options:
             raise ConfigError("--connect-per-request: UDP has no connections")
         mode = "connect"
     connections = parse_int(args.connections, "-c/--connections", minimum=1)
-    size = parse_size(args.size, "-s/--size")
+    request, reply = read_exchange(args, mode)
+    if request is not None and args.size is not None:
+        raise ConfigError("-s/--size: with --request a message is the request file's bytes")
+    if request is not None:
+        size = len(request)
+    else:
+        size = parse_size(DEFAULTS["size"] if args.size is None else args.size, "-s/--size")
     depth = parse_int(args.depth, "-d/--depth", minimum=1)
     if mode == "connect" and depth != 1:
         raise ConfigError("-d/--depth: --connect-per-request sends one message per connection")
@@ -250,7 +279,39 @@ def options_from_args(args: argparse.Namespace) -> Options:
         marks=args.marks,
         tls=tls,
         server_hostname=server_hostname,
+        request=request,
+        reply=reply,
     )
+
+
+def read_exchange(args: argparse.Namespace, mode: str) -> tuple[bytes | None, bytes | None]:
+    """The bytes of --request and --reply (None, None for an echo run);
+    ConfigError for files that cannot be read or used."""
+    if args.request is None and args.reply is None:
+        return None, None
+    if args.request is None or args.reply is None:
+        given, missing = (
+            ("--request", "--reply") if args.reply is None else ("--reply", "--request")
+        )
+        raise ConfigError(f"{given}: needs {missing} (what the server answers, and to what)")
+    if mode == "datagram":
+        raise ConfigError("--request: for TCP and unix: servers; datagrams are echoed")
+    from prefork.loadgen import MAX_EXCHANGE
+
+    pair = []
+    for option, path in (("--request", args.request), ("--reply", args.reply)):
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_EXCHANGE + 1)
+        except OSError as exc:
+            raise ConfigError(f"{option}: cannot read {path}: {exc.strerror}") from None
+        if not 0 < len(data) <= MAX_EXCHANGE:
+            raise ConfigError(
+                f"{option}: {path} must hold 1 to {MAX_EXCHANGE:,} bytes, "
+                + ("it is empty" if not data else "it holds more")
+            )
+        pair.append(data)
+    return pair[0], pair[1]
 
 
 def tls_options(
@@ -557,9 +618,12 @@ def describe(options: Options) -> str:
     kinds = {"stream": "", "connect": ", a new connection per message", "datagram": ""}
     sockets = "UDP sockets" if options.mode == "datagram" else "connections"
     over = " over TLS" if options.tls is not None else ""
+    messages = f"{options.size}-byte messages"
+    if options.request is not None:
+        messages = f"{options.size}-byte requests, {options.reply_size}-byte replies"
     return (
         f"{options.connections} {sockets}{over} x {options.depth} in flight, "
-        f"{options.size}-byte messages{kinds[options.mode]}"
+        f"{messages}{kinds[options.mode]}"
     )
 
 
@@ -574,7 +638,7 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
         for name, fraction in QUANTILES:
             latency[name] = result.latency(fraction) / 1e3
         latency["max"] = result.latency_max / 1e3
-    echoed = result.echoed_per_second(options.size)
+    echoed = result.echoed_per_second(options.reply_size)
     warmup = {"seconds": result.warmup.get("seconds", 0.0)}
     warmup |= {name: int(result.warmup.get(name, 0)) for name in WARMUP_COUNTERS}
     return {
@@ -585,6 +649,8 @@ def as_dict(result: Result, options: Options, implementation: str) -> dict[str, 
         "connections": options.connections,
         "depth": options.depth,
         "size": options.size,
+        "reply_size": options.reply_size,
+        "exchange": "echo" if options.request is None else "request-reply",
         "warmup_seconds": options.warmup,
         "seconds": result.seconds,
         "interrupted": result.interrupted,
@@ -621,8 +687,9 @@ def report(
         answered += f" (and {result.failed:,} failed)"
     rows.append(("messages", answered))
     rows.append(("messages/s", f"{result.rate(result.messages):,.0f}"))
-    echoed = result.echoed_per_second(options.size)
-    rows.append(("MB/s", "n/a" if echoed is None else f"{echoed / 1e6:,.2f} echoed"))
+    echoed = result.echoed_per_second(options.reply_size)
+    what = "echoed" if options.request is None else "in replies"
+    rows.append(("MB/s", "n/a" if echoed is None else f"{echoed / 1e6:,.2f} {what}"))
     if result.cpu_per_message is not None:
         per_message = f"{result.cpu_per_message:.2f} us/message"
         rows.append(("client CPU", f"{result.cpu_seconds:.2f} s, {per_message}"))
@@ -675,6 +742,8 @@ def run(args: argparse.Namespace) -> int:
         timeout=options.timeout,
         tls=options.tls,
         server_hostname=options.server_hostname,
+        request=options.request,
+        reply=options.reply,
     )
     progress = Progress(sys.stderr)
     try:
@@ -726,18 +795,19 @@ def tls_probe(options: Options) -> str | None:
 
 
 def nothing_echoed(result: Result, options: Options) -> str:
-    """Why a run that echoed no message fails, in a few words."""
+    """Why a run that echoed (answered) no message fails, in a few words."""
+    done, awaited = ("echoed", "echo") if options.request is None else ("answered", "reply")
     if not result.warmed_up:
-        return "no message was echoed (interrupted in the warm-up)"
+        return f"no message was {done} (interrupted in the warm-up)"
     if result.all_failed:
         where = " in the warm-up" if result.all_failed == "warm-up" else ""
-        return f"no message was echoed: every connection failed{where}"
-    text = f"no message was echoed in {result.seconds:.2f} s"
+        return f"no message was {done}: every connection failed{where}"
+    text = f"no message was {done} in {result.seconds:.2f} s"
     if result.failed:
         text += f" ({result.failed:,} failed)"
     elif result.in_flight and not result.error_total:
         text += (
-            f" ({result.in_flight:,} still awaited their echo at the end; "
+            f" ({result.in_flight:,} still awaited their {awaited} at the end; "
             f"--timeout is {options.timeout:g} s)"
         )
     return text
