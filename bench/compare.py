@@ -108,6 +108,9 @@ class Server:
     prefork: bool = False  # has --metrics: the generator reports worker balance
     cwd: str | None = None  # run from here (a baseline tree: python -m finds its package first)
     default: bool = True  # in a run that names no --servers
+    # A server that answers rather than echoes: the class in asyncio_echo.py
+    # whose exchange() gives the request it is sent and the reply it owes.
+    answers: str | None = None
 
     def command(self, port: int, workers: int, metrics: int) -> list[str]:
         values = {"build": BUILD, "port": port, "workers": workers, "metrics": metrics}
@@ -128,8 +131,15 @@ def peer(script: str, *args: str) -> tuple[str, ...]:
 NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
 EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "16384")
 USER_ECHO = ("--handler", "asyncio_echo:Echo")
-# A user's other protocols, the same classes on every loop (asyncio_echo.py).
-USER_PROTOCOLS = {"buffered": "BufferedEcho", "timer": "TimerEcho"}
+# A user's other protocols, the same classes on every loop (asyncio_echo.py);
+# the last two answer (a line per message, a RESP SET and GET) instead of echoing.
+USER_PROTOCOLS = {
+    "buffered": "BufferedEcho",
+    "timer": "TimerEcho",
+    "upper": "UpperLines",
+    "resp": "Resp",
+}
+ANSWERING = {"UpperLines", "Resp"}
 PEERS_ON_PATH = (("PYTHONPATH", str(PEERS)),)
 SERVERS = [
     # Event-driven: one process (one core) serves every connection.
@@ -181,12 +191,14 @@ SERVERS = [
                 PEERS_ON_PATH,
                 prefork=True,
                 default=False,
+                answers=cls if cls in ANSWERING else None,
             ),
             Server(
                 f"asyncio-{suffix}",
                 "event",
                 peer("asyncio_echo.py", "asyncio", "{port}", cls),
                 default=False,
+                answers=cls if cls in ANSWERING else None,
             ),
             Server(
                 f"uvloop-{suffix}",
@@ -194,6 +206,7 @@ SERVERS = [
                 peer("asyncio_echo.py", "uvloop", "{port}", cls),
                 needs="uvloop",
                 default=False,
+                answers=cls if cls in ANSWERING else None,
             ),
         )
     ),
@@ -422,18 +435,43 @@ class Run:
 
 
 def bench_argv(
-    address: str, load: Workload, seconds: float, pin: Pinning, metrics: str | None = None
+    address: str,
+    load: Workload,
+    seconds: float,
+    pin: Pinning,
+    metrics: str | None = None,
+    exchange: tuple[str, str] | None = None,
 ) -> list[str]:
     """``prefork bench`` on the client core: ``load`` for ``seconds``, JSON out, the
-    measured window marked on stderr."""
+    measured window marked on stderr; ``exchange``: the request and reply files
+    for a server that answers (``load``'s size is then the request's)."""
+    size = (
+        ["--request", exchange[0], "--reply", exchange[1]] if exchange else ["-s", str(load.size)]
+    )
     argv = [
         *pin.client, PYTHON, "-m", "prefork", "bench", address, "--json", "--marks",
-        "-c", str(load.connections), "-s", str(load.size), "-d", str(load.depth),
+        "-c", str(load.connections), *size, "-d", str(load.depth),
         "-t", str(seconds), "--warmup", "0",
     ]  # fmt: skip
     if metrics:
         argv += ["--metrics", metrics]
     return argv
+
+
+def exchange_files(server: Server, load: Workload, directory: Path) -> tuple[str, str] | None:
+    """For a server that answers: the request of about ``load``'s size its class
+    is sent and the reply it owes, written to ``directory`` (None: it echoes)."""
+    if server.answers is None:
+        return None
+    sys.path.insert(0, str(PEERS))
+    try:
+        import asyncio_echo
+    finally:
+        sys.path.remove(str(PEERS))
+    request, reply = asyncio_echo.exchange(server.answers, load.size)
+    (directory / "request").write_bytes(request)
+    (directory / "reply").write_bytes(reply)
+    return str(directory / "request"), str(directory / "reply")
 
 
 def bench_result(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
@@ -451,12 +489,13 @@ def bench(
     pin: Pinning,
     metrics: str | None = None,
     server_pid: int | None = None,
+    exchange: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
     """One ``prefork bench`` run. With ``server_pid``, the server tree's CPU seconds
     over exactly the measured window (between the generator's --marks lines, so
     neither its start-up, its connection set-up nor its --metrics scrape is
     counted) are added to the result as ``server_cpu_seconds``."""
-    argv = bench_argv(address, load, seconds, pin, metrics)
+    argv = bench_argv(address, load, seconds, pin, metrics, exchange)
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -487,11 +526,13 @@ def bench(
 
 
 def measure(server: Server, load: Workload, seconds: float, pin: Pinning) -> Run:
-    with Running(server, load.connections, pin) as running:
+    with Running(server, load.connections, pin) as running, tempfile.TemporaryDirectory() as tmp:
         address = f"127.0.0.1:{running.port}"
-        bench(address, load, min(1.0, seconds / 2), pin)  # warm-up: workers up, caches warm
+        exchange = exchange_files(server, load, Path(tmp))
+        # warm-up: workers up, caches warm
+        bench(address, load, min(1.0, seconds / 2), pin, exchange=exchange)
         metrics = f"127.0.0.1:{running.metrics}" if server.prefork else None
-        result = bench(address, load, seconds, pin, metrics, server_pid=running.proc.pid)
+        result = bench(address, load, seconds, pin, metrics, running.proc.pid, exchange)
         cpu = result["server_cpu_seconds"]
     messages = max(result["messages"], 1)
     if cpu <= 0:  # exact to the nanosecond (tree_cpu): none means no process was found
@@ -1101,7 +1142,7 @@ def main() -> None:
     results = compare(available, workloads, args.rounds, args.seconds, pin)
     if not args.no_memory:
         for server in available:
-            if server.name in NO_IDLE:
+            if server.name in NO_IDLE or server.answers:  # the probe checks an echo
                 continue
             try:
                 results.memory[server.name] = idle_memory(server, pin)

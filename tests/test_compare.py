@@ -104,6 +104,24 @@ def test_a_small_comparison_writes_its_section_and_keeps_the_rest(tmp_path: Path
     assert "4 x 64 KiB, 4 in flight" not in text  # the first run's bulk table is gone
 
 
+@pytest.mark.timeout(120)
+def test_servers_that_answer_are_sent_requests_and_checked_against_their_replies(tmp_path: Path):
+    # The line protocol and the RESP store are not echoes: every message is
+    # their exchange()'s request, and every reply byte is checked (a failed
+    # check would fail the run and show under "failed runs").
+    names = ["prefork-event-upper", "asyncio-upper", "prefork-event-resp", "asyncio-resp"]
+    done = compare(
+        tmp_path, "--rounds", "1", "--seconds", "0.3", "--no-generator-check", "--no-memory",
+        "--servers", ",".join(names), "--workloads", "small,bulk",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not leftovers(tmp_path)
+    raw = json.loads((tmp_path / "results.json").read_text())
+    assert raw["failures"] == []
+    runs = {(run["workload"], run["server"]) for run in raw["runs"] if run["rate"] > 0}
+    assert runs == {(load, name) for load in ("small", "bulk") for name in names}
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [
