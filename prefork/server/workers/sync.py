@@ -74,6 +74,13 @@ def kernel_byte_counts(conn: int) -> tuple[int, int] | None:
     return received, sent - retransmitted + notsent
 
 
+# How late a signal that lands between two calls of a compiled blocking loop
+# may run its handler (the wait's timeout; see bound_blocking_waits): well
+# inside the second in which a worker exits after its master's death (the
+# parent-death QUIT). A few wake-ups a second of an idle client cost nothing.
+PENDING_SIGNAL_BOUND = 0.25
+
+
 def bound_blocking_waits(conn: int, seconds: float) -> None:
     """Give the connection's blocking recv and send a timeout (SO_RCVTIMEO,
     SO_SNDTIMEO): the compiled built-in loops then wake every ``seconds``
@@ -316,7 +323,7 @@ class SyncWorker(Worker):
                 else:
                     handled = True
                     if self.serves_in_signal_thread and self.handler.builtin is not None:
-                        bound_blocking_waits(conn, self.tick)
+                        bound_blocking_waits(conn, min(self.tick, PENDING_SIGNAL_BOUND))
                     nin, nout = handler(conn, buffer, client)
                 end = NORMAL_ENDS.get(str(self.handler.builtin), "closed")
                 if not handled:
