@@ -35,6 +35,7 @@ import stat
 
 from cpython.bytes cimport PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdio cimport snprintf
@@ -60,6 +61,7 @@ __all__ = [
     "ConnectionCore",
     "EventLoop",
     "StreamCounts",
+    "TimerQueue",
     "Transport",
     "accept",
     "chargen",
@@ -2337,3 +2339,160 @@ def counted_write(self, data):
         conn.nout += <unsigned long long>n
         conn.active = True
     transport.write(data)
+
+
+# -- the event worker's asyncio timers -----------------------------------------------------
+#
+# See prefork._fastio_py.TimerQueue. The heap orders three parallel arrays by
+# (when, order): the whens and the push counts in C, the handles in a list
+# (so the garbage collector sees them: a handle refers to its loop, which
+# holds this queue). Comparing two timers is comparing two doubles.
+
+
+cdef class TimerQueue:
+    """The loop's timers, by ``when`` and then by the order they came in (see the spec)."""
+
+    COMPACT_AFTER = 50
+
+    cdef double *_whens
+    cdef unsigned long long *_orders
+    cdef list _handles
+    cdef Py_ssize_t _size, _capacity
+    cdef unsigned long long _count
+    cdef readonly Py_ssize_t cancelled_count
+
+    def __cinit__(self):
+        self._handles = []
+
+    def __dealloc__(self):
+        free(self._whens)
+        free(self._orders)
+
+    def __len__(self):
+        return self._size
+
+    cdef inline bint _before(self, Py_ssize_t a, Py_ssize_t b) noexcept:
+        return (self._whens[a] < self._whens[b]
+                or (self._whens[a] == self._whens[b] and self._orders[a] < self._orders[b]))
+
+    cdef inline void _swap(self, Py_ssize_t a, Py_ssize_t b) noexcept:
+        cdef double when = self._whens[a]
+        cdef unsigned long long order = self._orders[a]
+        cdef PyObject *handle = PyList_GET_ITEM(self._handles, a)
+        self._whens[a] = self._whens[b]
+        self._orders[a] = self._orders[b]
+        self._whens[b] = when
+        self._orders[b] = order
+        # Moving references inside the list: no count changes.
+        PyList_SET_ITEM(self._handles, a, <object>PyList_GET_ITEM(self._handles, b))
+        PyList_SET_ITEM(self._handles, b, <object>handle)
+
+    cdef void _sift_up(self, Py_ssize_t i) noexcept:
+        cdef Py_ssize_t parent
+        while i > 0:
+            parent = (i - 1) >> 1
+            if not self._before(i, parent):
+                break
+            self._swap(i, parent)
+            i = parent
+
+    cdef void _sift_down(self, Py_ssize_t i) noexcept:
+        cdef Py_ssize_t child
+        while True:
+            child = 2 * i + 1
+            if child >= self._size:
+                break
+            if child + 1 < self._size and self._before(child + 1, child):
+                child += 1
+            if not self._before(child, i):
+                break
+            self._swap(i, child)
+            i = child
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t capacity = self._capacity * 2 if self._capacity else 64
+        cdef double *whens = <double *>realloc(self._whens, capacity * sizeof(double))
+        if whens == NULL:
+            raise MemoryError()
+        self._whens = whens
+        cdef unsigned long long *orders = <unsigned long long *>realloc(
+            self._orders, capacity * sizeof(unsigned long long))
+        if orders == NULL:
+            raise MemoryError()
+        self._orders = orders
+        self._capacity = capacity
+        return 0
+
+    cdef object _pop(self):
+        """Take the first timer off the heap (the heap is not empty)."""
+        cdef Py_ssize_t last = self._size - 1
+        if last > 0:
+            self._swap(0, last)
+        handle = self._handles.pop()
+        self._size = last
+        if last > 1:
+            self._sift_down(0)
+        return handle
+
+    def push(self, handle):
+        cdef double when = handle._when
+        if (self.cancelled_count > self.COMPACT_AFTER
+                and self.cancelled_count > self._size // 2):
+            self._compact()
+        if self._size == self._capacity:
+            self._grow()
+        self._count += 1
+        self._handles.append(handle)
+        self._whens[self._size] = when
+        self._orders[self._size] = self._count
+        self._size += 1
+        self._sift_up(self._size - 1)
+        handle._scheduled = True
+
+    def cancelled(self, handle):
+        if handle._scheduled:
+            self.cancelled_count += 1
+
+    def next_when(self):
+        while self._size and self._handles[0]._cancelled:
+            self._drop(self._pop())
+        return self._whens[0] if self._size else float("inf")
+
+    def pop_due(self, double now, ready):
+        while self._size and self._whens[0] <= now:
+            handle = self._pop()
+            if handle._cancelled:
+                self._drop(handle)
+                continue
+            handle._scheduled = False
+            ready.append(handle)
+
+    def clear(self):
+        for handle in self._handles:
+            handle._scheduled = False
+        self._handles = []
+        self._size = 0
+        self.cancelled_count = 0
+
+    cdef void _drop(self, handle) except *:
+        handle._scheduled = False
+        self.cancelled_count -= 1
+
+    cdef int _compact(self) except -1:
+        cdef list old = self._handles
+        cdef Py_ssize_t i, n = self._size, kept = 0
+        self._handles = []
+        for i in range(n):
+            handle = old[i]
+            if handle._cancelled:
+                handle._scheduled = False
+                continue
+            self._handles.append(handle)
+            self._whens[kept] = self._whens[i]
+            self._orders[kept] = self._orders[i]
+            kept += 1
+        self._size = kept
+        self.cancelled_count = 0
+        for i in range(kept // 2 - 1, -1, -1):
+            self._sift_down(i)
+        return 0

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import os
 import random
 import select
@@ -130,6 +131,7 @@ __all__ = [
     "ConnectionCore",
     "EventLoop",
     "StreamCounts",
+    "TimerQueue",
     "Transport",
     "accept",
     "chargen",
@@ -1593,3 +1595,90 @@ def counted_write(self: Any, data: Any) -> None:
         conn.nout += n
         conn.active = True
     transport.write(data)
+
+
+# -- the event worker's asyncio timers -----------------------------------------------------
+#
+# ``loop.call_later``/``call_at`` of the event worker's asyncio loop
+# (``server/workers/event_asyncio.py``) keep their ``asyncio.TimerHandle``s
+# here. A protocol that re-arms a timeout per message pushes one and cancels
+# one per message: as a heap of TimerHandles every comparison was a Python
+# ``__lt__`` call, and dropping the cancelled ones asked each for
+# ``cancelled()``. The compiled twin keeps ``when`` beside each handle in C.
+
+
+class TimerQueue:
+    """The loop's timers, by ``when`` and then by the order they came in.
+
+    ``push(handle)`` adds an ``asyncio.TimerHandle`` (marked ``_scheduled``);
+    ``cancelled(handle)`` is the loop's ``_timer_handle_cancelled``, which
+    ``TimerHandle.cancel()`` calls: it counts a scheduled one. Cancelled
+    timers stay until they reach the top or until they are more than half
+    of the queue (and more than ``COMPACT_AFTER``), when ``push`` drops them
+    all. ``next_when()`` is when the first live timer is due (``inf``: none),
+    ``pop_due(now, ready)`` appends the live timers due by ``now`` to
+    ``ready`` in order, ``len()`` counts the queue, cancelled ones included,
+    and ``clear()`` empties it.
+    """
+
+    COMPACT_AFTER = 50
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, asyncio.TimerHandle]] = []
+        self._count = 0  # pushes so far: the tie-break, so equal whens keep their order
+        self._cancelled = 0
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @property
+    def cancelled_count(self) -> int:
+        return self._cancelled
+
+    def push(self, handle: asyncio.TimerHandle) -> None:
+        if self._cancelled > self.COMPACT_AFTER and self._cancelled > len(self._heap) // 2:
+            self._compact()
+        self._count += 1
+        heapq.heappush(self._heap, (handle._when, self._count, handle))  # type: ignore[attr-defined]
+        handle._scheduled = True  # type: ignore[attr-defined]  # as asyncio's loop does
+
+    def cancelled(self, handle: asyncio.TimerHandle) -> None:
+        if handle._scheduled:  # type: ignore[attr-defined]
+            self._cancelled += 1
+
+    def next_when(self) -> float:
+        heap = self._heap
+        while heap and heap[0][2]._cancelled:
+            self._drop(heapq.heappop(heap)[2])
+        return heap[0][0] if heap else float("inf")
+
+    def pop_due(self, now: float, ready: Any) -> None:
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            handle = heapq.heappop(heap)[2]
+            if handle._cancelled:
+                self._drop(handle)
+                continue
+            handle._scheduled = False  # type: ignore[attr-defined]
+            ready.append(handle)
+
+    def clear(self) -> None:
+        for _, _, handle in self._heap:
+            handle._scheduled = False  # type: ignore[attr-defined]
+        self._heap = []
+        self._cancelled = 0
+
+    def _drop(self, handle: asyncio.TimerHandle) -> None:
+        handle._scheduled = False  # type: ignore[attr-defined]
+        self._cancelled -= 1
+
+    def _compact(self) -> None:
+        live = []
+        for entry in self._heap:
+            if entry[2]._cancelled:
+                entry[2]._scheduled = False  # type: ignore[attr-defined]
+            else:
+                live.append(entry)
+        heapq.heapify(live)
+        self._heap = live
+        self._cancelled = 0

@@ -22,6 +22,7 @@ __all__ = [
     "ConnectionCore",
     "EventLoop",
     "StreamCounts",
+    "TimerQueue",
     "accept",
     "chargen",
     "discard",
@@ -73,6 +74,8 @@ EventLoop = _impl.EventLoop
 ConnectionCore: type[_fastio_py.ConnectionCore] = _impl.ConnectionCore
 StreamCounts: type[_fastio_py.StreamCounts] = _impl.StreamCounts
 counted_write: Callable[[Any, Any], None] = _impl.counted_write
+# The event worker's asyncio timers (a heap compared in C).
+TimerQueue: type[_fastio_py.TimerQueue] = _impl.TimerQueue
 accept: Callable[[Any], int | None] = _impl.accept
 echo: Callable[[Any, Any], tuple[int, int]] = _impl.echo
 discard: Callable[[Any, Any], tuple[int, int]] = _impl.discard

@@ -35,7 +35,6 @@ import concurrent.futures
 import contextvars
 import errno
 import functools
-import heapq
 import logging
 import os
 import selectors
@@ -96,8 +95,10 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def __init__(self, wake_fd: int = -1) -> None:
         self.io: fastio.EventLoop | None = None  # set by attach()
         self._ready: deque[asyncio.Handle] = deque()
-        self._timers: list[asyncio.TimerHandle] = []
-        self._cancelled_timers = 0
+        # Compiled (fastio.TimerQueue): TimerHandle.cancel() calls the
+        # queue's own count, through _timer_handle_cancelled below.
+        self._timers = fastio.TimerQueue()
+        self._timer_handle_cancelled = self._timers.cancelled
         # When the I/O loop returns at the latest (what timeout() gave it): a
         # timer due later needs no wake-up.
         self._deadline = float("inf")
@@ -133,10 +134,8 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         now = self.time()
         if self._ready:
             wait = 0.0
-        elif self._timers:
-            wait = max(0.0, min(longest, self._timers[0].when() - now))
         else:
-            wait = longest
+            wait = max(0.0, min(longest, self._timers.next_when() - now))
         self._deadline = now + wait
         return wait
 
@@ -156,14 +155,7 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
                     self._ready.append(reader)
                 if mask & selectors.EVENT_WRITE and writer is not None:
                     self._ready.append(writer)
-        now = self.time()
-        while self._timers and self._timers[0].when() <= now:
-            timer = heapq.heappop(self._timers)
-            if timer.cancelled():
-                self._cancelled_timers -= 1
-                continue
-            timer._scheduled = False  # type: ignore[attr-defined]  # as asyncio's loop does
-            self._ready.append(timer)
+        self._timers.pop_due(self.time(), self._ready)
         for _ in range(len(self._ready)):
             handle = self._ready.popleft()
             if not handle.cancelled():
@@ -219,7 +211,16 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         *args: Any,
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
-        return self.call_at(self.time() + delay, callback, *args, context=context)
+        # call_at and time() inlined: a protocol that re-arms its timeout per
+        # message comes here per message, and each Python frame counts.
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        when = time.monotonic() + delay
+        timer = asyncio.TimerHandle(when, callback, args, self, context=context)
+        self._timers.push(timer)
+        if when < self._deadline:
+            self._wake()
+        return timer
 
     def call_at(  # type: ignore[override]  # typeshed's generic signature
         self,
@@ -229,24 +230,14 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         context: contextvars.Context | None = None,
     ) -> asyncio.TimerHandle:
         self._check_closed()
-        # Cancelled timers leave the heap once they are half of it: a protocol
+        timer = asyncio.TimerHandle(when, callback, args, self, context=context)
+        # Cancelled timers leave the queue once they are half of it: a protocol
         # re-arming its timeout per message cancels one per message, and the
         # I/O loop may serve thousands of messages between two run_once.
-        if self._cancelled_timers > 50 and self._cancelled_timers > len(self._timers) // 2:
-            self._timers = [t for t in self._timers if not t.cancelled()]
-            heapq.heapify(self._timers)
-            self._cancelled_timers = 0
-        timer = asyncio.TimerHandle(when, callback, args, self, context=context)
-        heapq.heappush(self._timers, timer)
-        timer._scheduled = True  # type: ignore[attr-defined]  # as asyncio's loop does
+        self._timers.push(timer)
         if when < self._deadline:
             self._wake()  # the I/O loop's wait must end by then
         return timer
-
-    def _timer_handle_cancelled(self, handle: asyncio.TimerHandle) -> None:
-        """Called by TimerHandle.cancel(): drop it from the heap lazily."""
-        if getattr(handle, "_scheduled", False):
-            self._cancelled_timers += 1
 
     # -- futures, tasks, threads ----------------------------------------------------
 
@@ -529,6 +520,8 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         if self._running:
             raise RuntimeError("the event worker's loop is closed by the worker, not by user code")
         self._closed = True
+        self._ready.clear()
+        self._timers.clear()  # as asyncio's: the handles no longer keep the loop
 
     def _check_closed(self) -> None:
         if self._closed:
