@@ -33,7 +33,8 @@ import os
 import socket
 import stat
 
-from cpython.bytes cimport PyBytes_GET_SIZE
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
@@ -636,17 +637,29 @@ cdef class Transport:
     cdef object _sock  # get_extra_info("socket"), made on demand, detached at the close
 
     def write(self, data):
-        cdef const unsigned char[::1] view
+        cdef Py_buffer view
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._loop is None or self._conn.eof:
             return
-        view = memoryview(data).cast("B")
-        if view.shape[0] > 0:
-            self._loop._write(self._conn, &view[0], <size_t>view.shape[0])
-            if (self._loop is not None and not self._conn.write_paused
-                    and _owed(self._conn) > self._high):
-                self._pause_writing()
+        # bytes, the usual case, need no buffer taken; any other bytes-like
+        # object is read as its bytes (a non-contiguous one is a BufferError).
+        if type(data) is bytes:
+            if PyBytes_GET_SIZE(data) == 0:
+                return
+            self._loop._write(self._conn, <const unsigned char *>PyBytes_AS_STRING(data),
+                              <size_t>PyBytes_GET_SIZE(data))
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                if view.len == 0:
+                    return
+                self._loop._write(self._conn, <const unsigned char *>view.buf, <size_t>view.len)
+            finally:
+                PyBuffer_Release(&view)
+        if (self._loop is not None and not self._conn.write_paused
+                and _owed(self._conn) > self._high):
+            self._pause_writing()
 
     cdef _pause_writing(self):
         self._conn.write_paused = True
@@ -1736,14 +1749,20 @@ cdef class EventLoop:
                 func = getattr(func, method)
             return func(*args)
         except Exception as exc:
-            self.handler_errors += 1
-            if conn != NULL and not conn.closed:
-                client = <object>conn.peer if conn.peer != NULL else peer_of_fd(conn.fd)
-                _log.exception("handler failed; connection from %s closed", client)
-                self._close_exc(conn, exc, END_HANDLER)
-            else:
-                _log.exception("handler failed")
+            self._handler_failed(conn, exc)
             return None
+
+    cdef int _handler_failed(self, Conn *conn, exc) except -1:
+        """Log what user code raised (called inside its ``except``: the
+        traceback is logged) and close ``conn`` only."""
+        self.handler_errors += 1
+        if conn != NULL and not conn.closed:
+            client = <object>conn.peer if conn.peer != NULL else peer_of_fd(conn.fd)
+            _log.exception("handler failed; connection from %s closed", client)
+            self._close_exc(conn, exc, END_HANDLER)
+        else:
+            _log.exception("handler failed")
+        return 0
 
     cdef int _update(self, Conn *conn) except -1 nogil:
         """Make the epoll set wait for what ``conn`` needs now."""
@@ -2058,8 +2077,17 @@ cdef class EventLoop:
                 self._give_buffered(conn, n)
         elif self.svc == PROTOCOL:
             with gil:
-                self._call(conn, <object>conn.protocol, (self.buf[:n],), "data_received")
+                self._data_received(conn, n)
         return 0  # discard and chargen drop their input
+
+    cdef int _data_received(self, Conn *conn, ssize_t n) except -1:
+        """``_call`` of data_received, for every read: the method called
+        without a bound method or an argument tuple made for it."""
+        try:
+            (<object>conn.protocol).data_received(self.buf[:n])
+        except Exception as exc:
+            self._handler_failed(conn, exc)
+        return 0
 
     cdef int _flow_control(self, Conn *conn, str method) except -1:
         """pause_writing() or resume_writing(), if the protocol has them (see the spec)."""
@@ -2072,24 +2100,27 @@ cdef class EventLoop:
         """An asyncio.BufferedProtocol: copy the ``n`` bytes read into the
         buffers it hands out, no bytes object per read (see the spec)."""
         cdef ssize_t given = 0
+        cdef ssize_t taken
+        cdef Py_buffer view
+        protocol = <object>conn.protocol
         while given < n and not conn.closed:
-            taken = self._call(conn, self._fill, (<object>conn.protocol, given, n - given))
-            if taken is None:  # it raised: the connection is closed
+            try:
+                # Let go of the buffer before buffer_updated, as asyncio's
+                # recv_into does: the protocol may resize its bytearray there.
+                PyObject_GetBuffer(protocol.get_buffer(n - given), &view, PyBUF_WRITABLE)
+                try:
+                    if view.len == 0:
+                        raise RuntimeError("get_buffer() returned an empty buffer")
+                    taken = min(view.len, n - given)
+                    memcpy(view.buf, self.buf + given, <size_t>taken)
+                finally:
+                    PyBuffer_Release(&view)
+                protocol.buffer_updated(taken)
+            except Exception as exc:
+                self._handler_failed(conn, exc)
                 return 0
-            given += <ssize_t>taken
+            given += taken
         return 0
-
-    def _fill(self, protocol, Py_ssize_t start, Py_ssize_t count):
-        """One get_buffer(count), filled from the read buffer at ``start``
-        as far as it holds, then buffer_updated(taken); returns taken."""
-        cdef unsigned char[::1] view = memoryview(protocol.get_buffer(count)).cast("B")
-        cdef Py_ssize_t taken
-        if view.shape[0] == 0:
-            raise RuntimeError("get_buffer() returned an empty buffer")
-        taken = min(view.shape[0], count)
-        memcpy(&view[0], self.buf + start, <size_t>taken)
-        protocol.buffer_updated(taken)
-        return taken
 
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:
         cdef bint keep_open = False

@@ -1333,11 +1333,13 @@ class EventLoop:
     def _fill(self, protocol: Any, start: int, count: int) -> int:
         """One get_buffer(count), filled from the read buffer at ``start``
         as far as it holds, then buffer_updated(taken); returns taken."""
-        view = memoryview(protocol.get_buffer(count)).cast("B")
-        if not len(view):
-            raise RuntimeError("get_buffer() returned an empty buffer")
-        taken = min(len(view), count)
-        view[:taken] = self._buffer[start : start + taken]
+        # Let go of the buffer before buffer_updated, as asyncio's recv_into
+        # does: the protocol may resize its bytearray there.
+        with memoryview(protocol.get_buffer(count)) as given, given.cast("B") as view:
+            if not len(view):
+                raise RuntimeError("get_buffer() returned an empty buffer")
+            taken = min(len(view), count)
+            view[:taken] = self._buffer[start : start + taken]
         protocol.buffer_updated(taken)
         return taken
 

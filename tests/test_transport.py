@@ -269,6 +269,39 @@ def test_a_buffered_protocol_reads_into_its_own_buffers(served):
     assert protocols[0].updates >= len(payload) // 7
 
 
+class GrowingBuffer(asyncio.BufferedProtocol):
+    """Hands out a bytearray and doubles it in buffer_updated when a read
+    filled it: as asyncio does, the loop has let go of the buffer by then (a
+    bytearray with a buffer still taken from it cannot be resized)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(16)
+        self.received = bytearray()
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += self.buffer[:nbytes]
+        if nbytes == len(self.buffer):
+            self.buffer.extend(bytes(len(self.buffer)))
+
+    def eof_received(self) -> bool:
+        return False
+
+
+def test_a_buffered_protocol_may_resize_its_buffer_in_buffer_updated(served):
+    protocols: list[GrowingBuffer] = []
+    s = served(lambda: protocols.append(GrowingBuffer()) or protocols[-1])
+    payload = bytes(range(256)) * 8
+    s.client.sendall(payload)
+    s.client.shutdown(socket.SHUT_WR)
+    drive(s.loop, lambda: s.loop.active == 0)
+    assert s.loop.handler_errors == 0
+    assert bytes(protocols[0].received) == payload
+    assert len(protocols[0].buffer) > 16
+
+
 def test_set_protocol_hands_the_connection_over(served):
     received: list[tuple[str, bytes]] = []
 
