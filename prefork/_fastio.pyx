@@ -37,13 +37,29 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
-from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_REFCNT, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove
 
 from prefork cimport _openssl as openssl
+
+cdef extern from "Python.h":
+    object PyBytes_FromStringAndSize(const char *data, Py_ssize_t size)
+
+cdef extern from *:
+    """
+    /* A bytes object rewritten in place must not keep the hash of its old
+       contents (ob_shash is deprecated API, still the field in 3.11-3.13). */
+    static inline void prefork_forget_hash(PyObject *b) {
+    #pragma GCC diagnostic push
+    #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
+        ((PyBytesObject *)b)->ob_shash = -1;
+    #pragma GCC diagnostic pop
+    }
+    """
+    void prefork_forget_hash(object b)
 from prefork cimport _posix as posix
 
 from prefork import _fastio_common as common
@@ -809,12 +825,15 @@ cdef class EventLoop:
     cdef int n_active
     cdef bint _accepting, _recycled, armed, draining
     cdef bint _return_soon  # return_soon(): leave run() before waiting again
+    cdef bint in_batch  # serving what epoll_wait returned, at batch_now
+    cdef double batch_now
     cdef uint64_t watch_tag  # watch()'s descriptor's epoll tag; 0: none
     cdef unsigned long long drained
     cdef double paused_until, next_sweep, sweep_interval
     cdef unsigned char *buf
     cdef size_t read_size
     cdef object factory
+    cdef bytes _spare  # the last bytes object data_received got (see there)
     cdef object pattern_view  # keeps chargen's pattern alive
     cdef const unsigned char *pattern
     cdef size_t pattern_len
@@ -1116,10 +1135,8 @@ cdef class EventLoop:
     cdef int _run(self, double timeout) except -1 nogil:
         cdef double deadline = _monotonic() + timeout
         cdef double now, wait
-        cdef int n, i, ms
-        cdef uint64_t tag
+        cdef int n, ms
         cdef bint woken
-        cdef Conn *conn
         self._rearm()
         while True:
             now = _monotonic()
@@ -1147,8 +1164,30 @@ cdef class EventLoop:
             now = _monotonic()
             if self.stats != NULL:
                 self._publish(now)
-            woken = False
-            self.handshakes = 0
+            if self.svc == PROTOCOL:
+                # A protocol's callbacks need the GIL: take it once for the
+                # batch, not once per event (each `with gil` below is then a
+                # counter's increment).
+                with gil:
+                    woken = self._dispatch(n, now)
+            else:
+                woken = self._dispatch(n, now)
+            self._free_graveyard()
+            if woken or self._return_soon:
+                self._return_soon = False
+                return 0
+
+    cdef bint _dispatch(self, int n, double now) except -1 nogil:
+        """Serve the ``n`` events epoll_wait returned; whether the loop was
+        woken (its wake-up pipe or the watched descriptor)."""
+        cdef bint woken = False
+        cdef int i
+        cdef uint64_t tag
+        cdef Conn *conn
+        self.handshakes = 0
+        self.batch_now = now
+        self.in_batch = True
+        try:
             for i in range(n):
                 tag = self.events[i].data.u64
                 if tag & 1 == 0:
@@ -1165,10 +1204,9 @@ cdef class EventLoop:
                         self._serve_datagrams(<int>(tag >> 1) - self.n_listeners - 1)
                 elif self.armed:
                     self._accept(<int>(tag >> 1), now)
-            self._free_graveyard()
-            if woken or self._return_soon:
-                self._return_soon = False
-                return 0
+        finally:
+            self.in_batch = False
+        return woken
 
     cdef void _publish(self, double now) noexcept nogil:
         # The slot layout is prefork._fastio_common's SLOT; the counters in
@@ -1903,7 +1941,9 @@ cdef class EventLoop:
         cdef size_t need
         cdef unsigned char *grown
         if self.svc == PROTOCOL:  # a protocol writing is activity (echo's read was)
-            conn.last_active = _monotonic()
+            # In a batch its time is as fresh as a read's; a timer's write
+            # between two runs reads the clock.
+            conn.last_active = self.batch_now if self.in_batch else _monotonic()
         if owed == 0:
             sent = self._conn_send(conn, data, length)
             if sent < 0:
@@ -2083,8 +2123,19 @@ cdef class EventLoop:
     cdef int _data_received(self, Conn *conn, ssize_t n) except -1:
         """``_call`` of data_received, for every read: the method called
         without a bound method or an argument tuple made for it."""
+        # The last read's bytes object, if the protocol let go of it (only
+        # this loop holds it: here and in _spare) and it has this read's
+        # length, takes this read: no allocation and no free per read, and
+        # nobody can see the change. Any other read gets a new object.
+        data = self._spare
+        if data is not None and Py_REFCNT(data) == 2 and PyBytes_GET_SIZE(data) == n:
+            memcpy(PyBytes_AS_STRING(data), self.buf, <size_t>n)
+            prefork_forget_hash(data)
+        else:
+            data = PyBytes_FromStringAndSize(<const char *>self.buf, n)
+            self._spare = data
         try:
-            (<object>conn.protocol).data_received(self.buf[:n])
+            (<object>conn.protocol).data_received(data)
         except Exception as exc:
             self._handler_failed(conn, exc)
         return 0

@@ -302,6 +302,42 @@ def test_a_buffered_protocol_may_resize_its_buffer_in_buffer_updated(served):
     assert len(protocols[0].buffer) > 16
 
 
+def test_data_a_protocol_keeps_is_never_rewritten(served):
+    # Reads of one length, some kept, some dropped: what a protocol keeps
+    # stays as it came, whichever bytes object a later read is given.
+    kept: list[bytes] = []
+    seen: list[bytes] = []
+
+    class Keeper(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            seen.append(bytes(data))  # a copy: data itself may be dropped
+            if len(seen) % 2:
+                kept.append(data)
+
+    s = served(Keeper)
+    for i in range(8):
+        s.client.sendall(bytes([i]) * 100)
+        drive(s.loop, lambda: len(seen) == i + 1)
+    assert seen == [bytes([i]) * 100 for i in range(8)]
+    assert kept == [bytes([i]) * 100 for i in range(0, 8, 2)]
+
+
+def test_data_a_protocol_hashed_and_dropped_hashes_afresh_next_time(served):
+    # A protocol that uses each read as a dict key: the next read of the
+    # same length must not carry the hash of the last one's contents.
+    hashes: list[bool] = []
+
+    class Hasher(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            hashes.append(hash(data) == hash(bytes(bytearray(data))) and {data: 1}[data] == 1)
+
+    s = served(Hasher)
+    for i in range(4):
+        s.client.sendall(bytes([65 + i]) * 64)
+        drive(s.loop, lambda: len(hashes) == i + 1)
+    assert hashes == [True] * 4
+
+
 def test_set_protocol_hands_the_connection_over(served):
     received: list[tuple[str, bytes]] = []
 
