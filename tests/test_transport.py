@@ -269,6 +269,24 @@ def test_a_buffered_protocol_reads_into_its_own_buffers(served):
     assert protocols[0].updates >= len(payload) // 7
 
 
+@pytest.mark.parametrize(
+    "buffer", [bytearray(), b"read-only", "not a buffer"], ids=["empty", "read-only", "str"]
+)
+def test_a_bad_buffer_from_get_buffer_closes_its_connection_only(served, buffer, caplog):
+    class BadBuffer(asyncio.BufferedProtocol):
+        def get_buffer(self, sizehint: int):
+            return buffer
+
+        def buffer_updated(self, nbytes: int) -> None:  # pragma: no cover - never reached
+            raise AssertionError("no read can land in that buffer")
+
+    s = served(BadBuffer)
+    s.client.sendall(b"hello")
+    drive(s.loop, lambda: s.loop.active == 0)
+    assert s.loop.handler_errors == 1
+    assert "handler failed" in caplog.text
+
+
 class GrowingBuffer(asyncio.BufferedProtocol):
     """Hands out a bytearray and doubles it in buffer_updated when a read
     filled it: as asyncio does, the loop has let go of the buffer by then (a
