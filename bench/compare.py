@@ -798,16 +798,9 @@ def headline(results: Results) -> list[str]:
         f"bulk 4 x 64 KiB: MB/s event {ratio('bulk', event, 'c-epoll', 'mbps')} of C epoll, "
         f"sync {ratio('bulk', sync, 'c-prefork', 'mbps')} of C prefork"
     )
-    if ("pingpong", "prefork-event-proto") in results.runs:
-        proto = "prefork-event-proto"
-        small = ratio("pingpong", proto, "uvloop", "server_cpu")
-        bulk = ratio("bulk", proto, "uvloop", "server_cpu")
-        out.append(
-            f"a user's Protocol on the event worker: CPU/msg {small} of uvloop's at "
-            f"50 x 1 KiB, {bulk} in bulk"
-        )
-    for suffix, cls in USER_PROTOCOLS.items():
-        ours, theirs = f"prefork-event-{suffix}", f"uvloop-{suffix}"
+    for suffix, cls in {"proto": "Protocol", **USER_PROTOCOLS}.items():
+        ours = f"prefork-event-{suffix}"
+        theirs = "uvloop" if suffix == "proto" else f"uvloop-{suffix}"
         measured = [w.name for w in WORKLOADS if (w.name, ours) in results.runs]
         if measured:
             shares = ", ".join(

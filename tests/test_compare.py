@@ -182,3 +182,19 @@ def test_the_ab_table_pairs_each_prefork_server_with_its_baseline_copy(tmp_path:
     row = re.search(r"latency\s+prefork-event\s+(\d+\.\d+)x\s+(\d+\.\d+)x", done.stdout)
     assert row, done.stdout
     assert not leftovers(tmp_path)
+
+
+def test_protocol_cost_times_every_peer_class_alone() -> None:
+    """bench/protocol_cost.py: each peer class answers its request on a
+    transport that drops writes; one line per class, a figure per size."""
+    script = COMPARE.parent / "protocol_cost.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--rounds", "1", "--count", "200"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[1:]
+    assert [line.split()[0] for line in lines] == ["Echo", "BufferedEcho", "UpperLines", "Resp"]
+    for line in lines:
+        figures = [float(cell) for cell in re.findall(r": +([0-9.]+)", line)]
+        assert len(figures) == 3 and all(f > 0 for f in figures), line
