@@ -618,6 +618,7 @@ cdef struct Conn:
     bint write_paused  # the protocol was told pause_writing()
     bint shut_when_flushed  # Transport.write_eof() while owing
     bint buffered  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
+    bint read_wide  # its last read filled its buffer: read on into the loop's
     bint held  # counted for --max-conns-per-ip under (key_high, key_low): release it
     uint64_t key_high, key_low
     size_t low_water  # owed bytes at which a paused protocol resumes writing
@@ -2029,6 +2030,9 @@ cdef class EventLoop:
 
     cdef int _read(self, Conn *conn, double now) except -1 nogil:
         cdef ssize_t n
+        if conn.buffered and conn.ssl == NULL:
+            with gil:
+                return self._read_buffered(conn, now)
         n = self._conn_recv(conn)
         if n == -posix.EAGAIN or n == -posix.EWOULDBLOCK:
             return 0
@@ -2171,6 +2175,74 @@ cdef class EventLoop:
                 self._handler_failed(conn, exc)
                 return 0
             given += taken
+        return 0
+
+    cdef int _read_buffered(self, Conn *conn, double now) except -1:
+        """A plaintext asyncio.BufferedProtocol (see the spec's
+        _read_buffered): get_buffer(-1), as asyncio asks before each read, and
+        one readv into that buffer first and the loop's buffer after it, up
+        to read_size in all; then buffer_updated for what landed in the
+        protocol's buffer, and what went past it is copied into the buffers
+        it hands out next. Returns 0 or an errno that ends the connection."""
+        cdef Py_buffer view
+        cdef posix.iovec iov[2]
+        cdef ssize_t n, direct
+        cdef int err = 0
+        protocol = <object>conn.protocol
+        try:
+            PyObject_GetBuffer(protocol.get_buffer(-1), &view, PyBUF_WRITABLE)
+        except Exception as exc:
+            self._handler_failed(conn, exc)
+            return 0
+        try:
+            if view.len == 0:
+                try:
+                    raise RuntimeError("get_buffer() returned an empty buffer")
+                except RuntimeError as exc:
+                    self._handler_failed(conn, exc)
+                    return 0
+            # Once a read fills the protocol's buffer, one system call takes
+            # as much as a plain read (read_size): reads bounded by the
+            # protocol's buffer (64 KiB is usual) made bulk transfers fall
+            # into a slow mode, in uvloop as here. Until then a recv into it
+            # alone (readv costs a little more).
+            iov[0].iov_base = view.buf
+            iov[0].iov_len = <size_t>view.len
+            iov[1].iov_base = self.buf
+            iov[1].iov_len = 0
+            if conn.read_wide and <size_t>view.len < self.read_size:
+                iov[1].iov_len = self.read_size - <size_t>view.len
+            while True:
+                if iov[1].iov_len:
+                    n = posix.readv(conn.fd, iov, 2)
+                else:
+                    n = posix.recv(conn.fd, view.buf, <size_t>view.len, 0)
+                if n >= 0:
+                    break
+                err = posix.errno
+                if err != posix.EINTR:
+                    break
+                _check_signals()
+        finally:
+            PyBuffer_Release(&view)  # before buffer_updated, as asyncio's recv_into
+        if n < 0:
+            return 0 if err == posix.EAGAIN or err == posix.EWOULDBLOCK else err
+        if n == 0:
+            self._end_of_file(conn)
+            return 0
+        conn.last_active = now
+        self.bytes_in += <unsigned long long>n
+        if conn.access != NULL:
+            conn.access.nin += <unsigned long long>n
+        direct = min(n, <ssize_t>iov[0].iov_len)
+        conn.read_wide = direct == <ssize_t>iov[0].iov_len
+        try:
+            protocol.buffer_updated(direct)
+        except Exception as exc:
+            self._handler_failed(conn, exc)
+            return 0
+        if n > direct and not conn.closed:
+            self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
         return 0
 
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:

@@ -311,6 +311,19 @@ def _log() -> Any:
     return logging.getLogger("prefork")
 
 
+def _protocol_buffer(protocol: Any) -> tuple[Any, int]:
+    """A BufferedProtocol's ``get_buffer(-1)`` and its size in bytes; an
+    empty or read-only buffer is refused (a read into an empty one would look
+    like the end of the stream)."""
+    buffer = protocol.get_buffer(-1)
+    with memoryview(buffer) as view:
+        if view.readonly:
+            raise TypeError("get_buffer() returned a read-only buffer")
+        if not view.nbytes:
+            raise RuntimeError("get_buffer() returned an empty buffer")
+        return buffer, view.nbytes
+
+
 class _Conn:
     __slots__ = (
         "sock",
@@ -335,6 +348,7 @@ class _Conn:
         "write_paused",
         "shut_when_flushed",
         "buffered",
+        "read_wide",
         "held",
         "secure",
         "tls_ready",
@@ -366,6 +380,7 @@ class _Conn:
         self.write_paused = False  # the protocol was told pause_writing()
         self.shut_when_flushed = False  # Transport.write_eof() while owing
         self.buffered = False  # an asyncio.BufferedProtocol: get_buffer/buffer_updated
+        self.read_wide = False  # its last read filled its buffer: read on into the loop's
         # TLS (a tls_listeners connection): ``sock`` becomes an ssl.SSLSocket,
         # non-blocking, on the same descriptor (OpenSSL on the socket, as the
         # compiled loop drives it).
@@ -1286,6 +1301,9 @@ class EventLoop:
             self._received(conn, rest)
 
     def _read(self, conn: _Conn, now: float) -> None:
+        if conn.buffered and not isinstance(conn.sock, ssl.SSLSocket):
+            self._read_buffered(conn, now)
+            return
         try:
             n = conn.sock.recv_into(self._buffer)
         except (BlockingIOError, ssl.SSLWantReadError):
@@ -1320,9 +1338,43 @@ class EventLoop:
         if callback is not None:
             self._call(conn, callback)
 
+    def _read_buffered(self, conn: _Conn, now: float) -> None:
+        """A plaintext asyncio.BufferedProtocol: ``get_buffer(-1)``, as
+        asyncio asks before each read, and the read lands in that buffer, then
+        ``buffer_updated``. Once a read has filled the protocol's buffer, the
+        next one goes on into the loop's buffer, up to the loop's read size in
+        all (one call; reads bounded by the protocol's buffer made bulk
+        transfers fall into a slow mode), and what went past the protocol's
+        buffer is copied into the buffers it hands out next (``_give_buffered``).
+        A read's error (a reset) is the connection's, as any read's."""
+        got = self._call(conn, _protocol_buffer, conn.protocol)
+        if got is None:  # it raised: the connection is closed
+            return
+        buffer, size = got
+        try:
+            if conn.read_wide and size < len(self._buffer):
+                n = conn.sock.recvmsg_into([buffer, self._buffer[: len(self._buffer) - size]])[0]
+            else:
+                n = conn.sock.recv_into(buffer)
+        except BlockingIOError:
+            return
+        if n == 0:
+            self._end_of_file(conn)
+            return
+        conn.last_active = now
+        self.bytes_in += n
+        conn.nin += n
+        direct = min(n, size)
+        conn.read_wide = direct == size
+        self._call(conn, conn.protocol, direct, method="buffer_updated")
+        if n > direct and conn.fd in self._conns:
+            self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
+
     def _give_buffered(self, conn: _Conn, n: int) -> None:
-        """An asyncio.BufferedProtocol: copy the ``n`` bytes read into the
-        buffers it hands out, no bytes object per read (``_fill``)."""
+        """An asyncio.BufferedProtocol, over TLS, after a PROXY header or
+        past its buffer in a plaintext read: copy the ``n`` bytes at the
+        start of the loop's buffer into the buffers it hands out, no bytes
+        object per read (``_fill``)."""
         given = 0
         while given < n and conn.fd in self._conns:
             taken = self._call(conn, self._fill, conn.protocol, given, n - given)

@@ -287,6 +287,74 @@ def test_a_bad_buffer_from_get_buffer_closes_its_connection_only(served, buffer,
     assert "handler failed" in caplog.text
 
 
+class CallRecorder(asyncio.BufferedProtocol):
+    """Records the calls a BufferedProtocol gets."""
+
+    def __init__(self, calls: list) -> None:
+        self.calls = calls
+        self.buffer = bytearray(64)
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        self.calls.append(("get_buffer", sizehint))
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.calls.append(("buffer_updated", bytes(self.buffer[:nbytes])))
+
+    def eof_received(self) -> None:
+        self.calls.append(("eof_received",))
+
+
+CHUNKS = [b"first", b"second chunk", b"3"]
+
+
+def buffered_calls_under_asyncio() -> list:
+    """What asyncio's own loop calls on CallRecorder when CHUNKS come one
+    at a time (each answered before the next is sent), then the end of file."""
+    calls: list = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        lost = loop.create_future()
+
+        class Recorder(CallRecorder):
+            def connection_lost(self, exc) -> None:
+                lost.set_result(None)
+
+        server = await loop.create_server(lambda: Recorder(calls), "127.0.0.1", 0)
+        with socket.create_connection(server.sockets[0].getsockname()[:2]) as client:
+            for chunk in CHUNKS:
+                client.sendall(chunk)
+                while ("buffer_updated", chunk) not in calls:
+                    await asyncio.sleep(0.001)
+            client.shutdown(socket.SHUT_WR)
+            await asyncio.wait_for(lost, 20)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    return calls
+
+
+def test_a_buffered_protocol_is_asked_for_its_buffer_before_the_read_as_in_asyncio(served):
+    # Plaintext reads land straight in the protocol's buffer: get_buffer(-1)
+    # comes before the read (asyncio's sizehint when the size is not known),
+    # as asyncio's own loop asks, also for the read that finds the end.
+    calls: list = []
+    s = served(lambda: CallRecorder(calls))
+    for chunk in CHUNKS:
+        s.client.sendall(chunk)
+        drive(s.loop, lambda: ("buffer_updated", chunk) in calls)
+    s.client.shutdown(socket.SHUT_WR)
+    drive(s.loop, lambda: s.loop.active == 0)
+    expected = []
+    for chunk in CHUNKS:
+        expected += [("get_buffer", -1), ("buffer_updated", chunk)]
+    expected += [("get_buffer", -1), ("eof_received",)]
+    assert calls == expected
+    assert buffered_calls_under_asyncio() == expected
+
+
 class GrowingBuffer(asyncio.BufferedProtocol):
     """Hands out a bytearray and doubles it in buffer_updated when a read
     filled it: as asyncio does, the loop has let go of the buffer by then (a
