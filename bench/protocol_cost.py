@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--count", type=int, default=100_000)
     args = parser.parse_args()
-    print("protocol CPU us per message, no loop and no kernel (median of %d rounds)" % args.rounds)
+    print(f"protocol CPU us per message, no loop and no kernel (median of {args.rounds} rounds)")
     for name in ("Echo", "BufferedEcho", "UpperLines", "Resp"):
         cells = []
         for label, size in SIZES.items():

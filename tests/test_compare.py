@@ -190,7 +190,10 @@ def test_protocol_cost_times_every_peer_class_alone() -> None:
     script = COMPARE.parent / "protocol_cost.py"
     done = subprocess.run(
         [sys.executable, str(script), "--rounds", "1", "--count", "200"],
-        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()[1:]

@@ -344,7 +344,7 @@ def test_a_buffered_protocol_is_asked_for_its_buffer_before_the_read_as_in_async
     s = served(lambda: CallRecorder(calls))
     for chunk in CHUNKS:
         s.client.sendall(chunk)
-        drive(s.loop, lambda: ("buffer_updated", chunk) in calls)
+        drive(s.loop, lambda chunk=chunk: ("buffer_updated", chunk) in calls)
     s.client.shutdown(socket.SHUT_WR)
     drive(s.loop, lambda: s.loop.active == 0)
     expected = []
@@ -403,7 +403,7 @@ def test_data_a_protocol_keeps_is_never_rewritten(served):
     s = served(Keeper)
     for i in range(8):
         s.client.sendall(bytes([i]) * 100)
-        drive(s.loop, lambda: len(seen) == i + 1)
+        drive(s.loop, lambda i=i: len(seen) == i + 1)
     assert seen == [bytes([i]) * 100 for i in range(8)]
     assert kept == [bytes([i]) * 100 for i in range(0, 8, 2)]
 
@@ -420,7 +420,7 @@ def test_data_a_protocol_hashed_and_dropped_hashes_afresh_next_time(served):
     s = served(Hasher)
     for i in range(4):
         s.client.sendall(bytes([65 + i]) * 64)
-        drive(s.loop, lambda: len(hashes) == i + 1)
+        drive(s.loop, lambda i=i: len(hashes) == i + 1)
     assert hashes == [True] * 4
 
 
