@@ -41,7 +41,7 @@ from cpython.ref cimport PyObject, Py_INCREF, Py_REFCNT, Py_XDECREF
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memmove
+from libc.string cimport memcpy, memmove, memset
 
 from prefork cimport _openssl as openssl
 
@@ -296,6 +296,8 @@ cdef enum:
     ACCESS_LOG_BUFFER = 65536
     ACCESS_PIPE_WRITE = 4096
     CLIENT_MAX = 64  # "[" IPv6 "]:" port, and a NUL
+    CORK_CHUNKS = 16
+    CORK_BYTES = 65536
 
 # How a connection ended, for the access log: in the order of
 # prefork._fastio_common.END_REASONS (_end_name gives each its name).
@@ -346,6 +348,8 @@ COMPILED_FACTS = {
     }),
     "MAX_EVENTS": MAX_EVENTS,
     "ACCEPT_BATCH": ACCEPT_BATCH,
+    "CORK_CHUNKS": CORK_CHUNKS,
+    "CORK_BYTES": CORK_BYTES,
     "DRAIN_MAX": DRAIN_MAX,
     "DATAGRAM_BATCH": DATAGRAM_BATCH,
     "DATAGRAM_SIZE": DATAGRAM_SIZE,
@@ -655,10 +659,30 @@ cdef class Transport:
 
     def write(self, data):
         cdef Py_buffer view
+        cdef EventLoop loop
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         if self._loop is None or self._conn.eof:
             return
+        loop = self._loop
+        if loop.cork_conn == self._conn:
+            # Its protocol handles a read: bytes are kept (a reference) and
+            # sent with the others when it returns. Anything else, or past
+            # the bounds, first sends what came before, then goes as usual.
+            if (type(data) is bytes and loop.n_corked < CORK_CHUNKS
+                    and <size_t>PyBytes_GET_SIZE(data) <= CORK_BYTES - loop.corked_len
+                    and _owed(self._conn) == 0):
+                if PyBytes_GET_SIZE(data) == 0:
+                    return
+                Py_INCREF(data)
+                loop.corked[loop.n_corked] = <PyObject *>data
+                loop.n_corked += 1
+                loop.corked_len += <size_t>PyBytes_GET_SIZE(data)
+                self._conn.last_active = loop.batch_now
+                return
+            loop._uncork(False)
+            if self._loop is None or self._conn.eof:
+                return
         # bytes, the usual case, need no buffer taken; any other bytes-like
         # object is read as its bytes (a non-contiguous one is a BufferError).
         if type(data) is bytes:
@@ -685,7 +709,15 @@ cdef class Transport:
     def writelines(self, list_of_data):
         self.write(b"".join(list_of_data))
 
+    cdef int _uncork(self) except -1:
+        """Send what this connection's protocol wrote during the read it
+        handles now, before what follows (see EventLoop._uncork)."""
+        if self._loop is not None and self._loop.cork_conn == self._conn:
+            self._loop._uncork(False)
+        return 0
+
     def write_eof(self):
+        self._uncork()
         if self._loop is None or self._conn.eof or self._eof_written:
             return
         self._eof_written = True
@@ -698,6 +730,7 @@ cdef class Transport:
         return True
 
     def close(self):
+        self._uncork()
         if self._loop is not None:
             self._loop._close_when_flushed(self._conn)
 
@@ -731,6 +764,7 @@ cdef class Transport:
 
     def set_write_buffer_limits(self, high=None, low=None):
         high, low = write_buffer_limits(high, low)
+        self._uncork()
         self._high = high
         if self._loop is not None:
             self._conn.low_water = low
@@ -742,6 +776,7 @@ cdef class Transport:
         return low, self._high
 
     def get_write_buffer_size(self):
+        self._uncork()
         return _owed(self._conn) if self._loop is not None else 0
 
     def get_protocol(self):
@@ -835,6 +870,12 @@ cdef class EventLoop:
     cdef size_t read_size
     cdef object factory
     cdef bytes _spare  # the last bytes object data_received got (see there)
+    # The connection whose protocol handles a read now, and the bytes objects
+    # it wrote meanwhile (owned references), sent together when it returns.
+    cdef Conn *cork_conn
+    cdef int n_corked
+    cdef size_t corked_len
+    cdef PyObject *corked[CORK_CHUNKS]
     cdef object pattern_view  # keeps chargen's pattern alive
     cdef const unsigned char *pattern
     cdef size_t pattern_len
@@ -1865,6 +1906,9 @@ cdef class EventLoop:
 
     cdef int _close_quietly(self, Conn *conn, int end) except -1 nogil:
         """Close ``conn``; ``end`` (an End) says why, for the access log."""
+        if conn == self.cork_conn and self.n_corked > 0:
+            with gil:  # what its protocol wrote before: asyncio had sent it
+                self._uncork(True)
         if conn.access != NULL:
             self._log_access(conn, end)
             free(conn.access)
@@ -1939,8 +1983,6 @@ cdef class EventLoop:
         """Send what the kernel takes now; keep the rest, up to max_buffer."""
         cdef ssize_t sent = 0
         cdef size_t owed = _owed(conn)
-        cdef size_t need
-        cdef unsigned char *grown
         if self.svc == PROTOCOL:  # a protocol writing is activity (echo's read was)
             # In a batch its time is as fresh as a read's; a timer's write
             # between two runs reads the clock.
@@ -1955,7 +1997,14 @@ cdef class EventLoop:
                 conn.access.nout += <unsigned long long>sent
         if <size_t>sent == length:
             return 0
-        length -= <size_t>sent
+        return self._keep(conn, data + sent, length - <size_t>sent)
+
+    cdef int _keep(self, Conn *conn, const unsigned char *data, size_t length) except -1 nogil:
+        """Owe ``length`` more bytes to the peer, up to max_buffer, and wait
+        for the socket to take them."""
+        cdef size_t owed = _owed(conn)
+        cdef size_t need
+        cdef unsigned char *grown
         if owed + length > self.max_buffer:
             with gil:
                 _log.warning("more than --max-buffer (%d bytes) owed to the peer; closing",
@@ -1975,11 +2024,91 @@ cdef class EventLoop:
                 return 0
             conn.pending = grown
             conn.pending_cap = need
-        memcpy(conn.pending + owed, data + sent, length)
+        memcpy(conn.pending + owed, data, length)
         conn.pending_len = need
         if conn.registered:
             self._update(conn)
         return 0
+
+    cdef int _uncork(self, bint closing) except -1:
+        """Send what the protocol of ``cork_conn`` wrote while it handled a
+        read: one send for one write, one sendmsg for more (a TLS connection:
+        one record). What the kernel does not take is owed, as from a write
+        (and may pause the protocol); ``closing``: one try, the rest dropped,
+        as asyncio's abort drops what is owed."""
+        cdef Conn *conn = self.cork_conn
+        cdef int k, n = self.n_corked
+        cdef size_t total = self.corked_len
+        cdef size_t start, size
+        cdef ssize_t sent
+        cdef posix.iovec iov[CORK_CHUNKS]
+        cdef posix.msghdr msg
+        if n == 0:
+            return 0
+        self.n_corked = 0
+        self.corked_len = 0
+        try:
+            if conn.closed:
+                return 0
+            if n == 1:
+                sent = self._conn_send(conn, <const unsigned char *>PyBytes_AS_STRING(
+                    <object>self.corked[0]), total)
+            elif conn.ssl != NULL:
+                joined = b"".join([<object>self.corked[k] for k in range(n)])
+                sent = self._conn_send(conn, <const unsigned char *>PyBytes_AS_STRING(joined),
+                                       total)
+            else:
+                for k in range(n):
+                    iov[k].iov_base = PyBytes_AS_STRING(<object>self.corked[k])
+                    iov[k].iov_len = <size_t>PyBytes_GET_SIZE(<object>self.corked[k])
+                memset(&msg, 0, sizeof(msg))
+                msg.msg_iov = iov
+                msg.msg_iovlen = <size_t>n
+                sent = self._sendmsg(conn.fd, &msg)
+            if closing:
+                return 0
+            if sent < 0:
+                self._close(conn, <int>-sent)
+                return 0
+            self.bytes_out += <unsigned long long>sent
+            if conn.access != NULL:
+                conn.access.nout += <unsigned long long>sent
+            if <size_t>sent == total:
+                return 0
+            start = 0  # keep the rest, chunk by chunk, in order
+            for k in range(n):
+                size = <size_t>PyBytes_GET_SIZE(<object>self.corked[k])
+                if start + size > <size_t>sent and not conn.closed:
+                    if <size_t>sent > start:
+                        self._keep(conn, <const unsigned char *>PyBytes_AS_STRING(
+                            <object>self.corked[k]) + (<size_t>sent - start),
+                            size - (<size_t>sent - start))
+                    else:
+                        self._keep(conn, <const unsigned char *>PyBytes_AS_STRING(
+                            <object>self.corked[k]), size)
+                start += size
+            if (not conn.closed and not conn.write_paused and conn.transport != NULL
+                    and _owed(conn) > (<Transport>conn.transport)._high):
+                (<Transport>conn.transport)._pause_writing()
+        finally:
+            for k in range(n):
+                Py_XDECREF(self.corked[k])
+                self.corked[k] = NULL
+        return 0
+
+    cdef ssize_t _sendmsg(self, int fd, posix.msghdr *msg) except -2 nogil:
+        """``_send`` of the iovecs in ``msg``, in one call (retried on EINTR)."""
+        cdef ssize_t r
+        while True:
+            r = posix.sendmsg(fd, msg, posix.MSG_NOSIGNAL)
+            if r >= 0:
+                return r
+            if posix.errno == posix.EINTR:
+                _check_signals()
+                continue
+            if posix.errno == posix.EAGAIN or posix.errno == posix.EWOULDBLOCK:
+                return 0
+            return -posix.errno
 
     cdef int _serve(self, Conn *conn, unsigned int mask, double now) except -1 nogil:
         cdef int err = 0
@@ -2116,12 +2245,17 @@ cdef class EventLoop:
             conn.access.nin += <unsigned long long>n
         if self.svc == ECHO:
             self._write(conn, self.buf, <size_t>n)
-        elif self.svc == PROTOCOL and conn.buffered:
-            with gil:
-                self._give_buffered(conn, n)
         elif self.svc == PROTOCOL:
             with gil:
-                self._data_received(conn, n)
+                self.cork_conn = conn
+                try:
+                    if conn.buffered:
+                        self._give_buffered(conn, n)
+                    else:
+                        self._data_received(conn, n)
+                finally:
+                    self._uncork(False)
+                    self.cork_conn = NULL
         return 0  # discard and chargen drop their input
 
     cdef int _data_received(self, Conn *conn, ssize_t n) except -1:
@@ -2236,13 +2370,18 @@ cdef class EventLoop:
             conn.access.nin += <unsigned long long>n
         direct = min(n, <ssize_t>iov[0].iov_len)
         conn.read_wide = direct == <ssize_t>iov[0].iov_len
+        self.cork_conn = conn
         try:
-            protocol.buffer_updated(direct)
-        except Exception as exc:
-            self._handler_failed(conn, exc)
-            return 0
-        if n > direct and not conn.closed:
-            self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
+            try:
+                protocol.buffer_updated(direct)
+            except Exception as exc:
+                self._handler_failed(conn, exc)
+                return 0
+            if n > direct and not conn.closed:
+                self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
+        finally:
+            self._uncork(False)
+            self.cork_conn = NULL
         return 0
 
     cdef int _end_of_file(self, Conn *conn) except -1 nogil:

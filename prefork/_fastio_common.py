@@ -61,6 +61,12 @@ CHARGEN_DATAGRAM_MAX = 512  # RFC 864: a UDP reply holds 0 to 512 characters
 # ceiling for a protocol that does not pause.
 WRITE_HIGH_WATER = 64 * 1024
 WRITE_LOW_WATER = WRITE_HIGH_WATER // 4
+# What a protocol writes while it handles a read (data_received,
+# buffer_updated) goes out in one system call when it returns, not one per
+# write: at most CORK_CHUNKS writes of CORK_BYTES in all; a write past either
+# sends what came before it first.
+CORK_CHUNKS = 16
+CORK_BYTES = 64 * 1024
 # RFC 867 leaves the format free; this is its suggested one, in UTC. ASCII, so
 # C's strftime (the compiled loop) and time.strftime give the same bytes.
 DAYTIME_FORMAT = "%A, %B %d, %Y %H:%M:%S-UTC\r\n"

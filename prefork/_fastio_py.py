@@ -87,6 +87,8 @@ from prefork._fastio_common import (
     ACCESS_LOG_BUFFER,
     ACCESS_PIPE_WRITE,
     CHARGEN_DATAGRAM_MAX,
+    CORK_BYTES,
+    CORK_CHUNKS,
     COUNTERS_OFFSET,
     DATAGRAM_BATCH,
     DATAGRAM_SIZE,
@@ -395,7 +397,15 @@ class Transport:
 
     ``write`` sends at once what the kernel takes and keeps the rest (the
     connection is not read meanwhile); writing nothing does nothing (no
-    send, and no activity for the idle timeout), as in asyncio. Flow control
+    send, and no activity for the idle timeout), as in asyncio. The ``bytes``
+    a protocol writes while it handles a read (``data_received``,
+    ``buffer_updated``) go out together when it returns, in one system call
+    (asyncio's loop and uvloop make one per write); any other call on the
+    transport that depends on them (``get_write_buffer_size``, ``close``,
+    ``write_eof``, ``set_write_buffer_limits``, a write of another type or
+    past ``CORK_CHUNKS`` or ``CORK_BYTES``) sends them first, and ``abort``
+    or a handler's error still sends what the kernel takes at once: nothing
+    a protocol can see differs from a send per write. Flow control
     is asyncio's: past the high-water mark of what is owed the protocol is
     told ``pause_writing()``, at the low one ``resume_writing()``; a protocol
     that does not stop writing is cut off at --max-buffer. ``close`` closes
@@ -423,6 +433,23 @@ class Transport:
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         conn, loop = self._conn, self._loop
+        if loop is not None and conn is not None and not conn.eof and loop._cork_conn is conn:
+            # Its protocol handles a read: bytes are kept (a reference) and
+            # sent with the others when it returns. Anything else, or past
+            # the bounds, first sends what came before, then goes as usual.
+            if (
+                type(data) is bytes
+                and len(loop._corked) < CORK_CHUNKS
+                and len(data) <= CORK_BYTES - loop._corked_len
+                and not conn.pending
+            ):
+                if data:
+                    loop._corked.append(data)
+                    loop._corked_len += len(data)
+                    conn.last_active = time.monotonic()
+                return
+            loop._uncork()
+            conn, loop = self._conn, self._loop
         if loop is not None and conn is not None and not conn.eof:
             view = memoryview(data).cast("B")
             if view:
@@ -435,7 +462,14 @@ class Transport:
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
 
+    def _uncork(self) -> None:
+        """Send what this connection's protocol wrote during the read it
+        handles now, before what follows (see EventLoop._uncork)."""
+        if self._loop is not None and self._loop._cork_conn is self._conn:
+            self._loop._uncork()
+
     def write_eof(self) -> None:
+        self._uncork()
         conn = self._conn
         if conn is None or conn.eof or self._eof_written:
             return
@@ -449,6 +483,7 @@ class Transport:
         return True
 
     def close(self) -> None:
+        self._uncork()
         if self._loop is not None and self._conn is not None:
             self._loop._close_when_flushed(self._conn)
 
@@ -487,6 +522,7 @@ class Transport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._high, self._low = write_buffer_limits(high, low)
+        self._uncork()
         conn, loop = self._conn, self._loop
         if conn is not None and loop is not None and not conn.write_paused:
             if len(conn.pending) > self._high:
@@ -497,6 +533,7 @@ class Transport:
         return self._low, self._high
 
     def get_write_buffer_size(self) -> int:
+        self._uncork()
         return len(self._conn.pending) if self._conn is not None else 0
 
     def get_protocol(self) -> Any:
@@ -686,6 +723,11 @@ class EventLoop:
         self._pid = os.getpid()
         self._factory = protocol_factory
         self._buffer = memoryview(bytearray(read_size_for(max_buffer)))
+        # The connection whose protocol handles a read now, and the bytes it
+        # wrote meanwhile, sent together when it returns (_uncork).
+        self._cork_conn: _Conn | None = None
+        self._corked: list[bytes] = []
+        self._corked_len = 0
         self._conns: dict[int, _Conn] = {}
         self._epoll = select.epoll()
         self._listeners = {fd: socket.socket(fileno=fd) for fd in fds}
@@ -1139,6 +1181,8 @@ class EventLoop:
         """Close ``conn``; ``end`` says why for the access log (by default:
         an OSError is a reset, else the peer's end of file or the server's
         close)."""
+        if conn is self._cork_conn and self._corked:
+            self._uncork(closing=True)  # what its protocol wrote before: asyncio had sent it
         if conn.registered:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]
@@ -1324,11 +1368,58 @@ class EventLoop:
         conn.nin += n
         if self.service == "echo":
             self._write(conn, self._buffer[:n])
-        elif self.service == "protocol" and conn.buffered:
-            self._give_buffered(conn, n)
         elif self.service == "protocol":
-            self._call(conn, conn.protocol, bytes(self._buffer[:n]), method="data_received")
+            self._cork_conn = conn
+            try:
+                if conn.buffered:
+                    self._give_buffered(conn, n)
+                else:
+                    self._call(conn, conn.protocol, bytes(self._buffer[:n]), method="data_received")
+            finally:
+                self._uncork()
+                self._cork_conn = None
         # discard and chargen drop their input
+
+    def _uncork(self, closing: bool = False) -> None:
+        """Send what the protocol of ``_cork_conn`` wrote while it handled a
+        read, in one call: ``send`` for one write, ``sendmsg`` for more (a TLS
+        socket: the bytes joined, one record). What the kernel does not take
+        is owed, as from a write (and may pause the protocol); ``closing``:
+        one try, the rest dropped, as asyncio's abort drops what is owed."""
+        chunks, conn = self._corked, self._cork_conn
+        if not chunks or conn is None:
+            return
+        self._corked, self._corked_len = [], 0
+        if conn.fd not in self._conns:
+            return
+        try:
+            if len(chunks) == 1 or isinstance(conn.sock, ssl.SSLSocket):
+                sent = _send_now(conn.sock, b"".join(chunks))
+            else:
+                try:
+                    sent = conn.sock.sendmsg(chunks)
+                except BlockingIOError:
+                    sent = 0
+        except OSError as exc:
+            if not closing:
+                self._close(conn, exc)
+            return
+        if closing:
+            return
+        self.bytes_out += sent
+        conn.nout += sent
+        rest = b"".join(chunks)[sent:]
+        if rest:
+            self._keep(conn, memoryview(rest))
+            transport = conn.transport
+            if (
+                conn.fd in self._conns
+                and not conn.write_paused
+                and transport is not None
+                and len(conn.pending) > transport._high
+            ):
+                conn.write_paused = True
+                self._flow_control(conn, "pause_writing")
 
     def _flow_control(self, conn: _Conn, method: str) -> None:
         """Tell the protocol ``pause_writing()`` or ``resume_writing()``, if it
@@ -1366,9 +1457,14 @@ class EventLoop:
         conn.nin += n
         direct = min(n, size)
         conn.read_wide = direct == size
-        self._call(conn, conn.protocol, direct, method="buffer_updated")
-        if n > direct and conn.fd in self._conns:
-            self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
+        self._cork_conn = conn
+        try:
+            self._call(conn, conn.protocol, direct, method="buffer_updated")
+            if n > direct and conn.fd in self._conns:
+                self._give_buffered(conn, n - direct)  # it starts at the loop's buffer
+        finally:
+            self._uncork()
+            self._cork_conn = None
 
     def _give_buffered(self, conn: _Conn, n: int) -> None:
         """An asyncio.BufferedProtocol, over TLS, after a PROXY header or
@@ -1420,16 +1516,21 @@ class EventLoop:
             self.bytes_out += sent
             conn.nout += sent
         if sent < len(data):
-            if len(conn.pending) + len(data) - sent > self.max_buffer:
-                _log().warning(
-                    "more than --max-buffer (%d bytes) owed to the peer; closing", self.max_buffer
-                )
-                self.max_buffer_closed += 1
-                self._close(conn, BufferError("max_buffer exceeded"), end="max-buffer")
-                return
-            conn.pending += data[sent:]
-            if conn.registered:
-                self._update(conn)
+            self._keep(conn, data[sent:])
+
+    def _keep(self, conn: _Conn, data: memoryview) -> None:
+        """Owe ``data`` to the peer, up to max_buffer, and wait for the
+        socket to take it."""
+        if len(conn.pending) + len(data) > self.max_buffer:
+            _log().warning(
+                "more than --max-buffer (%d bytes) owed to the peer; closing", self.max_buffer
+            )
+            self.max_buffer_closed += 1
+            self._close(conn, BufferError("max_buffer exceeded"), end="max-buffer")
+            return
+        conn.pending += data
+        if conn.registered:
+            self._update(conn)
 
     def _flush(self, conn: _Conn, now: float) -> None:
         sent = _send_now(conn.sock, conn.pending)

@@ -58,6 +58,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int accept4(int fd, sockaddr *addr, socklen_t *addrlen, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     # The last argument is a struct timespec *; prefork always passes NULL.
     int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, void *timeout)
     int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SHORT = "tests/test_short_sends.py::"
+TRANSPORT = "tests/test_transport.py::"
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ MUTATIONS = (
     ),
     Mutation(
         "loop-drops-the-rest-of-a-write",
-        "conn.pending += data[sent:]",
-        "pass",
+        "            self._keep(conn, data[sent:])\n",
+        "            pass\n",
         SHORT + "test_event_loop_echo_through_short_sends[python]",
     ),
     Mutation(
@@ -81,7 +82,7 @@ MUTATIONS = (
         "            self.bytes_out += sent\n"
         "            conn.nout += sent\n        if sent < len(data):\n",
         "            conn.nout += sent\n        if sent < len(data):\n",
-        SHORT + "test_event_loop_protocol_writes_through_short_sends[python]",
+        SHORT + "test_event_loop_protocol_writes_through_short_sends[python-bytearray]",
     ),
     Mutation(
         "proxy-hand-over-drops-what-followed-the-header",
@@ -96,6 +97,55 @@ MUTATIONS = (
         "                self.bytes_out += len(reply)\n"
         "                sock.sendto(reply, sender)\n",
         SHORT + "test_event_loop_datagram_replies_to_a_full_peer_are_dropped[python]",
+    ),
+    Mutation(
+        "writes-in-a-read-not-counted",
+        "        self.bytes_out += sent\n        conn.nout += sent\n        rest = ",
+        "        conn.nout += sent\n        rest = ",
+        SHORT + "test_event_loop_protocol_writes_through_short_sends[python-bytes]",
+    ),
+    Mutation(
+        "writes-in-a-read-drop-what-the-kernel-did-not-take",
+        "            self._keep(conn, memoryview(rest))\n",
+        "            pass\n",
+        TRANSPORT + "test_writes_the_kernel_cannot_take_at_once_are_owed_and_pause_the_protocol"
+        "[python-observed-at-the-bounds]",
+    ),
+    Mutation(
+        "writes-in-a-read-never-pause-the-protocol",
+        "                conn.write_paused = True\n"
+        '                self._flow_control(conn, "pause_writing")\n\n    def _flow_control',
+        "                pass\n\n    def _flow_control",
+        TRANSPORT + "test_writes_the_kernel_cannot_take_at_once_are_owed_and_pause_the_protocol"
+        "[python-observed-at-the-bounds]",
+    ),
+    Mutation(
+        "abort-drops-the-writes-of-the-read",
+        "            self._uncork(closing=True)",
+        "            pass",
+        TRANSPORT
+        + "test_what_a_protocol_writes_in_a_read_is_delivered_as_by_asyncio[python-abort]",
+    ),
+    Mutation(
+        "close-before-the-writes-of-the-read",
+        "    def close(self) -> None:\n        self._uncork()\n",
+        "    def close(self) -> None:\n",
+        TRANSPORT + "test_writes_the_kernel_cannot_take_at_once_are_owed_and_pause_the_protocol"
+        "[python-closed-at-once-at-the-bounds]",
+    ),
+    Mutation(
+        "write-eof-before-the-writes-of-the-read",
+        "    def write_eof(self) -> None:\n        self._uncork()\n",
+        "    def write_eof(self) -> None:\n",
+        TRANSPORT + "test_what_a_protocol_writes_in_a_read_is_delivered_as_by_asyncio"
+        "[python-write_eof]",
+    ),
+    Mutation(
+        "writes-in-a-read-sent-one-by-one",
+        "            and len(loop._corked) < CORK_CHUNKS\n",
+        "            and len(loop._corked) < 1\n",
+        TRANSPORT + "test_the_writes_a_protocol_makes_in_one_read_leave_in_one_segment"
+        "[python-Lines]",
     ),
     Mutation(
         "no-send-again-after-a-short-send",

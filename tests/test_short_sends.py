@@ -397,9 +397,12 @@ REPLIES = randbytes(5, len(REQUEST) * M)
 class Expand:
     """Writes M bytes of REPLIES per byte it receives, from M times the
     position of that byte: what the peer reads does not depend on how the
-    request was cut into reads. Each write is more than the buffers hold."""
+    request was cut into reads. Each write is more than the buffers hold.
+    It writes ``bytes`` (kept and sent when data_received returns) or a
+    ``bytearray`` (sent at once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type = bytes) -> None:
+        self.kind = kind
         self.received = self.written = 0
         self.lost: Any = "open"
 
@@ -409,7 +412,7 @@ class Expand:
     def data_received(self, data: bytes) -> None:
         start = self.received * M
         self.received += len(data)
-        reply = REPLIES[start : self.received * M]
+        reply = self.kind(REPLIES[start : self.received * M])
         self.transport.write(reply)
         self.written += len(reply)
 
@@ -420,11 +423,12 @@ class Expand:
         self.lost = exc
 
 
-def test_event_loop_protocol_writes_through_short_sends(impl, agree):
+@pytest.mark.parametrize("kind", [bytes, bytearray], ids=["bytes", "bytearray"])
+def test_event_loop_protocol_writes_through_short_sends(impl, agree, kind):
     protocols: list[Expand] = []
 
     def factory() -> Expand:
-        protocols.append(Expand())
+        protocols.append(Expand(kind))
         return protocols[-1]
 
     rng = random.Random(23)

@@ -447,3 +447,180 @@ def test_set_protocol_hands_the_connection_over(served):
     s.client.sendall(b"two")
     drive(s.loop, lambda: len(received) == 2)
     assert received == [("first", b"one"), ("second", b"two")]
+
+
+# -- writes during a read leave together ----------------------------------------
+#
+# What a protocol writes while it handles a read (data_received,
+# buffer_updated) is sent in one system call when it returns. Nothing a
+# protocol can observe differs from asyncio's loop, which sends each write at
+# once: the tests below run the same protocols under asyncio itself.
+
+
+def data_segments_out(sock: socket.socket) -> int:
+    """TCP segments with data ``sock`` has sent (tcp_info's tcpi_data_segs_out)."""
+    return int.from_bytes(
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)[156:160], "little"
+    )
+
+
+class Lines(asyncio.Protocol):
+    """Answers each message with LINES lines, one write per line."""
+
+    LINES = 8
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.sock = transport.get_extra_info("socket")
+
+    def data_received(self, data: bytes) -> None:
+        for i in range(self.LINES):
+            self.transport.write(b"line %d of %s\n" % (i, data))
+
+
+class BufferedLines(asyncio.BufferedProtocol):
+    """Lines, as a BufferedProtocol (its reads land in its own buffer)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(4096)
+
+    connection_made = Lines.connection_made
+
+    def get_buffer(self, sizehint: int) -> bytearray:
+        return self.buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        Lines.data_received(self, bytes(self.buffer[:nbytes]))  # type: ignore[arg-type]
+
+    LINES = Lines.LINES
+
+
+@pytest.mark.parametrize("kind", [Lines, BufferedLines])
+def test_the_writes_a_protocol_makes_in_one_read_leave_in_one_segment(served, kind):
+    made: list = []
+    s = served(lambda: made.append(kind()) or made[-1])
+    expected = b"".join(b"line %d of ping\n" % i for i in range(Lines.LINES))
+    for round_ in range(3):
+        s.client.sendall(b"ping")
+        assert s.read_all(until_eof=False, size=len(expected)) == expected
+        # One send per read (asyncio's loop and uvloop send eight).
+        assert data_segments_out(made[0].sock) == round_ + 1
+
+
+def under_asyncio(factory, message: bytes) -> bytes:
+    """What a client that sends ``message`` and reads to the end of file
+    gets from ``factory``'s protocol served by asyncio's own loop."""
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        writer.write(message)
+        try:
+            received = await asyncio.wait_for(reader.read(), 20)
+        except ConnectionResetError:  # pragma: no cover - asyncio closed with unread data
+            received = b"reset"
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return received
+
+    return asyncio.run(main())
+
+
+class Observer(asyncio.Protocol):
+    """Writes in every way the transport offers, looks at the buffer size
+    after the first write, then ends as ``ending`` says."""
+
+    def __init__(self, ending: str, seen: list) -> None:
+        self.ending = ending
+        self.seen = seen
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        t = self.transport
+        t.write(b"a")
+        self.seen.append(t.get_write_buffer_size())
+        t.write(bytearray(b"b"))
+        t.write(b"c")
+        t.write(memoryview(b"xdx")[1:2])
+        t.writelines([b"e", b"f"])
+        t.write(b"")
+        t.write(b"g")  # b to g are still to go when the protocol ends
+        if self.ending == "close":
+            t.close()
+            t.write(b"after close")  # dropped, as in asyncio
+        elif self.ending == "write_eof":
+            t.write_eof()
+        elif self.ending == "abort":
+            t.abort()
+        elif self.ending == "raise":
+            raise RuntimeError("the handler fails after writing")
+
+    def eof_received(self) -> None:
+        self.transport.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "write_eof", "abort", "raise"])
+def test_what_a_protocol_writes_in_a_read_is_delivered_as_by_asyncio(served, ending):
+    seen: list = []
+    s = served(lambda: Observer(ending, seen))
+    s.client.sendall(b"go")
+    if ending == "write_eof":
+        assert s.read_all() == b"abcdefg"  # the end of file came: now ours
+        s.client.shutdown(socket.SHUT_WR)
+        drive(s.loop, lambda: s.loop.active == 0)
+    else:
+        assert s.read_all() == b"abcdefg"
+    theirs: list = []
+    assert under_asyncio(lambda: Observer(ending, theirs), b"go") == b"abcdefg"
+    assert seen == theirs == [0]
+
+
+class Flood(asyncio.Protocol):
+    """Writes ``count`` chunks of ``size`` bytes in one data_received, to a
+    client that reads nothing yet; a socket buffer far smaller than that."""
+
+    def __init__(self, count: int, size: int, events: list, observe: bool) -> None:
+        self.count, self.size, self.events, self.observe = count, size, events, observe
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=16 * 1024)
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+
+    def data_received(self, data: bytes) -> None:
+        for i in range(self.count):
+            self.transport.write(bytes([i % 251]) * self.size)
+        if self.observe:
+            self.events.append(("owed", self.transport.get_write_buffer_size() > 0))
+        self.transport.close()
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+@pytest.mark.parametrize(
+    ("count", "size"),
+    [(16, 4096), (40, 3000), (3, 60000)],
+    ids=["at-the-bounds", "past-the-bounds", "large"],
+)
+@pytest.mark.parametrize("observe", [True, False], ids=["observed", "closed-at-once"])
+def test_writes_the_kernel_cannot_take_at_once_are_owed_and_pause_the_protocol(
+    served, count, size, observe
+):
+    # The send after the read is short (the client reads nothing yet): the
+    # rest is owed, past the high-water mark the protocol is paused, and
+    # every byte arrives, in order.
+    events: list = []
+    s = served(lambda: Flood(count, size, events, observe))
+    s.client.sendall(b"go")
+    drive(s.loop, lambda: events)
+    expected = b"".join(bytes([i % 251]) * size for i in range(count))
+    assert s.read_all() == expected
+    assert events == (["pause", ("owed", True), "resume"] if observe else ["pause", "resume"])
