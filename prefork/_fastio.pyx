@@ -2032,8 +2032,9 @@ cdef class EventLoop:
 
     cdef int _uncork(self, bint closing) except -1:
         """Send what the protocol of ``cork_conn`` wrote while it handled a
-        read: one send for one write, one sendmsg for more (a TLS connection:
-        one record). What the kernel does not take is owed, as from a write
+        read: one send for one write, one sendmsg for more (a protocol's
+        connection is plaintext here: its TLS is asyncio's protocol over this
+        transport). What the kernel does not take is owed, as from a write
         (and may pause the protocol); ``closing``: one try, the rest dropped,
         as asyncio's abort drops what is owed."""
         cdef Conn *conn = self.cork_conn
@@ -2051,12 +2052,8 @@ cdef class EventLoop:
             if conn.closed:
                 return 0
             if n == 1:
-                sent = self._conn_send(conn, <const unsigned char *>PyBytes_AS_STRING(
+                sent = self._send(conn.fd, <const unsigned char *>PyBytes_AS_STRING(
                     <object>self.corked[0]), total)
-            elif conn.ssl != NULL:
-                joined = b"".join([<object>self.corked[k] for k in range(n)])
-                sent = self._conn_send(conn, <const unsigned char *>PyBytes_AS_STRING(joined),
-                                       total)
             else:
                 for k in range(n):
                     iov[k].iov_base = PyBytes_AS_STRING(<object>self.corked[k])

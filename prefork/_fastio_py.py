@@ -1382,8 +1382,9 @@ class EventLoop:
 
     def _uncork(self, closing: bool = False) -> None:
         """Send what the protocol of ``_cork_conn`` wrote while it handled a
-        read, in one call: ``send`` for one write, ``sendmsg`` for more (a TLS
-        socket: the bytes joined, one record). What the kernel does not take
+        read, in one call: ``send`` for one write, ``sendmsg`` for more (a
+        protocol's socket is plaintext here: its TLS is asyncio's protocol
+        over this transport). What the kernel does not take
         is owed, as from a write (and may pause the protocol); ``closing``:
         one try, the rest dropped, as asyncio's abort drops what is owed."""
         chunks, conn = self._corked, self._cork_conn
@@ -1393,8 +1394,8 @@ class EventLoop:
         if conn.fd not in self._conns:
             return
         try:
-            if len(chunks) == 1 or isinstance(conn.sock, ssl.SSLSocket):
-                sent = _send_now(conn.sock, b"".join(chunks))
+            if len(chunks) == 1:
+                sent = _send_now(conn.sock, chunks[0])
             else:
                 try:
                     sent = conn.sock.sendmsg(chunks)

@@ -193,6 +193,16 @@ HANDLERS = textwrap.dedent(
             transport.write(_info(transport))
             transport.close()
 
+    class SplitEcho(asyncio.Protocol):
+        # Echoes each read as five writes.
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def data_received(self, data):
+            step = len(data) // 5 + 1
+            for start in range(0, len(data), step):
+                self.transport.write(data[start:start + step])
+
     async def stream_info(reader, writer):
         writer.write(_info(writer.transport))
         await writer.drain()
@@ -237,6 +247,24 @@ def test_a_protocol_sees_alpn_cipher_and_the_ssl_object(server_factory, certs, h
     assert info["version"] == "TLSv1.3"
     assert info["cipher"] == cipher
     assert info["peercert"] is False  # no client certificate asked for
+
+
+@pytest.mark.parametrize("kind", ["event", "event-twin", "asyncio"])
+def test_a_protocol_writing_several_times_per_read_echoes_megabytes_over_tls(
+    server_factory, certs, handler_dir, kind
+):
+    # On the event worker asyncio's TLS protocol encrypts what the handler
+    # writes in one read and writes it to the loop's transport: those
+    # writes leave together when the read is handled (also through short
+    # sends: the client's buffer is small and it sends as it reads).
+    args, _ = kind_args(kind)
+    env = handler_env(handler_dir)
+    if kind == "event-twin":
+        env["PREFORK_NO_EXTENSIONS"] = "1"
+    server = server_factory(*args, "--handler", "tlsinfo:SplitEcho", *server_args(certs), env=env)
+    payload = os.urandom(3 * 1024 * 1024 + 7)
+    with tls_connect(server, client_context(certs)) as tls:
+        assert tls_exchange(tls, payload) == payload
 
 
 @pytest.mark.parametrize("kind", ["event", "event-twin", "asyncio"])
