@@ -132,14 +132,16 @@ NO_EXTENSIONS = (("PREFORK_NO_EXTENSIONS", "1"),)
 EVENT_ARGS = ("-k", "event", "-w", "1", "--max-connections", "16384")
 USER_ECHO = ("--handler", "asyncio_echo:Echo")
 # A user's other protocols, the same classes on every loop (asyncio_echo.py);
-# the last two answer (a line per message, a RESP SET and GET) instead of echoing.
+# the last three answer (a line per message, a RESP SET and GET, the line
+# protocol as an asyncio streams handler) instead of echoing.
 USER_PROTOCOLS = {
     "buffered": "BufferedEcho",
     "timer": "TimerEcho",
     "upper": "UpperLines",
     "resp": "Resp",
+    "upper-stream": "upper_stream",
 }
-ANSWERING = {"UpperLines", "Resp"}
+ANSWERING = {"UpperLines", "Resp", "upper_stream"}
 PEERS_ON_PATH = (("PYTHONPATH", str(PEERS)),)
 SERVERS = [
     # Event-driven: one process (one core) serves every connection.

@@ -665,6 +665,13 @@ cdef class Transport:
         if self._loop is None or self._conn.eof:
             return
         loop = self._loop
+        if loop.holding and loop.cork_conn != self._conn:
+            # A callback of the asyncio loop writes (hold_writes): another
+            # connection's held bytes leave first, then this one's are held.
+            loop._uncork(False)
+            if self._loop is None or self._conn.eof:
+                return
+            loop.cork_conn = self._conn
         if loop.cork_conn == self._conn:
             # Its protocol handles a read: bytes are kept (a reference) and
             # sent with the others when it returns. Anything else, or past
@@ -873,6 +880,7 @@ cdef class EventLoop:
     # The connection whose protocol handles a read now, and the bytes objects
     # it wrote meanwhile (owned references), sent together when it returns.
     cdef Conn *cork_conn
+    cdef bint holding  # hold_writes: the asyncio loop's callbacks run (see there)
     cdef int n_corked
     cdef size_t corked_len
     cdef PyObject *corked[CORK_CHUNKS]
@@ -1065,6 +1073,14 @@ cdef class EventLoop:
         """Make ``run`` return before it waits again (see the spec)."""
         self._return_soon = True
 
+    def hold_writes(self, bint on):
+        """Hold what callbacks write between two ``run`` calls, one
+        connection at a time, as during a read; off sends it (see the spec)."""
+        if not on:
+            self._uncork(False)
+            self.cork_conn = NULL
+        self.holding = on
+
     def stop_accepting(self):
         """Take the listeners out of the loop for good (graceful stop)."""
         self._stop_accepting()
@@ -1083,6 +1099,7 @@ cdef class EventLoop:
         """Close every connection and the epoll set; listeners stay open."""
         while self.head != NULL:
             self._close(self.head, CLOSED_SHUTDOWN)
+        self.holding = False
         self._flush_access_log()
         self.stop_accepting()
         self._release()
@@ -1091,6 +1108,8 @@ cdef class EventLoop:
         """Serve for up to ``timeout`` seconds (see the spec)."""
         if self.epfd < 0:
             raise ValueError("event loop is closed")
+        if self.holding:  # reads hold their own writes: what is held leaves first
+            self.hold_writes(False)
         try:
             with nogil:
                 self._run(timeout)
@@ -1906,9 +1925,11 @@ cdef class EventLoop:
 
     cdef int _close_quietly(self, Conn *conn, int end) except -1 nogil:
         """Close ``conn``; ``end`` (an End) says why, for the access log."""
-        if conn == self.cork_conn and self.n_corked > 0:
-            with gil:  # what its protocol wrote before: asyncio had sent it
-                self._uncork(True)
+        if conn == self.cork_conn:
+            if self.n_corked > 0:
+                with gil:  # what its protocol wrote before: asyncio had sent it
+                    self._uncork(True)
+            self.cork_conn = NULL  # its Conn may take another connection
         if conn.access != NULL:
             self._log_access(conn, end)
             free(conn.access)

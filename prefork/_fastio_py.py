@@ -433,6 +433,13 @@ class Transport:
         if self._eof_written:
             raise RuntimeError("Cannot call write() after write_eof()")
         conn, loop = self._conn, self._loop
+        if loop is not None and conn is not None and loop._holding and loop._cork_conn is not conn:
+            # A callback of the asyncio loop writes (hold_writes): another
+            # connection's held bytes leave first, then this one's are held.
+            loop._uncork()
+            conn, loop = self._conn, self._loop
+            if loop is not None and conn is not None and not conn.eof:
+                loop._cork_conn = conn
         if loop is not None and conn is not None and not conn.eof and loop._cork_conn is conn:
             # Its protocol handles a read: bytes are kept (a reference) and
             # sent with the others when it returns. Anything else, or past
@@ -726,6 +733,7 @@ class EventLoop:
         # The connection whose protocol handles a read now, and the bytes it
         # wrote meanwhile, sent together when it returns (_uncork).
         self._cork_conn: _Conn | None = None
+        self._holding = False  # hold_writes: the asyncio loop's callbacks run (see there)
         self._corked: list[bytes] = []
         self._corked_len = 0
         self._conns: dict[int, _Conn] = {}
@@ -805,6 +813,20 @@ class EventLoop:
         at what is ready once, without waiting, and returns)."""
         self._return_soon = True
 
+    def hold_writes(self, on: bool) -> None:
+        """Hold what callbacks write between two ``run`` calls, as during
+        a read, and send it when they are done: the asyncio loop's turn runs
+        its ready callbacks (tasks, timers) under ``hold_writes(True)``, so a
+        task that writes several times before it waits again sends once. One
+        connection is held at a time: a write to another sends the first
+        one's bytes. ``hold_writes(False)``, ``run``, and every call that
+        sends held bytes during a read (``close``, ``write_eof``,
+        ``get_write_buffer_size``, ...) send them."""
+        if not on:
+            self._uncork()
+            self._cork_conn = None
+        self._holding = bool(on)
+
     def watch(self, fd: Any) -> None:
         """Make ``run`` return when ``fd`` (borrowed) is readable, without
         reading it: its owner does, between two runs. The event worker's
@@ -840,6 +862,7 @@ class EventLoop:
         """Close every connection and the epoll set; listeners stay open."""
         for conn in list(self._conns.values()):
             self._close(conn, end="shutdown")
+        self._holding = False
         self._flush_access_log()
         if self._access_sock is not None:
             self._access_sock.detach()
@@ -860,6 +883,8 @@ class EventLoop:
         when the loop has stopped accepting and has no connection left.
         The access log's buffer is written on the way out.
         """
+        if self._holding:  # reads hold their own writes: what is held leaves first
+            self.hold_writes(False)
         try:
             self._run(timeout)
         finally:
@@ -1181,8 +1206,10 @@ class EventLoop:
         """Close ``conn``; ``end`` says why for the access log (by default:
         an OSError is a reset, else the peer's end of file or the server's
         close)."""
-        if conn is self._cork_conn and self._corked:
-            self._uncork(closing=True)  # what its protocol wrote before: asyncio had sent it
+        if conn is self._cork_conn:
+            if self._corked:
+                self._uncork(closing=True)  # what its protocol wrote before: asyncio had sent it
+            self._cork_conn = None
         if conn.registered:
             self._epoll.unregister(conn.fd)
         del self._conns[conn.fd]

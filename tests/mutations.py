@@ -148,6 +148,27 @@ MUTATIONS = (
         "[python-Lines]",
     ),
     Mutation(
+        "held-writes-stay-held-when-the-callbacks-are-done",
+        "        if not on:\n            self._uncork()\n",
+        "        if not on:\n            pass\n",
+        TRANSPORT + "test_what_callbacks_write_is_held_and_leaves_in_one_segment[python]",
+    ),
+    Mutation(
+        "held-writes-go-to-the-next-connection-written-to",
+        "            loop._uncork()\n            conn, loop = self._conn, self._loop\n"
+        "            if loop is not None and conn is not None and not conn.eof:\n",
+        "            conn, loop = self._conn, self._loop\n"
+        "            if loop is not None and conn is not None and not conn.eof:\n",
+        TRANSPORT + "test_held_writes_to_two_connections_keep_their_order[python]",
+    ),
+    Mutation(
+        "a-run-leaves-held-writes-held",
+        "        if self._holding:  # reads hold their own writes: what is held leaves first\n"
+        "            self.hold_writes(False)\n",
+        "",
+        TRANSPORT + "test_held_writes_to_two_connections_keep_their_order[python]",
+    ),
+    Mutation(
         "no-send-again-after-a-short-send",
         "    if sent == 0 or sent == len(data):  # the usual case: one call\n        return sent\n",
         "    return sent\n",

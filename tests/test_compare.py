@@ -109,7 +109,10 @@ def test_servers_that_answer_are_sent_requests_and_checked_against_their_replies
     # The line protocol and the RESP store are not echoes: every message is
     # their exchange()'s request, and every reply byte is checked (a failed
     # check would fail the run and show under "failed runs").
-    names = ["prefork-event-upper", "asyncio-upper", "prefork-event-resp", "asyncio-resp"]
+    names = [
+        "prefork-event-upper", "asyncio-upper", "prefork-event-resp", "asyncio-resp",
+        "prefork-event-upper-stream", "asyncio-upper-stream",
+    ]  # fmt: skip
     done = compare(
         tmp_path, "--rounds", "1", "--seconds", "0.3", "--no-generator-check", "--no-memory",
         "--servers", ",".join(names), "--workloads", "small,bulk",

@@ -217,6 +217,34 @@ def test_a_stream_handler_is_byte_exact_with_flow_control(stream_server):
         assert exchange(sock, b"one\ntwo\n" * 100_000) == b"ONE\nTWO\n" * 100_000
 
 
+def data_segments_in(sock: socket.socket) -> int:
+    """TCP segments with data ``sock`` has received (tcp_info's tcpi_data_segs_in)."""
+    return int.from_bytes(
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)[152:156], "little"
+    )
+
+
+def test_a_stream_handler_s_writes_in_one_step_leave_together(server_factory):
+    """-k event: eight pipelined lines, and the stream handler's task writes
+    eight answers before it waits again; they leave in one segment (asyncio's
+    loop and uvloop send eight: test_transport holds the loop's side)."""
+    server = server_factory(
+        "-w", "1", "-k", "event", "--handler", f"{KINDS}:upper_stream", env=handler_env(TESTS_DIR)
+    )
+    lines = b"".join(b"line %d\n" % i for i in range(8))
+    with server.connect() as sock:
+        sock.settimeout(20)
+        for round_ in range(3):
+            sock.sendall(lines)  # one segment: one read on the server's side
+            data = b""
+            while len(data) < len(lines):
+                chunk = sock.recv(4096)
+                assert chunk, f"closed after {data!r}"
+                data += chunk
+            assert data == lines.upper()
+            assert data_segments_in(sock) == round_ + 1
+
+
 def test_the_docs_streams_echo_runs_unchanged(stream_server):
     server = stream_server("docs_handle_echo")
     with server.connect() as sock:

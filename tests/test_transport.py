@@ -624,3 +624,113 @@ def test_writes_the_kernel_cannot_take_at_once_are_owed_and_pause_the_protocol(
     expected = b"".join(bytes([i % 251]) * size for i in range(count))
     assert s.read_all() == expected
     assert events == (["pause", ("owed", True), "resume"] if observe else ["pause", "resume"])
+
+
+# -- writes from the asyncio loop's callbacks (hold_writes) ---------------------
+#
+# The event worker's asyncio loop runs its ready callbacks (a task's step, a
+# timer) under EventLoop.hold_writes(True): what they write is held as during
+# a read, one connection at a time, and sent when they are done.
+
+
+class Kept(asyncio.Protocol):
+    """Keeps its transport for the test to write with, from outside a read."""
+
+    def __init__(self, made: list) -> None:
+        made.append(self)
+        self.events: list = []
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.sock = transport.get_extra_info("socket")
+
+    def pause_writing(self) -> None:
+        self.events.append("pause")
+
+    def resume_writing(self) -> None:
+        self.events.append("resume")
+
+
+def test_what_callbacks_write_is_held_and_leaves_in_one_segment(served):
+    made: list = []
+    s = served(lambda: Kept(made))
+    t = made[0].transport
+    expected = b"".join(b"line %d\n" % i for i in range(8))
+    for round_ in range(2):
+        s.loop.hold_writes(True)
+        for i in range(8):
+            t.write(b"line %d\n" % i)
+        with pytest.raises(BlockingIOError):  # held: nothing has left
+            s.client.recv(100)
+        s.loop.hold_writes(False)
+        assert s.read_all(until_eof=False, size=len(expected)) == expected
+        assert data_segments_out(made[0].sock) == round_ + 1
+
+
+def test_held_writes_to_two_connections_keep_their_order(served):
+    made: list = []
+    s = served(lambda: Kept(made))
+    other = socket.create_connection(s.listener.getsockname(), timeout=20)
+    try:
+        drive(s.loop, lambda: len(made) == 2)
+        ours = {p.transport.get_extra_info("peername"): p.transport for p in made}
+        a, b = ours[s.client.getsockname()], ours[other.getsockname()]
+        s.loop.hold_writes(True)
+        a.write(b"a1")
+        b.write(b"b1")  # a1 leaves: one connection is held at a time
+        assert s.client.recv(100) == b"a1"
+        a.write(b"a2")
+        a.write(b"a3")
+        b.write(b"b2")
+        s.loop.run(0)  # a run sends what is held first
+        assert s.read_all(until_eof=False, size=4) == b"a2a3"
+        other.settimeout(20)
+        received = b""
+        while len(received) < 4:
+            received += other.recv(100)
+        assert received == b"b1b2"
+        s.loop.hold_writes(False)
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("ending", ["close", "write_eof", "abort", "observe"])
+def test_held_writes_leave_before_what_follows(served, ending):
+    made: list = []
+    s = served(lambda: Kept(made))
+    t = made[0].transport
+    s.loop.hold_writes(True)
+    t.write(b"a")
+    t.write(b"b")
+    if ending == "observe":
+        assert t.get_write_buffer_size() == 0  # sent first, as asyncio had
+        assert s.client.recv(100) == b"ab"
+        t.write(b"c")
+        s.loop.hold_writes(False)
+        assert s.read_all(until_eof=False, size=1) == b"c"
+        return
+    getattr(t, ending)()
+    s.loop.hold_writes(False)
+    if ending == "write_eof":
+        assert s.read_all() == b"ab"
+    else:
+        assert s.read_all() == b"ab"
+        assert s.loop.active == 0
+
+
+@pytest.mark.parametrize(("count", "size"), [(16, 4096), (40, 3000), (3, 60000)])
+def test_held_writes_the_kernel_cannot_take_are_owed_and_pause_the_protocol(served, count, size):
+    made: list = []
+    s = served(lambda: Kept(made))
+    p = made[0]
+    p.transport.set_write_buffer_limits(high=16 * 1024)
+    p.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    s.loop.hold_writes(True)
+    for i in range(count):
+        p.transport.write(bytes([i % 251]) * size)
+    s.loop.hold_writes(False)
+    assert p.events == ["pause"]
+    p.transport.close()
+    expected = b"".join(bytes([i % 251]) * size for i in range(count))
+    assert s.read_all() == expected
+    assert p.events == ["pause", "resume"]

@@ -1,15 +1,17 @@
-"""The servers an asyncio or uvloop user would write: echoes, and two that answer.
+"""The servers an asyncio or uvloop user would write: echoes, and three that answer.
 
-python asyncio_echo.py asyncio|uvloop PORT [Echo|BufferedEcho|TimerEcho|UpperLines|Resp]
+python asyncio_echo.py asyncio|uvloop PORT [NAME]   (Echo by default; NAME is one below)
 
 Echo is the Protocol API's echo; BufferedEcho the BufferedProtocol API's
 (reads land in the protocol's own buffer); TimerEcho an Echo that re-arms an
 idle timer (``call_later``) on every message, as a protocol with a timeout
 does. UpperLines answers every line with the line upper-cased; Resp is a
 small key-value store speaking Redis's RESP (SET, GET, DEL, PING), its
-parser in Python. prefork serves the same classes (``--handler
-asyncio_echo:CLASS``). ``exchange(CLASS, SIZE)`` is the request of about
-SIZE bytes a load generator sends the two that answer, and their reply.
+parser in Python. upper_stream is UpperLines written with asyncio's
+streams (``async def handle(reader, writer)``, served by
+``asyncio.start_server``). prefork serves the same classes and handler
+(``--handler asyncio_echo:NAME``). ``exchange(NAME, SIZE)`` is the request of
+about SIZE bytes a load generator sends the three that answer, and their reply.
 """
 
 import asyncio
@@ -73,6 +75,17 @@ class UpperLines(asyncio.Protocol):
 
     def line_received(self, line):
         self.transport.write(line.upper() + b"\n")
+
+
+async def upper_stream(reader, writer):
+    """UpperLines with streams: a line in, the line upper-cased out."""
+    try:
+        while line := await reader.readuntil(b"\n"):
+            writer.write(line.upper())
+            await writer.drain()
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+        pass  # the end of input, or a line past the reader's limit (64 KiB)
+    writer.close()
 
 
 class RespError(Exception):
@@ -164,7 +177,7 @@ def exchange(name, size):
     """(request, reply) for the server class ``name``: a request of about
     ``size`` bytes (at least a few dozen) and what the server answers it with."""
     text = b"the quick brown fox jumps over the lazy dog 0123456789 "
-    if name == "UpperLines":  # one line per message
+    if name in ("UpperLines", "upper_stream"):  # one line per message
         line = (text * (size // len(text) + 1))[: max(size - 1, 1)] + b"\n"
         return line, line.upper()
     if name == "Resp":  # a SET and a GET of the same key, pipelined
@@ -177,7 +190,10 @@ def exchange(name, size):
 
 async def main(port: int, protocol: type) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(protocol, "127.0.0.1", port, backlog=2048)
+    if asyncio.iscoroutinefunction(protocol):  # a stream handler
+        server = await asyncio.start_server(protocol, "127.0.0.1", port, backlog=2048)
+    else:
+        server = await loop.create_server(protocol, "127.0.0.1", port, backlog=2048)
     print("ready", flush=True)
     async with server:
         await server.serve_forever()

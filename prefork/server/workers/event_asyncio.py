@@ -156,10 +156,22 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
                 if mask & selectors.EVENT_WRITE and writer is not None:
                     self._ready.append(writer)
         self._timers.pop_due(self.time(), self._ready)
-        for _ in range(len(self._ready)):
-            handle = self._ready.popleft()
-            if not handle.cancelled():
-                handle._run()  # an exception goes to call_exception_handler
+        if not self._ready:
+            return
+        # What the callbacks write to the worker's connections is held and
+        # sent when they are done: a task that writes several times before
+        # it waits again sends once (fastio.EventLoop.hold_writes).
+        io = self.io
+        if io is not None:
+            io.hold_writes(True)
+        try:
+            for _ in range(len(self._ready)):
+                handle = self._ready.popleft()
+                if not handle.cancelled():
+                    handle._run()  # an exception goes to call_exception_handler
+        finally:
+            if io is not None:
+                io.hold_writes(False)
 
     def cancel_tasks(self) -> int:
         """Cancel every unfinished task (the end of a graceful stop)."""
