@@ -625,6 +625,37 @@ def paired(results: Results, load: str, name: str, reference: str, key: str) -> 
     return statistics.median(ratios) if ratios else None
 
 
+# Classes that make one write per read at any depth: their cost over the echo on
+# uvloop is their own Python, not uvloop's extra sends (see reachable()).
+ONE_WRITE_PER_READ = {"Protocol", "BufferedEcho", "TimerEcho", "Resp"}
+# In bulk the C epoll echo is no floor: its 64 KiB reads cost more than the
+# event worker's (the built-in echo takes 0.73x its CPU per message there).
+NO_FLOOR = {"bulk"}
+
+
+def reachable(results: Results, load: Workload, cls: str, theirs: str) -> float | None:
+    """The best CPU/msg ratio against ``theirs`` (uvloop serving ``cls``) that
+    a loop costing what the C epoll echo server costs could reach: median over
+    rounds of (C epoll + what ``cls`` adds over the echo on uvloop) / ``theirs``.
+    What the class adds there is its own Python when it writes once per read
+    (every class at depth 1); past that, uvloop's extra sends would count too,
+    so there is no such bound."""
+    if load.name in NO_FLOOR or (load.depth > 1 and cls not in ONE_WRITE_PER_READ):
+        return None
+    names = ("c-epoll", "uvloop", theirs)
+    if any((load.name, name) not in results.runs for name in names):
+        return None
+    rounds = zip(*(results.runs[(load.name, name)] for name in names), strict=True)
+    ratios = [
+        (c.server_cpu + max(0.0, uv.server_cpu - echo.server_cpu)) / uv.server_cpu
+        if theirs != "uvloop"
+        else c.server_cpu / uv.server_cpu
+        for c, echo, uv in rounds
+        if c is not None and echo is not None and uv is not None and uv.server_cpu > 0
+    ]
+    return statistics.median(ratios) if ratios else None
+
+
 def median(runs: list[Run | None], key: str) -> float | None:
     figures = [getattr(run, key) for run in runs if run is not None]
     return statistics.median(figures) if figures else None
@@ -809,6 +840,15 @@ def headline(results: Results) -> list[str]:
                 f"{ratio(name, ours, theirs, 'server_cpu')} at {name}" for name in measured
             )
             out.append(f"a user's {cls} on the event worker: CPU/msg of uvloop's {shares}")
+            bounds = [
+                f"{fmt(bound, '.2f', 'x')} at {w.name}"
+                for w in WORKLOADS
+                if w.name in measured and (bound := reachable(results, w, cls, theirs)) is not None
+            ]
+            if bounds:
+                out.append(
+                    f"  a loop costing what C epoll's echo costs would reach {', '.join(bounds)}"
+                )
     for worker, alone in (("prefork-asyncio", "asyncio"), ("prefork-uvloop", "uvloop")):
         if ("pingpong", worker) in results.runs:
             out.append(

@@ -204,3 +204,33 @@ def test_protocol_cost_times_every_peer_class_alone() -> None:
     for line in lines:
         figures = [float(cell) for cell in re.findall(r": +([0-9.]+)", line)]
         assert len(figures) == 3 and all(f > 0 for f in figures), line
+
+
+def test_the_reachable_ratio_adds_a_class_s_own_cost_to_c_epoll_s(monkeypatch) -> None:
+    """compare.reachable(): per round, (C epoll + the class on uvloop - the echo
+    on uvloop) / the class on uvloop, and the median of those; none in bulk
+    (C epoll is no floor there), none at depth > 1 for a class that may write
+    more than once per read, none without the three servers measured."""
+    monkeypatch.syspath_prepend(str(COMPARE.parent))
+    import compare as bench_compare
+
+    def run(cpu: float):
+        return bench_compare.Run(1.0, 1.0, 1.0, 1.0, cpu, 1.0, 1.0)
+
+    results = bench_compare.Results()
+    for load in ("pingpong", "pipelined", "bulk"):
+        results.runs[(load, "c-epoll")] = [run(3.0), run(3.0), None]
+        results.runs[(load, "uvloop")] = [run(4.0), run(4.0), run(4.0)]
+        results.runs[(load, "uvloop-resp")] = [run(10.0), run(9.0), run(10.0)]
+        results.runs[(load, "uvloop-upper")] = [run(5.0), run(5.0), run(5.0)]
+    loads = {w.name: w for w in bench_compare.WORKLOADS}
+    reachable = bench_compare.reachable
+    # Rounds: (3 + 6) / 10 and (3 + 5) / 9; the third has no C epoll figure.
+    expected = (0.9 + 8 / 9) / 2
+    assert reachable(results, loads["pingpong"], "Resp", "uvloop-resp") == pytest.approx(expected)
+    assert reachable(results, loads["pipelined"], "Resp", "uvloop-resp") == pytest.approx(expected)
+    assert reachable(results, loads["pingpong"], "Protocol", "uvloop") == pytest.approx(0.75)
+    assert reachable(results, loads["pingpong"], "UpperLines", "uvloop-upper") == pytest.approx(0.8)
+    assert reachable(results, loads["pipelined"], "UpperLines", "uvloop-upper") is None
+    assert reachable(results, loads["bulk"], "Resp", "uvloop-resp") is None
+    assert reachable(results, loads["small"], "Resp", "uvloop-resp") is None
