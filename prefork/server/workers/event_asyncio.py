@@ -165,9 +165,10 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
         if io is not None:
             io.hold_writes(True)
         try:
+            popleft = self._ready.popleft
             for _ in range(len(self._ready)):
-                handle = self._ready.popleft()
-                if not handle.cancelled():
+                handle = popleft()
+                if not handle._cancelled:  # cancelled(), without its frame
                     handle._run()  # an exception goes to call_exception_handler
         finally:
             if io is not None:
@@ -199,10 +200,15 @@ class EventWorkerLoop(asyncio.AbstractEventLoop):
     def call_soon(  # type: ignore[override]  # typeshed's generic signature
         self, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
     ) -> asyncio.Handle:
-        self._check_closed()
-        handle = asyncio.Handle(callback, args, self, context=context)
+        # _check_closed and _wake inlined: a task waiting on a read comes here
+        # per message (its future's wake-up), and each Python frame counts.
+        if self._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = asyncio.Handle(callback, args, self, context)
         self._ready.append(handle)
-        self._wake()
+        io = self.io
+        if io is not None:
+            io.return_soon()
         return handle
 
     def call_soon_threadsafe(  # type: ignore[override]  # typeshed's generic signature
