@@ -111,7 +111,7 @@ def connections_per_worker(port: int) -> dict[int, int]:
     return dict(counts)
 
 
-def process_state(pid: int) -> str | None:
+def process_state(pid: int | str) -> str | None:
     """The state letter in ``/proc/PID/stat`` (R, S, Z...), None once ``pid`` is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -121,8 +121,18 @@ def process_state(pid: int) -> str | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    return process_state(pid) not in (None, "Z")
+    """True while ``pid`` exists and is not a zombie. A process whose first
+    thread has exited shows as a zombie while its other threads still exit,
+    holding its descriptors (a listening socket among them): it is alive
+    until none of its threads is left."""
+    state = process_state(pid)
+    if state != "Z":
+        return state is not None
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return any(process_state(f"{pid}/task/{tid}") not in (None, "Z", "X") for tid in threads)
 
 
 def cpu_seconds(pid: int) -> float:
